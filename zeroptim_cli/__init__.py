@@ -1,0 +1,32 @@
+"""zeroptim: why an optimizer step moved the loss the way it did.
+
+For a step Δ = w_{t+1} − w_t and a batch loss f, zeroptim computes the gradient correlation ∇f(w_t)ᵀΔ,
+the directional sharpness Δᵀ∇²f(w_t)Δ and the second-order Taylor decomposition
+f(w_{t+1}) − f(w_t) = ∇fᵀΔ + ½ΔᵀHΔ + residual (Pan & Li 2023, arXiv 2306.00204).
+
+The library works without the CLI::
+
+    from zeroptim_cli import analyze_pair, Batch, resolve_loss
+    result = analyze_pair(model, params_t, params_t1, [Batch(x, y)], resolve_loss("cross_entropy"))
+    print(result.to_dict()["dir_sharpness_normalized"])
+"""
+
+from zeroptim_cli.analysis import PairAnalysis, analyze_pair
+from zeroptim_cli.batches import Batch, load_batch
+from zeroptim_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.losses import resolve_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Checkpoint",
+    "PairAnalysis",
+    "ZeroptimError",
+    "analyze_pair",
+    "load_batch",
+    "load_checkpoint",
+    "resolve_loss",
+    "save_checkpoint",
+]

@@ -1,0 +1,261 @@
+"""The pair analysis: the second-order Taylor decomposition of one optimizer step.
+
+With Δ = w_{t+1} − w_t, g = ∇f(w_t) and H = ∇²f(w_t) (Pan & Li 2023, arXiv 2306.00204):
+
+    f(w_{t+1}) − f(w_t) = gᵀΔ + ½ ΔᵀHΔ + residual,   residual = O(‖Δ‖³).
+
+Reported besides: ΔᵀHΔ/‖Δ‖² (the curvature along the unit update direction), ‖g‖, ‖Δ‖,
+cos(g, Δ) = gᵀΔ/(‖g‖‖Δ‖), and the quadratic model's best scale along Δ, α* = −gᵀΔ/ΔᵀHΔ, with its
+predicted change −(gᵀΔ)²/(2ΔᵀHΔ) (both only when ΔᵀHΔ > 0). Per parameter tensor l: g_lᵀΔ_l and
+Δ_lᵀ(HΔ)_l, which sum to the totals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zeroptim_cli.batches import Batch
+from zeroptim_cli.errors import ConfigError, ZeroptimError
+from zeroptim_cli.hvp import AUTO_ORDER, METHODS, Derivatives, lacks_forward_ad
+from zeroptim_cli.losses import Loss
+from zeroptim_cli.objective import Objective, Params, twice_differentiable_kernels
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One distinct parameter tensor's share; grad_corr and dir_sharpness are None without g and HΔ."""
+
+    name: str
+    numel: int
+    update_norm: float
+    grad_corr: float | None
+    dir_sharpness: float | None
+
+
+@dataclass
+class PairAnalysis:
+    """Every quantity of the contract for one checkpoint pair; ``to_dict`` gives its JSON object."""
+
+    loss_t: float
+    loss_t1: float
+    grad_corr: float
+    dir_sharpness: float
+    update_norm: float
+    grad_norm: float | None
+    num_examples: int
+    dtype: str
+    device: str
+    method: str
+    per_layer: list[LayerStats] = field(default_factory=list)
+    step_t: int | None = None
+    step_t1: int | None = None
+
+    @property
+    def delta_loss(self) -> float:
+        return self.loss_t1 - self.loss_t
+
+    @property
+    def taylor_pred(self) -> float:
+        return self.grad_corr + 0.5 * self.dir_sharpness
+
+    @property
+    def taylor_residual(self) -> float:
+        return self.delta_loss - self.taylor_pred
+
+    @property
+    def dir_sharpness_normalized(self) -> float | None:
+        return self.dir_sharpness / self.update_norm**2 if self.update_norm > 0 else None
+
+    @property
+    def cos_grad_update(self) -> float | None:
+        if not self.grad_norm or not self.update_norm:
+            return None
+        return self.grad_corr / (self.grad_norm * self.update_norm)
+
+    @property
+    def optimal_scale(self) -> float | None:
+        return -self.grad_corr / self.dir_sharpness if self.dir_sharpness > 0 else None
+
+    @property
+    def optimal_pred(self) -> float | None:
+        return -self.grad_corr**2 / (2 * self.dir_sharpness) if self.dir_sharpness > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The contract's JSON object (../shared/CONTRACT.md), keys in its order."""
+        return {
+            "loss_t": self.loss_t,
+            "loss_t1": self.loss_t1,
+            "delta_loss": self.delta_loss,
+            "grad_corr": self.grad_corr,
+            "dir_sharpness": self.dir_sharpness,
+            "dir_sharpness_normalized": self.dir_sharpness_normalized,
+            "taylor_pred": self.taylor_pred,
+            "taylor_residual": self.taylor_residual,
+            "update_norm": self.update_norm,
+            "grad_norm": self.grad_norm,
+            "cos_grad_update": self.cos_grad_update,
+            "optimal_scale": self.optimal_scale,
+            "optimal_pred": self.optimal_pred,
+            "per_layer": [asdict(layer) for layer in self.per_layer],
+            "step_t": self.step_t,
+            "step_t1": self.step_t1,
+            "num_examples": self.num_examples,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device,
+            "method": self.method,
+        }
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device '{spec}' is not a device (auto, cpu, cuda, cuda:N)") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device '{spec}' is not supported (auto, cpu, cuda, cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device '{spec}': CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device '{spec}': only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def _cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> Params:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+
+
+def _scalar(x: Tensor) -> float:
+    return float(x.detach().double().item())
+
+
+def analyze_pair(
+    model: nn.Module,
+    params_t: Mapping[str, Tensor],
+    params_t1: Mapping[str, Tensor],
+    batches: Sequence[Batch],
+    loss: Loss,
+    *,
+    buffers: Mapping[str, Tensor] | None = None,
+    method: str = "auto",
+    train: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> PairAnalysis:
+    """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``.
+
+    ``params_*`` map parameter names (as in ``model.named_parameters()``) to tensors; ``buffers``
+    (default: the model's own) are held fixed at checkpoint t's values. ``method`` is one of
+    ``auto``, ``forward-over-reverse``, ``reverse-over-reverse``, ``forward-over-forward`` (see
+    ``zeroptim_cli.hvp``). The model is moved to ``device`` and ``dtype`` and set to eval mode (train
+    mode with ``train=True``) for the call; its mode is restored afterwards.
+    """
+    if method != "auto" and method not in METHODS:
+        raise ConfigError(f"--method '{method}' is not one of auto, {', '.join(METHODS)}")
+    if not batches:
+        raise ConfigError("no batch to evaluate the loss on")
+    device = torch.device(device)
+    model.to(device=device, dtype=dtype)
+    w_t = _cast(params_t, device, dtype)
+    w_t1 = _cast(params_t1, device, dtype)
+    delta = {k: w_t1[k] - w_t[k] for k in w_t}
+    fixed = _cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
+    objective = Objective(model, fixed, [b.to(device, dtype) for b in batches], loss, train=train, seed=seed)
+    was_training = model.training
+    model.train(train)
+    try:
+        with twice_differentiable_kernels():
+            chosen, totals, loss_t1 = _accumulate(objective, w_t, w_t1, delta, method)
+    finally:
+        model.train(was_training)
+    return _summarize(totals, loss_t1, delta, objective.num_examples, dtype, device, chosen)
+
+
+def _accumulate(objective: Objective, w_t: Params, w_t1: Params, delta: Params,
+                method: str) -> tuple[str, Derivatives, Tensor]:
+    """Σ_b weight_b × (each batch's derivatives), trying ``auto``'s methods in order on the first batch."""
+    candidates = list(AUTO_ORDER) if method == "auto" else [method]
+    total: Derivatives | None = None
+    loss_t1: Tensor | float = 0.0
+    for term in objective.terms:
+        while True:
+            try:
+                d = METHODS[candidates[0]](term.fn, w_t, delta)
+                break
+            except Exception as exc:
+                if len(candidates) > 1 and total is None and lacks_forward_ad(exc):
+                    candidates.pop(0)
+                    continue
+                raise _batch_error(term.batch, exc) from exc
+        total = _axpy(term.weight, d, total)
+        with torch.no_grad():
+            loss_t1 = loss_t1 + term.weight * term.fn(w_t1)
+    assert total is not None and isinstance(loss_t1, Tensor)
+    return candidates[0], total, loss_t1
+
+
+def _batch_error(batch: Batch, exc: Exception) -> ZeroptimError:
+    if isinstance(exc, ZeroptimError):
+        return ZeroptimError(f"batch '{batch.source}': {exc}")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ZeroptimError(f"batch '{batch.source}' does not fit the model ({type(exc).__name__}: {first})")
+
+
+def _axpy(c: float, d: Derivatives, acc: Derivatives | None) -> Derivatives:
+    """c·d + acc, field by field (acc = None counts as zero)."""
+
+    def comb(x: Any, y: Any) -> Any:
+        if x is None:
+            return None
+        if isinstance(x, dict):
+            return {k: c * v + (0 if y is None else y[k]) for k, v in x.items()}
+        return c * x + (0 if y is None else y)
+
+    if acc is None:
+        return Derivatives(*(comb(getattr(d, f), None) for f in _FIELDS)) if c != 1.0 else d
+    return Derivatives(*(comb(getattr(d, f), getattr(acc, f)) for f in _FIELDS))
+
+
+_FIELDS = ("loss", "grad_corr", "dir_sharpness", "grad", "hvp")
+
+
+def _summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int, dtype: torch.dtype,
+               device: torch.device, method: str) -> PairAnalysis:
+    layers = []
+    for name, step in delta.items():
+        layers.append(LayerStats(
+            name=name,
+            numel=step.numel(),
+            update_norm=_scalar(step.norm()),
+            grad_corr=None if d.grad is None else _scalar((d.grad[name] * step).sum()),
+            dir_sharpness=None if d.hvp is None else _scalar((step * d.hvp[name]).sum()),
+        ))
+    if d.grad is not None and d.hvp is not None:
+        grad_corr = math.fsum(layer.grad_corr for layer in layers)
+        dir_sharpness = math.fsum(layer.dir_sharpness for layer in layers)
+        grad_norm = math.sqrt(math.fsum(_scalar(g.pow(2).sum()) for g in d.grad.values()))
+    else:
+        grad_corr, dir_sharpness, grad_norm = _scalar(d.grad_corr), _scalar(d.dir_sharpness), None
+    return PairAnalysis(
+        loss_t=_scalar(d.loss),
+        loss_t1=_scalar(loss_t1),
+        grad_corr=grad_corr,
+        dir_sharpness=dir_sharpness,
+        update_norm=math.sqrt(math.fsum(layer.update_norm**2 for layer in layers)),
+        grad_norm=grad_norm,
+        num_examples=num_examples,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        method=method,
+        per_layer=layers,
+    )

@@ -1,0 +1,125 @@
+"""Checkpoints: one safetensors file with a model's state dict and optional ``zeroptim`` metadata.
+
+The metadata (string key ``zeroptim``, a JSON object) follows ../shared/CONTRACT.md::
+
+    {"format": 1, "model": {"name": "mlp", "kwargs": {...}}, "step": 120, "loss": "cross_entropy",
+     "optimizer": {"name": "sgd", "lr": 0.1}, "batch": "batch_000120.safetensors"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.files import atomic_path, read_safetensors
+
+METADATA_KEY = "zeroptim"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: every tensor of the file and the parsed ``zeroptim`` metadata ({} if none)."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int | None:
+        step = self.meta.get("step")
+        return step if isinstance(step, int) else None
+
+    @property
+    def model_spec(self) -> dict[str, Any] | None:
+        return self.meta.get("model")
+
+    @property
+    def batch_path(self) -> Path | None:
+        """The recorded batch, resolved relative to the checkpoint's folder."""
+        batch = self.meta.get("batch")
+        return (self.path.parent / batch) if batch else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a checkpoint, rejecting unreadable files, malformed metadata and non-finite weights."""
+    p = Path(path)
+    tensors, raw_meta = read_safetensors(p, "checkpoint")
+    if not tensors:
+        raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
+    meta: dict[str, Any] = {}
+    if METADATA_KEY in raw_meta:
+        try:
+            meta = json.loads(raw_meta[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise ZeroptimError(f"checkpoint '{p}': metadata '{METADATA_KEY}' is not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise ZeroptimError(f"checkpoint '{p}': metadata '{METADATA_KEY}' must be a JSON object")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ZeroptimError(f"checkpoint '{p}': tensor '{name}' contains NaN or Inf")
+    return Checkpoint(p, tensors, meta)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
+    """Save ``model``'s state dict (tied weights once) with ``zeroptim`` metadata, atomically."""
+    full_meta = {"format": FORMAT_VERSION, **(meta or {})}
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp), metadata={METADATA_KEY: json.dumps(full_meta)})
+    return Path(path)
+
+
+def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
+    """Both checkpoints must hold the same tensor names and shapes, and name the same model if they say."""
+    only_a, only_b = set(a.tensors) - set(b.tensors), set(b.tensors) - set(a.tensors)
+    if only_a or only_b:
+        name, where, other = (sorted(only_a)[0], a.path, b.path) if only_a else (sorted(only_b)[0], b.path, a.path)
+        raise ZeroptimError(f"checkpoints differ in keys: '{name}' is in '{where}' but not in '{other}'")
+    for name, tensor in a.tensors.items():
+        if tensor.shape != b.tensors[name].shape:
+            raise ZeroptimError(
+                f"checkpoints differ in shape of '{name}': {tuple(tensor.shape)} in '{a.path}', "
+                f"{tuple(b.tensors[name].shape)} in '{b.path}'"
+            )
+    if a.model_spec and b.model_spec and a.model_spec != b.model_spec:
+        raise ZeroptimError(f"checkpoints name different models: '{a.path}' and '{b.path}'")
+
+
+def state_for_model(model: nn.Module, ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Match a checkpoint's tensors to ``model``: (parameters, persistent buffers).
+
+    Tied weights may be stored under any one of their names; parameters come back keyed by their first
+    name in ``named_parameters()`` order, once each, which ``torch.func.functional_call`` re-ties.
+    """
+    expected = model.state_dict(keep_vars=True)
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    resolved: dict[str, torch.Tensor] = {}
+    for names in aliases.values():
+        stored = [n for n in names if n in ckpt.tensors]
+        if not stored:
+            raise ZeroptimError(f"checkpoint '{ckpt.path}' lacks '{names[0]}', which the model has")
+        for n in names:
+            resolved[n] = ckpt.tensors[stored[0]]
+    unexpected = sorted(set(ckpt.tensors) - set(expected))
+    if unexpected:
+        raise ZeroptimError(f"checkpoint '{ckpt.path}' holds '{unexpected[0]}', which the model does not have")
+    for name, tensor in expected.items():
+        if resolved[name].shape != tensor.shape:
+            raise ZeroptimError(
+                f"checkpoint '{ckpt.path}': '{name}' has shape {tuple(resolved[name].shape)}, "
+                f"the model expects {tuple(tensor.shape)}"
+            )
+    all_param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    params = {n: resolved[n] for n, _ in model.named_parameters()}
+    buffers = {n: t for n, t in resolved.items() if n not in all_param_names}
+    return params, buffers

@@ -1,0 +1,131 @@
+"""The ``zeroptim`` command: a thin layer that parses, loads, calls the library and prints.
+
+Exit status: 0 success, 1 bad input or data, 2 bad usage. Errors are one ``error:`` line on stderr
+(a traceback only with ``--debug``); stdout carries results only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from zeroptim_cli import __version__
+from zeroptim_cli.errors import ConfigError, ZeroptimError
+from zeroptim_cli.hvp import METHODS
+from zeroptim_cli.pipeline import DTYPES, Settings, analyze_files
+from zeroptim_cli.files import write_text_atomic
+from zeroptim_cli.report import print_report, to_json
+
+stderr = Console(stderr=True)
+
+DEBUG_HELP = "Show the full traceback on errors."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="zeroptim")
+def cli() -> None:
+    """Why did the optimizer move the loss? Second-order analysis of training steps.
+
+    For a step Δ = w_t1 − w_t: f(w_t1) − f(w_t) = gᵀΔ + ½ΔᵀHΔ + residual, with g and H the gradient
+    and Hessian of the loss at w_t (Pan & Li 2023, arXiv 2306.00204).
+    """
+
+
+def settings_options(fn):  # type: ignore[no-untyped-def]
+    """The options that say how a pair is analysed, shared by every analysing command."""
+    options = [
+        click.option("--model", "model", metavar="SPEC",
+                     help="Model factory 'path/to/file.py:fn' or 'package.module:fn', called with no arguments or "
+                          "with the kwargs recorded in the checkpoint. Overrides the checkpoint's metadata."),
+        click.option("--loss", metavar="NAME|MODULE:FN",
+                     help="cross_entropy (logits (N,C) or (N,T,C)), mse, or MODULE:FN taking (outputs, targets) "
+                          "and returning the mean loss. Default: the checkpoint's metadata, else cross_entropy."),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                     help="Where to compute; auto takes CUDA when available."),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+                     help="Compute dtype; bf16/fp16 checkpoints are upcast."),
+        click.option("--method", type=click.Choice(["auto", *METHODS]), default="auto", show_default=True,
+                     help="How the Hessian-vector product is taken. auto: forward-over-reverse, or double "
+                          "backward where an op lacks forward-mode AD. forward-over-forward gives no gradient "
+                          "norm and no per-layer split."),
+        click.option("--train-mode", "train", is_flag=True,
+                     help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "
+                          "--seed. Default: eval mode (running statistics of checkpoint t, no dropout)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dropout masks in train mode."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("ckpt_t", type=click.Path(path_type=Path))
+@click.argument("ckpt_t1", type=click.Path(path_type=Path))
+@click.option("--batch", "batches", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Batch file (safetensors with 'inputs' and 'targets'); repeat to average several exactly. "
+                   "Default: the batch recorded in CKPT_T's metadata.")
+@settings_options
+@click.option("--per-layer", is_flag=True, help="Also print the per-parameter-tensor split.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the JSON object to this file (atomically).")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: bool, as_json: bool,
+            output: Path | None, debug: bool, **settings: object) -> None:
+    """Decompose the loss change from CKPT_T to CKPT_T1 on a batch.
+
+    \b
+    Example:
+      zeroptim analyze sample_ckpts/sgd/ckpt_000100.safetensors \\
+                       sample_ckpts/sgd/ckpt_000101.safetensors
+    """
+    with stderr.status("analysing pair…") if not as_json else contextlib.nullcontext():
+        result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings))  # type: ignore[arg-type]
+    payload = result.to_dict()
+    payload.update(ckpt_t=str(ckpt_t), ckpt_t1=str(ckpt_t1))
+    if output is not None:
+        write_text_atomic(output, to_json(payload, indent=2) + "\n")
+    if as_json:
+        click.echo(to_json(payload))
+    else:
+        print_report(result, Console(), per_layer=per_layer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and map every failure to an exit status and one ``error:`` line."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="zeroptim", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        stderr.print("error: aborted", markup=False)
+        return 1
+    except ZeroptimError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug of ours or of the user's model code: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        click.echo(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

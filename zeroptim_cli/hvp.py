@@ -1,0 +1,74 @@
+"""Hessian-vector products along the update: the ways to get f(w), g = ∇f(w) and HΔ = ∇²f(w)Δ.
+
+All are exact (no finite differences) and built on torch.func:
+
+* ``forward-over-reverse``: (g, HΔ) = jvp(∇f, w, Δ) — forward-mode AD pushed through the gradient
+  computation; one pass, no second graph, the default.
+* ``reverse-over-reverse``: HΔ = vjp(∇f, w)(Δ) — double backward (H is symmetric); works wherever
+  autograd's double backward does, e.g. ops whose forward-mode rule is missing.
+* ``forward-over-forward``: (gᵀΔ, ΔᵀHΔ) = jvp(w ↦ jvp(f, w, Δ), w, Δ) — nested forward mode, no stored
+  activations at all, but no g and no HΔ, hence no gradient norm and no per-layer split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+from torch.func import grad_and_value, jvp, vjp
+
+from zeroptim_cli.objective import Params, ScalarFn
+
+
+@dataclass(frozen=True)
+class Derivatives:
+    """f(w), gᵀΔ and ΔᵀHΔ, with g and HΔ themselves when the method yields them."""
+
+    loss: Tensor
+    grad_corr: Tensor
+    dir_sharpness: Tensor
+    grad: Params | None = None
+    hvp: Params | None = None
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def forward_over_reverse(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
+    """(f(w), g) and their directional derivatives (gᵀΔ, HΔ) from one jvp of ``grad_and_value(f)``."""
+    (g, loss), (hvp, grad_corr) = jvp(grad_and_value(f), (w,), (delta,))
+    return Derivatives(loss, grad_corr, _dot(delta, hvp), g, hvp)
+
+
+def reverse_over_reverse(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
+    """g from a first backward pass kept differentiable, then HΔ = (∂g/∂w)ᵀΔ from a second one."""
+    g, pullback, loss = vjp(grad_and_value(f), w, has_aux=True)
+    (hvp,) = pullback(delta)
+    return Derivatives(loss, _dot(g, delta), _dot(delta, hvp), g, hvp)
+
+
+def forward_over_forward(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
+    """φ(α) = f(w + αΔ): φ'(0) = gᵀΔ by one jvp, φ''(0) = ΔᵀHΔ by a jvp of that jvp."""
+
+    def slope(p: Params) -> tuple[Tensor, Tensor]:
+        loss, d1 = jvp(f, (p,), (delta,))
+        return d1, loss
+
+    grad_corr, dir_sharpness, loss = jvp(slope, (w,), (delta,), has_aux=True)
+    return Derivatives(loss, grad_corr, dir_sharpness)
+
+
+METHODS: dict[str, Callable[[ScalarFn, Params, Params], Derivatives]] = {
+    "forward-over-reverse": forward_over_reverse,
+    "reverse-over-reverse": reverse_over_reverse,
+    "forward-over-forward": forward_over_forward,
+}
+AUTO_ORDER = ("forward-over-reverse", "reverse-over-reverse")
+
+
+def lacks_forward_ad(exc: BaseException) -> bool:
+    """Whether an error says an op has no forward-mode AD rule (then ``auto`` uses double backward)."""
+    return isinstance(exc, (NotImplementedError, RuntimeError)) and "forward ad" in str(exc).lower()
+

@@ -1,0 +1,68 @@
+"""Model registry and factories: rebuilding a model from checkpoint metadata or a ``--model`` spec.
+
+A model spec is ``{"name": "mlp", "kwargs": {...}}`` (a built-in) or ``{"factory": "pkg.mod:fn",
+"kwargs": {...}}`` (a function returning an ``nn.Module``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from zeroptim_cli.errors import ConfigError, ZeroptimError
+from zeroptim_cli.models.cnn import CNN
+from zeroptim_cli.models.mlp import MLP
+from zeroptim_cli.models.transformer import CharTransformer
+from zeroptim_cli.specs import load_callable
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-18, randomly initialised (needs the ``vision`` extra)."""
+    try:
+        from torchvision.models import resnet18 as tv_resnet18
+    except ImportError as exc:
+        raise ZeroptimError("model 'resnet18' needs torchvision: pip install 'zeroptim[vision]'") from exc
+    model = tv_resnet18(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "char_transformer": CharTransformer,
+    "resnet18": resnet18,
+}
+
+
+def build_model(spec: dict[str, Any] | None, override: str | None = None, base_dir: Path | None = None) -> nn.Module:
+    """Build the model named by ``override`` (a factory spec) or else by the metadata ``spec``.
+
+    The factory is called with the metadata's ``kwargs`` when there are any, else with no arguments.
+    """
+    kwargs = dict((spec or {}).get("kwargs") or {})
+    if override is not None:
+        fn, what = load_callable(override, "--model", base_dir), f"--model '{override}'"
+    elif spec is None:
+        raise ConfigError("no model: the checkpoint has no 'zeroptim' model metadata; pass --model file.py:function")
+    elif "name" in spec:
+        if spec["name"] not in REGISTRY:
+            raise ZeroptimError(f"unknown model '{spec['name']}' in checkpoint metadata (known: {', '.join(REGISTRY)})")
+        fn, what = REGISTRY[spec["name"]], f"model '{spec['name']}'"
+    elif "factory" in spec:
+        fn, what = load_callable(spec["factory"], "model factory", base_dir), f"factory '{spec['factory']}'"
+    else:
+        raise ZeroptimError("checkpoint metadata 'model' needs a 'name' or a 'factory'")
+    try:
+        model = fn(**kwargs)
+    except ZeroptimError:
+        raise
+    except Exception as exc:
+        raise ZeroptimError(f"{what} failed to build the model ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(model, nn.Module):
+        raise ZeroptimError(f"{what} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,65 @@
+"""From files to a PairAnalysis: load and check two checkpoints, rebuild the model, load the batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from zeroptim_cli.analysis import PairAnalysis, analyze_pair, resolve_device
+from zeroptim_cli.batches import Batch, load_batch
+from zeroptim_cli.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
+from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.losses import resolve_loss
+from zeroptim_cli.models import build_model
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed."""
+
+    model: str | None = None
+    loss: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    method: str = "auto"
+    train: bool = False
+    seed: int = 0
+
+
+def recorded_batches(ckpt: Checkpoint) -> list[Batch]:
+    """The batch recorded in the checkpoint's metadata; an error when there is none."""
+    if ckpt.batch_path is None:
+        raise ConfigError(f"no batch: pass --batch FILE ('{ckpt.path}' records no batch in its metadata)")
+    return [load_batch(ckpt.batch_path)]
+
+
+def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequence[Batch],
+                        settings: Settings = Settings()) -> PairAnalysis:
+    """Analyse the step from ``ckpt_t`` to ``ckpt_t1`` on ``batches`` (see ``analyze_pair``)."""
+    if settings.dtype not in DTYPES:
+        raise ConfigError(f"--dtype '{settings.dtype}' is not one of {', '.join(DTYPES)}")
+    check_compatible(ckpt_t, ckpt_t1)
+    model = build_model(ckpt_t.model_spec or ckpt_t1.model_spec, settings.model, base_dir=ckpt_t.path.parent)
+    params_t, buffers_t = state_for_model(model, ckpt_t)
+    params_t1, _ = state_for_model(model, ckpt_t1)
+    loss = resolve_loss(settings.loss or ckpt_t.meta.get("loss") or "cross_entropy")
+    result = analyze_pair(
+        model, params_t, params_t1, batches, loss,
+        buffers=buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
+        device=resolve_device(settings.device), dtype=DTYPES[settings.dtype],
+    )
+    result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
+    return result
+
+
+def analyze_files(path_t: str | os.PathLike, path_t1: str | os.PathLike,
+                  batch_paths: Sequence[str | os.PathLike] = (), settings: Settings = Settings()) -> PairAnalysis:
+    """Analyse a pair of checkpoint files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
+    ckpt_t, ckpt_t1 = load_checkpoint(path_t), load_checkpoint(path_t1)
+    batches = [load_batch(p) for p in batch_paths] if batch_paths else recorded_batches(ckpt_t)
+    return analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings)

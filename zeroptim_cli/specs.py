@@ -1,0 +1,61 @@
+"""Resolving ``path/to/file.py:function`` and ``package.module:function`` specs to callables."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from zeroptim_cli.errors import ConfigError, ZeroptimError
+
+
+def load_callable(spec: str, what: str, base_dir: Path | None = None) -> Callable[..., Any]:
+    """Import the function a spec names; ``what`` (e.g. "--model") names the culprit in errors.
+
+    A malformed spec is a usage error (ConfigError); a module, file or function that is not there is bad
+    input (ZeroptimError).
+
+    A relative file path is looked up in the working directory first, then in ``base_dir``.
+    """
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ConfigError(f"{what} '{spec}' must look like 'path/to/file.py:function' or 'package.module:function'")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        module = _import_file(Path(target), spec, what, base_dir)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ZeroptimError(f"{what} '{spec}': cannot import module '{target}' ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ZeroptimError(f"{what} '{spec}': '{target}' has no attribute '{attr}'")
+    if not callable(fn):
+        raise ZeroptimError(f"{what} '{spec}': '{attr}' is not callable")
+    return fn
+
+
+def _import_file(path: Path, spec: str, what: str, base_dir: Path | None) -> Any:
+    candidates = [path] if path.is_absolute() or base_dir is None else [path, base_dir / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ZeroptimError(f"{what} '{spec}': file '{path}' does not exist")
+    resolved = found.resolve()
+    name = f"_zeroptim_user_{hashlib.sha1(str(resolved).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise ZeroptimError(f"{what} '{spec}': cannot load '{found}' as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ZeroptimError(f"{what} '{spec}': importing '{found}' failed ({type(exc).__name__}: {exc})") from exc
+    return module
