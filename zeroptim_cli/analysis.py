@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from zeroptim_cli.batches import Batch
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.hvp import AUTO_ORDER, METHODS, Derivatives, lacks_forward_ad
+from zeroptim_cli.hvp import AUTO_ORDER, METHODS, Derivatives, check_forward_over_forward
 from zeroptim_cli.losses import Loss
 from zeroptim_cli.objective import Objective, Params, twice_differentiable_kernels
 
@@ -164,6 +164,8 @@ def analyze_pair(
         raise ConfigError(f"--method '{method}' is not one of auto, {', '.join(METHODS)}")
     if not batches:
         raise ConfigError("no batch to evaluate the loss on")
+    if method == "forward-over-forward":
+        check_forward_over_forward(model, train)
     device = torch.device(device)
     model.to(device=device, dtype=dtype)
     w_t = _cast(params_t, device, dtype)
@@ -183,7 +185,12 @@ def analyze_pair(
 
 def _accumulate(objective: Objective, w_t: Params, w_t1: Params, delta: Params,
                 method: str) -> tuple[str, Derivatives, Tensor]:
-    """Σ_b weight_b × (each batch's derivatives), trying ``auto``'s methods in order on the first batch."""
+    """Σ_b weight_b × (each batch's derivatives).
+
+    ``auto`` tries forward-over-reverse on the first batch and falls back to double backward if it fails:
+    some ops have no forward-mode rule (e.g. fused RNN kernels), and torch's forward-over-reverse can trip
+    on its own immutable zero tangents (seen for a linear model under MSE, whose Hessian is constant).
+    """
     candidates = list(AUTO_ORDER) if method == "auto" else [method]
     total: Derivatives | None = None
     loss_t1: Tensor | float = 0.0
@@ -193,7 +200,7 @@ def _accumulate(objective: Objective, w_t: Params, w_t1: Params, delta: Params,
                 d = METHODS[candidates[0]](term.fn, w_t, delta)
                 break
             except Exception as exc:
-                if len(candidates) > 1 and total is None and lacks_forward_ad(exc):
+                if len(candidates) > 1 and total is None:  # auto: the next method, on the first batch only
                     candidates.pop(0)
                     continue
                 raise _batch_error(term.batch, exc) from exc

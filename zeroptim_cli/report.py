@@ -50,7 +50,7 @@ def per_layer_table(r: PairAnalysis) -> Table:
     """One row per distinct parameter tensor, with its share of ΔᵀHΔ."""
     table = Table(title="per parameter tensor", header_style="bold", title_justify="left")
     for col in ("name", "numel", "‖Δ_l‖", "g_lᵀΔ_l", "Δ_lᵀ(HΔ)_l", "share of ΔᵀHΔ"):
-        table.add_column(col, justify="left" if col == "name" else "right")
+        table.add_column(col, justify="left" if col == "name" else "right", overflow="fold")
     for layer in r.per_layer:
         share = _share(layer.dir_sharpness, r.dir_sharpness) if layer.dir_sharpness is not None else ""
         table.add_row(layer.name, str(layer.numel), fmt(layer.update_norm), fmt(layer.grad_corr),

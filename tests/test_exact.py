@@ -1,0 +1,188 @@
+"""Every quantity against an independent float64 reference: the dense Hessian, finite differences along
+Δ, and identities (one SGD step, a quadratic loss)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import explicit, flat, loss_fn, params_of, perturbed, rel_close
+from zeroptim_cli import Batch, analyze_pair, resolve_loss
+from zeroptim_cli.hvp import METHODS
+from zeroptim_cli.models import MLP
+
+PER_LAYER_METHODS = ["forward-over-reverse", "reverse-over-reverse"]
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLP(in_features=5, hidden=(6, 4), num_classes=3, activation="tanh").double()
+
+
+def tiny_batches(sizes=(7,), seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [Batch(torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g),
+                  f"b{i}") for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_matches_dense_hessian(method: str) -> None:
+    model, batches = tiny_mlp(), tiny_batches()
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    r = analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), method=method, dtype=torch.float64)
+
+    f = loss_fn(model, batches)
+    loss, g, H = explicit(f, flat(w0))
+    d = flat(w1) - flat(w0)
+    assert rel_close(r.loss_t, loss.item(), 1e-12)
+    assert rel_close(r.loss_t1, f(flat(w1)).item(), 1e-12)
+    assert rel_close(r.grad_corr, (g @ d).item(), 1e-10)
+    assert rel_close(r.dir_sharpness, (d @ H @ d).item(), 1e-10)
+    assert rel_close(r.update_norm, d.norm().item(), 1e-12)
+    assert rel_close(r.dir_sharpness_normalized, (d @ H @ d).item() / d.dot(d).item(), 1e-10)
+    assert rel_close(r.taylor_residual, r.delta_loss - (g @ d).item() - 0.5 * (d @ H @ d).item(), 1e-6, 1e-13)
+    if method in PER_LAYER_METHODS:
+        assert rel_close(r.grad_norm, g.norm().item(), 1e-10)
+        assert rel_close(r.cos_grad_update, (g @ d).item() / (g.norm() * d.norm()).item(), 1e-10)
+        hd = H @ d
+        start = 0
+        for layer in r.per_layer:
+            sl = slice(start, start + layer.numel)
+            assert rel_close(layer.grad_corr, (g[sl] @ d[sl]).item(), 1e-10, 1e-15)
+            assert rel_close(layer.dir_sharpness, (d[sl] @ hd[sl]).item(), 1e-10, 1e-15)
+            start += layer.numel
+    else:
+        assert r.grad_norm is None and r.cos_grad_update is None
+        assert all(layer.dir_sharpness is None for layer in r.per_layer)
+
+
+def test_finite_differences_along_the_update() -> None:
+    """φ(α) = f(w_t + αΔ): φ'(0) = gᵀΔ and φ''(0) = ΔᵀHΔ by central differences."""
+    model, batches = tiny_mlp(3), tiny_batches((9,), seed=3)
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.1, seed=4)
+    r = analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
+    f = loss_fn(model, batches)
+    x0, d = flat(w0), flat(w1) - flat(w0)
+    h = 1e-4
+    with torch.no_grad():
+        phi = [f(x0 + a * d).item() for a in (-h, 0.0, h)]
+    assert rel_close(r.grad_corr, (phi[2] - phi[0]) / (2 * h), 1e-6)
+    assert rel_close(r.dir_sharpness, (phi[2] - 2 * phi[1] + phi[0]) / h**2, 1e-5)
+
+
+def test_sgd_step_identity() -> None:
+    """One plain SGD step of rate η on the same batch: gᵀΔ = −η‖g‖², cos = −1, ‖Δ‖ = η‖g‖."""
+    model, batches = tiny_mlp(5), tiny_batches((16,), seed=5)
+    w0 = params_of(model)
+    lr = 0.3
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    nn.functional.cross_entropy(model(batches[0].inputs), batches[0].targets).backward()
+    opt.step()
+    w1 = params_of(model)
+    r = analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
+    assert rel_close(r.grad_corr, -lr * r.grad_norm**2, 1e-12)
+    assert rel_close(r.cos_grad_update, -1.0, 1e-12)
+    assert rel_close(r.update_norm, lr * r.grad_norm, 1e-12)
+
+
+def test_quadratic_loss_has_zero_residual() -> None:
+    """A linear model under MSE makes f exactly quadratic in w: residual 0, Taylor exact."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).double()
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(10, 2, generator=g, dtype=torch.float64))
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.7)
+    r = analyze_pair(model, w0, w1, [batch], resolve_loss("mse"), dtype=torch.float64)
+    assert abs(r.taylor_residual) < 1e-13 * max(1.0, abs(r.delta_loss))
+    assert r.dir_sharpness > 0
+    # the quadratic model's optimum along Δ is then the true line minimum
+    f = loss_fn(model, [batch], "mse")
+    x0, d = flat(w0), flat(w1) - flat(w0)
+    a = r.optimal_scale
+    with torch.no_grad():
+        best = f(x0 + a * d).item()
+        assert rel_close(best - r.loss_t, r.optimal_pred, 1e-10)
+        assert best < f(x0 + (a + 1e-3) * d).item() and best < f(x0 + (a - 1e-3) * d).item()
+
+
+def test_per_layer_sums_to_totals() -> None:
+    model, batches = tiny_mlp(7), tiny_batches((8,), seed=7)
+    w0 = params_of(model)
+    r = analyze_pair(model, w0, perturbed(w0, 0.2), batches, resolve_loss("cross_entropy"), dtype=torch.float64)
+    assert [layer.name for layer in r.per_layer] == [n for n, _ in model.named_parameters()]
+    assert math.isclose(sum(layer.grad_corr for layer in r.per_layer), r.grad_corr, rel_tol=1e-14)
+    assert math.isclose(sum(layer.dir_sharpness for layer in r.per_layer), r.dir_sharpness, rel_tol=1e-14)
+    assert math.isclose(math.sqrt(sum(layer.update_norm**2 for layer in r.per_layer)), r.update_norm, rel_tol=1e-14)
+
+
+def test_several_batches_average_by_example() -> None:
+    """Batches of 3 and 9 examples give exactly the analysis of the 12 examples at once."""
+    model = tiny_mlp(2)
+    parts = tiny_batches((3, 9), seed=2)
+    whole = Batch(torch.cat([b.inputs for b in parts]), torch.cat([b.targets for b in parts]))
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.1)
+    loss = resolve_loss("cross_entropy")
+    a = analyze_pair(model, w0, w1, parts, loss, dtype=torch.float64).to_dict()
+    b = analyze_pair(model, w0, w1, [whole], loss, dtype=torch.float64).to_dict()
+    assert a["num_examples"] == b["num_examples"] == 12
+    for key in ("loss_t", "loss_t1", "grad_corr", "dir_sharpness", "grad_norm", "taylor_residual"):
+        assert rel_close(a[key], b[key], 1e-11, 1e-16), key
+
+
+def test_token_level_batches_average_by_token() -> None:
+    """(N, T, C) logits: batches weigh by their N·T tokens, as one concatenated batch would."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.out = nn.Linear(4, 6)
+
+        def forward(self, idx):
+            return self.out(torch.tanh(self.emb(idx)))
+
+    torch.manual_seed(0)
+    model = Tokens().double()
+    g = torch.Generator().manual_seed(1)
+    short = Batch(torch.randint(0, 6, (2, 3), generator=g), torch.randint(0, 6, (2, 3), generator=g))
+    long = Batch(torch.randint(0, 6, (2, 7), generator=g), torch.randint(0, 6, (2, 7), generator=g))
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.1)
+    r = analyze_pair(model, w0, w1, [short, long], resolve_loss("cross_entropy"), dtype=torch.float64)
+    f = loss_fn(model, [short, long])  # weights 6/20 and 14/20 by the reference's own token counts
+    loss, grad, H = explicit(f, flat(w0))
+    d = flat(w1) - flat(w0)
+    with torch.no_grad():
+        per_token = torch.cat([nn.functional.cross_entropy(model(b.inputs).reshape(-1, 6), b.targets.reshape(-1),
+                                                           reduction="none") for b in (short, long)])
+    assert rel_close(r.loss_t, per_token.mean().item(), 1e-12)
+    assert rel_close(r.dir_sharpness, (d @ H @ d).item(), 1e-10)
+
+
+def test_identical_checkpoints_give_zeros_and_null_normalized() -> None:
+    model, batches = tiny_mlp(), tiny_batches()
+    w0 = params_of(model)
+    out = analyze_pair(model, w0, w0, batches, resolve_loss("cross_entropy"), dtype=torch.float64).to_dict()
+    assert out["delta_loss"] == 0 and out["grad_corr"] == 0 and out["dir_sharpness"] == 0
+    assert out["update_norm"] == 0
+    for key in ("dir_sharpness_normalized", "cos_grad_update", "optimal_scale", "optimal_pred"):
+        assert out[key] is None
+
+
+def test_float32_agrees_with_float64() -> None:
+    model, batches = tiny_mlp(), tiny_batches((32,))
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    loss = resolve_loss("cross_entropy")
+    r64 = analyze_pair(model, w0, w1, batches, loss, dtype=torch.float64)
+    r32 = analyze_pair(model, w0, w1, batches, loss, dtype=torch.float32)
+    assert r32.dtype == "float32"
+    assert rel_close(r32.grad_corr, r64.grad_corr, 1e-4)
+    assert rel_close(r32.dir_sharpness, r64.dir_sharpness, 1e-3)

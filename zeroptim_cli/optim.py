@@ -1,0 +1,158 @@
+"""Optimizers for ``zeroptim train``: torch's SGD, Adam, AdamW and Adafactor, plus Lion, sign-SGD,
+normalized SGD, and the coordinate-wise clipping of Pan & Li 2023 as a wrapper around any of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from zeroptim_cli.errors import ConfigError
+
+
+class SignSGD(Optimizer):
+    """w ← w − lr·(sign(m) + wd·w), with m = β·m + g (β = momentum, 0 for plain sign descent)."""
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 1e-3, momentum: float = 0.0,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["momentum"]:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    d = buf.mul_(group["momentum"]).add_(p.grad)
+                p.add_(torch.sign(d) + group["weight_decay"] * p, alpha=-group["lr"])
+
+
+class NormalizedSGD(Optimizer):
+    """w ← w − lr·g/‖g‖, ‖g‖ the norm of the whole gradient (all parameters together)."""
+
+    name = "normalized_sgd"
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 0.1, eps: float = 1e-12) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> None:  # type: ignore[override]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"] / max(norm, group["eps"]))
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023): c = β₁m + (1−β₁)g; w ← w − lr·(sign(c) + wd·w); m ← β₂m + (1−β₂)g."""
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                c = m * b1 + p.grad * (1 - b1)
+                p.add_(torch.sign(c) + group["weight_decay"] * p, alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+
+
+def clip_threshold(values: list[Tensor], fraction: float) -> Tensor:
+    """τ = the |value| of the ⌈fraction·n⌉-th largest coordinate of all ``values`` taken together."""
+    flat = torch.cat([v.reshape(-1).abs() for v in values])
+    k = max(1, math.ceil(fraction * flat.numel()))
+    return torch.topk(flat, k, sorted=False).values.min()
+
+
+def clip_coordinates(values: list[Tensor], fraction: float) -> None:
+    """In place: each coordinate v_i becomes sign(v_i)·min(|v_i|, τ), τ from ``clip_threshold``."""
+    tau = clip_threshold(values, fraction)
+    for v in values:
+        v.clamp_(-tau, tau)
+
+
+class CoordinateClip:
+    """Wraps an optimizer; clips the top ``fraction`` of coordinates of the gradient (or of the update).
+
+    ``target="gradient"`` clips g before the inner step; ``target="update"`` lets the inner optimizer
+    step, then clips the update u = w_new − w_old coordinate-wise and applies w_old + clip(u).
+    """
+
+    def __init__(self, inner: Optimizer, fraction: float = 0.1, target: str = "gradient") -> None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"clip fraction {fraction} must lie in (0, 1]")
+        if target not in ("gradient", "update"):
+            raise ConfigError(f"clip target '{target}' must be 'gradient' or 'update'")
+        self.inner, self.fraction, self.target = inner, fraction, target
+        self.param_groups, self.state, self.defaults = inner.param_groups, inner.state, inner.defaults
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> None:  # type: ignore[override]
+        params = self._params()
+        if self.target == "gradient":
+            clip_coordinates([p.grad for p in params], self.fraction)
+            self.inner.step()
+            return
+        before = [p.detach().clone() for p in params]
+        self.inner.step()
+        updates = [p - b for p, b in zip(params, before)]
+        clip_coordinates(updates, self.fraction)
+        for p, b, u in zip(params, before, updates):
+            p.copy_(b + u)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def describe(self) -> dict[str, Any]:
+        from zeroptim_cli.recorder import optimizer_description
+
+        return {**optimizer_description(self.inner), "clip": {"fraction": self.fraction, "target": self.target}}
+
+
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adafactor": torch.optim.Adafactor,
+    "lion": Lion,
+    "signsgd": SignSGD,
+    "normalized_sgd": NormalizedSGD,
+}
+
+
+def build_optimizer(params: Iterable[Tensor], spec: dict[str, Any]) -> Optimizer | CoordinateClip:
+    """``{"name": "sgd", "lr": 0.1, "momentum": 0.9, "clip": {"fraction": 0.1, "target": "gradient"}}``."""
+    spec = dict(spec)
+    name = spec.pop("name", "sgd")
+    clip = spec.pop("clip", None)
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer '{name}' is not one of {', '.join(OPTIMIZERS)}")
+    if "betas" in spec:
+        spec["betas"] = tuple(spec["betas"])
+    try:
+        opt = OPTIMIZERS[name](params, **spec)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"optimizer '{name}': {exc}") from exc
+    return CoordinateClip(opt, **clip) if clip else opt

@@ -1,0 +1,129 @@
+"""Recording consecutive checkpoints from any training loop.
+
+Three added lines record a step: checkpoint t just before ``optimizer.step()``, checkpoint t+1 just after,
+and the batch the step used::
+
+    rec = Recorder("runs/sgd", model, optimizer, every=100, model_spec={"name": "mlp"})
+    ...
+    with rec.step(step, inputs, targets):
+        optimizer.step()
+
+Files, all written atomically: ``ckpt_{step:06d}.safetensors`` (metadata per ../shared/CONTRACT.md,
+``batch`` naming the batch of the step that starts there), ``batch_{step:06d}.safetensors``, optionally
+``optim_{step:06d}.safetensors`` (the optimizer state before the step), and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from zeroptim_cli.batches import save_batch
+from zeroptim_cli.checkpoint import FORMAT_VERSION, save_checkpoint
+from zeroptim_cli.files import atomic_path, write_text_atomic
+
+
+def ckpt_name(step: int) -> str:
+    return f"ckpt_{step:06d}.safetensors"
+
+
+def batch_name(step: int) -> str:
+    return f"batch_{step:06d}.safetensors"
+
+
+def optim_name(step: int) -> str:
+    return f"optim_{step:06d}.safetensors"
+
+
+_IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"}
+
+
+def optimizer_description(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's name and the JSON-able hyper-parameters of its first parameter group."""
+    inner = getattr(optimizer, "describe", None)
+    if callable(inner):
+        return inner()
+    group = optimizer.param_groups[0]
+    hyper = {k: v for k, v in group.items()
+             if k not in _IMPLEMENTATION_FLAGS and isinstance(v, (int, float, bool, str, type(None)))}
+    hyper.update({k: list(v) for k, v in group.items() if isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)})
+    return {"name": getattr(type(optimizer), "name", type(optimizer).__name__.lower()), **hyper}
+
+
+def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as ``{"<param name>/<key>": tensor}`` (safetensors-ready)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) or isinstance(value, (int, float)):
+                out[f"{names.get(id(param), str(id(param)))}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return out
+
+
+class Recorder:
+    """Saves (checkpoint t, batch, checkpoint t+1) around chosen optimizer steps of a training loop.
+
+    ``every`` records steps 0, every, 2·every, …; ``steps`` adds chosen ones; ``model_spec`` (e.g.
+    ``{"name": "mlp", "kwargs": {...}}`` or ``{"factory": "pkg.mod:fn"}``) lets ``zeroptim analyze``
+    rebuild the model with no flags.
+    """
+
+    def __init__(self, folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 every: int | None = None, steps: Iterable[int] = (), model_spec: dict[str, Any] | None = None,
+                 loss: str = "cross_entropy", save_optimizer_state: bool = False,
+                 extra: dict[str, Any] | None = None) -> None:
+        if every is not None and every <= 0:
+            raise ValueError("every must be a positive number of steps")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.model, self.optimizer = model, optimizer
+        self.every, self.steps = every, set(steps)
+        self.model_spec, self.loss = model_spec, loss
+        self.save_optimizer_state = save_optimizer_state
+        self.extra = dict(extra or {})
+        self.recorded: list[int] = []
+        self._write_run()
+
+    def wants(self, step: int) -> bool:
+        """Whether ``step`` is one to record."""
+        return step in self.steps or (self.every is not None and step % self.every == 0)
+
+    def _meta(self, step: int, batch: str | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"step": step, "loss": self.loss, "optimizer": optimizer_description(self.optimizer)}
+        if self.model_spec is not None:
+            meta["model"] = self.model_spec
+        if batch is not None:
+            meta["batch"] = batch
+        return meta
+
+    @contextlib.contextmanager
+    def step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> Iterator[None]:
+        """Wrap ``optimizer.step()``: record around it when ``step`` is wanted, else do nothing."""
+        if not self.wants(step):
+            yield
+            return
+        save_batch(self.folder / batch_name(step), inputs, targets)
+        save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, batch_name(step)))
+        if self.save_optimizer_state:
+            with atomic_path(self.folder / optim_name(step)) as tmp:
+                save_file(optimizer_state_tensors(self.model, self.optimizer), str(tmp),
+                          metadata={"zeroptim": json.dumps({"format": FORMAT_VERSION, "step": step})})
+        yield
+        # If step t+1 is recorded too, its own "before" checkpoint rewrites this file with its batch.
+        save_checkpoint(self.folder / ckpt_name(step + 1), self.model, self._meta(step + 1, None))
+        self.recorded.append(step)
+        self._write_run()
+
+    def _write_run(self) -> None:
+        run = {"format": FORMAT_VERSION, "model": self.model_spec, "loss": self.loss,
+               "optimizer": optimizer_description(self.optimizer), "recorded_steps": self.recorded, **self.extra}
+        write_text_atomic(self.folder / "run.json", json.dumps(run, indent=2) + "\n")
