@@ -134,10 +134,6 @@ def _cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtyp
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
 
 
-def _scalar(x: Tensor) -> float:
-    return float(x.detach().double().item())
-
-
 def analyze_pair(
     model: nn.Module,
     params_t: Mapping[str, Tensor],
@@ -238,28 +234,27 @@ _FIELDS = ("loss", "grad_corr", "dir_sharpness", "grad", "hvp")
 
 def _summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int, dtype: torch.dtype,
                device: torch.device, method: str) -> PairAnalysis:
-    layers = []
-    for name, step in delta.items():
-        layers.append(LayerStats(
-            name=name,
-            numel=step.numel(),
-            update_norm=_scalar(step.norm()),
-            grad_corr=None if d.grad is None else _scalar((d.grad[name] * step).sum()),
-            dir_sharpness=None if d.hvp is None else _scalar((step * d.hvp[name]).sum()),
-        ))
+    names = list(delta)
+    # One host transfer for all per-tensor numbers: rows ‖Δ_l‖², g_lᵀΔ_l, Δ_lᵀ(HΔ)_l, ‖g_l‖².
+    rows = [[delta[n].pow(2).sum() for n in names]]
     if d.grad is not None and d.hvp is not None:
-        grad_corr = math.fsum(layer.grad_corr for layer in layers)
-        dir_sharpness = math.fsum(layer.dir_sharpness for layer in layers)
-        grad_norm = math.sqrt(math.fsum(_scalar(g.pow(2).sum()) for g in d.grad.values()))
-    else:
-        grad_corr, dir_sharpness, grad_norm = _scalar(d.grad_corr), _scalar(d.dir_sharpness), None
+        rows += [[(d.grad[n] * delta[n]).sum() for n in names], [(delta[n] * d.hvp[n]).sum() for n in names],
+                 [d.grad[n].pow(2).sum() for n in names]]
+    table = torch.stack([torch.stack(r) for r in rows]).double().cpu().tolist()
+    scalars = torch.stack([d.loss, loss_t1, d.grad_corr, d.dir_sharpness]).double().cpu().tolist()
+    exact = len(table) > 1
+    layers = [
+        LayerStats(name=n, numel=delta[n].numel(), update_norm=math.sqrt(table[0][i]),
+                   grad_corr=table[1][i] if exact else None, dir_sharpness=table[2][i] if exact else None)
+        for i, n in enumerate(names)
+    ]
     return PairAnalysis(
-        loss_t=_scalar(d.loss),
-        loss_t1=_scalar(loss_t1),
-        grad_corr=grad_corr,
-        dir_sharpness=dir_sharpness,
-        update_norm=math.sqrt(math.fsum(layer.update_norm**2 for layer in layers)),
-        grad_norm=grad_norm,
+        loss_t=scalars[0],
+        loss_t1=scalars[1],
+        grad_corr=math.fsum(table[1]) if exact else scalars[2],
+        dir_sharpness=math.fsum(table[2]) if exact else scalars[3],
+        update_norm=math.sqrt(math.fsum(table[0])),
+        grad_norm=math.sqrt(math.fsum(table[3])) if exact else None,
         num_examples=num_examples,
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
