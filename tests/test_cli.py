@@ -218,4 +218,4 @@ def test_console_command_on_sample_ckpts() -> None:
     payload = json.loads(proc.stdout)
     # plain SGD, lr 0.1, on the recorded batch: gᵀΔ = −η‖g‖² (float32 round-off)
     assert payload["grad_corr"] == pytest.approx(-0.1 * payload["grad_norm"] ** 2, rel=1e-5)
-    assert payload["step_t"] == 100 and payload["method"] == "forward-over-reverse"
+    assert payload["step_t"] == 100 and payload["method"] == "reverse-over-reverse"

@@ -186,3 +186,20 @@ def test_float32_agrees_with_float64() -> None:
     assert r32.dtype == "float32"
     assert rel_close(r32.grad_corr, r64.grad_corr, 1e-4)
     assert rel_close(r32.dir_sharpness, r64.dir_sharpness, 1e-3)
+
+
+def test_auto_falls_back_when_double_backward_fails(monkeypatch) -> None:
+    import zeroptim_cli.analysis as analysis
+
+    def no_double_backward(*args):
+        raise RuntimeError("derivative for some_fused_kernel_backward is not implemented")
+
+    model, batches = tiny_mlp(), tiny_batches()
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    ref = analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
+    assert ref.method == "reverse-over-reverse"
+    monkeypatch.setitem(analysis.METHODS, "reverse-over-reverse", no_double_backward)
+    r = analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
+    assert r.method == "forward-over-reverse"
+    assert rel_close(r.dir_sharpness, ref.dir_sharpness, 1e-12)

@@ -183,9 +183,9 @@ def _accumulate(objective: Objective, w_t: Params, w_t1: Params, delta: Params,
                 method: str) -> tuple[str, Derivatives, Tensor]:
     """Σ_b weight_b × (each batch's derivatives).
 
-    ``auto`` tries forward-over-reverse on the first batch and falls back to double backward if it fails:
-    some ops have no forward-mode rule (e.g. fused RNN kernels), and torch's forward-over-reverse can trip
-    on its own immutable zero tangents (seen for a linear model under MSE, whose Hessian is constant).
+    ``auto`` tries double backward on the first batch and falls back to forward-over-reverse if it fails
+    (some kernels, e.g. cuDNN's RNNs, have no double backward); forward-over-reverse in turn can trip on
+    torch's immutable zero tangents (seen for a linear model under MSE, whose Hessian is constant).
     """
     candidates = list(AUTO_ORDER) if method == "auto" else [method]
     total: Derivatives | None = None

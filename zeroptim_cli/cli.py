@@ -51,9 +51,9 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
         click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
                      help="Compute dtype; bf16/fp16 checkpoints are upcast."),
         click.option("--method", type=click.Choice(["auto", *METHODS]), default="auto", show_default=True,
-                     help="How the Hessian-vector product is taken. auto: forward-over-reverse, or double "
-                          "backward where an op lacks forward-mode AD. forward-over-forward gives no gradient "
-                          "norm and no per-layer split."),
+                     help="How the Hessian-vector product is taken. auto: double backward (reverse-over-"
+                          "reverse), or forward-over-reverse where an op lacks double backward. "
+                          "forward-over-forward gives no gradient norm and no per-layer split."),
         click.option("--train-mode", "train", is_flag=True,
                      help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "
                           "--seed. Default: eval mode (running statistics of checkpoint t, no dropout)."),
@@ -175,12 +175,104 @@ def _train_overrides(flags: dict[str, object]) -> dict[str, object]:
     return out
 
 
+@cli.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSON-lines file, one line per pair; re-running resumes it.")
+@click.option("--batch", "batches", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Analyse every pair on these batches instead of each pair's recorded batch.")
+@click.option("--successive", is_flag=True,
+              help="Pair each checkpoint with the next one found, even across gaps in the steps.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the scalar columns of all results as CSV.")
+@settings_options
+@click.option("--quiet", is_flag=True, help="No progress bar and no notes.")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], successive: bool, csv_path: Path | None,
+          quiet: bool, debug: bool, **settings: object) -> None:
+    """Analyse every consecutive checkpoint pair (steps s → s+1) of the RUNS folders (globs allowed).
+
+    One JSON line per pair, flushed as it is computed. A failing pair gets an 'error' key and the sweep goes
+    on; re-running the same command skips what is done and retries what failed. Exit status: 0 all pairs
+    analysed, 3 some failed (counted on stderr), 1 bad input, 2 bad usage.
+
+    \b
+      zeroptim sweep runs/sgd runs/adam -o results.jsonl
+      zeroptim plot results.jsonl -o results.png
+    """
+    from zeroptim_cli.sweep import expand, find_pairs, read_results, sweep as run_sweep, write_csv
+
+    plan = find_pairs(expand(runs), successive=successive)
+    if not quiet:
+        for note in plan.notes:
+            stderr.print(f"note: {note}", markup=False, highlight=False)
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}"), console=stderr,
+                  disable=quiet) as progress:
+        task = progress.add_task("sweeping pairs", total=len(plan.pairs), last="")
+
+        def advance(pair, row) -> None:  # type: ignore[no-untyped-def]
+            status = "error" if "error" in row else f"ΔᵀHΔ/‖Δ‖²={row.get('dir_sharpness_normalized')}"
+            progress.update(task, advance=1, last=f"{pair.run} {pair.step_t}→{pair.step_t1} {status}")
+
+        summary = run_sweep(plan, output, Settings(**settings), batches, on_pair=advance)  # type: ignore[arg-type]
+        progress.update(task, completed=len(plan.pairs))
+    if csv_path is not None:
+        write_csv(list(read_results([output])), csv_path)
+    if not quiet:
+        stderr.print(f"{summary.analysed} analysed, {summary.skipped} already done, {summary.failed} failed "
+                     f"→ {output}", markup=False, highlight=False)
+    if summary.failed:
+        click.echo(f"error: {summary.failed} of {len(plan.pairs)} pairs failed (see their 'error' key in {output})",
+                   err=True)
+        raise click.exceptions.Exit(3)
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Image file: .png, .svg or .pdf.")
+@click.option("--layers-run", help="Run whose per-layer heatmap to draw (default: the first).")
+@click.option("--title", help="Figure title.")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+def plot(results: tuple[Path, ...], output: Path, layers_run: str | None, title: str | None, debug: bool) -> None:
+    """Plot sweep results (JSON lines) or analyze --json files: the decomposition over steps, the normalized
+    sharpness per run (log scale), the per-layer share of ΔᵀHΔ, and actual against predicted Δloss."""
+    from zeroptim_cli.plot import plot as draw
+    from zeroptim_cli.sweep import read_results
+
+    draw(list(read_results(results)), output, layer_run=layers_run, title=title)
+    stderr.print(f"wrote {output}", markup=False, highlight=False)
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("ckpt2", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+def inspect(ckpt: Path, ckpt2: Path | None, as_json: bool, debug: bool) -> None:
+    """Show a checkpoint's metadata, tensors, shapes, dtypes and sizes; with CKPT2, what differs."""
+    from zeroptim_cli.checkpoint import load_checkpoint
+    from zeroptim_cli.inspection import describe, differences, print_description, print_differences
+
+    a = load_checkpoint(ckpt)
+    b = load_checkpoint(ckpt2) if ckpt2 is not None else None
+    info = describe(a)
+    diff = differences(a, b) if b is not None else None
+    if as_json:
+        click.echo(to_json({"checkpoint": info, **({"differences": diff} if diff else {})}))
+        return
+    console = Console()
+    print_description(info, console)
+    if diff is not None:
+        print_differences(diff, console)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map every failure to an exit status and one ``error:`` line."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="zeroptim", standalone_mode=False)
+        status = cli.main(args=args, prog_name="zeroptim", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -203,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         first = (str(exc).strip().splitlines() or [""])[0]
         click.echo(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
         return 1
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

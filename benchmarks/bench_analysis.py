@@ -1,0 +1,280 @@
+"""Side-by-side cost of a pair analysis, each HVP method, the notebook's method and peers, against one
+training step (forward + backward) of the same model and batch. Not a test: run it and read the ratios.
+
+    python benchmarks/bench_analysis.py                   # all workloads on CPU, a table
+    python benchmarks/bench_analysis.py --device cuda --json
+    python benchmarks/bench_analysis.py --workloads mlp,transformer --repeats 20
+
+Times are medians over repeats after warm-up, in one process. Peak memory: on CUDA the max allocated
+above the baseline; on CPU the peak RSS above the baseline of a fresh subprocess per (workload, method).
+Peers (PyHessian, curvlinops) are measured when installed: ``pip install pyhessian curvlinops-for-pytorch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from zeroptim_cli import Batch, analyze_pair, resolve_loss
+from zeroptim_cli.hvp import METHODS
+from zeroptim_cli.models import CNN, MLP, CharTransformer
+from zeroptim_cli.objective import Objective, twice_differentiable_kernels
+
+CE = resolve_loss("cross_entropy")
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    batch: Batch
+    w_t: dict[str, torch.Tensor]
+    w_t1: dict[str, torch.Tensor]
+
+
+def make_workload(name: str, device: torch.device) -> Workload:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        model, x, y = MLP(), torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
+    elif name == "wide_mlp":
+        model = MLP(hidden=(2048, 2048))
+        x, y = torch.rand(2048, 784, generator=g), torch.randint(0, 10, (2048,), generator=g)
+    elif name == "cnn":
+        model, x, y = CNN(), torch.rand(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
+    elif name == "transformer":
+        model = CharTransformer(vocab_size=100, block_size=64, dim=128, heads=4, layers=4)
+        x, y = torch.randint(0, 100, (32, 64), generator=g), torch.randint(0, 100, (32, 64), generator=g)
+    else:
+        raise SystemExit(f"unknown workload {name}")
+    model = model.to(device).eval()
+    w_t = {k: v.detach().clone() for k, v in model.named_parameters()}
+    w_t1 = {k: v + 1e-3 * torch.randn_like(v) for k, v in w_t.items()}
+    return Workload(name, model, Batch(x.to(device), y.to(device)), w_t, w_t1)
+
+
+def candidates(w: Workload) -> dict[str, Callable[[], object]]:
+    """Every measured computation, as a zero-argument callable."""
+    model, x, y = w.model, w.batch.inputs, w.batch.targets
+    delta = {k: w.w_t1[k] - w.w_t[k] for k in w.w_t}
+    objective = Objective(model, dict(model.named_buffers()), [w.batch], CE)
+    f = objective.terms[0].fn
+    names = list(w.w_t)
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(_flat_logits(model(x)), y.reshape(-1)).backward()
+
+    def analysis() -> object:
+        return analyze_pair(model, w.w_t, w.w_t1, [w.batch], CE, device=x.device)
+
+    def notebook() -> object:
+        def f_tuple(*ps: torch.Tensor) -> torch.Tensor:
+            return f(dict(zip(names, ps)))
+
+        primals, tangents = tuple(w.w_t.values()), tuple(delta.values())
+        with twice_differentiable_kernels():
+            torch.autograd.functional.jvp(f_tuple, primals, tangents)
+            return torch.autograd.functional.hvp(f_tuple, primals, tangents)
+
+    out: dict[str, Callable[[], object]] = {"train step": train_step, "pair analysis": analysis}
+    for method, fn in METHODS.items():
+        if method == "forward-over-forward" and any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+            continue  # refused by zeroptim: torch's nested forward mode is wrong through LayerNorm
+
+        def run(fn=fn) -> object:
+            with twice_differentiable_kernels():
+                return fn(f, w.w_t, delta)
+        out[f"hvp {method}"] = run
+    out["notebook (autograd.functional jvp + hvp)"] = notebook
+    out.update(peers(w, delta))
+    return out
+
+
+def _flat_logits(out: torch.Tensor) -> torch.Tensor:
+    return out.reshape(-1, out.shape[-1])
+
+
+class FlatLogits(nn.Module):
+    """(N, T, C) logits as (N·T, C) rows, for peers whose loss takes (rows, C)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _flat_logits(self.inner(x))
+
+
+def peers(w: Workload, delta: dict[str, torch.Tensor]) -> dict[str, Callable[[], object]]:
+    out: dict[str, Callable[[], object]] = {}
+    model, x, y = w.model, w.batch.inputs, w.batch.targets
+    v = [d.clone() for d in delta.values()]
+    params = list(model.parameters())
+
+    def criterion(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(_flat_logits(outputs), targets.reshape(-1))
+
+    try:
+        from pyhessian import hessian as PyHessian
+        from pyhessian.utils import hessian_vector_product
+
+        def pyhessian_hvp() -> object:
+            model.zero_grad(set_to_none=True)
+            with twice_differentiable_kernels():
+                h = PyHessian(model, criterion, data=(x, y), cuda=x.is_cuda)
+                return hessian_vector_product(h.gradsH, h.params, v)
+
+        out["peer: PyHessian hvp"] = pyhessian_hvp
+    except ImportError:
+        pass
+    try:
+        from curvlinops import HessianLinearOperator
+
+        flat_model = FlatLogits(model)
+
+        def curvlinops_matvec() -> object:
+            with twice_differentiable_kernels():
+                op = HessianLinearOperator(flat_model, nn.CrossEntropyLoss(), params, [(x, y.reshape(-1))],
+                                           check_deterministic=False)
+                return op @ v
+
+        out["peer: curvlinops HessianLinearOperator @ v"] = curvlinops_matvec
+    except ImportError:
+        pass
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call above what was held before it."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    fn()  # warm-up: one-time allocations (thread pools, kernels) are not the method's cost
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    base = _status_mib("VmRSS")
+    fn()
+    return _status_mib("VmHWM") - base
+
+
+def probe(workload: str, method: str, device: torch.device) -> float:
+    """In a fresh process: build the workload, then the peak of one warmed-up call."""
+    w = make_workload(workload, device)
+    fns = candidates(w)
+    return peak_mib(fns[method], device)
+
+
+def measure_memory(workload: str, method: str, device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return probe(workload, method, device)
+    proc = subprocess.run([sys.executable, __file__, "--probe", workload, method, "--device", str(device)],
+                          capture_output=True, text=True, check=False)
+    return float(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def agreement(fns: dict[str, Callable[[], object]], w: Workload) -> float:
+    """Max relative difference of ΔᵀHΔ between our methods and the peers' HVPs."""
+    delta = {k: w.w_t1[k] - w.w_t[k] for k in w.w_t}
+    values = []
+    for name, fn in fns.items():
+        out = fn()
+        if name.startswith("hvp"):
+            values.append(float(out.dir_sharpness))
+        elif name == "pair analysis":
+            values.append(out.dir_sharpness)
+        elif name.startswith("notebook"):
+            values.append(float(sum((h * d).sum() for h, d in zip(out[1], delta.values()))))
+        elif name.startswith("peer"):
+            values.append(float(sum((h * d).sum() for h, d in zip(out, delta.values()))))
+    ref = values[0]
+    return max(abs(v - ref) / abs(ref) for v in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workloads", default="mlp,wide_mlp,cnn,transformer")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory measurements.")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.probe:
+        print(probe(*args.probe, device))
+        return
+    rows = []
+    for name in args.workloads.split(","):
+        w = make_workload(name, device)
+        fns = candidates(w)
+        base_t = median_seconds(fns["train step"], device, args.repeats)
+        base_m = None if args.no_memory else measure_memory(name, "train step", device)
+        for method, fn in fns.items():
+            t = base_t if method == "train step" else median_seconds(fn, device, args.repeats)
+            m = base_m if method == "train step" else (None if args.no_memory else measure_memory(name, method, device))
+            rows.append({"workload": name, "method": method, "ms": 1e3 * t, "time_ratio": t / base_t,
+                         "peak_mib": m, "memory_ratio": (m / base_m) if (m and base_m) else None})
+        rows.append({"workload": name, "method": "max rel. diff of ΔᵀHΔ across methods", "value": agreement(fns, w)})
+    meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "repeats": args.repeats}
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"zeroptim benchmark · {meta}", title_justify="left")
+    for col in ("workload", "method", "median ms", "× train step", "peak MiB", "× train step mem"):
+        table.add_column(col, justify="left" if col in ("workload", "method") else "right")
+    for r in rows:
+        if "value" in r:
+            table.add_row(r["workload"], r["method"], f"{r['value']:.1e}", "", "", "", end_section=True)
+            continue
+        fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+        table.add_row(r["workload"], r["method"], fmt(r["ms"], ".2f"), fmt(r["time_ratio"], ".2f"),
+                      fmt(r["peak_mib"], ".1f"), fmt(r["memory_ratio"], ".2f"))
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``zeroptim plot``: the decomposition over training, from sweep outputs or single analyze JSON files.
+
+Four panels: (a) actual Δloss against the Taylor prediction and its two terms over steps; (b) the
+normalized directional sharpness ΔᵀHΔ/‖Δ‖² over steps, log scale, one line per run; (c) each parameter
+tensor's share of ΔᵀHΔ over steps (heatmap, one run); (d) actual against predicted Δloss, with y = x.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from zeroptim_cli.errors import ConfigError, ZeroptimError  # noqa: E402
+from zeroptim_cli.files import atomic_path  # noqa: E402
+
+FORMATS = ("png", "svg", "pdf")
+
+
+def by_run(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by run, each group sorted by step (unknown steps keep their order)."""
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        runs[row.get("run", "run")].append(row)
+    for group in runs.values():
+        group.sort(key=lambda r: (r.get("step_t") is None, r.get("step_t") or 0))
+    return dict(runs)
+
+
+def _steps(group: list[dict[str, Any]]) -> list[float]:
+    return [r["step_t"] if r.get("step_t") is not None else i for i, r in enumerate(group)]
+
+
+def _vals(group: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([np.nan if r.get(key) is None else r[key] for r in group], dtype=float)
+
+
+def panel_decomposition(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> None:
+    styles = {"delta_loss": ("-", "o", "actual Δloss"), "taylor_pred": ("--", "s", "gᵀΔ + ½ΔᵀHΔ"),
+              "grad_corr": (":", "^", "gᵀΔ"), "half_sharp": ("-.", "v", "½ΔᵀHΔ")}
+    for color, (run, group) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, runs.items()):
+        x = _steps(group)
+        series = {k: _vals(group, k) for k in ("delta_loss", "taylor_pred", "grad_corr")}
+        series["half_sharp"] = 0.5 * _vals(group, "dir_sharpness")
+        for key, (ls, marker, label) in styles.items():
+            ax.plot(x, series[key], ls=ls, marker=marker, ms=4, color=color,
+                    label=f"{label} ({run})" if len(runs) > 1 else label)
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set(title="(a) loss change and its Taylor terms", xlabel="step t", ylabel="loss change f(w_t1) − f(w_t)")
+    ax.legend(fontsize=7, ncol=2 if len(runs) > 1 else 1)
+
+
+def panel_sharpness(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> None:
+    for run, group in runs.items():
+        y = _vals(group, "dir_sharpness_normalized")
+        ax.plot(_steps(group), np.where(y > 0, y, np.nan), marker="o", ms=4, label=run)
+    ax.set_yscale("log")
+    ax.set(title="(b) normalized directional sharpness", xlabel="step t", ylabel="ΔᵀHΔ / ‖Δ‖²  (log scale)")
+    ax.legend(fontsize=8)
+
+
+def panel_layers(fig: plt.Figure, ax: plt.Axes, run: str, group: list[dict[str, Any]]) -> None:
+    names = [layer["name"] for layer in group[0].get("per_layer", [])]
+    share = np.full((len(names), len(group)), np.nan)
+    for j, row in enumerate(group):
+        total = row.get("dir_sharpness") or 0.0
+        for i, layer in enumerate(row.get("per_layer", [])[: len(names)]):
+            if total and layer.get("dir_sharpness") is not None:
+                share[i, j] = layer["dir_sharpness"] / total
+    if not names or np.all(np.isnan(share)):
+        ax.text(0.5, 0.5, "no per-layer split in these results", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    lim = max(1.0, float(np.nanmax(np.abs(share))))
+    im = ax.imshow(share, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    steps = _steps(group)
+    tick = max(1, len(steps) // 8)
+    ax.set_xticks(range(0, len(steps), tick), [str(int(s)) for s in steps[::tick]])
+    ax.set_yticks(range(len(names)), names, fontsize=max(4, 8 - len(names) // 12))
+    ax.set(title=f"(c) share of ΔᵀHΔ per parameter tensor ({run})", xlabel="step t")
+    fig.colorbar(im, ax=ax, label="Δ_lᵀ(HΔ)_l / ΔᵀHΔ")
+
+
+def panel_scatter(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> None:
+    lo, hi = np.inf, -np.inf
+    for run, group in runs.items():
+        x, y = _vals(group, "taylor_pred"), _vals(group, "delta_loss")
+        ax.scatter(x, y, s=14, label=run)
+        both = np.concatenate([x, y])
+        both = both[np.isfinite(both)]
+        if both.size:
+            lo, hi = min(lo, both.min()), max(hi, both.max())
+    if np.isfinite(lo):
+        pad = 0.05 * (hi - lo or abs(hi) or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.4", lw=1, ls="--", label="y = x")
+    ax.set(title="(d) actual against predicted loss change", xlabel="predicted gᵀΔ + ½ΔᵀHΔ", ylabel="actual Δloss")
+    ax.legend(fontsize=8)
+
+
+def plot(rows: Sequence[dict[str, Any]], output: str | os.PathLike, layer_run: str | None = None,
+         title: str | None = None) -> Path:
+    """Draw the four panels for ``rows`` into ``output`` (.png, .svg or .pdf), atomically."""
+    out = Path(output)
+    fmt = out.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"-o '{out}': the file name must end in .png, .svg or .pdf")
+    if not rows:
+        raise ZeroptimError("no results to plot (every row was an error, or the files were empty)")
+    runs = by_run(rows)
+    if layer_run is not None and layer_run not in runs:
+        raise ConfigError(f"--layers-run '{layer_run}' is not a run in the results ({', '.join(runs)})")
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10), constrained_layout=True)
+    panel_decomposition(axes[0, 0], runs)
+    panel_sharpness(axes[0, 1], runs)
+    chosen = layer_run or next(iter(runs))
+    panel_layers(fig, axes[1, 0], chosen, runs[chosen])
+    panel_scatter(axes[1, 1], runs)
+    if title:
+        fig.suptitle(title)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+    plt.close(fig)
+    return out

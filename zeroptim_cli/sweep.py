@@ -1,0 +1,259 @@
+"""Sweeps: analyse every consecutive checkpoint pair of one or more run folders, resumably.
+
+Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_t``, ``ckpt_t1`` and
+``batches``), written and flushed as soon as it is computed. Re-running with the same output skips the
+pairs already there, drops a line cut short by a kill, and retries pairs that failed, so an interrupted
+sweep resumes with no duplicate and no loss. A failing pair is recorded with an ``error`` key and the sweep
+goes on. Each checkpoint file is read once per sweep, the next one while the current pair computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from zeroptim_cli.batches import Batch, load_batch
+from zeroptim_cli.checkpoint import METADATA_KEY, Checkpoint, load_checkpoint
+from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.files import write_text_atomic
+from zeroptim_cli.pipeline import Settings, analyze_checkpoints, recorded_batches
+from zeroptim_cli.report import to_json
+
+_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two checkpoints of one run, at steps ``step_t`` and ``step_t1``."""
+
+    run: str
+    ckpt_t: Path
+    ckpt_t1: Path
+    step_t: int
+    step_t1: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return pair_key(self.ckpt_t, self.ckpt_t1)
+
+
+def pair_key(ckpt_t: str | Path, ckpt_t1: str | Path) -> tuple[str, str]:
+    """Identifies a pair whatever the working directory it was written from."""
+    return str(Path(ckpt_t).resolve()), str(Path(ckpt_t1).resolve())
+
+
+@dataclass
+class Plan:
+    """The pairs to analyse, and what was noticed while finding them (gaps, unreadable files)."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint file from its metadata, else the last number in its name; None for a
+    file that is a batch or an optimizer state rather than a checkpoint."""
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata() or {}
+    if keys == {"inputs", "targets"} or path.name.startswith(("batch_", "optim_")):
+        return None
+    if METADATA_KEY in meta:
+        try:
+            step = json.loads(meta[METADATA_KEY]).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            step = None
+        if isinstance(step, int):
+            return step
+    match = _NUMBER.search(path.stem)
+    return int(match.group(1)) if match else None
+
+
+def expand(patterns: Sequence[str]) -> list[Path]:
+    """Folders named directly or by glob patterns, in the order given."""
+    folders: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
+        if not matches:
+            raise ZeroptimError(f"run folder pattern '{pattern}' matches nothing")
+        folders += matches
+    return folders
+
+
+def find_pairs(folders: Sequence[Path], successive: bool = False) -> Plan:
+    """Pairs (s, s+1) of each folder — or, with ``successive``, each checkpoint and the next one found."""
+    plan = Plan()
+    names = [f.name for f in folders]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ZeroptimError(f"run folder '{folder}' is not a directory")
+        steps: dict[int, Path] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                step = checkpoint_step(path)
+            except Exception as exc:  # unreadable header: report it, keep sweeping the rest
+                plan.notes.append(f"'{path}' is not a readable safetensors file ({exc}); skipped")
+                continue
+            if step is None:
+                continue
+            if step in steps:
+                raise ZeroptimError(f"run folder '{folder}': '{steps[step].name}' and '{path.name}' are both step {step}")
+            steps[step] = path
+        if not steps:
+            raise ZeroptimError(f"run folder '{folder}' holds no checkpoints (*.safetensors with a step)")
+        run = folder.name if names.count(folder.name) == 1 else str(folder)
+        ordered = sorted(steps)
+        found = 0
+        for s, s1 in zip(ordered, ordered[1:]):
+            if successive or s1 == s + 1:
+                plan.pairs.append(Pair(run, steps[s], steps[s1], s, s1))
+                found += 1
+            else:
+                plan.notes.append(f"run '{run}': steps {s} → {s1} are not consecutive; no pair there")
+        if not found:
+            plan.notes.append(f"run '{run}': no consecutive pair among steps {ordered} (try --successive)")
+    return plan
+
+
+def read_done(output: Path) -> set[tuple[str, str]]:
+    """Keys of the pairs already analysed in ``output``; rewrites it without failed or cut-off lines."""
+    if not output.exists():
+        return set()
+    kept, done = [], set()
+    for line in output.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and "error" not in row and "ckpt_t" in row:
+            key = pair_key(row["ckpt_t"], row["ckpt_t1"])
+            if key not in done:
+                done.add(key)
+                kept.append(line)
+    write_text_atomic(output, "".join(k + "\n" for k in kept))
+    return done
+
+
+class CheckpointCache:
+    """Loads each checkpoint once, the next one in a background thread while the current pair computes."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._futures: dict[Path, Future[Checkpoint]] = {}
+
+    def prefetch(self, path: Path) -> None:
+        if path not in self._futures:
+            self._futures[path] = self._pool.submit(load_checkpoint, path)
+
+    def get(self, path: Path, keep: Sequence[Path]) -> Checkpoint:
+        self.prefetch(path)
+        ckpt = self._futures[path].result()
+        for stale in [p for p in self._futures if p not in keep and p != path]:
+            del self._futures[stale]
+        return ckpt
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class SweepSummary:
+    analysed: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths: Sequence[Path] = (),
+          on_pair: Callable[[Pair, dict[str, Any]], None] | None = None) -> SweepSummary:
+    """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there."""
+    done = read_done(output)
+    todo = [p for p in plan.pairs if p.key not in done]
+    summary = SweepSummary(skipped=len(plan.pairs) - len(todo))
+    fixed = [load_batch(p) for p in batch_paths]
+    cache = CheckpointCache()
+    batch_cache: dict[Path, list[Batch]] = {}
+    try:
+        with output.open("a", encoding="utf-8") as out:
+            for i, pair in enumerate(todo):
+                upcoming = todo[i + 1] if i + 1 < len(todo) else None
+                row = _analyse_one(pair, upcoming, cache, fixed, batch_cache, settings)
+                out.write(to_json(row) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                if "error" in row:
+                    summary.failed += 1
+                else:
+                    summary.analysed += 1
+                if on_pair is not None:
+                    on_pair(pair, row)
+    finally:
+        cache.close()
+    return summary
+
+
+def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixed: list[Batch],
+                 batch_cache: dict[Path, list[Batch]], settings: Settings) -> dict[str, Any]:
+    row: dict[str, Any] = {"run": pair.run, "ckpt_t": str(pair.ckpt_t), "ckpt_t1": str(pair.ckpt_t1)}
+    keep = [pair.ckpt_t1] + ([upcoming.ckpt_t, upcoming.ckpt_t1] if upcoming else [])
+    try:
+        ckpt_t = cache.get(pair.ckpt_t, keep)
+        ckpt_t1 = cache.get(pair.ckpt_t1, keep)
+        if upcoming is not None:
+            cache.prefetch(upcoming.ckpt_t1)
+        if fixed:
+            batches = fixed
+        else:
+            bp = ckpt_t.batch_path
+            if bp is not None and bp not in batch_cache:
+                batch_cache.clear()
+                batch_cache[bp] = recorded_batches(ckpt_t)
+            batches = batch_cache[bp] if bp is not None else recorded_batches(ckpt_t)
+        result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings)
+        row["batches"] = [b.source for b in batches]
+        return {**result.to_dict(), **row}
+    except ZeroptimError as exc:
+        return {**row, "step_t": pair.step_t, "step_t1": pair.step_t1, "error": str(exc)}
+
+
+CSV_SKIP = ("per_layer", "batches")
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """The scalar columns of ``rows`` as CSV (per-layer lists left out), written atomically."""
+    import csv
+    import io
+
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in CSV_SKIP and k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def read_results(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    """Rows of sweep outputs (JSON lines) and single ``analyze --json`` files, errors left out."""
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ZeroptimError(f"results file '{path}' cannot be read ({exc.strerror})") from exc
+        stripped = text.strip()
+        try:
+            rows = [json.loads(stripped)] if stripped.startswith("{") and "\n{" not in stripped else \
+                [json.loads(line) for line in stripped.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ZeroptimError(f"results file '{path}' is not JSON or JSON lines ({exc})") from exc
+        for row in rows:
+            if isinstance(row, dict) and "error" not in row:
+                row.setdefault("run", Path(path).stem)
+                yield row
