@@ -6,7 +6,8 @@ training step (forward + backward) of the same model and batch. Not a test: run 
     python benchmarks/bench_analysis.py --workloads mlp,transformer --repeats 20
 
 Times are medians over repeats after warm-up, in one process. Peak memory: on CUDA the max allocated
-above the baseline; on CPU the peak RSS above the baseline of a fresh subprocess per (workload, method).
+above the baseline; on CPU the peak resident size above the baseline, in a fresh subprocess per
+(workload, method), after one warm-up call, with glibc told to map and unmap every large block.
 Peers (PyHessian, curvlinops) are measured when installed: ``pip install pyhessian curvlinops-for-pytorch``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -207,8 +209,11 @@ def probe(workload: str, method: str, device: torch.device) -> float:
 def measure_memory(workload: str, method: str, device: torch.device) -> float | None:
     if device.type == "cuda":
         return probe(workload, method, device)
+    # glibc then serves every block of 64 KiB or more by mmap and returns it on free, so the process's
+    # resident size follows the live tensors instead of the allocator's cache.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     proc = subprocess.run([sys.executable, __file__, "--probe", workload, method, "--device", str(device)],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=env)
     return float(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else None
 
 

@@ -162,3 +162,41 @@ def test_inspect_one_and_two(tmp_path, capsys) -> None:
     assert info["differences"]["update_norm"] > 0 and len(info["differences"]["tensors"]) == 4
     assert main(["inspect", str(a)]) == 0
     assert "net.1.weight" in capsys.readouterr().out
+
+
+def test_rewritten_checkpoint_is_analysed_again(tmp_path) -> None:
+    run = record_run(tmp_path / "sgd", steps=(0, 1))
+    out = tmp_path / "r.jsonl"
+    sweep(find_pairs([run]), out)
+    before = lines(out)
+    record_run(tmp_path / "sgd", steps=(0, 1), seed=1)  # same files, new contents
+    summary = sweep(find_pairs([run]), out)
+    assert summary.analysed == 2 and summary.skipped == 0
+    after = lines(out)
+    assert len(after) == 2 and after[0]["loss_t"] != before[0]["loss_t"]
+
+
+def test_fixed_batch_sweep_reuses_losses_exactly(tmp_path, monkeypatch) -> None:
+    """With --batch, f(w_t) of one pair stands in for f(w_t1) of the pair before: same numbers, and one
+    forward pass fewer per pair."""
+    import zeroptim_cli.analysis as analysis
+
+    run = record_run(tmp_path / "sgd", steps=(0, 1, 2, 3))
+    batch = run / "batch_000002.safetensors"
+    calls = {"t1": 0}
+    original = analysis._accumulate
+
+    def counting(objective, w_t, w_t1, delta, method):
+        calls["t1"] += w_t1 is not None
+        return original(objective, w_t, w_t1, delta, method)
+
+    monkeypatch.setattr(analysis, "_accumulate", counting)
+    out = tmp_path / "r.jsonl"
+    sweep(find_pairs([run]), out, Settings(dtype="float64"), batch_paths=[batch])
+    assert calls["t1"] == 1  # only the newest pair evaluates its own f(w_t1)
+    rows = {r["step_t"]: r for r in lines(out)}
+    for step in (0, 1, 2, 3):
+        direct = analyze_files(run / f"ckpt_{step:06d}.safetensors", run / f"ckpt_{step + 1:06d}.safetensors",
+                               [batch], Settings(dtype="float64")).to_dict()
+        assert rows[step]["loss_t1"] == pytest.approx(direct["loss_t1"], rel=1e-14)
+        assert rows[step]["dir_sharpness"] == pytest.approx(direct["dir_sharpness"], rel=1e-12)

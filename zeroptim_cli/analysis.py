@@ -147,6 +147,7 @@ def analyze_pair(
     seed: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    loss_t1: float | None = None,
 ) -> PairAnalysis:
     """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``.
 
@@ -154,7 +155,8 @@ def analyze_pair(
     (default: the model's own) are held fixed at checkpoint t's values. ``method`` is one of
     ``auto``, ``forward-over-reverse``, ``reverse-over-reverse``, ``forward-over-forward`` (see
     ``zeroptim_cli.hvp``). The model is moved to ``device`` and ``dtype`` and set to eval mode (train
-    mode with ``train=True``) for the call; its mode is restored afterwards.
+    mode with ``train=True``) for the call; its mode is restored afterwards. A known ``loss_t1`` (f(w_t1)
+    on the same batches, e.g. f(w_t) of the next pair of a sweep) saves its forward pass.
     """
     if method != "auto" and method not in METHODS:
         raise ConfigError(f"--method '{method}' is not one of auto, {', '.join(METHODS)}")
@@ -173,15 +175,17 @@ def analyze_pair(
     model.train(train)
     try:
         with twice_differentiable_kernels():
-            chosen, totals, loss_t1 = _accumulate(objective, w_t, w_t1, delta, method)
+            chosen, totals, value_t1 = _accumulate(objective, w_t, None if loss_t1 is not None else w_t1, delta, method)
     finally:
         model.train(was_training)
-    return _summarize(totals, loss_t1, delta, objective.num_examples, dtype, device, chosen)
+    if loss_t1 is not None:
+        value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
+    return _summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
 
 
-def _accumulate(objective: Objective, w_t: Params, w_t1: Params, delta: Params,
+def _accumulate(objective: Objective, w_t: Params, w_t1: Params | None, delta: Params,
                 method: str) -> tuple[str, Derivatives, Tensor]:
-    """Σ_b weight_b × (each batch's derivatives).
+    """Σ_b weight_b × (each batch's derivatives), and f(w_t1) unless ``w_t1`` is None.
 
     ``auto`` tries double backward on the first batch and falls back to forward-over-reverse if it fails
     (some kernels, e.g. cuDNN's RNNs, have no double backward); forward-over-reverse in turn can trip on
@@ -201,10 +205,11 @@ def _accumulate(objective: Objective, w_t: Params, w_t1: Params, delta: Params,
                     continue
                 raise _batch_error(term.batch, exc) from exc
         total = _axpy(term.weight, d, total)
-        with torch.no_grad():
-            loss_t1 = loss_t1 + term.weight * term.fn(w_t1)
-    assert total is not None and isinstance(loss_t1, Tensor)
-    return candidates[0], total, loss_t1
+        if w_t1 is not None:
+            with torch.no_grad():
+                loss_t1 = loss_t1 + term.weight * term.fn(w_t1)
+    assert total is not None
+    return candidates[0], total, torch.as_tensor(loss_t1, dtype=total.loss.dtype, device=total.loss.device)
 
 
 def _batch_error(batch: Batch, exc: Exception) -> ZeroptimError:
@@ -241,7 +246,7 @@ def _summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int
         rows += [[(d.grad[n] * delta[n]).sum() for n in names], [(delta[n] * d.hvp[n]).sum() for n in names],
                  [d.grad[n].pow(2).sum() for n in names]]
     table = torch.stack([torch.stack(r) for r in rows]).double().cpu().tolist()
-    scalars = torch.stack([d.loss, loss_t1, d.grad_corr, d.dir_sharpness]).double().cpu().tolist()
+    scalars = torch.stack([t.double() for t in (d.loss, loss_t1, d.grad_corr, d.dir_sharpness)]).cpu().tolist()
     exact = len(table) > 1
     layers = [
         LayerStats(name=n, numel=delta[n].numel(), update_norm=math.sqrt(table[0][i]),

@@ -20,7 +20,7 @@ from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.hvp import METHODS
 from zeroptim_cli.pipeline import DTYPES, Settings, analyze_files
 from zeroptim_cli.files import write_text_atomic
-from zeroptim_cli.report import print_report, to_json
+from zeroptim_cli.report import fmt, print_report, to_json
 
 stderr = Console(stderr=True)
 
@@ -211,7 +211,7 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
         task = progress.add_task("sweeping pairs", total=len(plan.pairs), last="")
 
         def advance(pair, row) -> None:  # type: ignore[no-untyped-def]
-            status = "error" if "error" in row else f"ΔᵀHΔ/‖Δ‖²={row.get('dir_sharpness_normalized')}"
+            status = "error" if "error" in row else f"ΔᵀHΔ/‖Δ‖² = {fmt(row.get('dir_sharpness_normalized'), 4)}"
             progress.update(task, advance=1, last=f"{pair.run} {pair.step_t}→{pair.step_t1} {status}")
 
         summary = run_sweep(plan, output, Settings(**settings), batches, on_pair=advance)  # type: ignore[arg-type]

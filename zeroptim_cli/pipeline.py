@@ -39,7 +39,7 @@ def recorded_batches(ckpt: Checkpoint) -> list[Batch]:
 
 
 def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequence[Batch],
-                        settings: Settings = Settings()) -> PairAnalysis:
+                        settings: Settings = Settings(), loss_t1: float | None = None) -> PairAnalysis:
     """Analyse the step from ``ckpt_t`` to ``ckpt_t1`` on ``batches`` (see ``analyze_pair``)."""
     if settings.dtype not in DTYPES:
         raise ConfigError(f"--dtype '{settings.dtype}' is not one of {', '.join(DTYPES)}")
@@ -51,7 +51,7 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
     result = analyze_pair(
         model, params_t, params_t1, batches, loss,
         buffers=buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
-        device=resolve_device(settings.device), dtype=DTYPES[settings.dtype],
+        device=resolve_device(settings.device), dtype=DTYPES[settings.dtype], loss_t1=loss_t1,
     )
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
     return result

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError  # noqa: E402
 from zeroptim_cli.files import atomic_path  # noqa: E402
@@ -54,6 +55,7 @@ def panel_decomposition(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> 
             ax.plot(x, series[key], ls=ls, marker=marker, ms=4, color=color,
                     label=f"{label} ({run})" if len(runs) > 1 else label)
     ax.axhline(0, color="0.6", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(title="(a) loss change and its Taylor terms", xlabel="step t", ylabel="loss change f(w_t1) − f(w_t)")
     ax.legend(fontsize=7, ncol=2 if len(runs) > 1 else 1)
 
@@ -63,6 +65,7 @@ def panel_sharpness(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> None
         y = _vals(group, "dir_sharpness_normalized")
         ax.plot(_steps(group), np.where(y > 0, y, np.nan), marker="o", ms=4, label=run)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(title="(b) normalized directional sharpness", xlabel="step t", ylabel="ΔᵀHΔ / ‖Δ‖²  (log scale)")
     ax.legend(fontsize=8)
 
@@ -79,14 +82,15 @@ def panel_layers(fig: plt.Figure, ax: plt.Axes, run: str, group: list[dict[str, 
         ax.text(0.5, 0.5, "no per-layer split in these results", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
-    lim = max(1.0, float(np.nanmax(np.abs(share))))
-    im = ax.imshow(share, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    # Shares lie in [0, 1] when every tensor's part is positive; steps with a near-zero or negative total
+    # give extreme shares, which saturate the colour scale rather than wash out every other step.
+    im = ax.imshow(share, aspect="auto", cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
     steps = _steps(group)
     tick = max(1, len(steps) // 8)
     ax.set_xticks(range(0, len(steps), tick), [str(int(s)) for s in steps[::tick]])
     ax.set_yticks(range(len(names)), names, fontsize=max(4, 8 - len(names) // 12))
     ax.set(title=f"(c) share of ΔᵀHΔ per parameter tensor ({run})", xlabel="step t")
-    fig.colorbar(im, ax=ax, label="Δ_lᵀ(HΔ)_l / ΔᵀHΔ")
+    fig.colorbar(im, ax=ax, label="Δₗᵀ(HΔ)ₗ / ΔᵀHΔ", extend="both")
 
 
 def panel_scatter(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> None:

@@ -5,16 +5,19 @@ Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_
 pairs already there, drops a line cut short by a kill, and retries pairs that failed, so an interrupted
 sweep resumes with no duplicate and no loss. A failing pair is recorded with an ``error`` key and the sweep
 goes on. Each checkpoint file is read once per sweep, the next one while the current pair computes.
+With a fixed ``--batch`` set, pairs run newest first so that f(w_t) of one pair serves as f(w_t1) of
+the pair before it: one forward pass saved per pair.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +43,18 @@ class Pair:
     step_t: int
     step_t1: int
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return pair_key(self.ckpt_t, self.ckpt_t1)
 
 
-def pair_key(ckpt_t: str | Path, ckpt_t1: str | Path) -> tuple[str, str]:
-    """Identifies a pair whatever the working directory it was written from."""
-    return str(Path(ckpt_t).resolve()), str(Path(ckpt_t1).resolve())
+def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path]) -> str:
+    """What a result depends on: both files (resolved path, size, modification time), the settings and
+    the fixed batches. A re-run recomputes a pair whose key changed, e.g. a checkpoint written anew."""
+
+    def file_id(p: Path) -> list[Any]:
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+    parts = [file_id(pair.ckpt_t), file_id(pair.ckpt_t1), asdict(settings), [file_id(b) for b in batch_paths]]
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -122,8 +129,10 @@ def find_pairs(folders: Sequence[Path], successive: bool = False) -> Plan:
     return plan
 
 
-def read_done(output: Path) -> set[tuple[str, str]]:
-    """Keys of the pairs already analysed in ``output``; rewrites it without failed or cut-off lines."""
+def read_done(output: Path, current: dict[tuple[str, str], str]) -> set[str]:
+    """Sweep keys of the pairs already analysed in ``output``, which is rewritten without failed lines,
+    lines cut short, repeated keys, and stale results: pairs of ``current`` (resolved checkpoint paths →
+    key) whose stored key differs, because a file or a setting changed since."""
     if not output.exists():
         return set()
     kept, done = [], set()
@@ -132,17 +141,20 @@ def read_done(output: Path) -> set[tuple[str, str]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if isinstance(row, dict) and "error" not in row and "ckpt_t" in row:
-            key = pair_key(row["ckpt_t"], row["ckpt_t1"])
-            if key not in done:
-                done.add(key)
-                kept.append(line)
+        if not isinstance(row, dict) or "error" in row or "sweep_key" not in row:
+            continue
+        key = row["sweep_key"]
+        paths = (str(Path(row["ckpt_t"]).resolve()), str(Path(row["ckpt_t1"]).resolve()))
+        if key in done or current.get(paths, key) != key:
+            continue
+        done.add(key)
+        kept.append(line)
     write_text_atomic(output, "".join(k + "\n" for k in kept))
     return done
 
 
 class CheckpointCache:
-    """Loads each checkpoint once, the next one in a background thread while the current pair computes."""
+    """Loads each checkpoint once, the next pair's in a background thread while the current pair computes."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1)
@@ -152,12 +164,14 @@ class CheckpointCache:
         if path not in self._futures:
             self._futures[path] = self._pool.submit(load_checkpoint, path)
 
-    def get(self, path: Path, keep: Sequence[Path]) -> Checkpoint:
+    def get(self, path: Path) -> Checkpoint:
         self.prefetch(path)
-        ckpt = self._futures[path].result()
-        for stale in [p for p in self._futures if p not in keep and p != path]:
+        return self._futures[path].result()
+
+    def retain(self, paths: Sequence[Path]) -> None:
+        """Forget every checkpoint but ``paths``."""
+        for stale in [p for p in self._futures if p not in paths]:
             del self._futures[stale]
-        return ckpt
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -173,17 +187,22 @@ class SweepSummary:
 def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths: Sequence[Path] = (),
           on_pair: Callable[[Pair, dict[str, Any]], None] | None = None) -> SweepSummary:
     """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there."""
-    done = read_done(output)
-    todo = [p for p in plan.pairs if p.key not in done]
+    keys = {p: sweep_key(p, settings, batch_paths) for p in plan.pairs}
+    done = read_done(output, {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()})
+    todo = [p for p in plan.pairs if keys[p] not in done]
     summary = SweepSummary(skipped=len(plan.pairs) - len(todo))
     fixed = [load_batch(p) for p in batch_paths]
+    if fixed:  # newest pair first: its f(w_t) is then the f(w_t1) of the pair before, saving a forward pass
+        todo.reverse()
+    losses: dict[Path, float] = {}
     cache = CheckpointCache()
     batch_cache: dict[Path, list[Batch]] = {}
     try:
         with output.open("a", encoding="utf-8") as out:
             for i, pair in enumerate(todo):
                 upcoming = todo[i + 1] if i + 1 < len(todo) else None
-                row = _analyse_one(pair, upcoming, cache, fixed, batch_cache, settings)
+                row = {**_analyse_one(pair, upcoming, cache, fixed, batch_cache, settings, losses),
+                       "sweep_key": keys[pair]}
                 out.write(to_json(row) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
@@ -199,14 +218,16 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
 
 
 def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixed: list[Batch],
-                 batch_cache: dict[Path, list[Batch]], settings: Settings) -> dict[str, Any]:
+                 batch_cache: dict[Path, list[Batch]], settings: Settings,
+                 losses: dict[Path, float]) -> dict[str, Any]:
+    """One pair's row; with fixed batches, f(w) of each checkpoint is kept in ``losses`` for reuse."""
     row: dict[str, Any] = {"run": pair.run, "ckpt_t": str(pair.ckpt_t), "ckpt_t1": str(pair.ckpt_t1)}
-    keep = [pair.ckpt_t1] + ([upcoming.ckpt_t, upcoming.ckpt_t1] if upcoming else [])
+    following = [upcoming.ckpt_t, upcoming.ckpt_t1] if upcoming else []
     try:
-        ckpt_t = cache.get(pair.ckpt_t, keep)
-        ckpt_t1 = cache.get(pair.ckpt_t1, keep)
-        if upcoming is not None:
-            cache.prefetch(upcoming.ckpt_t1)
+        ckpt_t, ckpt_t1 = cache.get(pair.ckpt_t), cache.get(pair.ckpt_t1)
+        cache.retain(following)
+        for path in following:
+            cache.prefetch(path)
         if fixed:
             batches = fixed
         else:
@@ -215,7 +236,9 @@ def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixe
                 batch_cache.clear()
                 batch_cache[bp] = recorded_batches(ckpt_t)
             batches = batch_cache[bp] if bp is not None else recorded_batches(ckpt_t)
-        result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings)
+        result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1))
+        if fixed:
+            losses[pair.ckpt_t] = result.loss_t
         row["batches"] = [b.source for b in batches]
         return {**result.to_dict(), **row}
     except ZeroptimError as exc:

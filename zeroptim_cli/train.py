@@ -11,7 +11,7 @@ A config (YAML, every key optional) — the defaults train the notebook's MLP on
     model: {name: mlp, kwargs: {}}     # cnn | char_transformer | resnet18; sizes that follow from the data are filled in
     optimizer: {name: sgd, lr: 0.1}    # adam, adamw, adafactor, lion, signsgd, normalized_sgd; clip: {fraction, target}
     loss: cross_entropy
-    record: {every: null, steps: [100, 101], optimizer_state: false}
+    record: {every: 100, steps: [], optimizer_state: false}   # steps 0, 100, …; each writes ckpts s and s+1
     out: runs/mlp_sgd
 """
 
@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {"name": "mlp", "kwargs": {}},
     "optimizer": {"name": "sgd", "lr": 0.1},
     "loss": "cross_entropy",
-    "record": {"every": None, "steps": [100, 101], "optimizer_state": False},
+    "record": {"every": 100, "steps": [], "optimizer_state": False},
     "out": "runs/run",
 }
 

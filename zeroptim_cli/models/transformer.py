@@ -46,6 +46,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def _init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases (PyTorch's default N(0, 1) embeddings
+    would make the tied output logits huge)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class CharTransformer(nn.Module):
     """Token + position embeddings, ``layers`` blocks, final LayerNorm, logits (N, T, vocab).
 
@@ -62,6 +71,7 @@ class CharTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.apply(_init_weights)
         if tie_weights:
             self.head.weight = self.tok.weight
 
