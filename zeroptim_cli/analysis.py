@@ -21,8 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from zeroptim_cli.batches import Batch
+from zeroptim_cli.directions import Direction
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.hvp import AUTO_ORDER, METHODS, Derivatives, check_forward_over_forward
+from zeroptim_cli.extras import Extras, compute_extras, quadratic_model
+from zeroptim_cli.hvp import AUTO_ORDER, METHODS, Derivatives, axpy, check_forward_over_forward
 from zeroptim_cli.losses import Loss
 from zeroptim_cli.objective import Objective, Params, twice_differentiable_kernels
 
@@ -55,6 +57,8 @@ class PairAnalysis:
     per_layer: list[LayerStats] = field(default_factory=list)
     step_t: int | None = None
     step_t1: int | None = None
+    direction: str = "update"
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def delta_loss(self) -> float:
@@ -62,15 +66,19 @@ class PairAnalysis:
 
     @property
     def taylor_pred(self) -> float:
-        return self.grad_corr + 0.5 * self.dir_sharpness
+        return self._model["taylor_pred"]  # type: ignore[return-value]
 
     @property
     def taylor_residual(self) -> float:
         return self.delta_loss - self.taylor_pred
 
     @property
+    def _model(self) -> dict[str, float | None]:
+        return quadratic_model(self.grad_corr, self.dir_sharpness, self.update_norm)
+
+    @property
     def dir_sharpness_normalized(self) -> float | None:
-        return self.dir_sharpness / self.update_norm**2 if self.update_norm > 0 else None
+        return self._model["dir_sharpness_normalized"]
 
     @property
     def cos_grad_update(self) -> float | None:
@@ -80,14 +88,14 @@ class PairAnalysis:
 
     @property
     def optimal_scale(self) -> float | None:
-        return -self.grad_corr / self.dir_sharpness if self.dir_sharpness > 0 else None
+        return self._model["optimal_scale"]
 
     @property
     def optimal_pred(self) -> float | None:
-        return -self.grad_corr**2 / (2 * self.dir_sharpness) if self.dir_sharpness > 0 else None
+        return self._model["optimal_pred"]
 
     def to_dict(self) -> dict[str, Any]:
-        """The contract's JSON object (../shared/CONTRACT.md), keys in its order."""
+        """The contract's JSON object (../shared/CONTRACT.md), keys in its order, then our extensions."""
         return {
             "loss_t": self.loss_t,
             "loss_t1": self.loss_t1,
@@ -109,6 +117,8 @@ class PairAnalysis:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device,
             "method": self.method,
+            "direction": self.direction,
+            **self.extras,
         }
 
 
@@ -148,6 +158,9 @@ def analyze_pair(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     loss_t1: float | None = None,
+    direction: Direction | None = None,
+    direction_name: str = "update",
+    extras: Extras | None = None,
 ) -> PairAnalysis:
     """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``.
 
@@ -157,6 +170,10 @@ def analyze_pair(
     ``zeroptim_cli.hvp``). The model is moved to ``device`` and ``dtype`` and set to eval mode (train
     mode with ``train=True``) for the call; its mode is restored afterwards. A known ``loss_t1`` (f(w_t1)
     on the same batches, e.g. f(w_t) of the next pair of a sweep) saves its forward pass.
+
+    ``direction`` (see ``zeroptim_cli.directions``) replaces Δ by another direction d from w_t, computed
+    from g and Δ; every quantity is then that of d, with f(w_t1) read as f(w_t + d). ``extras`` adds the
+    opt-in analyses of ``zeroptim_cli.extras`` under their own keys.
     """
     if method != "auto" and method not in METHODS:
         raise ConfigError(f"--method '{method}' is not one of auto, {', '.join(METHODS)}")
@@ -175,12 +192,31 @@ def analyze_pair(
     model.train(train)
     try:
         with twice_differentiable_kernels():
+            if direction is not None:
+                delta = direction(_gradient(objective, w_t), w_t, delta)
+                w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
             chosen, totals, value_t1 = _accumulate(objective, w_t, None if loss_t1 is not None else w_t1, delta, method)
+            if loss_t1 is not None:
+                value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
+            result = _summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
+            if extras is not None and extras.any:
+                result.extras = compute_extras(objective, w_t, delta, totals, result.loss_t, extras)
     finally:
         model.train(was_training)
-    if loss_t1 is not None:
-        value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
-    return _summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
+    result.direction = direction_name
+    return result
+
+
+def _gradient(objective: Objective, w: Params) -> Params:
+    """g = ∇f(w) over all batches, one backward pass each."""
+    leaves = {k: v.detach().requires_grad_() for k, v in w.items()}
+    total = {k: torch.zeros_like(v) for k, v in w.items()}
+    with torch.enable_grad():
+        for term in objective.terms:
+            grads = torch.autograd.grad(term.fn(leaves), list(leaves.values()), materialize_grads=True)
+            for k, g in zip(leaves, grads):
+                total[k] += term.weight * g
+    return total
 
 
 def _accumulate(objective: Objective, w_t: Params, w_t1: Params | None, delta: Params,
@@ -204,7 +240,7 @@ def _accumulate(objective: Objective, w_t: Params, w_t1: Params | None, delta: P
                     candidates.pop(0)
                     continue
                 raise _batch_error(term.batch, exc) from exc
-        total = _axpy(term.weight, d, total)
+        total = axpy(term.weight, d, total)
         if w_t1 is not None:
             with torch.no_grad():
                 loss_t1 = loss_t1 + term.weight * term.fn(w_t1)
@@ -217,24 +253,6 @@ def _batch_error(batch: Batch, exc: Exception) -> ZeroptimError:
         return ZeroptimError(f"batch '{batch.source}': {exc}")
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return ZeroptimError(f"batch '{batch.source}' does not fit the model ({type(exc).__name__}: {first})")
-
-
-def _axpy(c: float, d: Derivatives, acc: Derivatives | None) -> Derivatives:
-    """c·d + acc, field by field (acc = None counts as zero)."""
-
-    def comb(x: Any, y: Any) -> Any:
-        if x is None:
-            return None
-        if isinstance(x, dict):
-            return {k: c * v + (0 if y is None else y[k]) for k, v in x.items()}
-        return c * x + (0 if y is None else y)
-
-    if acc is None:
-        return Derivatives(*(comb(getattr(d, f), None) for f in _FIELDS)) if c != 1.0 else d
-    return Derivatives(*(comb(getattr(d, f), getattr(acc, f)) for f in _FIELDS))
-
-
-_FIELDS = ("loss", "grad_corr", "dir_sharpness", "grad", "hvp")
 
 
 def _summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int, dtype: torch.dtype,

@@ -17,6 +17,7 @@ from rich.progress import Progress, TextColumn
 
 from zeroptim_cli import __version__
 from zeroptim_cli.errors import ConfigError, ZeroptimError
+from zeroptim_cli.extras import Extras, default_alphas
 from zeroptim_cli.hvp import METHODS
 from zeroptim_cli.pipeline import DTYPES, Settings, analyze_files
 from zeroptim_cli.files import write_text_atomic
@@ -58,6 +59,9 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
                      help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "
                           "--seed. Default: eval mode (running statistics of checkpoint t, no dropout)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dropout masks in train mode."),
+        click.option("--direction", default="update", show_default=True, metavar="update|neg-grad|neg-sign-grad|adam|FILE",
+                     help="Analyse another direction from w_t instead of the update: −g or −sign(g) rescaled to ‖Δ‖, "
+                          "the step Adam would take from its saved moments, or a safetensors file of a Δ."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -71,13 +75,25 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
               help="Batch file (safetensors with 'inputs' and 'targets'); repeat to average several exactly. "
                    "Default: the batch recorded in CKPT_T's metadata.")
 @settings_options
+@click.option("--concentration", is_flag=True,
+              help="Share of ΔᵀHΔ (and of ‖Δ‖²) carried by the top 0.1%, 1%, 10% of coordinates, per layer too.")
+@click.option("--clip", "clip", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
+              help="What-if: the same step with its top FRACTION of coordinates (by |Δ_i|) clipped to their "
+                   "threshold, as the paper's coordinate-wise clipping (it uses 0.1).")
+@click.option("--line-search", is_flag=True, help="f(w_t + αΔ) on a grid of α, beside the quadratic model.")
+@click.option("--alphas", default="-0.5:2:26", show_default=True, metavar="LO:HI:N", help="The line-search grid.")
+@click.option("--lanczos", type=click.IntRange(1), metavar="K",
+              help="λ_max and λ_min of H by K Lanczos steps (K Hessian-vector products per batch).")
+@click.option("--hutchinson", type=click.IntRange(2), metavar="M", help="tr(H) by M Hutchinson probes, with its standard error.")
+@click.option("--deep", is_flag=True, help="Shorthand for --concentration --clip 0.1 --line-search.")
 @click.option("--per-layer", is_flag=True, help="Also print the per-parameter-tensor split.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON object to this file (atomically).")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: bool, as_json: bool,
-            output: Path | None, debug: bool, **settings: object) -> None:
+            output: Path | None, debug: bool, concentration: bool, clip: float | None, line_search: bool,
+            alphas: str, lanczos: int | None, hutchinson: int | None, deep: bool, **settings: object) -> None:
     """Decompose the loss change from CKPT_T to CKPT_T1 on a batch.
 
     \b
@@ -86,7 +102,10 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
                        sample_ckpts/sgd/ckpt_000101.safetensors
     """
     with stderr.status("analysing pair…") if not as_json else contextlib.nullcontext():
-        result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings))  # type: ignore[arg-type]
+        extras = Extras(concentration=concentration or deep, clip=clip or (0.1 if deep else None),
+                        line_search=_alphas(alphas) if (line_search or deep) else None,
+                        lanczos_steps=lanczos or 0, hutchinson_probes=hutchinson or 0, seed=int(settings["seed"]))  # type: ignore[call-overload]
+        result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
     payload = result.to_dict()
     payload.update(ckpt_t=str(ckpt_t), ckpt_t1=str(ckpt_t1))
     if output is not None:
@@ -95,6 +114,17 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
         click.echo(to_json(payload))
     else:
         print_report(result, Console(), per_layer=per_layer)
+
+
+def _alphas(spec: str) -> list[float]:
+    try:
+        lo, hi, n = spec.split(":")
+        points = int(n)
+        if points < 2:
+            raise ValueError
+        return default_alphas(float(lo), float(hi), points)
+    except ValueError as exc:
+        raise click.BadParameter(f"'{spec}' is not LO:HI:N with N ≥ 2", param_hint="--alphas") from exc
 
 
 def _steps(value: str | None) -> list[int] | None:

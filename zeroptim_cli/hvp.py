@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from typing import Any
+
 from torch import Tensor, nn
 import torch
 from torch.func import grad_and_value, jvp
@@ -82,6 +84,24 @@ def check_forward_over_forward(model: nn.Module, train: bool) -> None:
                 f"--method forward-over-forward gives wrong second derivatives through {type(module).__name__} "
                 f"('{name}') in torch; use forward-over-reverse or reverse-over-reverse"
             )
+
+
+def axpy(c: float, d: Derivatives, acc: Derivatives | None) -> Derivatives:
+    """c·d + acc, field by field (acc = None counts as zero)."""
+
+    def comb(x: Any, y: Any) -> Any:
+        if x is None:
+            return None
+        if isinstance(x, dict):
+            return {k: c * v + (0 if y is None else y[k]) for k, v in x.items()}
+        return c * x + (0 if y is None else y)
+
+    if acc is None:
+        return Derivatives(*(comb(getattr(d, f), None) for f in _FIELDS)) if c != 1.0 else d
+    return Derivatives(*(comb(getattr(d, f), getattr(acc, f)) for f in _FIELDS))
+
+
+_FIELDS = ("loss", "grad_corr", "dir_sharpness", "grad", "hvp")
 
 
 METHODS: dict[str, Callable[[ScalarFn, Params, Params], Derivatives]] = {

@@ -11,7 +11,9 @@ import torch
 from zeroptim_cli.analysis import PairAnalysis, analyze_pair, resolve_device
 from zeroptim_cli.batches import Batch, load_batch
 from zeroptim_cli.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
+from zeroptim_cli.directions import resolve_direction
 from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.extras import Extras
 from zeroptim_cli.losses import resolve_loss
 from zeroptim_cli.models import build_model
 
@@ -29,6 +31,7 @@ class Settings:
     method: str = "auto"
     train: bool = False
     seed: int = 0
+    direction: str = "update"
 
 
 def recorded_batches(ckpt: Checkpoint) -> list[Batch]:
@@ -39,7 +42,8 @@ def recorded_batches(ckpt: Checkpoint) -> list[Batch]:
 
 
 def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequence[Batch],
-                        settings: Settings = Settings(), loss_t1: float | None = None) -> PairAnalysis:
+                        settings: Settings = Settings(), loss_t1: float | None = None,
+                        extras: Extras | None = None) -> PairAnalysis:
     """Analyse the step from ``ckpt_t`` to ``ckpt_t1`` on ``batches`` (see ``analyze_pair``)."""
     if settings.dtype not in DTYPES:
         raise ConfigError(f"--dtype '{settings.dtype}' is not one of {', '.join(DTYPES)}")
@@ -52,14 +56,16 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
         model, params_t, params_t1, batches, loss,
         buffers=buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
         device=resolve_device(settings.device), dtype=DTYPES[settings.dtype], loss_t1=loss_t1,
+        direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
     )
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
     return result
 
 
 def analyze_files(path_t: str | os.PathLike, path_t1: str | os.PathLike,
-                  batch_paths: Sequence[str | os.PathLike] = (), settings: Settings = Settings()) -> PairAnalysis:
+                  batch_paths: Sequence[str | os.PathLike] = (), settings: Settings = Settings(),
+                  extras: Extras | None = None) -> PairAnalysis:
     """Analyse a pair of checkpoint files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
     ckpt_t, ckpt_t1 = load_checkpoint(path_t), load_checkpoint(path_t1)
     batches = [load_batch(p) for p in batch_paths] if batch_paths else recorded_batches(ckpt_t)
-    return analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings)
+    return analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, extras=extras)

@@ -24,6 +24,8 @@ def _share(part: float, whole: float) -> str:
 def decomposition_table(r: PairAnalysis) -> Table:
     """Actual Δloss = gᵀΔ + ½ΔᵀHΔ + residual, then curvature, norms and the optimal scale."""
     steps = f"step {fmt(r.step_t)} → {fmt(r.step_t1)}" if r.step_t is not None else "checkpoint pair"
+    if r.direction != "update":
+        steps += f" · direction {r.direction}"
     table = Table(title=f"{steps} · {r.num_examples} examples · {r.dtype} on {r.device} · {r.method}",
                   show_header=True, header_style="bold", title_justify="left")
     table.add_column("quantity")
@@ -58,10 +60,63 @@ def per_layer_table(r: PairAnalysis) -> Table:
     return table
 
 
+def extras_tables(r: PairAnalysis) -> list[Table]:
+    """Tables for the opt-in extras present in ``r``."""
+    tables = []
+    conc = r.extras.get("concentration")
+    if conc:
+        t = Table(title="concentration: share carried by the top coordinates", header_style="bold", title_justify="left")
+        t.add_column("top fraction")
+        t.add_column("of ΔᵀHΔ (ranked by |Δ_i(HΔ)_i|)", justify="right")
+        t.add_column("of ‖Δ‖² (ranked by |Δ_i|)", justify="right")
+        for q, a, b in zip(conc["fractions"], conc["sharpness_share"], conc["update_sq_share"]):
+            t.add_row(f"{100 * q:g}%", _pct(a), _pct(b))
+        tables.append(t)
+    clipped = r.extras.get("clipped")
+    if clipped:
+        t = Table(title=f"what-if: top {100 * clipped['fraction']:g}% of coordinates clipped to τ = {fmt(clipped['tau'], 4)}",
+                  header_style="bold", title_justify="left")
+        for col in ("", "update", "clipped"):
+            t.add_column(col, justify="left" if not col else "right")
+        for key, label in (("grad_corr", "gᵀΔ"), ("dir_sharpness", "ΔᵀHΔ"), ("dir_sharpness_normalized", "ΔᵀHΔ/‖Δ‖²"),
+                           ("update_norm", "‖Δ‖"), ("taylor_pred", "Taylor prediction"),
+                           ("optimal_scale", "optimal scale α*"), ("optimal_pred", "prediction at α*")):
+            t.add_row(label, fmt(getattr(r, key)), fmt(clipped[key]))
+        tables.append(t)
+    ls = r.extras.get("line_search")
+    if ls:
+        t = Table(title=f"line search along Δ: best α on the grid = {fmt(ls['best_alpha'], 4)}",
+                  header_style="bold", title_justify="left")
+        for col in ("α", "f(w_t + αΔ) − f(w_t)", "quadratic model"):
+            t.add_column(col, justify="right")
+        for a, v, q in zip(ls["alpha"], ls["loss"], ls["quadratic"]):
+            t.add_row(fmt(a, 3), fmt(v - r.loss_t), fmt(q - r.loss_t))
+        tables.append(t)
+    curv = r.extras.get("curvature")
+    if curv:
+        t = Table(title=f"global curvature ({r.extras.get('extra_hvps', 0)} extra Hessian-vector products)",
+                  header_style="bold", title_justify="left")
+        t.add_column("quantity")
+        t.add_column("value", justify="right")
+        for key, label in (("lambda_max", "λ_max (Lanczos)"), ("lambda_min", "λ_min (Lanczos)"),
+                           ("sharpness_over_lambda_max", "(ΔᵀHΔ/‖Δ‖²) / λ_max"), ("trace", "tr(H) (Hutchinson)"),
+                           ("trace_stderr", "  standard error")):
+            if key in curv:
+                t.add_row(label, fmt(curv[key]))
+        tables.append(t)
+    return tables
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
 def print_report(r: PairAnalysis, console: Console, per_layer: bool = False) -> None:
     console.print(decomposition_table(r))
     if per_layer:
         console.print(per_layer_table(r))
+    for table in extras_tables(r):
+        console.print(table)
 
 
 def finite_or_none(obj: Any) -> Any:

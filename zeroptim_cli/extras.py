@@ -1,0 +1,138 @@
+"""Beyond the two numbers, opt-in: concentration, the clipped-step what-if, a line search along Δ and
+global curvature (λ_max, λ_min, trace), all at w_t on the same batches as the main analysis.
+
+Clipping what-if (Pan & Li's coordinate-wise clipping applied to the step itself): with τ the |Δ_i| of
+the ⌈c·n⌉-th largest coordinate, Δᶜ_i = sign(Δ_i)·min(|Δ_i|, τ); reported are gᵀΔᶜ, ΔᶜᵀHΔᶜ, ΔᶜᵀHΔᶜ/‖Δᶜ‖²,
+the Taylor prediction gᵀΔᶜ + ½ΔᶜᵀHΔᶜ, and the quadratic model's best scale along Δᶜ and its prediction.
+
+Line search: φ(α) = f(w_t + αΔ) on a grid, beside the quadratic model f(w_t) + α·gᵀΔ + ½α²·ΔᵀHΔ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from zeroptim_cli.concentration import FRACTIONS, concentration
+from zeroptim_cli.hvp import Derivatives, axpy, reverse_over_reverse
+from zeroptim_cli.objective import Objective, Params
+from zeroptim_cli.optim import clip_threshold
+from zeroptim_cli.spectrum import hutchinson, lanczos
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Which extras to compute. ``clip``: the fraction c (None: skip). ``line_search``: the α grid."""
+
+    concentration: bool = False
+    fractions: Sequence[float] = FRACTIONS
+    clip: float | None = None
+    line_search: Sequence[float] | None = None
+    lanczos_steps: int = 0
+    hutchinson_probes: int = 0
+    seed: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.concentration or self.clip or self.line_search or self.lanczos_steps
+                    or self.hutchinson_probes)
+
+
+def default_alphas(lo: float = -0.5, hi: float = 2.0, points: int = 26) -> list[float]:
+    """The default line-search grid: ``points`` values of α from ``lo`` to ``hi``."""
+    return [lo + (hi - lo) * i / (points - 1) for i in range(points)]
+
+
+def quadratic_model(grad_corr: float, dir_sharpness: float, norm: float) -> dict[str, float | None]:
+    """The contract's derived numbers for a direction with slope gᵀd, curvature dᵀHd and length ‖d‖."""
+    positive = dir_sharpness > 0
+    return {
+        "grad_corr": grad_corr,
+        "dir_sharpness": dir_sharpness,
+        "dir_sharpness_normalized": dir_sharpness / norm**2 if norm > 0 else None,
+        "taylor_pred": grad_corr + 0.5 * dir_sharpness,
+        "update_norm": norm,
+        "optimal_scale": -grad_corr / dir_sharpness if positive else None,
+        "optimal_pred": -grad_corr**2 / (2 * dir_sharpness) if positive else None,
+    }
+
+
+def objective_hvp(objective: Objective, w: Params, v: Params) -> Derivatives:
+    """Σ_b weight_b × (f_b(w), g_b, H_b v) by double backward: H v for the whole objective."""
+    total: Derivatives | None = None
+    for term in objective.terms:
+        total = axpy(term.weight, reverse_over_reverse(term.fn, w, v), total)
+    assert total is not None
+    return total
+
+
+def clipped(delta: Params, fraction: float) -> tuple[Params, float]:
+    """Δᶜ of the module docstring, and τ."""
+    tau = clip_threshold(list(delta.values()), fraction)
+    return {k: v.clamp(-tau, tau) for k, v in delta.items()}, float(tau)
+
+
+def _flat(p: Params) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in p.values()])
+
+
+def _unflat(vec: Tensor, like: Params) -> Params:
+    out, i = {}, 0
+    for k, t in like.items():
+        out[k] = vec[i:i + t.numel()].view_as(t)
+        i += t.numel()
+    return out
+
+
+def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivatives, loss_t: float,
+                   options: Extras) -> dict[str, Any]:
+    """The requested extras, as JSON-ready dicts under their own keys (they extend the contract)."""
+    out: dict[str, Any] = {}
+    hvps_spent = 0
+    if options.concentration and d.hvp is not None:
+        out["concentration"] = concentration(delta, d.hvp, options.fractions)
+    if options.clip:
+        dc, tau = clipped(delta, options.clip)
+        r = objective_hvp(objective, w_t, dc)
+        hvps_spent += len(objective.terms)
+        norm = float(_flat(dc).double().norm())
+        out["clipped"] = {"fraction": options.clip, "tau": tau,
+                          **quadratic_model(float(r.grad_corr), float(r.dir_sharpness), norm)}
+    if options.line_search:
+        gd, dhd = float(d.grad_corr), float(d.dir_sharpness)
+        with torch.no_grad():
+            values = [float(objective({k: w_t[k] + a * delta[k] for k in w_t})) for a in options.line_search]
+        best = min(range(len(values)), key=values.__getitem__)
+        out["line_search"] = {
+            "alpha": list(options.line_search), "loss": values,
+            "quadratic": [loss_t + a * gd + 0.5 * a * a * dhd for a in options.line_search],
+            "best_alpha": options.line_search[best], "best_loss": values[best],
+        }
+    if options.lanczos_steps or options.hutchinson_probes:
+        like = _flat(w_t)
+        generator = torch.Generator().manual_seed(options.seed)
+
+        def flat_hvp(v: Tensor) -> Tensor:
+            nonlocal hvps_spent
+            hvps_spent += len(objective.terms)
+            return _flat(objective_hvp(objective, w_t, _unflat(v, w_t)).hvp)
+
+        curvature: dict[str, Any] = {}
+        if options.lanczos_steps:
+            lz = lanczos(flat_hvp, like.numel(), options.lanczos_steps, generator, like)
+            normalized = float(d.dir_sharpness) / float(_flat(delta).double().pow(2).sum()) if any(
+                bool(t.any()) for t in delta.values()) else None
+            curvature.update(lambda_max=lz.lambda_max, lambda_min=lz.lambda_min, lanczos_steps=lz.steps,
+                             sharpness_over_lambda_max=(normalized / lz.lambda_max
+                                                        if normalized is not None and lz.lambda_max > 0 else None))
+        if options.hutchinson_probes:
+            trace, stderr = hutchinson(flat_hvp, like.numel(), options.hutchinson_probes, generator, like)
+            curvature.update(trace=trace, trace_stderr=stderr, hutchinson_probes=options.hutchinson_probes)
+        out["curvature"] = curvature
+    if hvps_spent:
+        out["extra_hvps"] = hvps_spent
+    return out
