@@ -165,3 +165,16 @@ def test_deep_flag_end_to_end(tmp_path, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert {"concentration", "clipped", "line_search", "curvature", "extra_hvps"} <= set(out)
     assert len(out["line_search"]["alpha"]) == 26 and out["clipped"]["fraction"] == 0.1
+
+
+def test_plot_of_a_deep_analysis_has_the_extra_panels(tmp_path, capsys) -> None:
+    import matplotlib.image
+
+    run = record_run(tmp_path / "sgd", steps=(0,))
+    a, b = run / "ckpt_000000.safetensors", run / "ckpt_000001.safetensors"
+    assert main(["analyze", str(a), str(b), "--deep", "--json", "-o", str(tmp_path / "d.json")]) == 0
+    assert main(["analyze", str(a), str(b), "--json", "-o", str(tmp_path / "p.json")]) == 0
+    assert main(["plot", str(tmp_path / "d.json"), "-o", str(tmp_path / "d.png")]) == 0
+    assert main(["plot", str(tmp_path / "p.json"), "-o", str(tmp_path / "p.png")]) == 0
+    deep, plain = matplotlib.image.imread(tmp_path / "d.png"), matplotlib.image.imread(tmp_path / "p.png")
+    assert deep.shape[0] == plain.shape[0] * 3 // 2  # a third row of panels

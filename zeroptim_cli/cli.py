@@ -7,6 +7,7 @@ Exit status: 0 success, 1 bad input or data, 2 bad usage. Errors are one ``error
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import traceback
 from pathlib import Path
@@ -68,6 +69,39 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
     return fn
 
 
+def extras_options(fn):  # type: ignore[no-untyped-def]
+    """The opt-in extras (zeroptim_cli.extras), shared by analyze and sweep; they reach the command as
+    one ``extras`` argument."""
+    options = [
+        click.option("--concentration", is_flag=True,
+                     help="Share of ΔᵀHΔ (and of ‖Δ‖²) carried by the top 0.1%, 1%, 10% of coordinates, per layer too."),
+        click.option("--clip", "clip", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
+                     help="What-if: the same step with its top FRACTION of coordinates (by |Δ_i|) clipped to their "
+                          "threshold, as the paper's coordinate-wise clipping (it uses 0.1)."),
+        click.option("--line-search", is_flag=True, help="f(w_t + αΔ) on a grid of α, beside the quadratic model."),
+        click.option("--alphas", default="-0.5:2:26", show_default=True, metavar="LO:HI:N", help="The line-search grid."),
+        click.option("--lanczos", type=click.IntRange(1), metavar="K",
+                     help="λ_max and λ_min of H by K Lanczos steps (K Hessian-vector products per batch)."),
+        click.option("--hutchinson", type=click.IntRange(2), metavar="M",
+                     help="tr(H) by M Hutchinson probes, with its standard error."),
+        click.option("--deep", is_flag=True, help="Shorthand for --concentration --clip 0.1 --line-search."),
+    ]
+
+    def wrapper(**kwargs):  # type: ignore[no-untyped-def]
+        names = ("concentration", "clip", "line_search", "alphas", "lanczos", "hutchinson", "deep")
+        e = {k: kwargs.pop(k) for k in names}
+        kwargs["extras"] = Extras(
+            concentration=e["concentration"] or e["deep"], clip=e["clip"] or (0.1 if e["deep"] else None),
+            line_search=_alphas(e["alphas"]) if (e["line_search"] or e["deep"]) else None,
+            lanczos_steps=e["lanczos"] or 0, hutchinson_probes=e["hutchinson"] or 0, seed=int(kwargs["seed"]))
+        return fn(**kwargs)
+
+    functools.update_wrapper(wrapper, fn)
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @cli.command()
 @click.argument("ckpt_t", type=click.Path(path_type=Path))
 @click.argument("ckpt_t1", type=click.Path(path_type=Path))
@@ -75,25 +109,14 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
               help="Batch file (safetensors with 'inputs' and 'targets'); repeat to average several exactly. "
                    "Default: the batch recorded in CKPT_T's metadata.")
 @settings_options
-@click.option("--concentration", is_flag=True,
-              help="Share of ΔᵀHΔ (and of ‖Δ‖²) carried by the top 0.1%, 1%, 10% of coordinates, per layer too.")
-@click.option("--clip", "clip", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
-              help="What-if: the same step with its top FRACTION of coordinates (by |Δ_i|) clipped to their "
-                   "threshold, as the paper's coordinate-wise clipping (it uses 0.1).")
-@click.option("--line-search", is_flag=True, help="f(w_t + αΔ) on a grid of α, beside the quadratic model.")
-@click.option("--alphas", default="-0.5:2:26", show_default=True, metavar="LO:HI:N", help="The line-search grid.")
-@click.option("--lanczos", type=click.IntRange(1), metavar="K",
-              help="λ_max and λ_min of H by K Lanczos steps (K Hessian-vector products per batch).")
-@click.option("--hutchinson", type=click.IntRange(2), metavar="M", help="tr(H) by M Hutchinson probes, with its standard error.")
-@click.option("--deep", is_flag=True, help="Shorthand for --concentration --clip 0.1 --line-search.")
+@extras_options
 @click.option("--per-layer", is_flag=True, help="Also print the per-parameter-tensor split.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON object to this file (atomically).")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: bool, as_json: bool,
-            output: Path | None, debug: bool, concentration: bool, clip: float | None, line_search: bool,
-            alphas: str, lanczos: int | None, hutchinson: int | None, deep: bool, **settings: object) -> None:
+            output: Path | None, debug: bool, extras: Extras, **settings: object) -> None:
     """Decompose the loss change from CKPT_T to CKPT_T1 on a batch.
 
     \b
@@ -102,9 +125,6 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
                        sample_ckpts/sgd/ckpt_000101.safetensors
     """
     with stderr.status("analysing pair…") if not as_json else contextlib.nullcontext():
-        extras = Extras(concentration=concentration or deep, clip=clip or (0.1 if deep else None),
-                        line_search=_alphas(alphas) if (line_search or deep) else None,
-                        lanczos_steps=lanczos or 0, hutchinson_probes=hutchinson or 0, seed=int(settings["seed"]))  # type: ignore[call-overload]
         result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
     payload = result.to_dict()
     payload.update(ckpt_t=str(ckpt_t), ckpt_t1=str(ckpt_t1))
@@ -216,10 +236,11 @@ def _train_overrides(flags: dict[str, object]) -> dict[str, object]:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the scalar columns of all results as CSV.")
 @settings_options
+@extras_options
 @click.option("--quiet", is_flag=True, help="No progress bar and no notes.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], successive: bool, csv_path: Path | None,
-          quiet: bool, debug: bool, **settings: object) -> None:
+          quiet: bool, debug: bool, extras: Extras, **settings: object) -> None:
     """Analyse every consecutive checkpoint pair (steps s → s+1) of the RUNS folders (globs allowed).
 
     One JSON line per pair, flushed as it is computed. A failing pair gets an 'error' key and the sweep goes
@@ -244,7 +265,7 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
             status = "error" if "error" in row else f"ΔᵀHΔ/‖Δ‖² = {fmt(row.get('dir_sharpness_normalized'), 4)}"
             progress.update(task, advance=1, last=f"{pair.run} {pair.step_t}→{pair.step_t1} {status}")
 
-        summary = run_sweep(plan, output, Settings(**settings), batches, on_pair=advance)  # type: ignore[arg-type]
+        summary = run_sweep(plan, output, Settings(**settings), batches, extras, on_pair=advance)  # type: ignore[arg-type]
         progress.update(task, completed=len(plan.pairs))
     if csv_path is not None:
         write_csv(list(read_results([output])), csv_path)

@@ -3,6 +3,8 @@
 Four panels: (a) actual Δloss against the Taylor prediction and its two terms over steps; (b) the
 normalized directional sharpness ΔᵀHΔ/‖Δ‖² over steps, log scale, one line per run; (c) each parameter
 tensor's share of ΔᵀHΔ over steps (heatmap, one run); (d) actual against predicted Δloss, with y = x.
+When the results carry the extras (``analyze --deep``), (b) adds the clipped step's sharpness and a third
+row shows (e) the line search along Δ and (f) the concentration of ΔᵀHΔ and ‖Δ‖², for the first such row.
 """
 
 from __future__ import annotations
@@ -63,7 +65,13 @@ def panel_decomposition(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> 
 def panel_sharpness(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> None:
     for run, group in runs.items():
         y = _vals(group, "dir_sharpness_normalized")
-        ax.plot(_steps(group), np.where(y > 0, y, np.nan), marker="o", ms=4, label=run)
+        line, = ax.plot(_steps(group), np.where(y > 0, y, np.nan), marker="o", ms=4, label=run)
+        clip = [r.get("clipped", {}).get("dir_sharpness_normalized") for r in group]
+        if any(c is not None for c in clip):
+            yc = np.array([np.nan if c is None else c for c in clip], dtype=float)
+            fraction = next(r["clipped"]["fraction"] for r in group if "clipped" in r)
+            ax.plot(_steps(group), np.where(yc > 0, yc, np.nan), ls="--", marker="x", ms=4, color=line.get_color(),
+                    label=f"{run}, top {100 * fraction:g}% clipped")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(title="(b) normalized directional sharpness", xlabel="step t", ylabel="ΔᵀHΔ / ‖Δ‖²  (log scale)")
@@ -109,6 +117,39 @@ def panel_scatter(ax: plt.Axes, runs: dict[str, list[dict[str, Any]]]) -> None:
     ax.legend(fontsize=8)
 
 
+def panel_line_search(ax: plt.Axes, row: dict[str, Any]) -> None:
+    ls = row["line_search"]
+    alpha = np.array(ls["alpha"])
+    ax.plot(alpha, np.array(ls["loss"]) - row["loss_t"], marker="o", ms=3, label="f(w_t + αΔ) − f(w_t)")
+    ax.plot(alpha, np.array(ls["quadratic"]) - row["loss_t"], ls="--", label="quadratic model αgᵀΔ + ½α²ΔᵀHΔ")
+    ax.axvline(1.0, color="0.5", lw=0.8, ls=":", label="α = 1 (the step taken)")
+    ax.axvline(ls["best_alpha"], color="C3", lw=1, label=f"best α on the grid = {ls['best_alpha']:.3g}")
+    ax.axhline(0, color="0.7", lw=0.6)
+    ax.set(title=f"(e) line search along Δ ({row.get('run')}, step {row.get('step_t')})", xlabel="α",
+           ylabel="loss change")
+    ax.legend(fontsize=8)
+
+
+def panel_concentration(ax: plt.Axes, row: dict[str, Any]) -> None:
+    conc, clip = row.get("concentration"), row.get("clipped")
+    title = f"(f) concentration ({row.get('run')}, step {row.get('step_t')})"
+    if conc:
+        x = np.arange(len(conc["fractions"]))
+        share = [np.nan if v is None else 100 * v for v in conc["sharpness_share"]]
+        usq = [np.nan if v is None else 100 * v for v in conc["update_sq_share"]]
+        ax.bar(x - 0.2, share, 0.4, label="share of ΔᵀHΔ (top by |Δᵢ(HΔ)ᵢ|)")
+        ax.bar(x + 0.2, usq, 0.4, label="share of ‖Δ‖² (top by |Δᵢ|)")
+        ax.set_xticks(x, [f"top {100 * q:g}%" for q in conc["fractions"]])
+        ax.set(ylabel="% carried by the top coordinates", xlabel="fraction of all coordinates")
+        ax.legend(fontsize=8, loc="upper left")
+    else:
+        ax.set_axis_off()
+    if clip:
+        title += (f"\nclipping the top {100 * clip['fraction']:g}%: ΔᵀHΔ/‖Δ‖² "
+                  f"{row['dir_sharpness_normalized']:.3g} → {clip['dir_sharpness_normalized']:.3g}")
+    ax.set_title(title)
+
+
 def plot(rows: Sequence[dict[str, Any]], output: str | os.PathLike, layer_run: str | None = None,
          title: str | None = None) -> Path:
     """Draw the four panels for ``rows`` into ``output`` (.png, .svg or .pdf), atomically."""
@@ -121,12 +162,19 @@ def plot(rows: Sequence[dict[str, Any]], output: str | os.PathLike, layer_run: s
     runs = by_run(rows)
     if layer_run is not None and layer_run not in runs:
         raise ConfigError(f"--layers-run '{layer_run}' is not a run in the results ({', '.join(runs)})")
-    fig, axes = plt.subplots(2, 2, figsize=(14, 10), constrained_layout=True)
+    chosen = layer_run or next(iter(runs))
+    detailed = next((r for r in runs[chosen] if "line_search" in r or "concentration" in r or "clipped" in r), None)
+    fig, axes = plt.subplots(3 if detailed else 2, 2, figsize=(14, 15 if detailed else 10), constrained_layout=True)
     panel_decomposition(axes[0, 0], runs)
     panel_sharpness(axes[0, 1], runs)
-    chosen = layer_run or next(iter(runs))
     panel_layers(fig, axes[1, 0], chosen, runs[chosen])
     panel_scatter(axes[1, 1], runs)
+    if detailed:
+        if "line_search" in detailed:
+            panel_line_search(axes[2, 0], detailed)
+        else:
+            axes[2, 0].set_axis_off()
+        panel_concentration(axes[2, 1], detailed)
     if title:
         fig.suptitle(title)
     with atomic_path(out) as tmp:

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from zeroptim_cli.batches import Batch, load_batch
 from zeroptim_cli.checkpoint import METADATA_KEY, Checkpoint, load_checkpoint
 from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.extras import Extras
 from zeroptim_cli.files import write_text_atomic
 from zeroptim_cli.pipeline import Settings, analyze_checkpoints, recorded_batches
 from zeroptim_cli.report import to_json
@@ -45,7 +46,7 @@ class Pair:
 
 
 
-def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path]) -> str:
+def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None) -> str:
     """What a result depends on: both files (resolved path, size, modification time), the settings and
     the fixed batches. A re-run recomputes a pair whose key changed, e.g. a checkpoint written anew."""
 
@@ -53,7 +54,8 @@ def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path]) -> st
         st = p.stat()
         return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
-    parts = [file_id(pair.ckpt_t), file_id(pair.ckpt_t1), asdict(settings), [file_id(b) for b in batch_paths]]
+    parts = [file_id(pair.ckpt_t), file_id(pair.ckpt_t1), asdict(settings), [file_id(b) for b in batch_paths],
+             asdict(extras) if extras is not None else None]
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -185,9 +187,9 @@ class SweepSummary:
 
 
 def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths: Sequence[Path] = (),
-          on_pair: Callable[[Pair, dict[str, Any]], None] | None = None) -> SweepSummary:
+          extras: Extras | None = None, on_pair: Callable[[Pair, dict[str, Any]], None] | None = None) -> SweepSummary:
     """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there."""
-    keys = {p: sweep_key(p, settings, batch_paths) for p in plan.pairs}
+    keys = {p: sweep_key(p, settings, batch_paths, extras) for p in plan.pairs}
     done = read_done(output, {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()})
     todo = [p for p in plan.pairs if keys[p] not in done]
     summary = SweepSummary(skipped=len(plan.pairs) - len(todo))
@@ -201,7 +203,7 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
         with output.open("a", encoding="utf-8") as out:
             for i, pair in enumerate(todo):
                 upcoming = todo[i + 1] if i + 1 < len(todo) else None
-                row = {**_analyse_one(pair, upcoming, cache, fixed, batch_cache, settings, losses),
+                row = {**_analyse_one(pair, upcoming, cache, fixed, batch_cache, settings, losses, extras),
                        "sweep_key": keys[pair]}
                 out.write(to_json(row) + "\n")
                 out.flush()
@@ -219,7 +221,7 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
 
 def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixed: list[Batch],
                  batch_cache: dict[Path, list[Batch]], settings: Settings,
-                 losses: dict[Path, float]) -> dict[str, Any]:
+                 losses: dict[Path, float], extras: Extras | None) -> dict[str, Any]:
     """One pair's row; with fixed batches, f(w) of each checkpoint is kept in ``losses`` for reuse."""
     row: dict[str, Any] = {"run": pair.run, "ckpt_t": str(pair.ckpt_t), "ckpt_t1": str(pair.ckpt_t1)}
     following = [upcoming.ckpt_t, upcoming.ckpt_t1] if upcoming else []
@@ -236,7 +238,8 @@ def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixe
                 batch_cache.clear()
                 batch_cache[bp] = recorded_batches(ckpt_t)
             batches = batch_cache[bp] if bp is not None else recorded_batches(ckpt_t)
-        result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1))
+        result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1),
+                                     extras=extras)
         if fixed:
             losses[pair.ckpt_t] = result.loss_t
         row["batches"] = [b.source for b in batches]
