@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zeroptim_cli import distributed as dist
 from zeroptim_cli.batches import Batch
 from zeroptim_cli.directions import Direction
 from zeroptim_cli.errors import ConfigError, ZeroptimError
@@ -187,18 +188,24 @@ def analyze_pair(
     w_t1 = _cast(params_t1, device, dtype)
     delta = {k: w_t1[k] - w_t[k] for k in w_t}
     fixed = _cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
-    objective = Objective(model, fixed, [b.to(device, dtype) for b in batches], loss, train=train, seed=seed)
+    local = dist.guarded(lambda: dist.shard(batches)[0])
+    local_count = sum(loss.count(b.targets) for b in local)
+    total = float(dist.all_reduce_sum(torch.tensor(float(local_count), dtype=torch.float64, device=device)))
+    objective = Objective(model, fixed, [b.to(device, dtype) for b in local], loss, train=train, seed=seed, total=total)
+    num_examples = int(dist.all_reduce_sum(torch.tensor(objective.num_examples, device=device)))
     was_training = model.training
     model.train(train)
     try:
         with twice_differentiable_kernels():
             if direction is not None:
-                delta = direction(_gradient(objective, w_t), w_t, delta)
+                delta = direction(dist.guarded(lambda: _gradient(objective, w_t)), w_t, delta)
                 w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
-            chosen, totals, value_t1 = _accumulate(objective, w_t, None if loss_t1 is not None else w_t1, delta, method)
+            chosen, totals, value_t1 = dist.guarded(
+                lambda: _accumulate(objective, w_t, None if loss_t1 is not None else w_t1, delta, method))
+            totals, value_t1 = dist.reduce_derivatives(totals), dist.all_reduce_sum(value_t1)
             if loss_t1 is not None:
                 value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
-            result = _summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
+            result = _summarize(totals, value_t1, delta, num_examples, dtype, device, chosen)
             if extras is not None and extras.any:
                 result.extras = compute_extras(objective, w_t, delta, totals, result.loss_t, extras)
     finally:
@@ -208,7 +215,7 @@ def analyze_pair(
 
 
 def _gradient(objective: Objective, w: Params) -> Params:
-    """g = ∇f(w) over all batches, one backward pass each."""
+    """g = ∇f(w) over all batches (of all ranks), one backward pass each."""
     leaves = {k: v.detach().requires_grad_() for k, v in w.items()}
     total = {k: torch.zeros_like(v) for k, v in w.items()}
     with torch.enable_grad():
@@ -216,7 +223,8 @@ def _gradient(objective: Objective, w: Params) -> Params:
             grads = torch.autograd.grad(term.fn(leaves), list(leaves.values()), materialize_grads=True)
             for k, g in zip(leaves, grads):
                 total[k] += term.weight * g
-    return total
+    zero = torch.zeros((), dtype=next(iter(total.values())).dtype, device=next(iter(total.values())).device)
+    return dist.reduce_derivatives(Derivatives(zero, zero, zero, total)).grad
 
 
 def _accumulate(objective: Objective, w_t: Params, w_t1: Params | None, delta: Params,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 
 from zeroptim_cli import __version__
+from zeroptim_cli import distributed as dist
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.extras import Extras, default_alphas
 from zeroptim_cli.hvp import METHODS
@@ -124,8 +126,12 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
       zeroptim analyze sample_ckpts/sgd/ckpt_000100.safetensors \\
                        sample_ckpts/sgd/ckpt_000101.safetensors
     """
-    with stderr.status("analysing pair…") if not as_json else contextlib.nullcontext():
+    settings["device"] = dist.init(str(settings["device"]))
+    quiet = as_json or not dist.is_main()
+    with stderr.status("analysing pair…") if not quiet else contextlib.nullcontext():
         result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
+    if not dist.is_main():
+        return
     payload = result.to_dict()
     payload.update(ckpt_t=str(ckpt_t), ckpt_t1=str(ckpt_t1))
     if output is not None:
@@ -237,10 +243,12 @@ def _train_overrides(flags: dict[str, object]) -> dict[str, object]:
               help="Also write the scalar columns of all results as CSV.")
 @settings_options
 @extras_options
+@click.option("--shard", type=click.Choice(["pairs", "batches"]), default="pairs", show_default=True,
+              help="Under torchrun: give each rank whole pairs, or split every pair's batches across the ranks.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no notes.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], successive: bool, csv_path: Path | None,
-          quiet: bool, debug: bool, extras: Extras, **settings: object) -> None:
+          quiet: bool, debug: bool, extras: Extras, shard: str, **settings: object) -> None:
     """Analyse every consecutive checkpoint pair (steps s → s+1) of the RUNS folders (globs allowed).
 
     One JSON line per pair, flushed as it is computed. A failing pair gets an 'error' key and the sweep goes
@@ -253,6 +261,8 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
     """
     from zeroptim_cli.sweep import expand, find_pairs, read_results, sweep as run_sweep, write_csv
 
+    settings["device"] = dist.init(str(settings["device"]))
+    quiet = quiet or not dist.is_main()
     plan = find_pairs(expand(runs), successive=successive)
     if not quiet:
         for note in plan.notes:
@@ -265,8 +275,11 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
             status = "error" if "error" in row else f"ΔᵀHΔ/‖Δ‖² = {fmt(row.get('dir_sharpness_normalized'), 4)}"
             progress.update(task, advance=1, last=f"{pair.run} {pair.step_t}→{pair.step_t1} {status}")
 
-        summary = run_sweep(plan, output, Settings(**settings), batches, extras, on_pair=advance)  # type: ignore[arg-type]
+        summary = run_sweep(plan, output, Settings(**settings), batches, extras, on_pair=advance,  # type: ignore[arg-type]
+                            shard=shard)
         progress.update(task, completed=len(plan.pairs))
+    if not dist.is_main():
+        return
     if csv_path is not None:
         write_csv(list(read_results([output])), csv_path)
     if not quiet:
@@ -323,28 +336,42 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
+        return _run(args, debug)
+    finally:
+        dist.shutdown()
+
+
+def _say(message: str) -> None:
+    """An error line, from rank 0 only under torchrun (every rank exits with the same status)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(message, err=True)
+
+
+def _run(args: list[str], debug: bool) -> int:
+    try:
         status = cli.main(args=args, prog_name="zeroptim", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        if os.environ.get("RANK", "0") == "0":
+            exc.show()
         return exc.exit_code
     except click.exceptions.Abort:
-        stderr.print("error: aborted", markup=False)
+        _say("error: aborted")
         return 1
     except ZeroptimError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
+        _say(f"error: {exc}")
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        _say("error: interrupted")
         return 130
     except Exception as exc:  # a bug of ours or of the user's model code: still one line unless --debug
         if debug:
             traceback.print_exc()
         first = (str(exc).strip().splitlines() or [""])[0]
-        click.echo(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
+        _say(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)")
         return 1
     return status if isinstance(status, int) else 0
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from zeroptim_cli import distributed as dist
 from zeroptim_cli.concentration import FRACTIONS, concentration
 from zeroptim_cli.hvp import Derivatives, axpy, reverse_over_reverse
 from zeroptim_cli.objective import Objective, Params
@@ -62,12 +63,12 @@ def quadratic_model(grad_corr: float, dir_sharpness: float, norm: float) -> dict
 
 
 def objective_hvp(objective: Objective, w: Params, v: Params) -> Derivatives:
-    """Σ_b weight_b × (f_b(w), g_b, H_b v) by double backward: H v for the whole objective."""
+    """Σ_b weight_b × (f_b(w), g_b, H_b v) by double backward, summed over ranks: Hv of the whole f."""
     total: Derivatives | None = None
     for term in objective.terms:
         total = axpy(term.weight, reverse_over_reverse(term.fn, w, v), total)
     assert total is not None
-    return total
+    return dist.reduce_derivatives(total)
 
 
 def clipped(delta: Params, fraction: float) -> tuple[Params, float]:
@@ -105,7 +106,8 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
     if options.line_search:
         gd, dhd = float(d.grad_corr), float(d.dir_sharpness)
         with torch.no_grad():
-            values = [float(objective({k: w_t[k] + a * delta[k] for k in w_t})) for a in options.line_search]
+            values = [float(dist.all_reduce_sum(objective({k: w_t[k] + a * delta[k] for k in w_t})))
+                      for a in options.line_search]
         best = min(range(len(values)), key=values.__getitem__)
         out["line_search"] = {
             "alpha": list(options.line_search), "loss": values,

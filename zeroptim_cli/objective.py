@@ -57,11 +57,12 @@ class Objective:
     """f(w) over ``batches`` for ``model`` with fixed ``buffers``; see the module docstring."""
 
     def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss,
-                 train: bool = False, seed: int = 0) -> None:
+                 train: bool = False, seed: int = 0, total: float | None = None) -> None:
+        """``total``: Σ n_b over all batches of all ranks, when these ``batches`` are one rank's shards."""
         self.model, self.buffers, self.loss = model, dict(buffers), loss
         self.train, self.seed = train, seed
         counts = [loss.count(b.targets) for b in batches]
-        total = sum(counts)
+        total = sum(counts) if total is None else total
         self.terms = [BatchTerm(b, n / total, self._batch_fn(b, i)) for i, (b, n) in enumerate(zip(batches, counts))]
         self.num_examples = sum(b.num_examples for b in batches)
 
@@ -79,5 +80,5 @@ class Objective:
         return fn
 
     def __call__(self, params: Params) -> Tensor:
-        """f(w), the weighted mean over all batches."""
+        """f(w), the weighted mean over all batches (of this rank, under torchrun)."""
         return sum(t.weight * t.fn(params) for t in self.terms)

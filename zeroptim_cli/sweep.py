@@ -11,6 +11,7 @@ the pair before it: one forward pass saved per pair.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,9 +24,10 @@ from typing import Any
 
 from safetensors import safe_open
 
+from zeroptim_cli import distributed as dist
 from zeroptim_cli.batches import Batch, load_batch
 from zeroptim_cli.checkpoint import METADATA_KEY, Checkpoint, load_checkpoint
-from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.extras import Extras
 from zeroptim_cli.files import write_text_atomic
 from zeroptim_cli.pipeline import Settings, analyze_checkpoints, recorded_batches
@@ -48,13 +50,15 @@ class Pair:
 
 def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None) -> str:
     """What a result depends on: both files (resolved path, size, modification time), the settings and
-    the fixed batches. A re-run recomputes a pair whose key changed, e.g. a checkpoint written anew."""
+    the fixed batches and extras (not the device). A re-run recomputes a pair whose key changed, e.g. a
+    checkpoint written anew."""
 
     def file_id(p: Path) -> list[Any]:
         st = p.stat()
         return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
-    parts = [file_id(pair.ckpt_t), file_id(pair.ckpt_t1), asdict(settings), [file_id(b) for b in batch_paths],
+    how = {k: v for k, v in asdict(settings).items() if k != "device"}  # same numbers on any device
+    parts = [file_id(pair.ckpt_t), file_id(pair.ckpt_t1), how, [file_id(b) for b in batch_paths],
              asdict(extras) if extras is not None else None]
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -187,34 +191,60 @@ class SweepSummary:
 
 
 def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths: Sequence[Path] = (),
-          extras: Extras | None = None, on_pair: Callable[[Pair, dict[str, Any]], None] | None = None) -> SweepSummary:
-    """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there."""
+          extras: Extras | None = None, on_pair: Callable[[Pair, dict[str, Any]], None] | None = None,
+          shard: str = "pairs") -> SweepSummary:
+    """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there.
+
+    Under torchrun, ``shard="pairs"`` gives each rank a contiguous block of whole pairs, and rank 0
+    writes every rank's rows round by round; ``shard="batches"`` analyses each pair on all ranks, its
+    batches split between them. Only rank 0 touches ``output``.
+    """
+    if shard not in ("pairs", "batches"):
+        raise ConfigError(f"--shard '{shard}' is not 'pairs' or 'batches'")
+    main = dist.group_rank() == 0
     keys = {p: sweep_key(p, settings, batch_paths, extras) for p in plan.pairs}
-    done = read_done(output, {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()})
+    current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()}
+    done = dist.broadcast_from_main(read_done(output, current) if main else None)
     todo = [p for p in plan.pairs if keys[p] not in done]
     summary = SweepSummary(skipped=len(plan.pairs) - len(todo))
-    fixed = [load_batch(p) for p in batch_paths]
+    fixed = dist.guarded(lambda: [load_batch(p) for p in batch_paths])
     if fixed:  # newest pair first: its f(w_t) is then the f(w_t1) of the pair before, saving a forward pass
         todo.reverse()
+    by_pairs = shard == "pairs" and dist.group_size() > 1
+    ranks = dist.group_size() if by_pairs else 1
+    per_rank = -(-len(todo) // ranks) if todo else 0
+    mine = todo[dist.group_rank() * per_rank:(dist.group_rank() + 1) * per_rank] if by_pairs else todo
     losses: dict[Path, float] = {}
     cache = CheckpointCache()
     batch_cache: dict[Path, list[Batch]] = {}
+    out = output.open("a", encoding="utf-8") if main else None
     try:
-        with output.open("a", encoding="utf-8") as out:
-            for i, pair in enumerate(todo):
-                upcoming = todo[i + 1] if i + 1 < len(todo) else None
-                row = {**_analyse_one(pair, upcoming, cache, fixed, batch_cache, settings, losses, extras),
-                       "sweep_key": keys[pair]}
-                out.write(to_json(row) + "\n")
+        for i in range(per_rank if by_pairs else len(todo)):
+            pair = mine[i] if i < len(mine) else None
+            row = None
+            if pair is not None:
+                upcoming = mine[i + 1] if i + 1 < len(mine) else None
+                with dist.local_only() if by_pairs else contextlib.nullcontext():
+                    row = {**_analyse_one(pair, upcoming, cache, fixed, batch_cache, settings, losses, extras),
+                           "sweep_key": keys[pair]}
+            rows = dist.gather_to_main((pair, row)) if by_pairs else [(pair, row)]
+            if out is None or rows is None:
+                continue
+            for p, r in rows:
+                if p is None or r is None:
+                    continue
+                out.write(to_json(r) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
-                if "error" in row:
+                if "error" in r:
                     summary.failed += 1
                 else:
                     summary.analysed += 1
                 if on_pair is not None:
-                    on_pair(pair, row)
+                    on_pair(p, r)
     finally:
+        if out is not None:
+            out.close()
         cache.close()
     return summary
 
@@ -225,19 +255,22 @@ def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixe
     """One pair's row; with fixed batches, f(w) of each checkpoint is kept in ``losses`` for reuse."""
     row: dict[str, Any] = {"run": pair.run, "ckpt_t": str(pair.ckpt_t), "ckpt_t1": str(pair.ckpt_t1)}
     following = [upcoming.ckpt_t, upcoming.ckpt_t1] if upcoming else []
-    try:
+
+    def load() -> tuple[Checkpoint, Checkpoint, list[Batch]]:
         ckpt_t, ckpt_t1 = cache.get(pair.ckpt_t), cache.get(pair.ckpt_t1)
         cache.retain(following)
         for path in following:
             cache.prefetch(path)
         if fixed:
-            batches = fixed
-        else:
-            bp = ckpt_t.batch_path
-            if bp is not None and bp not in batch_cache:
-                batch_cache.clear()
-                batch_cache[bp] = recorded_batches(ckpt_t)
-            batches = batch_cache[bp] if bp is not None else recorded_batches(ckpt_t)
+            return ckpt_t, ckpt_t1, fixed
+        bp = ckpt_t.batch_path
+        if bp is not None and bp not in batch_cache:
+            batch_cache.clear()
+            batch_cache[bp] = recorded_batches(ckpt_t)
+        return ckpt_t, ckpt_t1, batch_cache[bp] if bp is not None else recorded_batches(ckpt_t)
+
+    try:
+        ckpt_t, ckpt_t1, batches = dist.guarded(load)
         result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1),
                                      extras=extras)
         if fixed:
