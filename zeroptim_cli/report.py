@@ -21,6 +21,14 @@ def _share(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole else ""
 
 
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    """A table with a left-aligned first column and right-aligned numbers."""
+    t = Table(title=title, header_style="bold", title_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+    return t
+
+
 def decomposition_table(r: PairAnalysis) -> Table:
     """Actual Δloss = gᵀΔ + ½ΔᵀHΔ + residual, then curvature, norms and the optimal scale."""
     steps = f"step {fmt(r.step_t)} → {fmt(r.step_t1)}" if r.step_t is not None else "checkpoint pair"
@@ -50,9 +58,7 @@ def decomposition_table(r: PairAnalysis) -> Table:
 
 def per_layer_table(r: PairAnalysis) -> Table:
     """One row per distinct parameter tensor, with its share of ΔᵀHΔ."""
-    table = Table(title="per parameter tensor", header_style="bold", title_justify="left")
-    for col in ("name", "numel", "‖Δ_l‖", "g_lᵀΔ_l", "Δ_lᵀ(HΔ)_l", "share of ΔᵀHΔ"):
-        table.add_column(col, justify="left" if col == "name" else "right", overflow="fold")
+    table = _table("per parameter tensor", ("name", "numel", "‖Δ_l‖", "g_lᵀΔ_l", "Δ_lᵀ(HΔ)_l", "share of ΔᵀHΔ"))
     for layer in r.per_layer:
         share = _share(layer.dir_sharpness, r.dir_sharpness) if layer.dir_sharpness is not None else ""
         table.add_row(layer.name, str(layer.numel), fmt(layer.update_norm), fmt(layer.grad_corr),
@@ -65,19 +71,15 @@ def extras_tables(r: PairAnalysis) -> list[Table]:
     tables = []
     conc = r.extras.get("concentration")
     if conc:
-        t = Table(title="concentration: share carried by the top coordinates", header_style="bold", title_justify="left")
-        t.add_column("top fraction")
-        t.add_column("of ΔᵀHΔ (ranked by |Δ_i(HΔ)_i|)", justify="right")
-        t.add_column("of ‖Δ‖² (ranked by |Δ_i|)", justify="right")
+        t = _table("concentration: share carried by the top coordinates",
+                   ("top fraction", "of ΔᵀHΔ (ranked by |Δ_i(HΔ)_i|)", "of ‖Δ‖² (ranked by |Δ_i|)"))
         for q, a, b in zip(conc["fractions"], conc["sharpness_share"], conc["update_sq_share"]):
             t.add_row(f"{100 * q:g}%", _pct(a), _pct(b))
         tables.append(t)
     clipped = r.extras.get("clipped")
     if clipped:
-        t = Table(title=f"what-if: top {100 * clipped['fraction']:g}% of coordinates clipped to τ = {fmt(clipped['tau'], 4)}",
-                  header_style="bold", title_justify="left")
-        for col in ("", "update", "clipped"):
-            t.add_column(col, justify="left" if not col else "right")
+        t = _table(f"what-if: top {100 * clipped['fraction']:g}% of coordinates clipped to τ = {fmt(clipped['tau'], 4)}",
+                   ("", "update", "clipped"))
         for key, label in (("grad_corr", "gᵀΔ"), ("dir_sharpness", "ΔᵀHΔ"), ("dir_sharpness_normalized", "ΔᵀHΔ/‖Δ‖²"),
                            ("update_norm", "‖Δ‖"), ("taylor_pred", "Taylor prediction"),
                            ("optimal_scale", "optimal scale α*"), ("optimal_pred", "prediction at α*")):
@@ -85,19 +87,15 @@ def extras_tables(r: PairAnalysis) -> list[Table]:
         tables.append(t)
     ls = r.extras.get("line_search")
     if ls:
-        t = Table(title=f"line search along Δ: best α on the grid = {fmt(ls['best_alpha'], 4)}",
-                  header_style="bold", title_justify="left")
-        for col in ("α", "f(w_t + αΔ) − f(w_t)", "quadratic model"):
-            t.add_column(col, justify="right")
+        t = _table(f"line search along Δ: best α on the grid = {fmt(ls['best_alpha'], 4)}",
+                   ("α", "f(w_t + αΔ) − f(w_t)", "quadratic model"))
         for a, v, q in zip(ls["alpha"], ls["loss"], ls["quadratic"]):
             t.add_row(fmt(a, 3), fmt(v - r.loss_t), fmt(q - r.loss_t))
         tables.append(t)
     curv = r.extras.get("curvature")
     if curv:
-        t = Table(title=f"global curvature ({r.extras.get('extra_hvps', 0)} extra Hessian-vector products)",
-                  header_style="bold", title_justify="left")
-        t.add_column("quantity")
-        t.add_column("value", justify="right")
+        t = _table(f"global curvature ({r.extras.get('extra_hvps', 0)} extra Hessian-vector products)",
+                   ("quantity", "value"))
         for key, label in (("lambda_max", "λ_max (Lanczos)"), ("lambda_min", "λ_min (Lanczos)"),
                            ("sharpness_over_lambda_max", "(ΔᵀHΔ/‖Δ‖²) / λ_max"), ("trace", "tr(H) (Hutchinson)"),
                            ("trace_stderr", "  standard error")):
