@@ -15,15 +15,22 @@ from zeroptim_cli.analysis import PairAnalysis, analyze_pair
 from zeroptim_cli.batches import Batch, load_batch
 from zeroptim_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.extras import Extras
 from zeroptim_cli.losses import resolve_loss
+from zeroptim_cli.pipeline import Settings, analyze_files
+from zeroptim_cli.recorder import Recorder
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
     "Checkpoint",
+    "Extras",
     "PairAnalysis",
+    "Recorder",
+    "Settings",
     "ZeroptimError",
+    "analyze_files",
     "analyze_pair",
     "load_batch",
     "load_checkpoint",

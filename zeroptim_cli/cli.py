@@ -123,8 +123,8 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
 
     \b
     Example:
-      zeroptim analyze sample_ckpts/sgd/ckpt_000100.safetensors \\
-                       sample_ckpts/sgd/ckpt_000101.safetensors
+      zeroptim analyze sample_ckpts/mlp_sgd/ckpt_000100.safetensors \\
+                       sample_ckpts/mlp_sgd/ckpt_000101.safetensors
     """
     settings["device"] = dist.init(str(settings["device"]))
     quiet = as_json or not dist.is_main()
