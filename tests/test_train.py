@@ -123,3 +123,12 @@ def test_train_cli_then_analyze_with_no_flags(tmp_path, capsys) -> None:
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     assert main(["train", str(tmp_path / "bad.yaml")]) == 1
     assert "stepz" in capsys.readouterr().err
+
+
+def test_torchvision_datasets_only_download_when_asked(tmp_path, capsys) -> None:
+    pytest.importorskip("torchvision")
+    code = main(["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--steps", "1", "--quiet",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--download" in err and not any(tmp_path.glob("MNIST/raw/*"))
+    assert main(["train", "--dataset", "cifar10", "--steps", "1", "--quiet"]) == 2  # needs --data-root
