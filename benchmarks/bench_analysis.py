@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
 from zeroptim_cli.hvp import METHODS
@@ -222,7 +221,7 @@ def measure_memory(workload: str, method: str, device: torch.device) -> float | 
 def agreement(name: str, device: torch.device) -> dict[str, float]:
     """Relative difference of each method's ΔᵀHΔ from the pair analysis's, all in float64."""
     w = make_workload(name, device, torch.float64)
-    delta = list((w.w_t1[k] - w.w_t[k] for k in w.w_t))
+    delta = list(w.w_t1[k] - w.w_t[k] for k in w.w_t)
     values = {}
     for method, fn in candidates(w).items():
         out = fn()

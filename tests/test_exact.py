@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import explicit, flat, loss_fn, params_of, perturbed, rel_close
 from torch import nn
 
-from conftest import explicit, flat, loss_fn, params_of, perturbed, rel_close
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
 from zeroptim_cli.hvp import METHODS
 from zeroptim_cli.models import MLP

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
+from conftest import explicit, flat, loss_fn, params_of, perturbed, rel_close
 from safetensors.torch import save_file
-from torch import nn
-
-from conftest import explicit, flat, loss_fn, params_of, perturbed, rel_close, unflat
 from test_exact import tiny_batches, tiny_mlp
 from test_sweep import record_run
+from torch import nn
+
 from zeroptim_cli import analyze_pair, resolve_loss
 from zeroptim_cli.cli import main
 from zeroptim_cli.directions import resolve_direction

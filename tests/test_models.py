@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import flat, loss_fn, params_of, perturbed, rel_close, unflat
 from torch import nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import flat, loss_fn, params_of, perturbed, rel_close, unflat
 from zeroptim_cli import Batch, analyze_pair, load_checkpoint, resolve_loss, save_checkpoint
 from zeroptim_cli.checkpoint import state_for_model
 from zeroptim_cli.errors import ConfigError

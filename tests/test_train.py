@@ -13,7 +13,7 @@ from zeroptim_cli.checkpoint import load_checkpoint, state_for_model
 from zeroptim_cli.cli import main
 from zeroptim_cli.models import REGISTRY, build_model
 from zeroptim_cli.optim import OPTIMIZERS, CoordinateClip, Lion, NormalizedSGD, SignSGD, build_optimizer
-from zeroptim_cli.pipeline import Settings, analyze_files
+from zeroptim_cli.pipeline import analyze_files
 from zeroptim_cli.train import load_config, train
 
 SMALL = {"steps": 3, "batch_size": 8, "record": {"every": None, "steps": [1]}}

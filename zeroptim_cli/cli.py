@@ -21,9 +21,9 @@ from zeroptim_cli import __version__
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.extras import Extras, default_alphas
+from zeroptim_cli.files import write_text_atomic
 from zeroptim_cli.hvp import METHODS
 from zeroptim_cli.pipeline import DTYPES, Settings, analyze_files
-from zeroptim_cli.files import write_text_atomic
 from zeroptim_cli.report import fmt, print_report, to_json
 
 stderr = Console(stderr=True)
@@ -194,7 +194,8 @@ def train(config: Path | None, quiet: bool, debug: bool, **flags: object) -> Non
       zeroptim train --optimizer adam --lr 1e-3 --out runs/adam --record-steps 100,101
       zeroptim analyze runs/adam/ckpt_000100.safetensors runs/adam/ckpt_000101.safetensors
     """
-    from zeroptim_cli.train import load_config, train as run_training
+    from zeroptim_cli.train import load_config
+    from zeroptim_cli.train import train as run_training
 
     cfg = load_config(config, _train_overrides(flags))
     with Progress(*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]}"), console=stderr,
@@ -259,7 +260,8 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
       zeroptim sweep runs/sgd runs/adam -o results.jsonl
       zeroptim plot results.jsonl -o results.png
     """
-    from zeroptim_cli.sweep import expand, find_pairs, read_results, sweep as run_sweep, write_csv
+    from zeroptim_cli.sweep import expand, find_pairs, read_results, write_csv
+    from zeroptim_cli.sweep import sweep as run_sweep
 
     settings["device"] = dist.init(str(settings["device"]))
     quiet = quiet or not dist.is_main()

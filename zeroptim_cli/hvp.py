@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
 from typing import Any
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 from torch.func import grad_and_value, jvp
 
 from zeroptim_cli.errors import ConfigError
