@@ -29,13 +29,17 @@ def _table(title: str, columns: tuple[str, ...]) -> Table:
     return t
 
 
-def decomposition_table(r: PairAnalysis) -> Table:
-    """Actual Δloss = gᵀΔ + ½ΔᵀHΔ + residual, then curvature, norms and the optimal scale."""
+def headline(r: PairAnalysis) -> str:
+    """What was analysed, how, and where: one line above the table."""
     steps = f"step {fmt(r.step_t)} → {fmt(r.step_t1)}" if r.step_t is not None else "checkpoint pair"
     if r.direction != "update":
         steps += f" · direction {r.direction}"
-    table = Table(title=f"{steps} · {r.num_examples} examples · {r.dtype} on {r.device} · {r.method}",
-                  show_header=True, header_style="bold", title_justify="left")
+    return f"{steps} · {r.num_examples} examples · {r.dtype} on {r.device} · {r.method}"
+
+
+def decomposition_table(r: PairAnalysis) -> Table:
+    """Actual Δloss = gᵀΔ + ½ΔᵀHΔ + residual, then curvature, norms and the optimal scale."""
+    table = Table(show_header=True, header_style="bold")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_column("share of Δloss", justify="right")
@@ -110,6 +114,7 @@ def _pct(x: float | None) -> str:
 
 
 def print_report(r: PairAnalysis, console: Console, per_layer: bool = False) -> None:
+    console.print(headline(r), markup=False, highlight=False)
     console.print(decomposition_table(r))
     if per_layer:
         console.print(per_layer_table(r))
