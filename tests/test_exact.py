@@ -203,3 +203,33 @@ def test_auto_falls_back_when_double_backward_fails(monkeypatch) -> None:
     r = analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
     assert r.method == "forward-over-reverse"
     assert rel_close(r.dir_sharpness, ref.dir_sharpness, 1e-12)
+
+
+def test_models_returning_tuples_or_logits_objects() -> None:
+    class Wrapped(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind, self.inner = kind, tiny_mlp()
+
+        def forward(self, x):
+            out = self.inner(x)
+            if self.kind == "tuple":
+                return out, x.sum()
+            if self.kind == "dict":
+                return {"logits": out}
+
+            class Output:
+                logits = out
+            return Output()
+
+    batches = tiny_batches()
+    plain = tiny_mlp()
+    w0 = params_of(plain)
+    w1 = perturbed(w0, 0.05)
+    ref = analyze_pair(plain, w0, w1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
+    for kind in ("tuple", "dict", "object"):
+        model = Wrapped(kind).double()
+        p0 = {f"inner.{k}": v for k, v in w0.items()}
+        p1 = {f"inner.{k}": v for k, v in w1.items()}
+        r = analyze_pair(model, p0, p1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
+        assert r.dir_sharpness == pytest.approx(ref.dir_sharpness, rel=1e-14), kind

@@ -30,8 +30,24 @@ class Loss:
         return self.fn(outputs, targets)
 
 
+def logits_of(outputs: object) -> torch.Tensor:
+    """The prediction tensor of a model's output: the tensor itself, the first of a tuple or list, or the
+    ``logits`` of a dict or of an output object (as Hugging Face models return)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) and "logits" in outputs:
+        return outputs["logits"]
+    if hasattr(outputs, "logits"):
+        return outputs.logits  # type: ignore[no-any-return]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise ZeroptimError(f"the model returned {type(outputs).__name__}; the built-in losses need a tensor, a tuple "
+                        "starting with one, or an object with .logits (or pass --loss MODULE:FN)")
+
+
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits (N, C) against classes (N,), or (N, T, C) against (N, T) per token."""
+    outputs = logits_of(outputs)
     if outputs.dim() != targets.dim() + 1 or outputs.shape[:-1] != targets.shape:
         raise ZeroptimError(
             f"cross_entropy needs logits (N, C) with targets (N,) or (N, T, C) with (N, T); "
@@ -44,6 +60,7 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error over all elements; targets must have the outputs' shape (or its numel)."""
+    outputs = logits_of(outputs)
     if outputs.shape != targets.shape:
         if outputs.numel() != targets.numel():
             raise ZeroptimError(f"mse: outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ in size")
