@@ -222,3 +222,17 @@ def test_bf16_checkpoint_is_upcast(tmp_path) -> None:
     loss, gd, dhd = reference(loss_fn(fresh64, [batch.to(torch.device("cpu"), torch.float64)]), up0, up1)
     assert rel_close(r.grad_corr, gd, 1e-10) and rel_close(r.dir_sharpness, dhd, 1e-10)
     assert rel_close(r.update_norm, (flat(up1) - flat(up0)).norm().item(), 1e-12)
+
+
+def test_forward_over_forward_refuses_train_mode_batchnorm_only() -> None:
+    torch.manual_seed(0)
+    model = MLP(in_features=4, hidden=(5,), num_classes=3, batch_norm=True).double()
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    with pytest.raises(ConfigError, match="BatchNorm1d"):
+        analyze_pair(model, w0, w1, [batch], CE, dtype=torch.float64, method="forward-over-forward", train=True)
+    ff = analyze_pair(model, w0, w1, [batch], CE, dtype=torch.float64, method="forward-over-forward")
+    rr = analyze_pair(model, w0, w1, [batch], CE, dtype=torch.float64, method="reverse-over-reverse")
+    assert rel_close(ff.dir_sharpness, rr.dir_sharpness, 1e-10)  # eval-mode BatchNorm is affine: fine

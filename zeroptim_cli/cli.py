@@ -116,9 +116,10 @@ def extras_options(fn):  # type: ignore[no-untyped-def]
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON object to this file (atomically).")
+@click.option("--quiet", is_flag=True, help="No spinner and no table (with -o: write the file only).")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: bool, as_json: bool,
-            output: Path | None, debug: bool, extras: Extras, **settings: object) -> None:
+            output: Path | None, quiet: bool, debug: bool, extras: Extras, **settings: object) -> None:
     """Decompose the loss change from CKPT_T to CKPT_T1 on a batch.
 
     \b
@@ -127,8 +128,8 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
                        sample_ckpts/mlp_sgd/ckpt_000101.safetensors
     """
     settings["device"] = dist.init(str(settings["device"]))
-    quiet = as_json or not dist.is_main()
-    with stderr.status("analysing pair…") if not quiet else contextlib.nullcontext():
+    silent = quiet or as_json or not dist.is_main()
+    with stderr.status("analysing pair…") if not silent else contextlib.nullcontext():
         result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
     if not dist.is_main():
         return
@@ -138,7 +139,7 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
         write_text_atomic(output, to_json(payload, indent=2) + "\n")
     if as_json:
         click.echo(to_json(payload))
-    else:
+    elif not quiet:
         print_report(result, Console(), per_layer=per_layer)
 
 
@@ -299,15 +300,18 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
               help="Image file: .png, .svg or .pdf.")
 @click.option("--layers-run", help="Run whose per-layer heatmap to draw (default: the first).")
 @click.option("--title", help="Figure title.")
+@click.option("--quiet", is_flag=True, help="Say nothing on success.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
-def plot(results: tuple[Path, ...], output: Path, layers_run: str | None, title: str | None, debug: bool) -> None:
+def plot(results: tuple[Path, ...], output: Path, layers_run: str | None, title: str | None, quiet: bool,
+         debug: bool) -> None:
     """Plot sweep results (JSON lines) or analyze --json files: the decomposition over steps, the normalized
     sharpness per run (log scale), the per-layer share of ΔᵀHΔ, and actual against predicted Δloss."""
     from zeroptim_cli.plot import plot as draw
     from zeroptim_cli.sweep import read_results
 
     draw(list(read_results(results)), output, layer_run=layers_run, title=title)
-    stderr.print(f"wrote {output}", markup=False, highlight=False)
+    if not quiet:
+        stderr.print(f"wrote {output}", markup=False, highlight=False)
 
 
 @cli.command()
