@@ -239,15 +239,17 @@ def _accumulate(objective: Objective, w_t: Params, w_t1: Params | None, delta: P
     total: Derivatives | None = None
     loss_t1: Tensor | float = 0.0
     for term in objective.terms:
+        first_error: Exception | None = None
         while True:
             try:
                 d = METHODS[candidates[0]](term.fn, w_t, delta)
                 break
             except Exception as exc:
+                first_error = first_error or exc  # the plainest message: a batch that does not fit fails all
                 if len(candidates) > 1 and total is None:  # auto: the next method, on the first batch only
                     candidates.pop(0)
                     continue
-                raise _batch_error(term.batch, exc) from exc
+                raise _batch_error(term.batch, first_error) from exc
         total = axpy(term.weight, d, total)
         if w_t1 is not None:
             with torch.no_grad():

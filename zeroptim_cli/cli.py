@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map every failure to an exit status and one ``error:`` line."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    # torch's own forward-mode decompositions still call the deprecated torch.jit.script on first use
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
     try:
         return _run(args, debug)
     finally:
