@@ -48,20 +48,21 @@ def forward_over_reverse(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
 
 
 def reverse_over_reverse(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
-    """g from a first backward pass kept differentiable, then HΔ = ∇_w(gᵀΔ) from a second one.
+    """g from a first backward pass kept differentiable, then HΔ = (∂g/∂w)ᵀΔ from a second one (H is
+    symmetric), with Δ as the second pass's output gradient.
 
     Plain ``torch.autograd.grad`` rather than ``torch.func.vjp``: the same arithmetic with less wrapping,
     measurably faster on CPU (benchmarks/bench_analysis.py).
     """
     leaves = {k: v.detach().requires_grad_() for k, v in w.items()}
+    inputs = list(leaves.values())
     with torch.enable_grad():
         loss = f(leaves)
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, materialize_grads=True)
-        grad_corr = _dot(dict(zip(leaves, grads)), delta)
-        hvps = torch.autograd.grad(grad_corr, list(leaves.values()), materialize_grads=True)
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, materialize_grads=True)
+        hvps = torch.autograd.grad(grads, inputs, grad_outputs=[delta[k] for k in leaves], materialize_grads=True)
     g = {k: t.detach() for k, t in zip(leaves, grads)}
     hvp = dict(zip(leaves, hvps))
-    return Derivatives(loss.detach(), grad_corr.detach(), _dot(delta, hvp), g, hvp)
+    return Derivatives(loss.detach(), _dot(g, delta), _dot(delta, hvp), g, hvp)
 
 
 def forward_over_forward(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
