@@ -1,15 +1,15 @@
 """Hessian-vector products along the update: the ways to get f(w), g = ∇f(w) and HΔ = ∇²f(w)Δ.
 
-All are exact (no finite differences) and built on torch.func:
+All are exact (no finite differences); f is a pure function of w through ``torch.func.functional_call``:
 
 * ``forward-over-reverse``: (g, HΔ) = jvp(∇f, w, Δ) — forward-mode AD pushed through the gradient
   computation; one pass, no second graph; ``auto``'s fallback where an op lacks double backward.
-* ``reverse-over-reverse``: HΔ = ∇_w(∇f(w)ᵀΔ) — double backward; the fastest on CPU in our benchmark,
-  ``auto``'s first choice.
+* ``reverse-over-reverse``: HΔ = ∇_w(∇f(w)ᵀΔ) — double backward with ``torch.autograd.grad``; the
+  fastest on CPU in our benchmark, ``auto``'s first choice.
 * ``forward-over-forward``: (gᵀΔ, ΔᵀHΔ) = jvp(w ↦ jvp(f, w, Δ), w, Δ) — nested forward mode, no stored
   activations at all, but no g and no HΔ, hence no gradient norm and no per-layer split. torch's
   forward-mode rules for LayerNorm and train-mode BatchNorm are not differentiable again (nested, they
-  give a wrong ΔᵀHΔ with no error, seen with torch 2.13), so models holding them are refused.
+  give a wrong ΔᵀHΔ with no error, seen with torch 2.13 and 2.14), so models holding them are refused.
 """
 
 from __future__ import annotations
