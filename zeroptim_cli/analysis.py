@@ -115,7 +115,7 @@ class PairAnalysis:
             "step_t": self.step_t,
             "step_t1": self.step_t1,
             "num_examples": self.num_examples,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": self.dtype,
             "device": self.device,
             "method": self.method,
             "direction": self.direction,
@@ -202,12 +202,12 @@ def analyze_pair(
                 w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
             chosen, totals, value_t1 = dist.guarded(
                 lambda: _accumulate(objective, w_t, None if loss_t1 is not None else w_t1, delta, method))
-            totals, value_t1 = dist.reduce_derivatives(totals), dist.all_reduce_sum(value_t1)
-            if loss_t1 is not None:
-                value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
+            totals = dist.reduce_derivatives(totals)
+            value_t1 = (dist.all_reduce_sum(value_t1) if loss_t1 is None
+                        else torch.tensor(loss_t1, dtype=torch.float64, device=device))
             result = _summarize(totals, value_t1, delta, num_examples, dtype, device, chosen)
             if extras is not None and extras.any:
-                result.extras = compute_extras(objective, w_t, delta, totals, result.loss_t, extras)
+                result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
     finally:
         model.train(was_training)
     result.direction = direction_name

@@ -168,20 +168,18 @@ def reduce_derivatives(d: "Derivatives") -> "Derivatives":
     if not active():
         return d
     from zeroptim_cli.hvp import Derivatives
+    from zeroptim_cli.objective import flatten, unflatten
 
-    scalars = [d.loss, d.grad_corr, d.dir_sharpness]
+    scalars = torch.stack([d.loss.reshape(()), d.grad_corr.reshape(()), d.dir_sharpness.reshape(())])
     dicts = [p for p in (d.grad, d.hvp) if p is not None]
-    flat = torch.cat([torch.stack([s.reshape(()) for s in scalars])] + [t.reshape(-1) for p in dicts for t in p.values()])
-    flat = all_reduce_sum(flat)
-    out, i = [flat[0], flat[1], flat[2]], 3
+    flat = all_reduce_sum(torch.cat([scalars] + [flatten(p) for p in dicts]))
+    i = 3
     rebuilt: list[dict[str, torch.Tensor] | None] = []
     for p in (d.grad, d.hvp):
         if p is None:
             rebuilt.append(None)
             continue
-        q = {}
-        for k, t in p.items():
-            q[k] = flat[i:i + t.numel()].view_as(t)
-            i += t.numel()
-        rebuilt.append(q)
-    return Derivatives(*out, *rebuilt)
+        n = sum(t.numel() for t in p.values())
+        rebuilt.append(unflatten(flat[i:i + n], p))
+        i += n
+    return Derivatives(flat[0], flat[1], flat[2], *rebuilt)

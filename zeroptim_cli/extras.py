@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,9 +20,12 @@ from torch import Tensor
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.concentration import FRACTIONS, concentration
 from zeroptim_cli.hvp import Derivatives, axpy, reverse_over_reverse
-from zeroptim_cli.objective import Objective, Params
+from zeroptim_cli.objective import Objective, Params, flatten, unflatten
 from zeroptim_cli.optim import clip_threshold
 from zeroptim_cli.spectrum import hutchinson, lanczos
+
+if TYPE_CHECKING:
+    from zeroptim_cli.analysis import PairAnalysis
 
 
 @dataclass(frozen=True)
@@ -77,21 +80,10 @@ def clipped(delta: Params, fraction: float) -> tuple[Params, float]:
     return {k: v.clamp(-tau, tau) for k, v in delta.items()}, float(tau)
 
 
-def _flat(p: Params) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in p.values()])
-
-
-def _unflat(vec: Tensor, like: Params) -> Params:
-    out, i = {}, 0
-    for k, t in like.items():
-        out[k] = vec[i:i + t.numel()].view_as(t)
-        i += t.numel()
-    return out
-
-
-def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivatives, loss_t: float,
+def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivatives, result: PairAnalysis,
                    options: Extras) -> dict[str, Any]:
-    """The requested extras, as JSON-ready dicts under their own keys (they extend the contract)."""
+    """The requested extras for the pair summarized in ``result``, whose totals ``d`` are, as JSON-ready
+    dicts under their own keys (they extend the contract)."""
     out: dict[str, Any] = {}
     hvps_spent = 0
     if options.concentration and d.hvp is not None:
@@ -100,11 +92,11 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
         dc, tau = clipped(delta, options.clip)
         r = objective_hvp(objective, w_t, dc)
         hvps_spent += len(objective.terms)
-        norm = float(_flat(dc).double().norm())
+        norm = float(flatten(dc).double().norm())
         out["clipped"] = {"fraction": options.clip, "tau": tau,
                           **quadratic_model(float(r.grad_corr), float(r.dir_sharpness), norm)}
     if options.line_search:
-        gd, dhd = float(d.grad_corr), float(d.dir_sharpness)
+        loss_t, gd, dhd = result.loss_t, result.grad_corr, result.dir_sharpness
         with torch.no_grad():
             values = [float(dist.all_reduce_sum(objective({k: w_t[k] + a * delta[k] for k in w_t})))
                       for a in options.line_search]
@@ -115,24 +107,24 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
             "best_alpha": options.line_search[best], "best_loss": values[best],
         }
     if options.lanczos_steps or options.hutchinson_probes:
-        like = _flat(w_t)
+        like = next(iter(w_t.values()))  # device and dtype of the probes
+        n = sum(t.numel() for t in w_t.values())
         generator = torch.Generator().manual_seed(options.seed)
 
         def flat_hvp(v: Tensor) -> Tensor:
             nonlocal hvps_spent
             hvps_spent += len(objective.terms)
-            return _flat(objective_hvp(objective, w_t, _unflat(v, w_t)).hvp)
+            return flatten(objective_hvp(objective, w_t, unflatten(v, w_t)).hvp)
 
         curvature: dict[str, Any] = {}
         if options.lanczos_steps:
-            lz = lanczos(flat_hvp, like.numel(), options.lanczos_steps, generator, like)
-            normalized = float(d.dir_sharpness) / float(_flat(delta).double().pow(2).sum()) if any(
-                bool(t.any()) for t in delta.values()) else None
+            lz = lanczos(flat_hvp, n, options.lanczos_steps, generator, like)
+            normalized = result.dir_sharpness_normalized
             curvature.update(lambda_max=lz.lambda_max, lambda_min=lz.lambda_min, lanczos_steps=lz.steps,
                              sharpness_over_lambda_max=(normalized / lz.lambda_max
                                                         if normalized is not None and lz.lambda_max > 0 else None))
         if options.hutchinson_probes:
-            trace, stderr = hutchinson(flat_hvp, like.numel(), options.hutchinson_probes, generator, like)
+            trace, stderr = hutchinson(flat_hvp, n, options.hutchinson_probes, generator, like)
             curvature.update(trace=trace, trace_stderr=stderr, hutchinson_probes=options.hutchinson_probes)
         out["curvature"] = curvature
     if hvps_spent:

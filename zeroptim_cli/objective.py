@@ -27,6 +27,20 @@ Params = dict[str, Tensor]
 ScalarFn = Callable[[Params], Tensor]
 
 
+def flatten(p: Params) -> Tensor:
+    """All tensors of ``p`` as one vector, in key order."""
+    return torch.cat([t.reshape(-1) for t in p.values()])
+
+
+def unflatten(vec: Tensor, like: Params) -> Params:
+    """The inverse of ``flatten``: views of ``vec`` shaped and named like ``like``."""
+    out, i = {}, 0
+    for k, t in like.items():
+        out[k] = vec[i:i + t.numel()].view_as(t)
+        i += t.numel()
+    return out
+
+
 @contextlib.contextmanager
 def twice_differentiable_kernels() -> Iterator[None]:
     """Route attention through kernels with double backward and forward-mode AD.

@@ -216,7 +216,6 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
     mine = todo[dist.group_rank() * per_rank:(dist.group_rank() + 1) * per_rank] if by_pairs else todo
     losses: dict[Path, float] = {}
     cache = CheckpointCache()
-    batch_cache: dict[Path, list[Batch]] = {}
     out = output.open("a", encoding="utf-8") if main else None
     try:
         for i in range(per_rank if by_pairs else len(todo)):
@@ -225,7 +224,7 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
             if pair is not None:
                 upcoming = mine[i + 1] if i + 1 < len(mine) else None
                 with dist.local_only() if by_pairs else contextlib.nullcontext():
-                    row = {**_analyse_one(pair, upcoming, cache, fixed, batch_cache, settings, losses, extras),
+                    row = {**_analyse_one(pair, upcoming, cache, fixed, settings, losses, extras),
                            "sweep_key": keys[pair]}
             rows = dist.gather_to_main((pair, row)) if by_pairs else [(pair, row)]
             if out is None or rows is None:
@@ -250,8 +249,7 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
 
 
 def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixed: list[Batch],
-                 batch_cache: dict[Path, list[Batch]], settings: Settings,
-                 losses: dict[Path, float], extras: Extras | None) -> dict[str, Any]:
+                 settings: Settings, losses: dict[Path, float], extras: Extras | None) -> dict[str, Any]:
     """One pair's row; with fixed batches, f(w) of each checkpoint is kept in ``losses`` for reuse."""
     row: dict[str, Any] = {"run": pair.run, "ckpt_t": str(pair.ckpt_t), "ckpt_t1": str(pair.ckpt_t1)}
     following = [upcoming.ckpt_t, upcoming.ckpt_t1] if upcoming else []
@@ -261,13 +259,7 @@ def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixe
         cache.retain(following)
         for path in following:
             cache.prefetch(path)
-        if fixed:
-            return ckpt_t, ckpt_t1, fixed
-        bp = ckpt_t.batch_path
-        if bp is not None and bp not in batch_cache:
-            batch_cache.clear()
-            batch_cache[bp] = recorded_batches(ckpt_t)
-        return ckpt_t, ckpt_t1, batch_cache[bp] if bp is not None else recorded_batches(ckpt_t)
+        return ckpt_t, ckpt_t1, fixed or recorded_batches(ckpt_t)
 
     try:
         ckpt_t, ckpt_t1, batches = dist.guarded(load)
