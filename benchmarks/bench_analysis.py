@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
-from zeroptim_cli.hvp import METHODS
+from zeroptim_cli.derivatives import METHODS, Objective
+from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.models import CNN, MLP, CharTransformer
-from zeroptim_cli.objective import Objective, twice_differentiable_kernels
 
 CE = resolve_loss("cross_entropy")
 

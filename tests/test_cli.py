@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from zeroptim_cli.batches import save_batch
-from zeroptim_cli.checkpoint import save_checkpoint
 from zeroptim_cli.cli import main
+from zeroptim_cli.io.batches import save_batch
+from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.models import MLP
 
 ROOT = Path(__file__).resolve().parents[1]

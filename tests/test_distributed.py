@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_sweep import record_run
 
-from zeroptim_cli.batches import save_batch
+from zeroptim_cli.io.batches import save_batch
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 

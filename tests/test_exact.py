@@ -11,7 +11,7 @@ from conftest import explicit, flat, loss_fn, params_of, perturbed, rel_close
 from torch import nn
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
-from zeroptim_cli.hvp import METHODS
+from zeroptim_cli.derivatives import METHODS
 from zeroptim_cli.models import MLP
 
 PER_LAYER_METHODS = ["forward-over-reverse", "reverse-over-reverse"]
@@ -189,7 +189,7 @@ def test_float32_agrees_with_float64() -> None:
 
 
 def test_auto_falls_back_when_double_backward_fails(monkeypatch) -> None:
-    import zeroptim_cli.analysis as analysis
+    import zeroptim_cli.derivatives.methods as analysis
 
     def no_double_backward(*args):
         raise RuntimeError("derivative for some_fused_kernel_backward is not implemented")

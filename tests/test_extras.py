@@ -12,10 +12,10 @@ from test_sweep import record_run
 from torch import nn
 
 from zeroptim_cli import analyze_pair, resolve_loss
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
+from zeroptim_cli.analysis.directions import resolve_direction
+from zeroptim_cli.analysis.extras import Extras, clipped, default_alphas
 from zeroptim_cli.cli import main
-from zeroptim_cli.directions import resolve_direction
-from zeroptim_cli.extras import Extras, clipped, default_alphas
-from zeroptim_cli.pipeline import Settings, analyze_files
 
 CE = resolve_loss("cross_entropy")
 
@@ -123,7 +123,7 @@ def test_adam_direction_reproduces_the_recorded_adam_step(tmp_path) -> None:
     direction is the update Adam actually took."""
     torch.manual_seed(0)
     from zeroptim_cli.models import MLP
-    from zeroptim_cli.recorder import Recorder
+    from zeroptim_cli.training.recorder import Recorder
 
     model = MLP(in_features=5, hidden=(4,), num_classes=3).double()
     opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.01)

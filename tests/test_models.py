@@ -11,10 +11,10 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zeroptim_cli import Batch, analyze_pair, load_checkpoint, resolve_loss, save_checkpoint
-from zeroptim_cli.checkpoint import state_for_model
+from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.io.checkpoint import state_for_model
 from zeroptim_cli.models import CNN, MLP, CharTransformer
-from zeroptim_cli.objective import twice_differentiable_kernels
 
 CE = resolve_loss("cross_entropy")
 

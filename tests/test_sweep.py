@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from zeroptim_cli import sweep as sweep_module
-from zeroptim_cli.checkpoint import save_checkpoint
+from zeroptim_cli.analysis import sweep as sweep_module
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
+from zeroptim_cli.analysis.sweep import find_pairs, sweep
 from zeroptim_cli.cli import main
 from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.models import MLP
-from zeroptim_cli.pipeline import Settings, analyze_files
-from zeroptim_cli.recorder import Recorder
-from zeroptim_cli.sweep import find_pairs, sweep
+from zeroptim_cli.training.recorder import Recorder
 
 SPEC = {"name": "mlp", "kwargs": {"in_features": 5, "hidden": [4], "num_classes": 3}}
 
@@ -179,18 +179,18 @@ def test_rewritten_checkpoint_is_analysed_again(tmp_path) -> None:
 def test_fixed_batch_sweep_reuses_losses_exactly(tmp_path, monkeypatch) -> None:
     """With --batch, f(w_t) of one pair stands in for f(w_t1) of the pair before: same numbers, and one
     forward pass fewer per pair."""
-    import zeroptim_cli.analysis as analysis
+    from zeroptim_cli.derivatives import Objective
 
     run = record_run(tmp_path / "sgd", steps=(0, 1, 2, 3))
     batch = run / "batch_000002.safetensors"
     calls = {"t1": 0}
-    original = analysis._accumulate
+    original = Objective.value
 
-    def counting(objective, w_t, w_t1, delta, method):
-        calls["t1"] += w_t1 is not None
-        return original(objective, w_t, w_t1, delta, method)
+    def counting(self, w):
+        calls["t1"] += 1
+        return original(self, w)
 
-    monkeypatch.setattr(analysis, "_accumulate", counting)
+    monkeypatch.setattr(Objective, "value", counting)
     out = tmp_path / "r.jsonl"
     sweep(find_pairs([run]), out, Settings(dtype="float64"), batch_paths=[batch])
     assert calls["t1"] == 1  # only the newest pair evaluates its own f(w_t1)

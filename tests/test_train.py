@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from zeroptim_cli.checkpoint import load_checkpoint, state_for_model
+from zeroptim_cli.analysis.checkpoints import analyze_files
 from zeroptim_cli.cli import main
+from zeroptim_cli.io.checkpoint import load_checkpoint, state_for_model
 from zeroptim_cli.models import REGISTRY, build_model
-from zeroptim_cli.optim import OPTIMIZERS, CoordinateClip, Lion, NormalizedSGD, SignSGD, build_optimizer
-from zeroptim_cli.pipeline import analyze_files
-from zeroptim_cli.train import load_config, train
+from zeroptim_cli.training.loop import load_config, train
+from zeroptim_cli.training.optimizers import OPTIMIZERS, CoordinateClip, Lion, NormalizedSGD, SignSGD, build_optimizer
 
 SMALL = {"steps": 3, "batch_size": 8, "record": {"every": None, "steps": [1]}}
 
@@ -23,7 +23,7 @@ def test_recorded_delta_is_the_optimizer_update(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    from zeroptim_cli.recorder import Recorder
+    from zeroptim_cli.training.recorder import Recorder
 
     rec = Recorder(tmp_path, model, opt, steps=[0], model_spec={"factory": "torch.nn:Linear", "kwargs": {"in_features": 3, "out_features": 2}})
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))

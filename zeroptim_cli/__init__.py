@@ -11,18 +11,19 @@ The library works without the CLI::
     print(result.to_dict()["dir_sharpness_normalized"])
 """
 
-from zeroptim_cli.analysis import PairAnalysis, analyze_pair
-from zeroptim_cli.batches import Batch, load_batch
-from zeroptim_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from zeroptim_cli._version import __version__
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
+from zeroptim_cli.analysis.extras import Extras
+from zeroptim_cli.analysis.pair import analyze_pair
+from zeroptim_cli.analysis.result import PairAnalysis
+from zeroptim_cli.derivatives.losses import resolve_loss
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.extras import Extras
-from zeroptim_cli.losses import resolve_loss
-from zeroptim_cli.pipeline import Settings, analyze_files
-from zeroptim_cli.recorder import Recorder
-
-__version__ = "0.1.0"
+from zeroptim_cli.io.batches import Batch, load_batch
+from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from zeroptim_cli.training.recorder import Recorder
 
 __all__ = [
+    "__version__",
     "Batch",
     "Checkpoint",
     "Extras",

@@ -16,16 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from zeroptim_cli.batches import Batch
 from zeroptim_cli.errors import ZeroptimError
-
-if TYPE_CHECKING:
-    from zeroptim_cli.hvp import Derivatives
+from zeroptim_cli.io.batches import Batch
 
 T = TypeVar("T")
 
@@ -161,25 +158,3 @@ def broadcast_from_main(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def reduce_derivatives(d: "Derivatives") -> "Derivatives":
-    """Σ over ranks of every field of ``d``, in one all-reduce (identity without torchrun)."""
-    if not active():
-        return d
-    from zeroptim_cli.hvp import Derivatives
-    from zeroptim_cli.objective import flatten, unflatten
-
-    scalars = torch.stack([d.loss.reshape(()), d.grad_corr.reshape(()), d.dir_sharpness.reshape(())])
-    dicts = [p for p in (d.grad, d.hvp) if p is not None]
-    flat = all_reduce_sum(torch.cat([scalars] + [flatten(p) for p in dicts]))
-    i = 3
-    rebuilt: list[dict[str, torch.Tensor] | None] = []
-    for p in (d.grad, d.hvp):
-        if p is None:
-            rebuilt.append(None)
-            continue
-        n = sum(t.numel() for t in p.values())
-        rebuilt.append(unflatten(flat[i:i + n], p))
-        i += n
-    return Derivatives(flat[0], flat[1], flat[2], *rebuilt)

@@ -13,10 +13,10 @@ from typing import Any
 from torch import nn
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
+from zeroptim_cli.io.specs import load_callable
 from zeroptim_cli.models.cnn import CNN
 from zeroptim_cli.models.mlp import MLP
 from zeroptim_cli.models.transformer import CharTransformer
-from zeroptim_cli.specs import load_callable
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:

@@ -13,6 +13,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.vectors import clip_coordinates
+
+_IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"}
+
+
+def optimizer_description(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's name and the JSON-able hyper-parameters of its first parameter group."""
+    inner = getattr(optimizer, "describe", None)
+    if callable(inner):
+        return inner()
+    group = optimizer.param_groups[0]
+    hyper = {k: v for k, v in group.items()
+             if k not in _IMPLEMENTATION_FLAGS and isinstance(v, (int, float, bool, str, type(None)))}
+    hyper.update({k: list(v) for k, v in group.items() if isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)})
+    return {"name": getattr(type(optimizer), "name", type(optimizer).__name__.lower()), **hyper}
 
 
 class SignSGD(Optimizer):
@@ -73,20 +88,6 @@ class Lion(Optimizer):
                 m.mul_(b2).add_(p.grad, alpha=1 - b2)
 
 
-def clip_threshold(values: list[Tensor], fraction: float) -> Tensor:
-    """τ = the |value| of the ⌈fraction·n⌉-th largest coordinate of all ``values`` taken together."""
-    flat = torch.cat([v.reshape(-1).abs() for v in values])
-    k = max(1, math.ceil(fraction * flat.numel()))
-    return torch.topk(flat, k, sorted=False).values.min()
-
-
-def clip_coordinates(values: list[Tensor], fraction: float) -> None:
-    """In place: each coordinate v_i becomes sign(v_i)·min(|v_i|, τ), τ from ``clip_threshold``."""
-    tau = clip_threshold(values, fraction)
-    for v in values:
-        v.clamp_(-tau, tau)
-
-
 class CoordinateClip:
     """Wraps an optimizer; clips the top ``fraction`` of coordinates of the gradient (or of the update).
 
@@ -126,8 +127,6 @@ class CoordinateClip:
         return self.inner.state_dict()
 
     def describe(self) -> dict[str, Any]:
-        from zeroptim_cli.recorder import optimizer_description
-
         return {**optimizer_description(self.inner), "clip": {"fraction": self.fraction, "target": self.target}}
 
 

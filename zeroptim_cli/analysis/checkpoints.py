@@ -6,18 +6,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from zeroptim_cli.analysis import PairAnalysis, analyze_pair, resolve_device
-from zeroptim_cli.batches import Batch, load_batch
-from zeroptim_cli.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
-from zeroptim_cli.directions import resolve_direction
+from zeroptim_cli.analysis.directions import resolve_direction
+from zeroptim_cli.analysis.extras import Extras
+from zeroptim_cli.analysis.pair import analyze_pair
+from zeroptim_cli.analysis.result import PairAnalysis
+from zeroptim_cli.derivatives.losses import resolve_loss
 from zeroptim_cli.errors import ConfigError
-from zeroptim_cli.extras import Extras
-from zeroptim_cli.losses import resolve_loss
+from zeroptim_cli.io.batches import Batch, load_batch
+from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
 from zeroptim_cli.models import build_model
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -45,8 +43,7 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
                         settings: Settings = Settings(), loss_t1: float | None = None,
                         extras: Extras | None = None) -> PairAnalysis:
     """Analyse the step from ``ckpt_t`` to ``ckpt_t1`` on ``batches`` (see ``analyze_pair``)."""
-    if settings.dtype not in DTYPES:
-        raise ConfigError(f"--dtype '{settings.dtype}' is not one of {', '.join(DTYPES)}")
+    dtype = resolve_dtype(settings.dtype)
     check_compatible(ckpt_t, ckpt_t1)
     model = build_model(ckpt_t.model_spec or ckpt_t1.model_spec, settings.model, base_dir=ckpt_t.path.parent)
     params_t, buffers_t = state_for_model(model, ckpt_t)
@@ -55,7 +52,7 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
     result = analyze_pair(
         model, params_t, params_t1, batches, loss,
         buffers=buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
-        device=resolve_device(settings.device), dtype=DTYPES[settings.dtype], loss_t1=loss_t1,
+        device=resolve_device(settings.device), dtype=dtype, loss_t1=loss_t1,
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
     )
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step

@@ -25,14 +25,13 @@ from typing import Any
 import torch
 import yaml
 
-from zeroptim_cli.analysis import resolve_device
-from zeroptim_cli.data import load_dataset
+from zeroptim_cli.derivatives.losses import resolve_loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.losses import resolve_loss
 from zeroptim_cli.models import REGISTRY, build_model
-from zeroptim_cli.optim import build_optimizer
-from zeroptim_cli.pipeline import DTYPES
-from zeroptim_cli.recorder import Recorder
+from zeroptim_cli.runtime import DTYPES, resolve_device
+from zeroptim_cli.training.data import load_dataset
+from zeroptim_cli.training.optimizers import build_optimizer
+from zeroptim_cli.training.recorder import Recorder
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,

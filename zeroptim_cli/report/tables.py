@@ -1,15 +1,13 @@
-"""Human-readable output: the decomposition as a rich table, and JSON that is always valid."""
+"""Tables for people: the decomposition, the per-tensor split, the extras, and what a checkpoint holds."""
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from zeroptim_cli.analysis import PairAnalysis
+from zeroptim_cli.analysis.result import PairAnalysis
 
 
 def fmt(x: float | None, digits: int = 6) -> str:
@@ -122,16 +120,26 @@ def print_report(r: PairAnalysis, console: Console, per_layer: bool = False) -> 
         console.print(table)
 
 
-def finite_or_none(obj: Any) -> Any:
-    """Replace NaN and ±Inf by None, recursively, so the JSON stays standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite_or_none(v) for v in obj]
-    return obj
+def print_description(info: dict[str, Any], console: Console) -> None:
+    meta = info["metadata"]
+    console.print(f"[bold]{info['path']}[/]: {info['num_tensors']} tensors, {info['num_elements']:,} elements")
+    for key in ("step", "model", "loss", "optimizer", "batch"):
+        if key in meta:
+            console.print(f"  {key}: {meta[key]}", markup=False)
+    table = Table(header_style="bold")
+    for col in ("name", "shape", "dtype", "numel"):
+        table.add_column(col, justify="right" if col == "numel" else "left", overflow="fold")
+    for t in info["tensors"]:
+        table.add_row(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['numel']:,}")
+    console.print(table)
 
 
-def to_json(obj: Any, indent: int | None = None) -> str:
-    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
+def print_differences(diff: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"Δ = {diff['ckpt_t1']} − {diff['ckpt_t']} · ‖Δ‖ = {diff['update_norm']:.6g}",
+                  header_style="bold", title_justify="left")
+    for col in ("name", "‖Δ‖", "‖Δ‖/‖w‖", "max |Δ|", "changed"):
+        table.add_column(col, justify="left" if col == "name" else "right", overflow="fold")
+    for r in diff["tensors"]:
+        rel = "—" if r["relative"] is None else f"{r['relative']:.3g}"
+        table.add_row(r["name"], f"{r['update_norm']:.4g}", rel, f"{r['max_abs']:.3g}", f"{r['changed']:,}")
+    console.print(table)

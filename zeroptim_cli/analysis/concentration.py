@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zeroptim_cli.objective import Params
+from zeroptim_cli.vectors import Params
 
 FRACTIONS = (0.001, 0.01, 0.1)
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.files import atomic_path, read_safetensors
+from zeroptim_cli.io.files import atomic_path, read_safetensors
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from zeroptim_cli.batches import save_batch
-from zeroptim_cli.checkpoint import FORMAT_VERSION, save_checkpoint
-from zeroptim_cli.files import atomic_path, write_text_atomic
+from zeroptim_cli.io.batches import save_batch
+from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint
+from zeroptim_cli.io.files import atomic_path, write_text_atomic
+from zeroptim_cli.training.optimizers import optimizer_description
 
 
 def ckpt_name(step: int) -> str:
@@ -41,21 +42,6 @@ def batch_name(step: int) -> str:
 
 def optim_name(step: int) -> str:
     return f"optim_{step:06d}.safetensors"
-
-
-_IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"}
-
-
-def optimizer_description(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's name and the JSON-able hyper-parameters of its first parameter group."""
-    inner = getattr(optimizer, "describe", None)
-    if callable(inner):
-        return inner()
-    group = optimizer.param_groups[0]
-    hyper = {k: v for k, v in group.items()
-             if k not in _IMPLEMENTATION_FLAGS and isinstance(v, (int, float, bool, str, type(None)))}
-    hyper.update({k: list(v) for k, v in group.items() if isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)})
-    return {"name": getattr(type(optimizer), "name", type(optimizer).__name__.lower()), **hyper}
 
 
 def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

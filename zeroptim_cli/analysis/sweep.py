@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,13 +25,13 @@ from typing import Any
 from safetensors import safe_open
 
 from zeroptim_cli import distributed as dist
-from zeroptim_cli.batches import Batch, load_batch
-from zeroptim_cli.checkpoint import METADATA_KEY, Checkpoint, load_checkpoint
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_checkpoints, recorded_batches
+from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.extras import Extras
-from zeroptim_cli.files import write_text_atomic
-from zeroptim_cli.pipeline import Settings, analyze_checkpoints, recorded_batches
-from zeroptim_cli.report import to_json
+from zeroptim_cli.io.batches import Batch, load_batch
+from zeroptim_cli.io.checkpoint import METADATA_KEY, Checkpoint, load_checkpoint
+from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.results import to_json
 
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
@@ -271,40 +271,3 @@ def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixe
         return {**result.to_dict(), **row}
     except ZeroptimError as exc:
         return {**row, "step_t": pair.step_t, "step_t1": pair.step_t1, "error": str(exc)}
-
-
-CSV_SKIP = ("per_layer", "batches")
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """The scalar columns of ``rows`` as CSV (per-layer lists left out), written atomically."""
-    import csv
-    import io
-
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in CSV_SKIP and k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
-def read_results(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
-    """Rows of sweep outputs (JSON lines) and single ``analyze --json`` files, errors left out."""
-    for path in paths:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ZeroptimError(f"results file '{path}' cannot be read ({exc.strerror})") from exc
-        stripped = text.strip()
-        try:
-            rows = [json.loads(stripped)] if stripped.startswith("{") and "\n{" not in stripped else \
-                [json.loads(line) for line in stripped.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise ZeroptimError(f"results file '{path}' is not JSON or JSON lines ({exc})") from exc
-        for row in rows:
-            if isinstance(row, dict) and "error" not in row:
-                row.setdefault("run", Path(path).stem)
-                yield row

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError  # noqa: E402
-from zeroptim_cli.files import atomic_path  # noqa: E402
+from zeroptim_cli.io.files import atomic_path  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 

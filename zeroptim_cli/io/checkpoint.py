@@ -19,7 +19,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.files import atomic_path, read_safetensors
+from zeroptim_cli.io.files import atomic_path, read_safetensors
 
 METADATA_KEY = "zeroptim"
 FORMAT_VERSION = 1

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from zeroptim_cli import distributed as dist
-from zeroptim_cli.concentration import FRACTIONS, concentration
-from zeroptim_cli.hvp import Derivatives, axpy, reverse_over_reverse
-from zeroptim_cli.objective import Objective, Params, flatten, unflatten
-from zeroptim_cli.optim import clip_threshold
-from zeroptim_cli.spectrum import hutchinson, lanczos
+from zeroptim_cli.analysis.concentration import FRACTIONS, concentration
+from zeroptim_cli.analysis.result import PairAnalysis, quadratic_model
+from zeroptim_cli.analysis.spectrum import hutchinson, lanczos
+from zeroptim_cli.derivatives import Derivatives, Objective
+from zeroptim_cli.vectors import Params, clip_threshold, flatten, unflatten
 
-if TYPE_CHECKING:
-    from zeroptim_cli.analysis import PairAnalysis
+#: The method of the extras' Hessian-vector products: they need HΔ itself.
+HVP = "reverse-over-reverse"
 
 
 @dataclass(frozen=True)
@@ -51,29 +50,6 @@ def default_alphas(lo: float = -0.5, hi: float = 2.0, points: int = 26) -> list[
     return [lo + (hi - lo) * i / (points - 1) for i in range(points)]
 
 
-def quadratic_model(grad_corr: float, dir_sharpness: float, norm: float) -> dict[str, float | None]:
-    """The contract's derived numbers for a direction with slope gᵀd, curvature dᵀHd and length ‖d‖."""
-    positive = dir_sharpness > 0
-    return {
-        "grad_corr": grad_corr,
-        "dir_sharpness": dir_sharpness,
-        "dir_sharpness_normalized": dir_sharpness / norm**2 if norm > 0 else None,
-        "taylor_pred": grad_corr + 0.5 * dir_sharpness,
-        "update_norm": norm,
-        "optimal_scale": -grad_corr / dir_sharpness if positive else None,
-        "optimal_pred": -grad_corr**2 / (2 * dir_sharpness) if positive else None,
-    }
-
-
-def objective_hvp(objective: Objective, w: Params, v: Params) -> Derivatives:
-    """Σ_b weight_b × (f_b(w), g_b, H_b v) by double backward, summed over ranks: Hv of the whole f."""
-    total: Derivatives | None = None
-    for term in objective.terms:
-        total = axpy(term.weight, reverse_over_reverse(term.fn, w, v), total)
-    assert total is not None
-    return dist.reduce_derivatives(total)
-
-
 def clipped(delta: Params, fraction: float) -> tuple[Params, float]:
     """Δᶜ of the module docstring, and τ."""
     tau = clip_threshold(list(delta.values()), fraction)
@@ -90,16 +66,14 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
         out["concentration"] = concentration(delta, d.hvp, options.fractions)
     if options.clip:
         dc, tau = clipped(delta, options.clip)
-        r = objective_hvp(objective, w_t, dc)
+        _, r = objective.derivatives(w_t, dc, HVP)
         hvps_spent += len(objective.terms)
         norm = float(flatten(dc).double().norm())
         out["clipped"] = {"fraction": options.clip, "tau": tau,
                           **quadratic_model(float(r.grad_corr), float(r.dir_sharpness), norm)}
     if options.line_search:
         loss_t, gd, dhd = result.loss_t, result.grad_corr, result.dir_sharpness
-        with torch.no_grad():
-            values = [float(dist.all_reduce_sum(objective({k: w_t[k] + a * delta[k] for k in w_t})))
-                      for a in options.line_search]
+        values = [float(objective.value({k: w_t[k] + a * delta[k] for k in w_t})) for a in options.line_search]
         best = min(range(len(values)), key=values.__getitem__)
         out["line_search"] = {
             "alpha": list(options.line_search), "loss": values,
@@ -114,7 +88,7 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
         def flat_hvp(v: Tensor) -> Tensor:
             nonlocal hvps_spent
             hvps_spent += len(objective.terms)
-            return flatten(objective_hvp(objective, w_t, unflatten(v, w_t)).hvp)
+            return flatten(objective.derivatives(w_t, unflatten(v, w_t), HVP)[1].hvp)
 
         curvature: dict[str, Any] = {}
         if options.lanczos_steps:

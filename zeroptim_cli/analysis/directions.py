@@ -12,17 +12,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zeroptim_cli.checkpoint import Checkpoint
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.files import read_safetensors
-from zeroptim_cli.objective import Params
+from zeroptim_cli.io.checkpoint import Checkpoint
+from zeroptim_cli.io.files import read_safetensors
+from zeroptim_cli.vectors import Params, norm
 
 NAMED = ("update", "neg-grad", "neg-sign-grad", "adam")
 
@@ -30,12 +29,8 @@ NAMED = ("update", "neg-grad", "neg-sign-grad", "adam")
 Direction = Callable[[Params, Params, Params], Params]
 
 
-def _norm(p: Params) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in p.values()))
-
-
 def _rescaled(d: Params, length: float) -> Params:
-    n = _norm(d)
+    n = norm(d)
     return {k: v * (length / n) if n > 0 else v for k, v in d.items()}
 
 
@@ -44,9 +39,9 @@ def resolve_direction(spec: str, ckpt_t: Checkpoint | None = None) -> Direction 
     if spec == "update":
         return None
     if spec == "neg-grad":
-        return lambda g, w, update: _rescaled({k: -v for k, v in g.items()}, _norm(update))
+        return lambda g, w, update: _rescaled({k: -v for k, v in g.items()}, norm(update))
     if spec == "neg-sign-grad":
-        return lambda g, w, update: _rescaled({k: -torch.sign(v) for k, v in g.items()}, _norm(update))
+        return lambda g, w, update: _rescaled({k: -torch.sign(v) for k, v in g.items()}, norm(update))
     if spec == "adam":
         if ckpt_t is None:
             raise ConfigError("--direction adam needs the checkpoint's optimizer state")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.specs import load_callable
+from zeroptim_cli.io.specs import load_callable
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

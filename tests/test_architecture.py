@@ -1,0 +1,104 @@
+"""The import graph of the package follows docs/architecture.md: no circle, and no arrow from a lower
+layer up to a higher one (nor sideways between two packages of one layer)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "zeroptim_cli"
+
+#: The layers of docs/architecture.md, bottom first; a module may import its own package and lower layers.
+LAYERS: dict[str, int] = {
+    "_version": 0, "errors": 0,
+    "vectors": 1, "runtime": 1,
+    "io": 2,
+    "models": 3, "distributed": 3,
+    "derivatives": 4,
+    "analysis": 5,
+    "report": 6, "training": 6, "integrations": 6,
+    "cli": 7,
+    "__main__": 8,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def imports_of(name: str) -> set[str]:
+    """The zeroptim_cli modules that ``name`` imports, at any depth of its code (lazy imports count)."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            submodules = {f"{base}.{a.name}" for a in node.names} & set(MODULES)
+            found |= submodules
+            if base != "zeroptim_cli" or len(submodules) < len(node.names):
+                found.add(base)  # ``from zeroptim_cli import distributed`` imports the submodule, not the API
+    return {m for m in found if m in MODULES and m != name}
+
+
+def package_of(name: str) -> str:
+    return name.split(".")[1]
+
+
+def test_every_package_has_a_layer() -> None:
+    assert {package_of(m) for m in MODULES if m != "zeroptim_cli"} <= set(LAYERS)
+
+
+def violations(name: str, targets: set[str]) -> list[str]:
+    """The imports of ``name`` that go to the package root, up a layer, or sideways to another package."""
+    out = []
+    for target in sorted(targets):
+        if target == "zeroptim_cli":
+            out.append(f"{name} imports the package root (the public API is for users)")
+        elif package_of(target) != package_of(name) and LAYERS[package_of(target)] >= LAYERS[package_of(name)]:
+            out.append(f"{name} (layer {LAYERS[package_of(name)]}) imports {target} (layer {LAYERS[package_of(target)]})")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m != "zeroptim_cli"))
+def test_no_import_goes_up_or_sideways(name: str) -> None:
+    assert violations(name, imports_of(name)) == []
+
+
+def test_no_import_circle() -> None:
+    graph = {m: imports_of(m) for m in MODULES}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                raise AssertionError("import circle: " + " → ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_the_checker_can_fail() -> None:
+    """The graph builder finds lazy and package-level imports, and an upward or sideways one is flagged."""
+    assert "zeroptim_cli.report.plots" in imports_of("zeroptim_cli.cli.plot")  # inside a function
+    assert "zeroptim_cli.distributed" in imports_of("zeroptim_cli.derivatives.objective")  # from pkg import mod
+    assert "zeroptim_cli.derivatives" in imports_of("zeroptim_cli.analysis.pair")
+    assert violations("zeroptim_cli.io.checkpoint", {"zeroptim_cli.analysis.pair"})
+    assert violations("zeroptim_cli.training.loop", {"zeroptim_cli.report.tables"})
+    assert violations("zeroptim_cli.io.checkpoint", {"zeroptim_cli"})
+    assert not violations("zeroptim_cli.analysis.pair", {"zeroptim_cli.derivatives.objective"})

@@ -1,0 +1,135 @@
+"""The pair analysis: the second-order Taylor decomposition of one optimizer step.
+
+With Δ = w_{t+1} − w_t, g = ∇f(w_t) and H = ∇²f(w_t) (Pan & Li 2023, arXiv 2306.00204):
+
+    f(w_{t+1}) − f(w_t) = gᵀΔ + ½ ΔᵀHΔ + residual,   residual = O(‖Δ‖³).
+
+Per parameter tensor l: g_lᵀΔ_l and Δ_lᵀ(HΔ)_l, which sum to the totals. The derived quantities are in
+``result``. A pair is analysed in four steps, read top to bottom in ``analyze_pair``: prepare (parameters,
+buffers and batches on the device, the objective f), differentiate (one call into ``derivatives``),
+summarize (one host transfer), extras.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from zeroptim_cli.analysis.directions import Direction
+from zeroptim_cli.analysis.extras import Extras, compute_extras
+from zeroptim_cli.analysis.result import LayerStats, PairAnalysis
+from zeroptim_cli.derivatives import METHODS, Derivatives, Objective
+from zeroptim_cli.derivatives.forward_over_forward import check_forward_over_forward
+from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
+from zeroptim_cli.derivatives.losses import Loss
+from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.io.batches import Batch
+from zeroptim_cli.vectors import Params
+
+
+def analyze_pair(
+    model: nn.Module,
+    params_t: Mapping[str, Tensor],
+    params_t1: Mapping[str, Tensor],
+    batches: Sequence[Batch],
+    loss: Loss,
+    *,
+    buffers: Mapping[str, Tensor] | None = None,
+    method: str = "auto",
+    train: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    loss_t1: float | None = None,
+    direction: Direction | None = None,
+    direction_name: str = "update",
+    extras: Extras | None = None,
+) -> PairAnalysis:
+    """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``.
+
+    ``params_*`` map parameter names (as in ``model.named_parameters()``) to tensors; ``buffers``
+    (default: the model's own) are held fixed at checkpoint t's values. ``method`` is ``auto`` or one of
+    ``zeroptim_cli.derivatives.METHODS``. The model is moved to ``device`` and ``dtype`` and set to eval
+    mode (train mode with ``train=True``) for the call; its mode is restored afterwards. A known
+    ``loss_t1`` (f(w_t1) on the same batches, e.g. f(w_t) of the next pair of a sweep) saves its forward
+    pass.
+
+    ``direction`` (see ``analysis.directions``) replaces Δ by another direction d from w_t, computed
+    from g and Δ; every quantity is then that of d, with f(w_t1) read as f(w_t + d). ``extras`` adds the
+    opt-in analyses of ``analysis.extras`` under their own keys.
+    """
+    if method != "auto" and method not in METHODS:
+        raise ConfigError(f"--method '{method}' is not one of auto, {', '.join(METHODS)}")
+    if not batches:
+        raise ConfigError("no batch to evaluate the loss on")
+    if method == "forward-over-forward":
+        check_forward_over_forward(model, train)
+    device = torch.device(device)
+    model.to(device=device, dtype=dtype)
+    w_t, w_t1 = _cast(params_t, device, dtype), _cast(params_t1, device, dtype)
+    delta = {k: w_t1[k] - w_t[k] for k in w_t}
+    fixed = _cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
+    objective = Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype)
+    with _evaluated(model, train), twice_differentiable_kernels():
+        if direction is not None:
+            delta = direction(objective.gradient(w_t), w_t, delta)
+            w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
+        chosen, totals = objective.derivatives(w_t, delta, method)
+        value_t1 = objective.value(w_t1) if loss_t1 is None else torch.tensor(loss_t1, dtype=torch.float64, device=device)
+        result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
+        if extras is not None and extras.any:
+            result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
+    result.direction = direction_name
+    return result
+
+
+def _cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> Params:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+
+
+@contextlib.contextmanager
+def _evaluated(model: nn.Module, train: bool) -> Iterator[None]:
+    """The model in train or eval mode for the block, its own mode restored after."""
+    was_training = model.training
+    model.train(train)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int, dtype: torch.dtype,
+              device: torch.device, method: str) -> PairAnalysis:
+    """The measured quantities, per tensor and in total, in one host transfer; totals summed in float64
+    from the per-tensor parts (``math.fsum``), so that the split adds up exactly."""
+    names = list(delta)
+    # rows ‖Δ_l‖², g_lᵀΔ_l, Δ_lᵀ(HΔ)_l, ‖g_l‖²
+    rows = [[delta[n].pow(2).sum() for n in names]]
+    if d.grad is not None and d.hvp is not None:
+        rows += [[(d.grad[n] * delta[n]).sum() for n in names], [(delta[n] * d.hvp[n]).sum() for n in names],
+                 [d.grad[n].pow(2).sum() for n in names]]
+    table = torch.stack([torch.stack(r) for r in rows]).double().cpu().tolist()
+    scalars = torch.stack([t.double() for t in (d.loss, loss_t1, d.grad_corr, d.dir_sharpness)]).cpu().tolist()
+    exact = len(table) > 1
+    layers = [
+        LayerStats(name=n, numel=delta[n].numel(), update_norm=math.sqrt(table[0][i]),
+                   grad_corr=table[1][i] if exact else None, dir_sharpness=table[2][i] if exact else None)
+        for i, n in enumerate(names)
+    ]
+    return PairAnalysis(
+        loss_t=scalars[0],
+        loss_t1=scalars[1],
+        grad_corr=math.fsum(table[1]) if exact else scalars[2],
+        dir_sharpness=math.fsum(table[2]) if exact else scalars[3],
+        update_norm=math.sqrt(math.fsum(table[0])),
+        grad_norm=math.sqrt(math.fsum(table[3])) if exact else None,
+        num_examples=num_examples,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        method=method,
+        per_layer=layers,
+    )

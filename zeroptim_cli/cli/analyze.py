@@ -1,0 +1,57 @@
+"""``zeroptim analyze``: one pair."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from zeroptim_cli import distributed as dist
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
+from zeroptim_cli.analysis.extras import Extras
+from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, settings_options, stderr
+from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.results import to_json
+from zeroptim_cli.report.tables import print_report
+
+
+@click.command()
+@click.argument("ckpt_t", type=click.Path(path_type=Path))
+@click.argument("ckpt_t1", type=click.Path(path_type=Path))
+@click.option("--batch", "batches", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Batch file (safetensors with 'inputs' and 'targets'); repeat to average several exactly. "
+                   "Default: the batch recorded in CKPT_T's metadata.")
+@settings_options
+@extras_options
+@click.option("--per-layer", is_flag=True, help="Also print the per-parameter-tensor split.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the JSON object to this file (atomically).")
+@click.option("--quiet", is_flag=True, help="No spinner and no table (with -o: write the file only).")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: bool, as_json: bool,
+            output: Path | None, quiet: bool, debug: bool, extras: Extras, **settings: object) -> None:
+    """Decompose the loss change from CKPT_T to CKPT_T1 on a batch.
+
+    \b
+    Example:
+      zeroptim analyze sample_ckpts/mlp_sgd/ckpt_000100.safetensors \\
+                       sample_ckpts/mlp_sgd/ckpt_000101.safetensors
+    """
+    settings["device"] = dist.init(str(settings["device"]))
+    silent = quiet or as_json or not dist.is_main()
+    with stderr.status("analysing pair…") if not silent else contextlib.nullcontext():
+        result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
+    if not dist.is_main():
+        return
+    payload = result.to_dict()
+    payload.update(ckpt_t=str(ckpt_t), ckpt_t1=str(ckpt_t1))
+    if output is not None:
+        write_text_atomic(output, to_json(payload, indent=2) + "\n")
+    if as_json:
+        click.echo(to_json(payload))
+    elif not quiet:
+        print_report(result, Console(), per_layer=per_layer)
+

@@ -1,0 +1,89 @@
+"""The ``zeroptim`` command group and its entry point, which maps every failure to an exit status.
+
+Exit status: 0 success, 1 bad input or data, 2 bad usage, 3 a sweep with failed pairs. Errors are one
+``error:`` line on stderr (a traceback only with ``--debug``); stdout carries results only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+
+import click
+
+from zeroptim_cli import distributed as dist
+from zeroptim_cli._version import __version__
+from zeroptim_cli.cli.analyze import analyze
+from zeroptim_cli.cli.inspect import inspect
+from zeroptim_cli.cli.plot import plot
+from zeroptim_cli.cli.sweep import sweep
+from zeroptim_cli.cli.train import train
+from zeroptim_cli.errors import ConfigError, ZeroptimError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="zeroptim")
+def cli() -> None:
+    """Why did the optimizer move the loss? Second-order analysis of training steps.
+
+    For a step Δ = w_t1 − w_t: f(w_t1) − f(w_t) = gᵀΔ + ½ΔᵀHΔ + residual, with g and H the gradient
+    and Hessian of the loss at w_t (Pan & Li 2023, arXiv 2306.00204).
+    """
+
+
+
+for command in (analyze, train, sweep, plot, inspect):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and map every failure to an exit status and one ``error:`` line."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    # torch's own forward-mode decompositions still call the deprecated torch.jit.script on first use
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+    try:
+        return _run(args, debug)
+    finally:
+        dist.shutdown()
+
+
+def _say(message: str) -> None:
+    """An error line, from rank 0 only under torchrun (every rank exits with the same status)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(message, err=True)
+
+
+def _run(args: list[str], debug: bool) -> int:
+    try:
+        status = cli.main(args=args, prog_name="zeroptim", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        if os.environ.get("RANK", "0") == "0":
+            exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _say("error: aborted")
+        return 1
+    except ZeroptimError as exc:
+        if debug:
+            traceback.print_exc()
+        _say(f"error: {exc}")
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        _say("error: interrupted")
+        return 130
+    except Exception as exc:  # a bug of ours or of the user's model code: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _say(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)")
+        return 1
+    return status if isinstance(status, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The options and pieces shared by several commands: how a pair is analysed, the extras, --debug."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+from rich.console import Console
+
+from zeroptim_cli.analysis.extras import Extras, default_alphas
+from zeroptim_cli.derivatives import METHODS
+from zeroptim_cli.runtime import DTYPES
+
+#: Notes, progress and errors go to stderr; stdout carries results only.
+stderr = Console(stderr=True)
+
+DEBUG_HELP = "Show the full traceback on errors."
+
+
+def settings_options(fn):  # type: ignore[no-untyped-def]
+    """The options that say how a pair is analysed, shared by every analysing command."""
+    options = [
+        click.option("--model", "model", metavar="SPEC",
+                     help="Model factory 'path/to/file.py:fn' or 'package.module:fn', called with no arguments or "
+                          "with the kwargs recorded in the checkpoint. Overrides the checkpoint's metadata."),
+        click.option("--loss", metavar="NAME|MODULE:FN",
+                     help="cross_entropy (logits (N,C) or (N,T,C)), mse, or MODULE:FN taking (outputs, targets) "
+                          "and returning the mean loss. Default: the checkpoint's metadata, else cross_entropy."),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                     help="Where to compute; auto takes CUDA when available."),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+                     help="Compute dtype; bf16/fp16 checkpoints are upcast."),
+        click.option("--method", type=click.Choice(["auto", *METHODS]), default="auto", show_default=True,
+                     help="How the Hessian-vector product is taken. auto: double backward (reverse-over-"
+                          "reverse), or forward-over-reverse where an op lacks double backward. "
+                          "forward-over-forward gives no gradient norm and no per-layer split."),
+        click.option("--train-mode", "train", is_flag=True,
+                     help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "
+                          "--seed. Default: eval mode (running statistics of checkpoint t, no dropout)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dropout masks in train mode."),
+        click.option("--direction", default="update", show_default=True, metavar="update|neg-grad|neg-sign-grad|adam|FILE",
+                     help="Analyse another direction from w_t instead of the update: −g or −sign(g) rescaled to ‖Δ‖, "
+                          "the step Adam would take from its saved moments, or a safetensors file of a Δ."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def extras_options(fn):  # type: ignore[no-untyped-def]
+    """The opt-in extras (zeroptim_cli.analysis.extras), shared by analyze and sweep; they reach the command as
+    one ``extras`` argument."""
+    options = [
+        click.option("--concentration", is_flag=True,
+                     help="Share of ΔᵀHΔ (and of ‖Δ‖²) carried by the top 0.1%, 1%, 10% of coordinates, per layer too."),
+        click.option("--clip", "clip", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
+                     help="What-if: the same step with its top FRACTION of coordinates (by |Δ_i|) clipped to their "
+                          "threshold, as the paper's coordinate-wise clipping (it uses 0.1)."),
+        click.option("--line-search", is_flag=True, help="f(w_t + αΔ) on a grid of α, beside the quadratic model."),
+        click.option("--alphas", default="-0.5:2:26", show_default=True, metavar="LO:HI:N", help="The line-search grid."),
+        click.option("--lanczos", type=click.IntRange(1), metavar="K",
+                     help="λ_max and λ_min of H by K Lanczos steps (K Hessian-vector products per batch)."),
+        click.option("--hutchinson", type=click.IntRange(2), metavar="M",
+                     help="tr(H) by M Hutchinson probes, with its standard error."),
+        click.option("--deep", is_flag=True, help="Shorthand for --concentration --clip 0.1 --line-search."),
+    ]
+
+    def wrapper(**kwargs):  # type: ignore[no-untyped-def]
+        names = ("concentration", "clip", "line_search", "alphas", "lanczos", "hutchinson", "deep")
+        e = {k: kwargs.pop(k) for k in names}
+        kwargs["extras"] = Extras(
+            concentration=e["concentration"] or e["deep"], clip=e["clip"] or (0.1 if e["deep"] else None),
+            line_search=_alphas(e["alphas"]) if (e["line_search"] or e["deep"]) else None,
+            lanczos_steps=e["lanczos"] or 0, hutchinson_probes=e["hutchinson"] or 0, seed=int(kwargs["seed"]))
+        return fn(**kwargs)
+
+    functools.update_wrapper(wrapper, fn)
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+
+def _alphas(spec: str) -> list[float]:
+    try:
+        lo, hi, n = spec.split(":")
+        points = int(n)
+        if points < 2:
+            raise ValueError
+        return default_alphas(float(lo), float(hi), points)
+    except ValueError as exc:
+        raise click.BadParameter(f"'{spec}' is not LO:HI:N with N ≥ 2", param_hint="--alphas") from exc
+

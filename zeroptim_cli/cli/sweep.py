@@ -1,0 +1,76 @@
+"""``zeroptim sweep``: every recorded pair of run folders, resumably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.progress import Progress, TextColumn
+
+from zeroptim_cli import distributed as dist
+from zeroptim_cli.analysis.checkpoints import Settings
+from zeroptim_cli.analysis.extras import Extras
+from zeroptim_cli.analysis.sweep import expand, find_pairs
+from zeroptim_cli.analysis.sweep import sweep as run_sweep
+from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, settings_options, stderr
+from zeroptim_cli.io.results import read_results, write_csv
+from zeroptim_cli.report.tables import fmt
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSON-lines file, one line per pair; re-running resumes it.")
+@click.option("--batch", "batches", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Analyse every pair on these batches instead of each pair's recorded batch.")
+@click.option("--successive", is_flag=True,
+              help="Pair each checkpoint with the next one found, even across gaps in the steps.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the scalar columns of all results as CSV.")
+@settings_options
+@extras_options
+@click.option("--shard", type=click.Choice(["pairs", "batches"]), default="pairs", show_default=True,
+              help="Under torchrun: give each rank whole pairs, or split every pair's batches across the ranks.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no notes.")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], successive: bool, csv_path: Path | None,
+          quiet: bool, debug: bool, extras: Extras, shard: str, **settings: object) -> None:
+    """Analyse every consecutive checkpoint pair (steps s → s+1) of the RUNS folders (globs allowed).
+
+    One JSON line per pair, flushed as it is computed. A failing pair gets an 'error' key and the sweep goes
+    on; re-running the same command skips what is done and retries what failed. Exit status: 0 all pairs
+    analysed, 3 some failed (counted on stderr), 1 bad input, 2 bad usage.
+
+    \b
+      zeroptim sweep runs/sgd runs/adam -o results.jsonl
+      zeroptim plot results.jsonl -o results.png
+    """
+    settings["device"] = dist.init(str(settings["device"]))
+    quiet = quiet or not dist.is_main()
+    plan = find_pairs(expand(runs), successive=successive)
+    if not quiet:
+        for note in plan.notes:
+            stderr.print(f"note: {note}", markup=False, highlight=False)
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}"), console=stderr,
+                  disable=quiet) as progress:
+        task = progress.add_task("sweeping pairs", total=len(plan.pairs), last="")
+
+        def advance(pair, row) -> None:  # type: ignore[no-untyped-def]
+            status = "error" if "error" in row else f"ΔᵀHΔ/‖Δ‖² = {fmt(row.get('dir_sharpness_normalized'), 4)}"
+            progress.update(task, advance=1, last=f"{pair.run} {pair.step_t}→{pair.step_t1} {status}")
+
+        summary = run_sweep(plan, output, Settings(**settings), batches, extras, on_pair=advance,  # type: ignore[arg-type]
+                            shard=shard)
+        progress.update(task, completed=len(plan.pairs))
+    if not dist.is_main():
+        return
+    if csv_path is not None:
+        write_csv(list(read_results([output])), csv_path)
+    if not quiet:
+        stderr.print(f"{summary.analysed} analysed, {summary.skipped} already done, {summary.failed} failed "
+                     f"→ {output}", markup=False, highlight=False)
+    if summary.failed:
+        click.echo(f"error: {summary.failed} of {len(plan.pairs)} pairs failed (see their 'error' key in {output})",
+                   err=True)
+        raise click.exceptions.Exit(3)
+

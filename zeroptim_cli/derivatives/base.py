@@ -1,0 +1,60 @@
+"""What every differentiation method returns, and the sums over batches and ranks of it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from zeroptim_cli import distributed as dist
+from zeroptim_cli.vectors import Params, flatten, unflatten
+
+#: f as a function of the parameters, for one batch term.
+ScalarFn = Callable[[Params], Tensor]
+
+
+@dataclass(frozen=True)
+class Derivatives:
+    """f(w), gᵀΔ and ΔᵀHΔ, with g and HΔ themselves when the method yields them."""
+
+    loss: Tensor
+    grad_corr: Tensor
+    dir_sharpness: Tensor
+    grad: Params | None = None
+    hvp: Params | None = None
+
+
+def axpy(c: float, d: Derivatives, acc: Derivatives | None) -> Derivatives:
+    """c·d + acc, field by field (acc = None counts as zero)."""
+
+    def comb(x: Any, y: Any) -> Any:
+        if x is None:
+            return None
+        if isinstance(x, dict):
+            return {k: c * v + (0 if y is None else y[k]) for k, v in x.items()}
+        return c * x + (0 if y is None else y)
+
+    if acc is None:
+        return Derivatives(*(comb(getattr(d, f.name), None) for f in fields(Derivatives))) if c != 1.0 else d
+    return Derivatives(*(comb(getattr(d, f.name), getattr(acc, f.name)) for f in fields(Derivatives)))
+
+
+def all_reduce(d: Derivatives) -> Derivatives:
+    """Σ over torchrun ranks of every field of ``d``, in one all-reduce (identity without torchrun)."""
+    if not dist.active():
+        return d
+    scalars = torch.stack([d.loss.reshape(()), d.grad_corr.reshape(()), d.dir_sharpness.reshape(())])
+    flat = dist.all_reduce_sum(torch.cat([scalars] + [flatten(p) for p in (d.grad, d.hvp) if p is not None]))
+    i = 3
+    rebuilt: list[Params | None] = []
+    for p in (d.grad, d.hvp):
+        if p is None:
+            rebuilt.append(None)
+            continue
+        n = sum(t.numel() for t in p.values())
+        rebuilt.append(unflatten(flat[i:i + n], p))
+        i += n
+    return Derivatives(flat[0], flat[1], flat[2], *rebuilt)

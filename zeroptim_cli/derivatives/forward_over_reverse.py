@@ -1,0 +1,19 @@
+"""Forward over reverse: (g, HΔ) = jvp(∇f, w, Δ).
+
+Forward-mode AD pushed through the gradient computation: one pass carries (f, g) and their directional
+derivatives (gᵀΔ, HΔ) together, with no second backward graph. ``auto``'s fallback where an op has no
+double backward (cuDNN's RNNs, for one).
+"""
+
+from __future__ import annotations
+
+from torch.func import grad_and_value, jvp
+
+from zeroptim_cli.derivatives.base import Derivatives, ScalarFn
+from zeroptim_cli.vectors import Params, dot
+
+
+def forward_over_reverse(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
+    """(f(w), g) and their directional derivatives (gᵀΔ, HΔ) from one jvp of ``grad_and_value(f)``."""
+    (g, loss), (hvp, grad_corr) = jvp(grad_and_value(f), (w,), (delta,))
+    return Derivatives(loss, grad_corr, dot(delta, hvp), g, hvp)

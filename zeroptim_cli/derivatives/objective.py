@@ -1,0 +1,138 @@
+"""The objective f(w): the model's mean loss over one or several batches, as a pure function of w.
+
+    f(w) = Σ_b n_b · ℓ_b(w) / Σ_b n_b,   ℓ_b(w) = loss(model(x_b; w, buffers_t), y_b),
+
+with n_b the batch's count (examples, or tokens for token-level cross-entropy) and the buffers
+(BatchNorm running statistics, …) those of checkpoint t for every evaluation. In eval mode (the default)
+BatchNorm uses those running statistics and dropout is off. In train mode BatchNorm uses batch statistics
+and dropout draws its masks from a fixed seed, the same for every evaluation, so f stays one deterministic
+function of w; buffers are copied per evaluation, so nothing is mutated.
+
+Under torchrun this is the one place that knows about ranks: each rank holds its shard of every batch
+(``distributed.shard``), weighted by the global count, and every value, gradient and derivative this
+class returns is already summed over the ranks, so callers see the single-process f.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from zeroptim_cli import distributed as dist
+from zeroptim_cli.derivatives.base import Derivatives, ScalarFn, all_reduce, axpy
+from zeroptim_cli.derivatives.losses import Loss
+from zeroptim_cli.derivatives.methods import AUTO_ORDER, METHODS
+from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.io.batches import Batch
+from zeroptim_cli.vectors import Params
+
+
+@dataclass(frozen=True)
+class BatchTerm:
+    """One batch's share of f: ``weight`` = n_b / Σ n_b and ``fn`` = ℓ_b as a function of the parameters."""
+
+    batch: Batch
+    weight: float
+    fn: ScalarFn
+
+
+class Objective:
+    """f(w) over ``batches`` for ``model`` with fixed ``buffers``; see the module docstring.
+
+    The batches are this rank's shards of the given ones, moved to ``device`` (floating tensors in
+    ``dtype``). The model must already be on that device and dtype, in the mode it is evaluated in.
+    """
+
+    def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss, *,
+                 train: bool = False, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.buffers, self.loss = model, dict(buffers), loss
+        self.train, self.seed = train, seed
+        self.device = torch.device(device)
+        local = [b.to(self.device, dtype) for b in dist.guarded(lambda: dist.shard(batches)[0])]
+        counts = [loss.count(b.targets) for b in local]
+        total, examples = self._sum([float(sum(counts)), float(sum(b.num_examples for b in local))])
+        self.num_examples = int(examples)
+        self.terms = [BatchTerm(b, n / total, self._batch_fn(b, i)) for i, (b, n) in enumerate(zip(local, counts))]
+
+    def _sum(self, values: list[float]) -> list[float]:
+        """Σ over ranks of a few numbers, in float64."""
+        return dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def _batch_fn(self, batch: Batch, index: int) -> ScalarFn:
+        def fn(params: Params) -> Tensor:
+            if not self.train:
+                return self.loss(functional_call(self.model, (params, self.buffers), (batch.inputs,)), batch.targets)
+            buffers = {k: v.clone() for k, v in self.buffers.items()}
+            device = batch.inputs.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(self.seed + index)
+                outputs = functional_call(self.model, (params, buffers), (batch.inputs,))
+            return self.loss(outputs, batch.targets)
+
+        return fn
+
+    def value(self, w: Params) -> Tensor:
+        """f(w), with no graph."""
+        with torch.no_grad():
+            local = dist.guarded(lambda: sum(t.weight * t.fn(w) for t in self.terms))
+        return dist.all_reduce_sum(torch.as_tensor(local, device=self.device))
+
+    def gradient(self, w: Params) -> Params:
+        """g = ∇f(w), one backward pass per batch."""
+
+        def local() -> Params:
+            leaves = {k: v.detach().requires_grad_() for k, v in w.items()}
+            total = {k: torch.zeros_like(v) for k, v in w.items()}
+            with torch.enable_grad():
+                for term in self.terms:
+                    grads = torch.autograd.grad(term.fn(leaves), list(leaves.values()), materialize_grads=True)
+                    for k, g in zip(leaves, grads):
+                        total[k] += term.weight * g
+            return total
+
+        g = dist.guarded(local)
+        zero = torch.zeros((), dtype=next(iter(g.values())).dtype, device=self.device)
+        return all_reduce(Derivatives(zero, zero, zero, g)).grad  # type: ignore[return-value]
+
+    def derivatives(self, w: Params, v: Params, method: str = "auto") -> tuple[str, Derivatives]:
+        """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``).
+
+        ``auto`` tries the methods of ``AUTO_ORDER`` on the first batch and keeps the first that works
+        (some kernels, e.g. cuDNN's RNNs, have no double backward; forward-over-reverse in turn can trip
+        on torch's immutable zero tangents, seen for a linear model under MSE, whose Hessian is constant).
+        A batch that fits no method is reported by the first method's error, the plainest one.
+        """
+        candidates = list(AUTO_ORDER) if method == "auto" else [method]
+
+        def local() -> Derivatives:
+            total: Derivatives | None = None
+            for term in self.terms:
+                first_error: Exception | None = None
+                while True:
+                    try:
+                        d = METHODS[candidates[0]](term.fn, w, v)
+                        break
+                    except Exception as exc:
+                        first_error = first_error or exc
+                        if len(candidates) > 1 and total is None:
+                            candidates.pop(0)
+                            continue
+                        raise _batch_error(term.batch, first_error) from exc
+                total = axpy(term.weight, d, total)
+            assert total is not None
+            return total
+
+        total = dist.guarded(local)
+        return candidates[0], all_reduce(total)
+
+
+def _batch_error(batch: Batch, exc: Exception) -> ZeroptimError:
+    if isinstance(exc, ZeroptimError):
+        return ZeroptimError(f"batch '{batch.source}': {exc}")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ZeroptimError(f"batch '{batch.source}' does not fit the model ({type(exc).__name__}: {first})")

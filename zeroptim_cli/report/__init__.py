@@ -1,0 +1,1 @@
+"""What a person sees: rich tables (``tables``) and matplotlib figures (``plots``)."""
