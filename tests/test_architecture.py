@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     "_version": 0, "errors": 0,
     "vectors": 1, "runtime": 1,
     "io": 2,
-    "models": 3, "distributed": 3,
+    "models": 3, "distributed": 3, "optim": 3,
     "derivatives": 4,
     "analysis": 5,
     "report": 6, "training": 6, "integrations": 6,

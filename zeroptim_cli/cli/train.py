@@ -32,7 +32,7 @@ def _steps(value: str | None) -> list[int] | None:
               "(default: English prose shipped with CPython).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder of a torchvision dataset.")
 @click.option("--download", is_flag=True, default=None, help="Let torchvision download the dataset into --data-root.")
-@click.option("--optimizer", help="sgd, adam, adamw, adafactor, lion, signsgd, normalized_sgd.")
+@click.option("--optimizer", help="sgd, adam, adamw, adafactor, lion, signsgd, normalized_sgd, mezo.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--clip", type=float, help="Clip the top fraction of coordinates (Pan & Li), e.g. 0.1.")
 @click.option("--clip-target", type=click.Choice(["gradient", "update"]), help="What --clip clips.")
@@ -43,7 +43,8 @@ def _steps(value: str | None) -> list[int] | None:
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="Training dtype.")
 @click.option("--record-every", type=int, help="Record every K-th step (steps 0, K, 2K, …).")
 @click.option("--record-steps", help="Comma-separated steps to record, e.g. 100,101.")
-@click.option("--save-optimizer-state", is_flag=True, default=None, help="Also save the optimizer state.")
+@click.option("--save-optimizer-state/--no-save-optimizer-state", default=None,
+              help="Save the optimizer state before each recorded step (default: yes; zeroptim compare needs it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def train(config: Path | None, quiet: bool, debug: bool, **flags: object) -> None:

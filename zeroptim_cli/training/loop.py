@@ -9,9 +9,12 @@ A config (YAML, every key optional) — the defaults train the notebook's MLP on
     batch_size: 128
     dataset: {name: mnist_5k}          # text (path, block_size) | mnist | fashion_mnist | cifar10 (root, download)
     model: {name: mlp, kwargs: {}}     # cnn | char_transformer | resnet18; sizes that follow from the data are filled in
-    optimizer: {name: sgd, lr: 0.1}    # adam, adamw, adafactor, lion, signsgd, normalized_sgd; clip: {fraction, target}
+    optimizer: {name: sgd, lr: 0.1}    # adam, adamw, adafactor, lion, signsgd, normalized_sgd, mezo; clip: {fraction, target}
     loss: cross_entropy
-    record: {every: 100, steps: [], optimizer_state: false}   # steps 0, 100, …; each writes ckpts s and s+1
+    record: {every: 100, steps: [], optimizer_state: true}   # steps 0, 100, …; each writes ckpts s and s+1
+
+MeZO (``mezo``: lr, eps, samples, weight_decay, seed) takes no backward pass: its step gets a closure that
+evaluates the loss of the step's batch at the current parameters, with no gradient, in the training mode.
     out: runs/mlp_sgd
 """
 
@@ -30,7 +33,7 @@ from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.models import REGISTRY, build_model
 from zeroptim_cli.runtime import DTYPES, resolve_device
 from zeroptim_cli.training.data import load_dataset
-from zeroptim_cli.training.optimizers import build_optimizer
+from zeroptim_cli.optim.optimizers import build_optimizer
 from zeroptim_cli.training.recorder import Recorder
 
 DEFAULTS: dict[str, Any] = {
@@ -43,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {"name": "mlp", "kwargs": {}},
     "optimizer": {"name": "sgd", "lr": 0.1},
     "loss": "cross_entropy",
-    "record": {"every": 100, "steps": [], "optimizer_state": False},
+    "record": {"every": 100, "steps": [], "optimizer_state": True},
     "out": "runs/run",
 }
 
@@ -117,11 +120,17 @@ def train(config: dict[str, Any], on_step: Callable[[int, float], None] | None =
         x, y = data.batch(int(config["batch_size"]), generator)
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         y = y.to(device)
-        value = loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        with recorder.step(step, x, y):
-            optimizer.step()
+        if getattr(optimizer, "needs_closure", False):
+            with torch.no_grad():
+                value = loss(model(x), y)
+            with recorder.step(step, x, y):
+                optimizer.step(lambda: loss(model(x), y))
+        else:
+            value = loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            with recorder.step(step, x, y):
+                optimizer.step()
         if on_step is not None:
             on_step(step, float(value.detach()))
     return recorder.folder

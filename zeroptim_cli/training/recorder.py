@@ -9,8 +9,10 @@ and the batch the step used::
         optimizer.step()
 
 Files, all written atomically: ``ckpt_{step:06d}.safetensors`` (metadata per ../shared/CONTRACT.md,
-``batch`` naming the batch of the step that starts there), ``batch_{step:06d}.safetensors``, optionally
-``optim_{step:06d}.safetensors`` (the optimizer state before the step), and ``run.json``.
+``batch`` naming the batch of the step that starts there), ``batch_{step:06d}.safetensors``,
+``optim_{step:06d}.safetensors`` (the optimizer state before the step, format in ``optim.state``; by
+default, so that ``zeroptim compare`` can take the recorded optimizer's step again; nearly empty for plain
+SGD), and ``run.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from torch import nn
 from zeroptim_cli.io.batches import save_batch
 from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint
 from zeroptim_cli.io.files import atomic_path, write_text_atomic
-from zeroptim_cli.training.optimizers import optimizer_description
+from zeroptim_cli.optim.optimizers import optimizer_description
+from zeroptim_cli.optim.state import state_metadata, state_tensors
 
 
 def ckpt_name(step: int) -> str:
@@ -44,28 +47,18 @@ def optim_name(step: int) -> str:
     return f"optim_{step:06d}.safetensors"
 
 
-def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as ``{"<param name>/<key>": tensor}`` (safetensors-ready)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out: dict[str, torch.Tensor] = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) or isinstance(value, (int, float)):
-                out[f"{names.get(id(param), str(id(param)))}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return out
-
-
 class Recorder:
     """Saves (checkpoint t, batch, checkpoint t+1) around chosen optimizer steps of a training loop.
 
     ``every`` records steps 0, every, 2·every, …; ``steps`` adds chosen ones; ``model_spec`` (e.g.
     ``{"name": "mlp", "kwargs": {...}}`` or ``{"factory": "pkg.mod:fn"}``) lets ``zeroptim analyze``
-    rebuild the model with no flags.
+    rebuild the model with no flags. ``save_optimizer_state=False`` skips the state files. An optimizer
+    whose ``step`` needs a closure (MeZO) is stepped inside the ``with`` as usual: ``optimizer.step(closure)``.
     """
 
     def __init__(self, folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  every: int | None = None, steps: Iterable[int] = (), model_spec: dict[str, Any] | None = None,
-                 loss: str = "cross_entropy", save_optimizer_state: bool = False,
+                 loss: str = "cross_entropy", save_optimizer_state: bool = True,
                  extra: dict[str, Any] | None = None) -> None:
         if every is not None and every <= 0:
             raise ValueError("every must be a positive number of steps")
@@ -100,9 +93,9 @@ class Recorder:
         save_batch(self.folder / batch_name(step), inputs, targets)
         save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, batch_name(step)))
         if self.save_optimizer_state:
+            meta = {"format": FORMAT_VERSION, **state_metadata(step, self.optimizer)}
             with atomic_path(self.folder / optim_name(step)) as tmp:
-                save_file(optimizer_state_tensors(self.model, self.optimizer), str(tmp),
-                          metadata={"zeroptim": json.dumps({"format": FORMAT_VERSION, "step": step})})
+                save_file(state_tensors(self.model, self.optimizer), str(tmp), metadata={"zeroptim": json.dumps(meta)})
         yield
         # If step t+1 is recorded too, its own "before" checkpoint rewrites this file with its batch.
         save_checkpoint(self.folder / ckpt_name(step + 1), self.model, self._meta(step + 1, None))

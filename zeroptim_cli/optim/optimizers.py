@@ -1,5 +1,7 @@
-"""Optimizers for ``zeroptim train``: torch's SGD, Adam, AdamW and Adafactor, plus Lion, sign-SGD,
-normalized SGD, and the coordinate-wise clipping of Pan & Li 2023 as a wrapper around any of them.
+"""The optimizers zeroptim trains with and takes steps of: torch's SGD, Adam, AdamW and Adafactor, plus
+Lion, sign-SGD, normalized SGD, MeZO (``mezo.py``), and the coordinate-wise clipping of Pan & Li 2023 as
+a wrapper around any of them. ``optimizer_description`` is what the Recorder writes into checkpoint
+metadata; ``build_optimizer`` turns such a description (or a config's ``optimizer``) back into one.
 """
 
 from __future__ import annotations
@@ -13,21 +15,31 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.optim.mezo import MeZO
 from zeroptim_cli.vectors import clip_coordinates
 
 _IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"}
 
 
-def optimizer_description(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's name and the JSON-able hyper-parameters of its first parameter group."""
+_SCALAR = (int, float, bool, str, type(None))
+
+
+def class_path(cls: type) -> str:
+    """``module.QualifiedName`` of a class, as recorded under ``class``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def optimizer_description(optimizer: Any) -> dict[str, Any]:
+    """The optimizer's name, its class (``class``), and the JSON-able hyper-parameters of its first
+    parameter group (tuples such as betas as lists)."""
     inner = getattr(optimizer, "describe", None)
     if callable(inner):
         return inner()
     group = optimizer.param_groups[0]
-    hyper = {k: v for k, v in group.items()
-             if k not in _IMPLEMENTATION_FLAGS and isinstance(v, (int, float, bool, str, type(None)))}
-    hyper.update({k: list(v) for k, v in group.items() if isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)})
-    return {"name": getattr(type(optimizer), "name", type(optimizer).__name__.lower()), **hyper}
+    hyper = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_FLAGS and isinstance(v, _SCALAR)}
+    hyper.update({k: list(v) for k, v in group.items() if isinstance(v, tuple) and all(isinstance(x, _SCALAR) for x in v)})
+    cls = type(optimizer)
+    return {"name": getattr(cls, "name", cls.__name__.lower()), "class": class_path(cls), **hyper}
 
 
 class SignSGD(Optimizer):
@@ -100,11 +112,15 @@ class CoordinateClip:
             raise ConfigError(f"clip fraction {fraction} must lie in (0, 1]")
         if target not in ("gradient", "update"):
             raise ConfigError(f"clip target '{target}' must be 'gradient' or 'update'")
+        self.needs_closure = getattr(inner, "needs_closure", False)
+        if self.needs_closure and target == "gradient":
+            raise ConfigError(f"clip target 'gradient': {type(inner).__name__} takes no gradient; clip its update")
         self.inner, self.fraction, self.target = inner, fraction, target
         self.param_groups, self.state, self.defaults = inner.param_groups, inner.state, inner.defaults
 
     def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        """The parameters the step moves: those with a gradient (all, for a gradient-free inner optimizer)."""
+        return [p for g in self.param_groups for p in g["params"] if self.needs_closure or p.grad is not None]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> None:  # type: ignore[override]
@@ -114,7 +130,7 @@ class CoordinateClip:
             self.inner.step()
             return
         before = [p.detach().clone() for p in params]
-        self.inner.step()
+        self.inner.step(closure)
         updates = [p - b for p, b in zip(params, before)]
         clip_coordinates(updates, self.fraction)
         for p, b, u in zip(params, before, updates):
@@ -125,6 +141,9 @@ class CoordinateClip:
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
     def describe(self) -> dict[str, Any]:
         return {**optimizer_description(self.inner), "clip": {"fraction": self.fraction, "target": self.target}}
@@ -138,6 +157,7 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "lion": Lion,
     "signsgd": SignSGD,
     "normalized_sgd": NormalizedSGD,
+    "mezo": MeZO,
 }
 
 
@@ -148,8 +168,7 @@ def build_optimizer(params: Iterable[Tensor], spec: dict[str, Any]) -> Optimizer
     clip = spec.pop("clip", None)
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer '{name}' is not one of {', '.join(OPTIMIZERS)}")
-    if "betas" in spec:
-        spec["betas"] = tuple(spec["betas"])
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}  # betas, Adafactor's eps
     try:
         opt = OPTIMIZERS[name](params, **spec)
     except (TypeError, ValueError) as exc:

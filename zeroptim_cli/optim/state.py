@@ -1,0 +1,123 @@
+"""An optimizer's state as safetensors tensors, and a step taken again from a saved state.
+
+File ``optim_{step:06d}.safetensors`` (the state just before step t): tensors named
+``<parameter name>/<state key>`` (Python numbers as 0-d tensors, e.g. Adam's ``step``), and metadata
+``zeroptim`` = ``{"format": 1, "step": t, "optimizer": <description>, "param_groups": n}``.
+
+Taking the step again (``replay_step``): the optimizer is rebuilt from its description by the built-in
+registry (never from a class named in a file), the saved state is loaded through torch's own
+``load_state_dict`` (which casts moments to the parameters' dtype and device and keeps ``step`` as torch
+keeps it), p.grad = g is set on a copy of w, and ``step`` is called — with a closure evaluating the loss
+for optimizers that need one (MeZO). The step is d = w_new − w: the same code on the same numbers, so every
+optimizer of the registry is reproduced exactly, clipping wrapper included.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.io.files import read_safetensors
+from zeroptim_cli.optim.optimizers import OPTIMIZERS, CoordinateClip, build_optimizer, class_path, optimizer_description
+from zeroptim_cli.vectors import Params
+
+
+def state_tensors(model: nn.Module, optimizer: Any) -> dict[str, Tensor]:
+    """The optimizer's per-parameter state as ``{"<param name>/<key>": tensor}`` (safetensors-ready)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, Tensor] = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, (Tensor, int, float)):
+                out[f"{names.get(id(param), str(id(param)))}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return out
+
+
+def state_metadata(step: int, optimizer: Any) -> dict[str, Any]:
+    """The ``zeroptim`` metadata of a state file, but its format (see the module docstring)."""
+    return {"step": step, "optimizer": optimizer_description(optimizer), "param_groups": len(optimizer.param_groups)}
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A state file: its tensors, and the optimizer description and step it records (None when absent,
+    as in files written before they were recorded)."""
+
+    path: Path
+    tensors: dict[str, Tensor]
+    step: int | None = None
+    optimizer: dict[str, Any] | None = None
+    param_groups: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_state_file(path: str | os.PathLike) -> SavedState:
+    """Read an ``optim_*.safetensors`` file."""
+    p = Path(path)
+    tensors, raw = read_safetensors(p, "optimizer state")
+    try:
+        meta = json.loads(raw.get("zeroptim", "{}"))
+    except json.JSONDecodeError as exc:
+        raise ZeroptimError(f"optimizer state '{p}': metadata 'zeroptim' is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ZeroptimError(f"optimizer state '{p}': metadata 'zeroptim' must be a JSON object")
+    step = meta.get("step")
+    return SavedState(p, tensors, step if isinstance(step, int) else None, meta.get("optimizer"),
+                      int(meta.get("param_groups", 1)), meta)
+
+
+def rebuild(description: Mapping[str, Any], params: list[Tensor]) -> torch.optim.Optimizer | CoordinateClip:
+    """The built-in optimizer ``description`` names, over ``params``, with its recorded hyper-parameters.
+
+    A recorded ``class`` must be the registry's own class of that name (a user's optimizer that happens
+    to be called ``adam`` is not rebuilt as torch's). Keys the constructor does not take (e.g. a
+    scheduler's ``initial_lr``) are left out; the group's current ``lr`` is the one recorded.
+    """
+    spec = dict(description)
+    recorded_class, name = spec.pop("class", None), spec.get("name")
+    if name not in OPTIMIZERS:
+        raise ZeroptimError(f"optimizer '{name}' is not one zeroptim can take a step of ({', '.join(OPTIMIZERS)})")
+    cls = OPTIMIZERS[name]
+    if recorded_class is not None:
+        ours = class_path(cls)  # type: ignore[arg-type]
+        if (recorded_class.split(".")[0], recorded_class.rpartition(".")[2]) != (ours.split(".")[0], cls.__qualname__):
+            raise ZeroptimError(f"optimizer '{name}' was recorded as class '{recorded_class}', not the built-in '{ours}'")
+    accepted = set(inspect.signature(cls).parameters)
+    spec = {k: v for k, v in spec.items() if k in accepted or k in ("name", "clip")}
+    return build_optimizer(params, spec)
+
+
+def replay_step(description: Mapping[str, Any], state: Mapping[str, Tensor], w: Params, grad: Params | None,
+                loss: Callable[[Params], Tensor] | None = None, source: str = "optimizer state") -> Params:
+    """d = w_new − w for one step of the described optimizer from ``state`` at ``w`` with gradient ``grad``
+    (``loss`` evaluates f at given parameters, for optimizers that need a closure); see the module docstring."""
+    params = {k: v.detach().clone() for k, v in w.items()}
+    optimizer = rebuild(description, list(params.values()))
+    index = {name: i for i, name in enumerate(params)}
+    per_param: dict[int, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        name, _, entry = key.rpartition("/")
+        if name not in index:
+            raise ZeroptimError(f"{source}: '{key}' belongs to no parameter of the model")
+        per_param.setdefault(index[name], {})[entry] = value
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    needs_closure = getattr(optimizer, "needs_closure", False)
+    if not needs_closure:
+        if grad is None:
+            raise ZeroptimError(f"optimizer '{description.get('name')}' needs the gradient")
+        for k, p in params.items():
+            p.grad = grad[k].detach().clone()
+    if needs_closure and loss is None:
+        raise ZeroptimError(f"optimizer '{description.get('name')}' needs the loss to step")
+    optimizer.step((lambda: loss(params)) if needs_closure else None)  # type: ignore[misc]
+    return {k: params[k].detach() - w[k] for k in w}
