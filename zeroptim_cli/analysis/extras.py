@@ -56,6 +56,17 @@ def clipped(delta: Params, fraction: float) -> tuple[Params, float]:
     return {k: v.clamp(-tau, tau) for k, v in delta.items()}, float(tau)
 
 
+def line_search(objective: Objective, w_t: Params, d: Params, alphas: Sequence[float], loss_t: float,
+                grad_corr: float, dir_sharpness: float) -> dict[str, Any]:
+    """φ(α) = f(w_t + αd) on the grid ``alphas``, the quadratic model f(w_t) + α·gᵀd + ½α²·dᵀHd beside it,
+    and the best α of the grid with its loss."""
+    values = [float(objective.value({k: w_t[k] + a * d[k] for k in w_t})) for a in alphas]
+    best = min(range(len(values)), key=values.__getitem__)
+    return {"alpha": list(alphas), "loss": values,
+            "quadratic": [loss_t + a * grad_corr + 0.5 * a * a * dir_sharpness for a in alphas],
+            "best_alpha": alphas[best], "best_loss": values[best]}
+
+
 def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivatives, result: PairAnalysis,
                    options: Extras) -> dict[str, Any]:
     """The requested extras for the pair summarized in ``result``, whose totals ``d`` are, as JSON-ready
@@ -72,14 +83,8 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
         out["clipped"] = {"fraction": options.clip, "tau": tau,
                           **quadratic_model(float(r.grad_corr), float(r.dir_sharpness), norm)}
     if options.line_search:
-        loss_t, gd, dhd = result.loss_t, result.grad_corr, result.dir_sharpness
-        values = [float(objective.value({k: w_t[k] + a * delta[k] for k in w_t})) for a in options.line_search]
-        best = min(range(len(values)), key=values.__getitem__)
-        out["line_search"] = {
-            "alpha": list(options.line_search), "loss": values,
-            "quadratic": [loss_t + a * gd + 0.5 * a * a * dhd for a in options.line_search],
-            "best_alpha": options.line_search[best], "best_loss": values[best],
-        }
+        out["line_search"] = line_search(objective, w_t, delta, options.line_search, result.loss_t,
+                                         result.grad_corr, result.dir_sharpness)
     if options.lanczos_steps or options.hutchinson_probes:
         like = next(iter(w_t.values()))  # device and dtype of the probes
         n = sum(t.numel() for t in w_t.values())

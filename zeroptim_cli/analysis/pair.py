@@ -62,19 +62,11 @@ def analyze_pair(
     from g and Δ; every quantity is then that of d, with f(w_t1) read as f(w_t + d). ``extras`` adds the
     opt-in analyses of ``analysis.extras`` under their own keys.
     """
-    if method != "auto" and method not in METHODS:
-        raise ConfigError(f"--method '{method}' is not one of auto, {', '.join(METHODS)}")
-    if not batches:
-        raise ConfigError("no batch to evaluate the loss on")
-    if method == "forward-over-forward":
-        check_forward_over_forward(model, train)
     device = torch.device(device)
-    model.to(device=device, dtype=dtype)
-    w_t, w_t1 = _cast(params_t, device, dtype), _cast(params_t1, device, dtype)
+    w_t, w_t1 = cast(params_t, device, dtype), cast(params_t1, device, dtype)
     delta = {k: w_t1[k] - w_t[k] for k in w_t}
-    fixed = _cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
-    objective = Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype)
-    with _evaluated(model, train), twice_differentiable_kernels():
+    with prepared(model, batches, loss, buffers=buffers, method=method, train=train, seed=seed, device=device,
+                  dtype=dtype) as objective:
         if direction is not None:
             delta = direction(objective.gradient(w_t), w_t, delta)
             w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
@@ -87,17 +79,31 @@ def analyze_pair(
     return result
 
 
-def _cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> Params:
+def cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> Params:
+    """Floating tensors on ``device`` in ``dtype``, others on ``device`` only."""
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
 
 
 @contextlib.contextmanager
-def _evaluated(model: nn.Module, train: bool) -> Iterator[None]:
-    """The model in train or eval mode for the block, its own mode restored after."""
+def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers: Mapping[str, Tensor] | None,
+             method: str, train: bool, seed: int, device: torch.device, dtype: torch.dtype) -> Iterator[Objective]:
+    """Prepare: check ``method``, move the model to ``device`` and ``dtype``, and yield the objective f on
+    ``batches`` with ``buffers`` (default: the model's own) fixed; for the block the model is in train or
+    eval mode (its own mode restored after) and attention uses twice-differentiable kernels."""
+    if method != "auto" and method not in METHODS:
+        raise ConfigError(f"--method '{method}' is not one of auto, {', '.join(METHODS)}")
+    if not batches:
+        raise ConfigError("no batch to evaluate the loss on")
+    if method == "forward-over-forward":
+        check_forward_over_forward(model, train)
+    model.to(device=device, dtype=dtype)
+    fixed = cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
+    objective = Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype)
     was_training = model.training
     model.train(train)
     try:
-        yield
+        with twice_differentiable_kernels():
+            yield objective
     finally:
         model.train(was_training)
 

@@ -31,6 +31,11 @@ from zeroptim_cli.optim.optimizers import OPTIMIZERS, CoordinateClip, build_opti
 from zeroptim_cli.vectors import Params
 
 
+def state_file_name(step: int) -> str:
+    """The state file recorded beside checkpoint ``step``."""
+    return f"optim_{step:06d}.safetensors"
+
+
 def state_tensors(model: nn.Module, optimizer: Any) -> dict[str, Tensor]:
     """The optimizer's per-parameter state as ``{"<param name>/<key>": tensor}`` (safetensors-ready)."""
     names = {id(p): n for n, p in model.named_parameters()}

@@ -32,7 +32,7 @@ from zeroptim_cli.io.batches import save_batch
 from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint
 from zeroptim_cli.io.files import atomic_path, write_text_atomic
 from zeroptim_cli.optim.optimizers import optimizer_description
-from zeroptim_cli.optim.state import state_metadata, state_tensors
+from zeroptim_cli.optim.state import state_file_name, state_metadata, state_tensors
 
 
 def ckpt_name(step: int) -> str:
@@ -41,10 +41,6 @@ def ckpt_name(step: int) -> str:
 
 def batch_name(step: int) -> str:
     return f"batch_{step:06d}.safetensors"
-
-
-def optim_name(step: int) -> str:
-    return f"optim_{step:06d}.safetensors"
 
 
 class Recorder:
@@ -94,7 +90,7 @@ class Recorder:
         save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, batch_name(step)))
         if self.save_optimizer_state:
             meta = {"format": FORMAT_VERSION, **state_metadata(step, self.optimizer)}
-            with atomic_path(self.folder / optim_name(step)) as tmp:
+            with atomic_path(self.folder / state_file_name(step)) as tmp:
                 save_file(state_tensors(self.model, self.optimizer), str(tmp), metadata={"zeroptim": json.dumps(meta)})
         yield
         # If step t+1 is recorded too, its own "before" checkpoint rewrites this file with its batch.

@@ -1,0 +1,200 @@
+"""Comparing directions at one point: from w_t, on the same batches, the steps of several optimizers
+(``analysis.optimizer_steps``) side by side with the realized update Δ — the paper's central comparison
+(Pan & Li 2023, arXiv 2306.00204).
+
+One gradient g = ∇f(w_t) builds every direction; then per direction d, one call of
+``Objective.derivatives(w_t, d, method)`` (one Hessian-vector product per batch, or whatever ``method``
+costs) and one forward pass give
+
+    gᵀd,   dᵀHd,   dᵀHd/‖d‖²,   ‖d‖,   taylor_pred = gᵀd + ½dᵀHd,   loss_after = f(w_t + d) (computed),
+    cos(d, Δ) = dᵀΔ/(‖d‖‖Δ‖),   cos(g, d),   and optionally the best α of f(w_t + αd) on a grid.
+
+Scaling: ``update`` (default) rescales every direction to the reference length ‖Δ‖ — without CKPT_T1 to
+the length of the recorded optimizer's own step when its state is saved, else to ‖lr·g‖ (``sgd``) — so
+that the directions differ only in where they point; ``own`` keeps each at its own optimizer's length
+(those without one, e.g. ``sgd`` with no recorded lr, are still rescaled; each says which in ``scale``).
+The update itself is never rescaled, and its loss_after is f(w_t1) as ``analyze`` computes it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zeroptim_cli.analysis.checkpoints import Settings, recorded_batches
+from zeroptim_cli.analysis.extras import line_search
+from zeroptim_cli.analysis.optimizer_steps import (
+    MezoSettings,
+    OptimizerState,
+    StepPoint,
+    other_state,
+    own_step,
+    parse_names,
+    recorded_state,
+)
+from zeroptim_cli.analysis.pair import cast, prepared
+from zeroptim_cli.analysis.result import quadratic_model
+from zeroptim_cli.derivatives.losses import Loss, resolve_loss
+from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.io.batches import Batch, load_batch
+from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
+from zeroptim_cli.models import build_model
+from zeroptim_cli.runtime import resolve_device, resolve_dtype
+from zeroptim_cli.vectors import Params, dot, norm
+
+SCALES = ("update", "own")
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Which directions (None: every one at hand, see ``optimizer_steps.default_names``), how to scale
+    them, the clipping fraction of ``+clip``, MeZO's settings, other optimizer states (``--state``) and
+    the line-search grid (None: no line search)."""
+
+    directions: tuple[str, ...] | None = None
+    scale: str = "update"
+    clip_fraction: float = 0.1
+    mezo: MezoSettings = MezoSettings()
+    states: tuple[str, ...] = ()
+    line_search: tuple[float, ...] | None = None
+
+
+@dataclass
+class Comparison:
+    """The directions compared at w_t; ``to_dict`` gives the contract's object."""
+
+    loss_t: float
+    grad_norm: float
+    num_examples: int
+    dtype: str
+    device: str
+    method: str
+    scale: str
+    reference: str
+    reference_norm: float | None
+    clip_fraction: float
+    directions: list[dict[str, Any]]
+    step_t: int | None = None
+    step_t1: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_t1: Mapping[str, Tensor] | None,
+                       batches: Sequence[Batch], loss: Loss, *, lr: float | None = None,
+                       recorded: OptimizerState | None = None, states: Sequence[OptimizerState] = (),
+                       options: CompareOptions = CompareOptions(), buffers: Mapping[str, Tensor] | None = None,
+                       method: str = "auto", train: bool = False, seed: int = 0,
+                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Comparison:
+    """Compare the directions of ``options`` from ``params_t`` (see the module docstring). ``lr`` is the
+    recorded learning rate, ``recorded`` the optimizer state saved at t, ``states`` other ones."""
+    if options.scale not in SCALES:
+        raise ConfigError(f"--scale '{options.scale}' is not one of {', '.join(SCALES)}")
+    device = torch.device(device)
+    w_t = cast(params_t, device, dtype)
+    w_t1 = cast(params_t1, device, dtype) if params_t1 is not None else None
+    update = {k: w_t1[k] - w_t[k] for k in w_t} if w_t1 is not None else None
+    with prepared(model, batches, loss, buffers=buffers, method=method, train=train, seed=seed, device=device,
+                  dtype=dtype) as objective:
+        grad = objective.gradient(w_t)
+        point = StepPoint(w_t, grad, objective.value, update, lr, recorded, list(states), options.mezo,
+                          options.clip_fraction)
+        names = parse_names(options.directions, point)
+        steps = {name: own_step(name, point) for name in names}
+        kept = {name for name, (_, own) in steps.items() if name == "update" or (options.scale == "own" and own)}
+        reference, ref_norm = _reference(point, steps) if set(steps) - kept else ("none", None)
+        directions: dict[str, Params] = {}
+        for name, (d, _) in steps.items():
+            n = norm(d)
+            directions[name] = d if name in kept or n == 0 else {k: v * (ref_norm / n) for k, v in d.items()}
+        rows, chosen, gg = [], method, dot(grad, grad)
+        for name, d in directions.items():
+            chosen, r = objective.derivatives(w_t, d, chosen)
+            after = objective.value(w_t1 if name == "update" and w_t1 is not None else {k: w_t[k] + d[k] for k in w_t})
+            rows.append([r.loss, r.grad_corr, r.dir_sharpness, after, dot(d, d), gg,
+                         dot(d, update) if update is not None else torch.zeros((), device=device), dot(grad, d)])
+        # one host transfer for every direction's numbers
+        table = torch.stack([torch.stack([torch.as_tensor(x, device=device).double() for x in row]) for row in rows]).cpu().tolist()
+        loss_t, grad_norm = table[0][0], math.sqrt(table[0][5])
+        update_norm = norm(update) if update is not None else None
+        out = []
+        for name, (_, gd, dhd, after, dd, _, du, gdd) in zip(directions, table):
+            n = math.sqrt(dd)
+            row: dict[str, Any] = {"name": name, "scale": "own" if name in kept else "update", **quadratic_model(gd, dhd, n),
+                                   "own_norm": norm(steps[name][0]), "loss_after": after,
+                                   "delta_loss": after - loss_t, "taylor_residual": after - loss_t - (gd + 0.5 * dhd),
+                                   "cos_with_update": _cos(du, n, update_norm), "cos_with_grad": _cos(gdd, n, grad_norm)}
+            if options.line_search:
+                ls = line_search(objective, w_t, directions[name], options.line_search, loss_t, gd, dhd)
+                row["line_search"] = {"best_alpha": ls["best_alpha"], "best_loss": ls["best_loss"],
+                                      "alpha": ls["alpha"], "loss": ls["loss"]}
+            out.append(row)
+    return Comparison(loss_t=loss_t, grad_norm=grad_norm, num_examples=objective.num_examples,
+                      dtype=str(dtype).removeprefix("torch."), device=str(device), method=chosen,
+                      scale=options.scale, reference=reference, reference_norm=ref_norm,
+                      clip_fraction=options.clip_fraction, directions=out)
+
+
+def _cos(dot_value: float, a: float, b: float | None) -> float | None:
+    if not a or not b:
+        return None
+    return max(-1.0, min(1.0, dot_value / (a * b)))
+
+
+def _reference(point: StepPoint, steps: dict[str, tuple[Params, bool]]) -> tuple[str, float]:
+    """(the name, the length) every direction is rescaled to under ``--scale update``."""
+    if point.update is not None:
+        return "update", norm(point.update)
+    if point.recorded is not None:
+        name = point.recorded.name
+        return name, norm(steps[name][0] if name in steps else own_step(name, point)[0])
+    if point.lr is not None:
+        return "sgd", point.lr * norm(point.grad)
+    raise ConfigError("no length to rescale the directions to: pass CKPT_T1, or compare checkpoints that "
+                      "record their optimizer (a learning rate or a saved state)")
+
+
+def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches: Sequence[Batch],
+                        settings: Settings = Settings(), options: CompareOptions = CompareOptions()) -> Comparison:
+    """Compare the directions at checkpoint t (the model, loss, learning rate and optimizer state from its
+    metadata and folder), with the update to ``ckpt_t1`` when given."""
+    if ckpt_t1 is not None:
+        check_compatible(ckpt_t, ckpt_t1)
+    spec = ckpt_t.model_spec or (ckpt_t1.model_spec if ckpt_t1 is not None else None)
+    model = build_model(spec, settings.model, base_dir=ckpt_t.path.parent)
+    params_t, buffers_t = state_for_model(model, ckpt_t)
+    params_t1 = state_for_model(model, ckpt_t1)[0] if ckpt_t1 is not None else None
+    loss = resolve_loss(settings.loss or ckpt_t.meta.get("loss") or "cross_entropy")
+    optimizer = ckpt_t.meta.get("optimizer") or {}
+    lr = optimizer.get("lr")
+    recorded = recorded_state(ckpt_t)
+    warnings = []
+    if recorded is None and optimizer.get("name") not in (None, "sgd"):
+        warnings.append(f"no optimizer state beside '{ckpt_t.path}': the {optimizer.get('name')} step is not compared")
+    result = compare_directions(
+        model, params_t, params_t1, batches, loss, lr=float(lr) if isinstance(lr, (int, float)) else None,
+        recorded=recorded, states=[other_state(p) for p in options.states], options=options, buffers=buffers_t,
+        method=settings.method, train=settings.train, seed=settings.seed, device=resolve_device(settings.device),
+        dtype=resolve_dtype(settings.dtype))
+    result.step_t = ckpt_t.step
+    result.step_t1 = ckpt_t1.step if ckpt_t1 is not None else None
+    result.warnings = warnings
+    return result
+
+
+def compare_files(path_t: str | os.PathLike, path_t1: str | os.PathLike | None = None,
+                  batch_paths: Sequence[str | os.PathLike] = (), settings: Settings = Settings(),
+                  options: CompareOptions = CompareOptions()) -> Comparison:
+    """``compare_checkpoints`` on files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
+    ckpt_t = load_checkpoint(path_t)
+    ckpt_t1 = load_checkpoint(path_t1) if path_t1 is not None else None
+    batches = [load_batch(p) for p in batch_paths] if batch_paths else recorded_batches(ckpt_t)
+    return compare_checkpoints(ckpt_t, ckpt_t1, batches, settings, options)
