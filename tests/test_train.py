@@ -13,8 +13,8 @@ from zeroptim_cli.analysis.checkpoints import analyze_files
 from zeroptim_cli.cli import main
 from zeroptim_cli.io.checkpoint import load_checkpoint, state_for_model
 from zeroptim_cli.models import REGISTRY, build_model
-from zeroptim_cli.training.loop import load_config, train
 from zeroptim_cli.optim.optimizers import OPTIMIZERS, CoordinateClip, Lion, NormalizedSGD, SignSGD, build_optimizer
+from zeroptim_cli.training.loop import load_config, train
 
 SMALL = {"steps": 3, "batch_size": 8, "record": {"every": None, "steps": [1]}}
 

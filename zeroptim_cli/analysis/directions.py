@@ -4,9 +4,10 @@
 * ``neg-grad``: −g, and ``neg-sign-grad``: −sign(g), each rescaled to ‖Δ‖ so that every direction is
   compared at the length of the step that was actually taken.
 * ``adam``: the step Adam would take from w_t with the moments saved beside checkpoint t
-  (``optim_{step:06d}.safetensors``, written by the Recorder with ``save_optimizer_state``) and the
-  recorded hyper-parameters: m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g², d = −lr·m̂/(√v̂ + ε) with
-  m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ), t the step count after this step (AdamW: also −lr·λ·w; Adam: g += λw).
+  (``optim_{step:06d}.safetensors``, written by the Recorder) and the recorded hyper-parameters:
+  m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g², d = −lr·m̂/(√v̂ + ε) with m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ), t the
+  step count after this step (AdamW: also −lr·λ·w; Adam: g += λw) — taken by torch's own Adam
+  (``optim.state.replay_step``). ``zeroptim compare`` shows every optimizer's step side by side.
 * a safetensors file: tensors named like the model's parameters (missing ones are zero).
 """
 
@@ -18,9 +19,11 @@ from typing import Any
 
 import torch
 
+from zeroptim_cli.analysis.optimizer_steps import recorded_state
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint
 from zeroptim_cli.io.files import read_safetensors
+from zeroptim_cli.optim.state import replay_step, state_file_name
 from zeroptim_cli.vectors import Params, norm
 
 NAMED = ("update", "neg-grad", "neg-sign-grad", "adam")
@@ -68,30 +71,15 @@ def resolve_direction(spec: str, ckpt_t: Checkpoint | None = None) -> Direction 
 
 
 def adam_direction(ckpt_t: Checkpoint) -> Direction:
-    """The Adam step from the optimizer state saved beside ``ckpt_t`` (see the module docstring)."""
+    """The Adam step from the optimizer state saved beside ``ckpt_t``: torch's Adam (or AdamW) rebuilt
+    from the recorded hyper-parameters, its state loaded, one step taken (``optim.state.replay_step``)."""
     opt: dict[str, Any] = ckpt_t.meta.get("optimizer") or {}
     if opt.get("name") not in ("adam", "adamw"):
         raise ZeroptimError(f"--direction adam: '{ckpt_t.path}' was not written by an Adam run "
                             f"(optimizer {opt.get('name')!r})")
     if ckpt_t.step is None:
         raise ZeroptimError(f"--direction adam: '{ckpt_t.path}' records no step")
-    state_path = ckpt_t.path.parent / f"optim_{ckpt_t.step:06d}.safetensors"
-    state, _ = read_safetensors(state_path, "optimizer state")
-    lr, eps, wd = float(opt.get("lr", 1e-3)), float(opt.get("eps", 1e-8)), float(opt.get("weight_decay", 0.0))
-    b1, b2 = (float(b) for b in opt.get("betas", (0.9, 0.999)))
-    decoupled = opt["name"] == "adamw"
-
-    def step(g: Params, w: Params, update: Params) -> Params:
-        out = {}
-        for k, grad in g.items():
-            grad = grad if decoupled or not wd else grad + wd * w[k]
-            m = state.get(f"{k}/exp_avg")
-            v = state.get(f"{k}/exp_avg_sq")
-            t = float(state[f"{k}/step"]) + 1 if f"{k}/step" in state else 1.0
-            m = (1 - b1) * grad if m is None else b1 * m.to(grad) + (1 - b1) * grad
-            v = (1 - b2) * grad * grad if v is None else b2 * v.to(grad) + (1 - b2) * grad * grad
-            d = -lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-            out[k] = d - lr * wd * w[k] if decoupled and wd else d
-        return out
-
-    return step
+    state = recorded_state(ckpt_t)
+    if state is None:
+        raise ZeroptimError(f"--direction adam: no optimizer state '{state_file_name(ckpt_t.step)}' beside '{ckpt_t.path}'")
+    return lambda g, w, update: replay_step(state.description, state.tensors, w, g, source=state.source)

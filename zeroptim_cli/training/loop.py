@@ -31,9 +31,9 @@ import yaml
 from zeroptim_cli.derivatives.losses import resolve_loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.models import REGISTRY, build_model
+from zeroptim_cli.optim.optimizers import build_optimizer
 from zeroptim_cli.runtime import DTYPES, resolve_device
 from zeroptim_cli.training.data import load_dataset
-from zeroptim_cli.optim.optimizers import build_optimizer
 from zeroptim_cli.training.recorder import Recorder
 
 DEFAULTS: dict[str, Any] = {
@@ -124,7 +124,7 @@ def train(config: dict[str, Any], on_step: Callable[[int, float], None] | None =
             with torch.no_grad():
                 value = loss(model(x), y)
             with recorder.step(step, x, y):
-                optimizer.step(lambda: loss(model(x), y))
+                optimizer.step(lambda x=x, y=y: loss(model(x), y))
         else:
             value = loss(model(x), y)
             optimizer.zero_grad(set_to_none=True)
