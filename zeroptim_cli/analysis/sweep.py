@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_checkpoints, recorded_batches
+from zeroptim_cli.analysis.compare import CompareOptions, compare_checkpoints
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
@@ -48,10 +49,11 @@ class Pair:
 
 
 
-def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None) -> str:
+def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
+              compare: CompareOptions | None = None) -> str:
     """What a result depends on: both files (resolved path, size, modification time), the settings and
-    the fixed batches and extras (not the device). A re-run recomputes a pair whose key changed, e.g. a
-    checkpoint written anew."""
+    the fixed batches, extras and comparison options (not the device). A re-run recomputes a pair whose
+    key changed, e.g. a checkpoint written anew."""
 
     def file_id(p: Path) -> list[Any]:
         st = p.stat()
@@ -60,6 +62,8 @@ def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path], extra
     how = {k: v for k, v in asdict(settings).items() if k != "device"}  # same numbers on any device
     parts = [file_id(pair.ckpt_t), file_id(pair.ckpt_t1), how, [file_id(b) for b in batch_paths],
              asdict(extras) if extras is not None else None]
+    if compare is not None:  # so that keys of plain sweeps stay what they were
+        parts.append(asdict(compare))
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -192,8 +196,9 @@ class SweepSummary:
 
 def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths: Sequence[Path] = (),
           extras: Extras | None = None, on_pair: Callable[[Pair, dict[str, Any]], None] | None = None,
-          shard: str = "pairs") -> SweepSummary:
-    """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there.
+          shard: str = "pairs", compare: CompareOptions | None = None) -> SweepSummary:
+    """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there. With
+    ``compare``, each row is instead the comparison of directions at the pair (``analysis.compare``).
 
     Under torchrun, ``shard="pairs"`` gives each rank a contiguous block of whole pairs, and rank 0
     writes every rank's rows round by round; ``shard="batches"`` analyses each pair on all ranks, its
@@ -202,7 +207,7 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
     if shard not in ("pairs", "batches"):
         raise ConfigError(f"--shard '{shard}' is not 'pairs' or 'batches'")
     main = dist.group_rank() == 0
-    keys = {p: sweep_key(p, settings, batch_paths, extras) for p in plan.pairs}
+    keys = {p: sweep_key(p, settings, batch_paths, extras, compare) for p in plan.pairs}
     current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()}
     done = dist.broadcast_from_main(read_done(output, current) if main else None)
     todo = [p for p in plan.pairs if keys[p] not in done]
@@ -224,7 +229,7 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
             if pair is not None:
                 upcoming = mine[i + 1] if i + 1 < len(mine) else None
                 with dist.local_only() if by_pairs else contextlib.nullcontext():
-                    row = {**_analyse_one(pair, upcoming, cache, fixed, settings, losses, extras),
+                    row = {**_analyse_one(pair, upcoming, cache, fixed, settings, losses, extras, compare),
                            "sweep_key": keys[pair]}
             rows = dist.gather_to_main((pair, row)) if by_pairs else [(pair, row)]
             if out is None or rows is None:
@@ -249,7 +254,8 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
 
 
 def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixed: list[Batch],
-                 settings: Settings, losses: dict[Path, float], extras: Extras | None) -> dict[str, Any]:
+                 settings: Settings, losses: dict[Path, float], extras: Extras | None,
+                 compare: CompareOptions | None) -> dict[str, Any]:
     """One pair's row; with fixed batches, f(w) of each checkpoint is kept in ``losses`` for reuse."""
     row: dict[str, Any] = {"run": pair.run, "ckpt_t": str(pair.ckpt_t), "ckpt_t1": str(pair.ckpt_t1)}
     following = [upcoming.ckpt_t, upcoming.ckpt_t1] if upcoming else []
@@ -263,11 +269,13 @@ def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixe
 
     try:
         ckpt_t, ckpt_t1, batches = dist.guarded(load)
+        row["batches"] = [b.source for b in batches]
+        if compare is not None:
+            return {**compare_checkpoints(ckpt_t, ckpt_t1, batches, settings, compare).to_dict(), **row}
         result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1),
                                      extras=extras)
         if fixed:
             losses[pair.ckpt_t] = result.loss_t
-        row["batches"] = [b.source for b in batches]
         return {**result.to_dict(), **row}
     except ZeroptimError as exc:
         return {**row, "step_t": pair.step_t, "step_t1": pair.step_t1, "error": str(exc)}

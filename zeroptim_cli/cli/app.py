@@ -16,6 +16,7 @@ import click
 from zeroptim_cli import distributed as dist
 from zeroptim_cli._version import __version__
 from zeroptim_cli.cli.analyze import analyze
+from zeroptim_cli.cli.compare import compare
 from zeroptim_cli.cli.inspect import inspect
 from zeroptim_cli.cli.plot import plot
 from zeroptim_cli.cli.sweep import sweep
@@ -34,7 +35,7 @@ def cli() -> None:
 
 
 
-for command in (analyze, train, sweep, plot, inspect):
+for command in (analyze, compare, train, sweep, plot, inspect):
     cli.add_command(command)
 
 

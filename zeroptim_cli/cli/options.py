@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import click
 from rich.console import Console
 
+from zeroptim_cli.analysis.compare import SCALES, CompareOptions
 from zeroptim_cli.analysis.extras import Extras, default_alphas
+from zeroptim_cli.analysis.optimizer_steps import MezoSettings
 from zeroptim_cli.derivatives import METHODS
 from zeroptim_cli.runtime import DTYPES
 
@@ -17,8 +20,11 @@ stderr = Console(stderr=True)
 DEBUG_HELP = "Show the full traceback on errors."
 
 
-def settings_options(fn):  # type: ignore[no-untyped-def]
-    """The options that say how a pair is analysed, shared by every analysing command."""
+def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-untyped-def]
+    """The options that say how a pair is analysed, shared by every analysing command (``compare``, which
+    has its own directions, takes them with ``@settings_options(direction=False)``)."""
+    if fn is None:
+        return functools.partial(settings_options, direction=direction)
     options = [
         click.option("--model", "model", metavar="SPEC",
                      help="Model factory 'path/to/file.py:fn' or 'package.module:fn', called with no arguments or "
@@ -42,9 +48,51 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
                      help="Analyse another direction from w_t instead of the update: −g or −sign(g) rescaled to ‖Δ‖, "
                           "the step Adam would take from its saved moments, or a safetensors file of a Δ."),
     ]
-    for option in reversed(options):
+    for option in reversed(options if direction else options[:-1]):
         fn = option(fn)
     return fn
+
+
+LINE_SEARCH = click.option("--line-search", is_flag=True, help="f(w_t + αd) on a grid of α, beside the quadratic model.")
+ALPHAS = click.option("--alphas", default="-0.5:2:26", show_default=True, metavar="LO:HI:N", help="The line-search grid.")
+
+
+def compare_options(fn):  # type: ignore[no-untyped-def]
+    """How directions are compared (zeroptim_cli.analysis.compare), shared by compare and sweep --compare;
+    they reach the command as one ``compare`` argument (its line search left to the command)."""
+    options = [
+        click.option("--directions", metavar="LIST",
+                     help="Comma-separated directions: update, sgd, sign-sgd, normalized-sgd, mezo, the recorded "
+                          "optimizer's own step by its name (adam, lion, …) or 'recorded', a --state NAME@RUN; "
+                          "each may end in +clip. Default: all at hand, plus sgd+clip and each stateful one +clip."),
+        click.option("--state", "states", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+                     help="Another optimizer's saved state (optim_*.safetensors, e.g. an Adam run's at the same step): "
+                          "its step from w_t with this run's gradient becomes direction NAME@RUN. Repeatable."),
+        click.option("--scale", type=click.Choice(list(SCALES)), default="update", show_default=True,
+                     help="update: every direction rescaled to ‖Δ‖ (without CKPT_T1: to the recorded optimizer's "
+                          "own step, else to ‖lr·g‖); own: each at its own optimizer's length."),
+        click.option("--clip-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+                     help="The top fraction of coordinates that +clip clips (the paper's coordinate-wise clipping)."),
+        click.option("--mezo-eps", type=click.FloatRange(0, min_open=True), help="MeZO's ε (default: the recorded "
+                     "MeZO run's, else 1e-3)."),
+        click.option("--mezo-samples", type=click.IntRange(1), help="MeZO's number of z samples, averaged "
+                     "(default: the recorded MeZO run's, else 1)."),
+        click.option("--mezo-seed", type=int, help="MeZO's seed (default: the recorded MeZO run's, else 0)."),
+    ]
+
+    def wrapper(**kwargs):  # type: ignore[no-untyped-def]
+        names = ("directions", "states", "scale", "clip_fraction", "mezo_eps", "mezo_samples", "mezo_seed")
+        c = {k: kwargs.pop(k) for k in names}
+        kwargs["compare"] = CompareOptions(
+            directions=tuple(c["directions"].split(",")) if c["directions"] is not None else None, scale=c["scale"],
+            clip_fraction=c["clip_fraction"], states=tuple(str(p) for p in c["states"]),
+            mezo=MezoSettings(c["mezo_eps"], c["mezo_samples"], c["mezo_seed"]))
+        return fn(**kwargs)
+
+    functools.update_wrapper(wrapper, fn)
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def extras_options(fn):  # type: ignore[no-untyped-def]
@@ -56,8 +104,8 @@ def extras_options(fn):  # type: ignore[no-untyped-def]
         click.option("--clip", "clip", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
                      help="What-if: the same step with its top FRACTION of coordinates (by |Δ_i|) clipped to their "
                           "threshold, as the paper's coordinate-wise clipping (it uses 0.1)."),
-        click.option("--line-search", is_flag=True, help="f(w_t + αΔ) on a grid of α, beside the quadratic model."),
-        click.option("--alphas", default="-0.5:2:26", show_default=True, metavar="LO:HI:N", help="The line-search grid."),
+        LINE_SEARCH,
+        ALPHAS,
         click.option("--lanczos", type=click.IntRange(1), metavar="K",
                      help="λ_max and λ_min of H by K Lanczos steps (K Hessian-vector products per batch)."),
         click.option("--hutchinson", type=click.IntRange(2), metavar="M",
@@ -70,7 +118,7 @@ def extras_options(fn):  # type: ignore[no-untyped-def]
         e = {k: kwargs.pop(k) for k in names}
         kwargs["extras"] = Extras(
             concentration=e["concentration"] or e["deep"], clip=e["clip"] or (0.1 if e["deep"] else None),
-            line_search=_alphas(e["alphas"]) if (e["line_search"] or e["deep"]) else None,
+            line_search=alphas_grid(e["alphas"]) if (e["line_search"] or e["deep"]) else None,
             lanczos_steps=e["lanczos"] or 0, hutchinson_probes=e["hutchinson"] or 0, seed=int(kwargs["seed"]))
         return fn(**kwargs)
 
@@ -81,7 +129,7 @@ def extras_options(fn):  # type: ignore[no-untyped-def]
 
 
 
-def _alphas(spec: str) -> list[float]:
+def alphas_grid(spec: str) -> list[float]:
     try:
         lo, hi, n = spec.split(":")
         points = int(n)

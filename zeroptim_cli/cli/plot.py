@@ -21,10 +21,22 @@ from zeroptim_cli.io.results import read_results
 def plot(results: tuple[Path, ...], output: Path, layers_run: str | None, title: str | None, quiet: bool,
          debug: bool) -> None:
     """Plot sweep results (JSON lines) or analyze --json files: the decomposition over steps, the normalized
-    sharpness per run (log scale), the per-layer share of ΔᵀHΔ, and actual against predicted Δloss."""
-    from zeroptim_cli.report.plots import plot as draw  # matplotlib: imported only when plotting
+    sharpness per run (log scale), the per-layer share of ΔᵀHΔ, and actual against predicted Δloss.
 
-    draw(list(read_results(results)), output, layer_run=layers_run, title=title)
+    Comparisons (compare --json, sweep --compare) are drawn as directions side by side: bars of dᵀHd/‖d‖²
+    and of the actual loss change at one point, or both per direction over the steps of a sweep."""
+    rows = list(read_results(results))
+    kinds = {"directions" in r for r in rows}
+    if len(kinds) > 1:
+        raise click.UsageError("the results mix comparisons (compare, sweep --compare) with pair analyses; plot them apart")
+    if kinds == {True}:
+        from zeroptim_cli.report.compare_plot import plot_comparisons  # matplotlib: imported only when plotting
+
+        plot_comparisons(rows, output, title=title)
+    else:
+        from zeroptim_cli.report.plots import plot as draw
+
+        draw(rows, output, layer_run=layers_run, title=title)
     if not quiet:
         stderr.print(f"wrote {output}", markup=False, highlight=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -9,10 +10,11 @@ from rich.progress import Progress, TextColumn
 
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings
+from zeroptim_cli.analysis.compare import CompareOptions
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.sweep import expand, find_pairs
 from zeroptim_cli.analysis.sweep import sweep as run_sweep
-from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, settings_options, stderr
+from zeroptim_cli.cli.options import DEBUG_HELP, compare_options, extras_options, settings_options, stderr
 from zeroptim_cli.io.results import read_results, write_csv
 from zeroptim_cli.report.tables import fmt
 
@@ -29,12 +31,17 @@ from zeroptim_cli.report.tables import fmt
               help="Also write the scalar columns of all results as CSV.")
 @settings_options
 @extras_options
+@click.option("--compare", "comparing", is_flag=True,
+              help="One comparison of directions per pair (as zeroptim compare) instead of the pair analysis; "
+                   "of the extras only --line-search applies.")
+@compare_options
 @click.option("--shard", type=click.Choice(["pairs", "batches"]), default="pairs", show_default=True,
               help="Under torchrun: give each rank whole pairs, or split every pair's batches across the ranks.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no notes.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], successive: bool, csv_path: Path | None,
-          quiet: bool, debug: bool, extras: Extras, shard: str, **settings: object) -> None:
+          quiet: bool, debug: bool, extras: Extras, shard: str, comparing: bool, compare: CompareOptions,
+          **settings: object) -> None:
     """Analyse every consecutive checkpoint pair (steps s → s+1) of the RUNS folders (globs allowed).
 
     One JSON line per pair, flushed as it is computed. A failing pair gets an 'error' key and the sweep goes
@@ -45,6 +52,7 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
       zeroptim sweep runs/sgd runs/adam -o results.jsonl
       zeroptim plot results.jsonl -o results.png
     """
+    compare_with = _comparison(comparing, compare, extras)
     settings["device"] = dist.init(str(settings["device"]))
     quiet = quiet or not dist.is_main()
     plan = find_pairs(expand(runs), successive=successive)
@@ -56,11 +64,12 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
         task = progress.add_task("sweeping pairs", total=len(plan.pairs), last="")
 
         def advance(pair, row) -> None:  # type: ignore[no-untyped-def]
-            status = "error" if "error" in row else f"ΔᵀHΔ/‖Δ‖² = {fmt(row.get('dir_sharpness_normalized'), 4)}"
+            status = "error" if "error" in row else (f"{len(row['directions'])} directions" if "directions" in row
+                                                     else f"ΔᵀHΔ/‖Δ‖² = {fmt(row.get('dir_sharpness_normalized'), 4)}")
             progress.update(task, advance=1, last=f"{pair.run} {pair.step_t}→{pair.step_t1} {status}")
 
-        summary = run_sweep(plan, output, Settings(**settings), batches, extras, on_pair=advance,  # type: ignore[arg-type]
-                            shard=shard)
+        summary = run_sweep(plan, output, Settings(**settings), batches,  # type: ignore[arg-type]
+                            None if compare_with else extras, on_pair=advance, shard=shard, compare=compare_with)
         progress.update(task, completed=len(plan.pairs))
     if not dist.is_main():
         return
@@ -74,3 +83,14 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
                    err=True)
         raise click.exceptions.Exit(3)
 
+
+
+def _comparison(comparing: bool, compare: CompareOptions, extras: Extras) -> CompareOptions | None:
+    """The comparison options of ``--compare`` (its line search from ``--line-search``), None without it."""
+    if not comparing:
+        if compare != CompareOptions():
+            raise click.UsageError("--directions, --state, --scale, --clip-fraction and --mezo-* need --compare")
+        return None
+    if dataclasses.replace(extras, line_search=None, seed=0).any:
+        raise click.UsageError("--compare takes --line-search but no other extra")
+    return dataclasses.replace(compare, line_search=tuple(extras.line_search) if extras.line_search else None)

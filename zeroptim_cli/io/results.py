@@ -29,11 +29,21 @@ def to_json(obj: Any, indent: int | None = None) -> str:
     return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
 
 
-CSV_SKIP = ("per_layer", "batches")
+CSV_SKIP = ("per_layer", "batches", "directions", "warnings")
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """A comparison's directions as columns ``<direction>/<key>`` (scalars only)."""
+    out = dict(row)
+    for d in row.get("directions") or []:
+        out.update({f"{d['name']}/{k}": v for k, v in d.items() if k != "name" and not isinstance(v, (dict, list))})
+    return out
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """The scalar columns of ``rows`` as CSV (per-layer lists left out), written atomically."""
+    """The scalar columns of ``rows`` as CSV (per-layer lists left out, a comparison's directions as
+    ``<direction>/<key>`` columns), written atomically."""
+    rows = [_flat(r) for r in rows]
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in CSV_SKIP and k not in columns]

@@ -113,7 +113,7 @@ def replay_step(description: Mapping[str, Any], state: Mapping[str, Tensor], w: 
         name, _, entry = key.rpartition("/")
         if name not in index:
             raise ZeroptimError(f"{source}: '{key}' belongs to no parameter of the model")
-        per_param.setdefault(index[name], {})[entry] = value
+        per_param.setdefault(index[name], {})[entry] = value.clone()  # torch steps the loaded state in place
     saved = optimizer.state_dict()
     optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
     needs_closure = getattr(optimizer, "needs_closure", False)

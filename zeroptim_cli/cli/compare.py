@@ -1,0 +1,74 @@
+"""``zeroptim compare``: several optimizers' directions at one point."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from zeroptim_cli import distributed as dist
+from zeroptim_cli.analysis.checkpoints import Settings
+from zeroptim_cli.analysis.compare import CompareOptions, compare_files
+from zeroptim_cli.cli.options import (
+    ALPHAS,
+    DEBUG_HELP,
+    LINE_SEARCH,
+    alphas_grid,
+    compare_options,
+    settings_options,
+    stderr,
+)
+from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.results import to_json
+from zeroptim_cli.report.compare_table import print_comparison
+
+
+@click.command()
+@click.argument("ckpt_t", type=click.Path(path_type=Path))
+@click.argument("ckpt_t1", type=click.Path(path_type=Path), required=False)
+@click.option("--batch", "batches", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Batch file; repeat to average several exactly. Default: the batch recorded in CKPT_T's metadata.")
+@compare_options
+@LINE_SEARCH
+@ALPHAS
+@settings_options(direction=False)
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the JSON object to this file (atomically); `zeroptim plot` draws it.")
+@click.option("--quiet", is_flag=True, help="No spinner and no table (with -o: write the file only).")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compare: CompareOptions, line_search: bool,
+            alphas: str, as_json: bool, output: Path | None, quiet: bool, debug: bool, **settings: object) -> None:
+    """Compare, from CKPT_T on a batch, the directions of several optimizers with the update to CKPT_T1.
+
+    Per direction d: gᵀd, dᵀHd, dᵀHd/‖d‖², the Taylor prediction and the actual f(w_t + d) − f(w_t).
+
+    \b
+    Example:
+      zeroptim compare sample_ckpts/mlp_adam/ckpt_000100.safetensors \\
+                       sample_ckpts/mlp_adam/ckpt_000101.safetensors
+    """
+    inputs = [ckpt_t, *([ckpt_t1] if ckpt_t1 else []), *batches, *(Path(s) for s in compare.states)]
+    if output is not None and any(output.resolve() == p.resolve() for p in inputs):
+        raise click.UsageError(f"-o '{output}' is one of the inputs; it would be overwritten")
+    if line_search:
+        compare = dataclasses.replace(compare, line_search=tuple(alphas_grid(alphas)))
+    settings["device"] = dist.init(str(settings["device"]))
+    silent = quiet or as_json or not dist.is_main()
+    with stderr.status("comparing directions…") if not silent else contextlib.nullcontext():
+        result = compare_files(ckpt_t, ckpt_t1, batches, Settings(**settings), compare)  # type: ignore[arg-type]
+    if not dist.is_main():
+        return
+    payload = {**result.to_dict(), "ckpt_t": str(ckpt_t), "ckpt_t1": str(ckpt_t1) if ckpt_t1 else None}
+    if output is not None:
+        write_text_atomic(output, to_json(payload, indent=2) + "\n")
+    if not as_json and not quiet:
+        for warning in result.warnings:
+            stderr.print(f"warning: {warning}", markup=False, highlight=False)
+    if as_json:
+        click.echo(to_json(payload))
+    elif not quiet:
+        print_comparison(payload, Console())

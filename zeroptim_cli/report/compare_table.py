@@ -1,0 +1,50 @@
+"""The table of ``zeroptim compare``: one row per direction, from the comparison's JSON object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from zeroptim_cli.report.tables import fmt
+
+
+def comparison_headline(c: dict[str, Any]) -> str:
+    """Where the directions were compared, how, and to what length they were scaled."""
+    where = f"step {c['step_t']}" if c.get("step_t") is not None else "checkpoint"
+    if c["scale"] == "update" and c.get("reference_norm") is not None:
+        what = "the update ‖Δ‖" if c["reference"] == "update" else f"the {c['reference']} step"
+        scale = f"all rescaled to {what} = {fmt(c['reference_norm'], 4)}"
+    else:
+        scale = "each at its own length"
+    return (f"{where} · f(w_t) = {fmt(c['loss_t'])} · ‖g‖ = {fmt(c['grad_norm'], 4)} · {c['num_examples']} examples · "
+            f"{c['dtype']} on {c['device']} · {c['method']} · {scale}")
+
+
+def comparison_table(c: dict[str, Any]) -> Table:
+    """gᵀd, dᵀHd, dᵀHd/‖d‖², the Taylor prediction against the actual change, and the cosines."""
+    line_search = any("line_search" in d for d in c["directions"])
+    columns = ["direction", "‖d‖", "gᵀd", "dᵀHd", "dᵀHd/‖d‖²", "Taylor Δloss", "actual Δloss", "cos(d, Δ)", "cos(d, −g)"]
+    if line_search:
+        columns += ["best α", "Δloss at best α"]
+    table = Table(header_style="bold")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+    for d in c["directions"]:
+        name = d["name"] + (" (own length)" if d["scale"] == "own" and d["name"] != "update" and c["scale"] == "update" else "")
+        cos_g = None if d["cos_with_grad"] is None else -d["cos_with_grad"]
+        cells = [name, fmt(d["update_norm"], 4), fmt(d["grad_corr"], 4), fmt(d["dir_sharpness"], 4),
+                 f"[bold]{fmt(d['dir_sharpness_normalized'], 4)}[/]", fmt(d["taylor_pred"], 4),
+                 f"[bold]{fmt(d['delta_loss'], 4)}[/]", fmt(d["cos_with_update"], 4), fmt(cos_g, 4)]
+        if line_search:
+            ls = d.get("line_search") or {}
+            best = ls.get("best_loss")
+            cells += [fmt(ls.get("best_alpha"), 3), fmt(None if best is None else best - c["loss_t"], 4)]
+        table.add_row(*cells)
+    return table
+
+
+def print_comparison(c: dict[str, Any], console: Console) -> None:
+    console.print(comparison_headline(c), markup=False, highlight=False)
+    console.print(comparison_table(c))
