@@ -76,7 +76,7 @@ class Comparison:
     device: str
     method: str
     scale: str
-    reference: str
+    reference: str | None
     reference_norm: float | None
     clip_fraction: float
     directions: list[dict[str, Any]]
@@ -110,7 +110,10 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
         names = parse_names(options.directions, point)
         steps = {name: own_step(name, point) for name in names}
         kept = {name for name, (_, own) in steps.items() if name == "update" or (options.scale == "own" and own)}
-        reference, ref_norm = _reference(point, steps) if set(steps) - kept else ("none", None)
+        reference, ref_norm = _reference(point, steps)
+        if ref_norm is None and set(steps) - kept:
+            raise ConfigError("no length to rescale the directions to: pass CKPT_T1, or compare checkpoints that "
+                              "record their optimizer (a learning rate or a saved state)")
         directions: dict[str, Params] = {}
         for name, (d, _) in steps.items():
             n = norm(d)
@@ -149,8 +152,9 @@ def _cos(dot_value: float, a: float, b: float | None) -> float | None:
     return max(-1.0, min(1.0, dot_value / (a * b)))
 
 
-def _reference(point: StepPoint, steps: dict[str, tuple[Params, bool]]) -> tuple[str, float]:
-    """(the name, the length) every direction is rescaled to under ``--scale update``."""
+def _reference(point: StepPoint, steps: dict[str, tuple[Params, bool]]) -> tuple[str | None, float | None]:
+    """(the name, the length) of the step every direction is rescaled to under ``--scale update``;
+    (None, None) when there is none."""
     if point.update is not None:
         return "update", norm(point.update)
     if point.recorded is not None:
@@ -158,8 +162,7 @@ def _reference(point: StepPoint, steps: dict[str, tuple[Params, bool]]) -> tuple
         return name, norm(steps[name][0] if name in steps else own_step(name, point)[0])
     if point.lr is not None:
         return "sgd", point.lr * norm(point.grad)
-    raise ConfigError("no length to rescale the directions to: pass CKPT_T1, or compare checkpoints that "
-                      "record their optimizer (a learning rate or a saved state)")
+    return None, None
 
 
 def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches: Sequence[Batch],
@@ -181,7 +184,7 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
         warnings.append(f"no optimizer state beside '{ckpt_t.path}': the {optimizer.get('name')} step is not compared")
     result = compare_directions(
         model, params_t, params_t1, batches, loss, lr=float(lr) if isinstance(lr, (int, float)) else None,
-        recorded=recorded, states=[other_state(p) for p in options.states], options=options, buffers=buffers_t,
+        recorded=recorded, states=[other_state(p, ckpt_t.step) for p in options.states], options=options, buffers=buffers_t,
         method=settings.method, train=settings.train, seed=settings.seed, device=resolve_device(settings.device),
         dtype=resolve_dtype(settings.dtype))
     result.step_t = ckpt_t.step

@@ -16,8 +16,9 @@ code on the saved numbers, so the recorded optimizer's direction is the realized
     (``adam``, ``adamw``, ``lion``, ``adafactor``, ``signsgd``, ``normalized_sgd``, ``mezo`` with its own
     seed; plain SGD's step is ``sgd``; ``sgd-momentum`` / ``sgd-wd`` for SGD with momentum / only weight
     decay; ``-clipped`` appended when it was trained with the clipping wrapper); also named ``recorded``.
-    another state file (``--state FILE``, e.g. an Adam run's at the same step): that optimizer's step
-    from w_t with this run's g, named ``NAME@RUN`` (RUN: the file's folder).
+    another state (``--state FILE``, e.g. an Adam run's at the same step, or ``--state RUN_FOLDER`` for
+    its file at step t): that optimizer's step from w_t with this run's g, named ``NAME@RUN`` (RUN: the
+    file's folder).
 
 ``NAME+clip``: any of these with the paper's coordinate-wise clipping applied to the step: with τ the
 ⌈c·n⌉-th largest |d_i|, d_i ← sign(d_i)·min(|d_i|, τ) (``vectors.clip_threshold``).
@@ -124,9 +125,14 @@ def recorded_state(ckpt_t: Checkpoint) -> OptimizerState | None:
     return _state(saved, ckpt_t.meta.get("optimizer"), "")
 
 
-def other_state(path: str | Path) -> OptimizerState:
-    """A state file given with ``--state``: its optimizer's step, named ``NAME@RUN``."""
+def other_state(path: str | Path, step: int | None) -> OptimizerState:
+    """A state given with ``--state``: a file, or a run folder's file at ``step``
+    (``optim_{step:06d}.safetensors``); its optimizer's step, named ``NAME@RUN``."""
     p = Path(path)
+    if p.is_dir():
+        if step is None:
+            raise ZeroptimError(f"--state '{p}' is a folder, but the checkpoint records no step to pick its state by")
+        p = p / state_file_name(step)
     saved = load_state_file(p)
     description = saved.optimizer
     if description is None and saved.step is not None:  # files written before states recorded their optimizer

@@ -65,9 +65,10 @@ def compare_options(fn):  # type: ignore[no-untyped-def]
                      help="Comma-separated directions: update, sgd, sign-sgd, normalized-sgd, mezo, the recorded "
                           "optimizer's own step by its name (adam, lion, …) or 'recorded', a --state NAME@RUN; "
                           "each may end in +clip. Default: all at hand, plus sgd+clip and each stateful one +clip."),
-        click.option("--state", "states", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
-                     help="Another optimizer's saved state (optim_*.safetensors, e.g. an Adam run's at the same step): "
-                          "its step from w_t with this run's gradient becomes direction NAME@RUN. Repeatable."),
+        click.option("--state", "states", multiple=True, type=click.Path(path_type=Path), metavar="FILE|RUN",
+                     help="Another optimizer's saved state (optim_*.safetensors, e.g. an Adam run's at the same step, or "
+                          "a run folder: its state at CKPT_T's step): its step from w_t with this run's gradient "
+                          "becomes direction NAME@RUN. Repeatable."),
         click.option("--scale", type=click.Choice(list(SCALES)), default="update", show_default=True,
                      help="update: every direction rescaled to ‖Δ‖ (without CKPT_T1: to the recorded optimizer's "
                           "own step, else to ‖lr·g‖); own: each at its own optimizer's length."),

@@ -18,25 +18,24 @@ def comparison_headline(c: dict[str, Any]) -> str:
         scale = f"all rescaled to {what} = {fmt(c['reference_norm'], 4)}"
     else:
         scale = "each at its own length"
-    return (f"{where} · f(w_t) = {fmt(c['loss_t'])} · ‖g‖ = {fmt(c['grad_norm'], 4)} · {c['num_examples']} examples · "
-            f"{c['dtype']} on {c['device']} · {c['method']} · {scale}")
+    return (f"{where} · f(w_t) = {fmt(c['loss_t'])} · {c['num_examples']} examples · {c['dtype']} on {c['device']} · "
+            f"{c['method']}\n{scale}")
 
 
 def comparison_table(c: dict[str, Any]) -> Table:
-    """gᵀd, dᵀHd, dᵀHd/‖d‖², the Taylor prediction against the actual change, and the cosines."""
+    """gᵀd, dᵀHd/‖d‖², the Taylor prediction against the actual change, and cos(d, Δ) (the JSON has more)."""
     line_search = any("line_search" in d for d in c["directions"])
-    columns = ["direction", "‖d‖", "gᵀd", "dᵀHd", "dᵀHd/‖d‖²", "Taylor Δloss", "actual Δloss", "cos(d, Δ)", "cos(d, −g)"]
+    columns = ["direction", "‖d‖", "gᵀd", "dᵀHd/‖d‖²", "Taylor Δloss", "actual Δloss", "cos(d,Δ)"]
     if line_search:
-        columns += ["best α", "Δloss at best α"]
+        columns += ["best α", "Δloss at α"]
     table = Table(header_style="bold")
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
     for d in c["directions"]:
         name = d["name"] + (" (own length)" if d["scale"] == "own" and d["name"] != "update" and c["scale"] == "update" else "")
-        cos_g = None if d["cos_with_grad"] is None else -d["cos_with_grad"]
-        cells = [name, fmt(d["update_norm"], 4), fmt(d["grad_corr"], 4), fmt(d["dir_sharpness"], 4),
+        cells = [name, fmt(d["update_norm"], 4), fmt(d["grad_corr"], 4),
                  f"[bold]{fmt(d['dir_sharpness_normalized'], 4)}[/]", fmt(d["taylor_pred"], 4),
-                 f"[bold]{fmt(d['delta_loss'], 4)}[/]", fmt(d["cos_with_update"], 4), fmt(cos_g, 4)]
+                 f"[bold]{fmt(d['delta_loss'], 4)}[/]", fmt(d["cos_with_update"], 3)]
         if line_search:
             ls = d.get("line_search") or {}
             best = ls.get("best_loss")
