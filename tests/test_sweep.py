@@ -45,7 +45,7 @@ def test_sweep_finds_consecutive_pairs_and_matches_analyze(tmp_path) -> None:
     run = record_run(tmp_path / "sgd")
     plan = find_pairs([run])
     assert [(p.step_t, p.step_t1) for p in plan.pairs] == [(0, 1), (1, 2), (2, 3), (6, 7)]
-    assert any("3 → 6" in note for note in plan.notes)
+    assert any("1 gap(s)" in note for note in plan.notes)
     out = tmp_path / "r.jsonl"
     summary = sweep(plan, out, Settings(dtype="float64"))
     assert (summary.analysed, summary.failed) == (4, 0)
@@ -124,7 +124,7 @@ def test_empty_folder_mixed_models_and_gaps(tmp_path, capsys) -> None:
 
     gappy = record_run(tmp_path / "gappy", steps=(0, 5))
     plan = find_pairs([gappy])
-    assert len(plan.pairs) == 2 and any("not consecutive" in n for n in plan.notes)
+    assert len(plan.pairs) == 2 and any("1 gap(s)" in n for n in plan.notes)
     assert len(find_pairs([gappy], successive=True).pairs) == 3
 
 
@@ -170,7 +170,10 @@ def test_rewritten_checkpoint_is_analysed_again(tmp_path) -> None:
     sweep(find_pairs([run]), out)
     before = lines(out)
     record_run(tmp_path / "sgd", steps=(0, 1), seed=1)  # same files, new contents
-    summary = sweep(find_pairs([run]), out)
+    with pytest.raises(ZeroptimError, match="--replace-stale"):  # never replaced silently
+        sweep(find_pairs([run]), out)
+    assert lines(out) == before
+    summary = sweep(find_pairs([run]), out, replace_stale=True)
     assert summary.analysed == 2 and summary.skipped == 0
     after = lines(out)
     assert len(after) == 2 and after[0]["loss_t"] != before[0]["loss_t"]

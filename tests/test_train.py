@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from zeroptim_cli.analysis.checkpoints import analyze_files
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
 from zeroptim_cli.cli import main
+from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.checkpoint import load_checkpoint, state_for_model
 from zeroptim_cli.models import REGISTRY, build_model
 from zeroptim_cli.training.loop import load_config, train
@@ -37,7 +38,10 @@ def test_recorded_delta_is_the_optimizer_update(tmp_path) -> None:
         assert torch.equal(c1.tensors[k] - c0.tensors[k], after[k] - before[k])
     assert c0.meta["optimizer"]["name"] == "adam" and c0.meta["optimizer"]["lr"] == 0.1
     assert c0.meta["batch"] == "batch_000000.safetensors" and c0.step == 0 and c1.step == 1
-    r = analyze_files(tmp_path / "ckpt_000000.safetensors", tmp_path / "ckpt_000001.safetensors")
+    with pytest.raises(ZeroptimError, match="--trust-code"):  # a factory in metadata is code: not without consent
+        analyze_files(tmp_path / "ckpt_000000.safetensors", tmp_path / "ckpt_000001.safetensors")
+    r = analyze_files(tmp_path / "ckpt_000000.safetensors", tmp_path / "ckpt_000001.safetensors",
+                      settings=Settings(trust_code=True))
     assert r.step_t == 0 and r.num_examples == 4
 
 
