@@ -22,11 +22,12 @@ from zeroptim_cli.training.recorder import Recorder
 SPEC = {"name": "mlp", "kwargs": {"in_features": 5, "hidden": [4], "num_classes": 3}}
 
 
-def record_run(folder: Path, steps=(0, 1, 2, 6), lr: float = 0.1, optimizer: str = "sgd", seed: int = 0) -> Path:
+def record_run(folder: Path, steps=(0, 1, 2, 6), lr: float = 0.1, optimizer: str = "sgd", seed: int = 0,
+               overwrite: bool = False) -> Path:
     torch.manual_seed(seed)
     model = MLP(in_features=5, hidden=(4,), num_classes=3)
     opt = torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=lr)
-    rec = Recorder(folder, model, opt, steps=steps, model_spec=SPEC)
+    rec = Recorder(folder, model, opt, steps=steps, model_spec=SPEC, overwrite=overwrite)
     g = torch.Generator().manual_seed(seed)
     for step in range(max(steps) + 1):
         x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -169,7 +170,7 @@ def test_rewritten_checkpoint_is_analysed_again(tmp_path) -> None:
     out = tmp_path / "r.jsonl"
     sweep(find_pairs([run]), out)
     before = lines(out)
-    record_run(tmp_path / "sgd", steps=(0, 1), seed=1)  # same files, new contents
+    record_run(tmp_path / "sgd", steps=(0, 1), seed=1, overwrite=True)  # same files, new contents
     with pytest.raises(ZeroptimError, match="--replace-stale"):  # never replaced silently
         sweep(find_pairs([run]), out)
     assert lines(out) == before
