@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zeroptim_cli.analysis.checkpoints import Settings, recorded_batches
+from zeroptim_cli.analysis.checkpoints import Settings, model_and_loss, recorded_batches
 from zeroptim_cli.analysis.extras import line_search
 from zeroptim_cli.analysis.optimizer_steps import (
     MezoSettings,
@@ -40,11 +40,11 @@ from zeroptim_cli.analysis.optimizer_steps import (
 )
 from zeroptim_cli.analysis.pair import cast, prepared
 from zeroptim_cli.analysis.result import quadratic_model
-from zeroptim_cli.derivatives.losses import Loss, resolve_loss
+from zeroptim_cli.analysis.sanity import pair_warnings
+from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.io.batches import Batch, load_batch
 from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
-from zeroptim_cli.models import build_model
 from zeroptim_cli.runtime import resolve_device, resolve_dtype
 from zeroptim_cli.vectors import Params, dot, norm
 
@@ -171,15 +171,13 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
     metadata and folder), with the update to ``ckpt_t1`` when given."""
     if ckpt_t1 is not None:
         check_compatible(ckpt_t, ckpt_t1)
-    spec = ckpt_t.model_spec or (ckpt_t1.model_spec if ckpt_t1 is not None else None)
-    model = build_model(spec, settings.model, base_dir=ckpt_t.path.parent)
+    model, loss = model_and_loss(ckpt_t, ckpt_t1, settings)
     params_t, buffers_t = state_for_model(model, ckpt_t)
     params_t1 = state_for_model(model, ckpt_t1)[0] if ckpt_t1 is not None else None
-    loss = resolve_loss(settings.loss or ckpt_t.meta.get("loss") or "cross_entropy")
     optimizer = ckpt_t.meta.get("optimizer") or {}
     lr = optimizer.get("lr")
     recorded = recorded_state(ckpt_t)
-    warnings = []
+    warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train) if ckpt_t1 is not None else []
     if recorded is None and optimizer.get("name") not in (None, "sgd"):
         warnings.append(f"no optimizer state beside '{ckpt_t.path}': the {optimizer.get('name')} step is not compared")
     result = compare_directions(

@@ -18,10 +18,13 @@ from zeroptim_cli.cli.options import (
     LINE_SEARCH,
     alphas_grid,
     compare_options,
+    force_option,
+    print_warnings,
     settings_options,
     stderr,
 )
 from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
 from zeroptim_cli.io.results import to_json
 from zeroptim_cli.report.compare_table import print_comparison
 
@@ -38,10 +41,12 @@ from zeroptim_cli.report.compare_table import print_comparison
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON object to this file (atomically); `zeroptim plot` draws it.")
+@force_option
 @click.option("--quiet", is_flag=True, help="No spinner and no table (with -o: write the file only).")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compare: CompareOptions, line_search: bool,
-            alphas: str, as_json: bool, output: Path | None, quiet: bool, debug: bool, **settings: object) -> None:
+            alphas: str, as_json: bool, output: Path | None, force: bool, quiet: bool, debug: bool,
+            **settings: object) -> None:
     """Compare, from CKPT_T on a batch, the directions of several optimizers with the update to CKPT_T1.
 
     Per direction d: gᵀd, dᵀHd, dᵀHd/‖d‖², the Taylor prediction and the actual f(w_t + d) − f(w_t).
@@ -51,9 +56,8 @@ def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compa
       zeroptim compare sample_ckpts/mlp_adam/ckpt_000100.safetensors \\
                        sample_ckpts/mlp_adam/ckpt_000101.safetensors
     """
-    inputs = [ckpt_t, *([ckpt_t1] if ckpt_t1 else []), *batches, *(Path(s) for s in compare.states)]
-    if output is not None and any(output.resolve() == p.resolve() for p in inputs):
-        raise click.UsageError(f"-o '{output}' is one of the inputs; it would be overwritten")
+    refuse_inputs({"-o": output}, [ckpt_t, *([ckpt_t1] if ckpt_t1 else []), *batches, *map(Path, compare.states)])
+    check_replaceable(output, "-o", "json", force)
     if line_search:
         compare = dataclasses.replace(compare, line_search=tuple(alphas_grid(alphas)))
     settings["device"] = dist.init(str(settings["device"]))
@@ -65,10 +69,8 @@ def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compa
     payload = {**result.to_dict(), "ckpt_t": str(ckpt_t), "ckpt_t1": str(ckpt_t1) if ckpt_t1 else None}
     if output is not None:
         write_text_atomic(output, to_json(payload, indent=2) + "\n")
-    if not as_json and not quiet:
-        for warning in result.warnings:
-            stderr.print(f"warning: {warning}", markup=False, highlight=False)
     if as_json:
         click.echo(to_json(payload))
     elif not quiet:
+        print_warnings(result.warnings)
         print_comparison(payload, Console())
