@@ -20,9 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zeroptim_cli.errors import ConfigError, ZeroptimError  # noqa: E402
-from zeroptim_cli.io.files import atomic_path  # noqa: E402
-from zeroptim_cli.report.plots import FORMATS, by_run  # noqa: E402
+from zeroptim_cli.errors import ZeroptimError  # noqa: E402
+from zeroptim_cli.report.figures import figure_path, save_figure  # noqa: E402
+from zeroptim_cli.report.plots import by_run  # noqa: E402
 
 
 def _value(d: dict[str, Any], key: str) -> float:
@@ -71,10 +71,7 @@ def panel_over_steps(ax: plt.Axes, group: list[dict[str, Any]], key: str, title:
 
 def plot_comparisons(rows: Sequence[dict[str, Any]], output: str | os.PathLike, title: str | None = None) -> Path:
     """Draw ``rows`` (comparison objects) into ``output`` (.png, .svg or .pdf), atomically."""
-    out = Path(output)
-    fmt = out.suffix.lstrip(".").lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"-o '{out}': the file name must end in .png, .svg or .pdf")
+    out, fmt = figure_path(output)
     if not rows:
         raise ZeroptimError("no comparisons to plot (every row was an error, or the files were empty)")
     runs = by_run(rows)
@@ -95,7 +92,6 @@ def plot_comparisons(rows: Sequence[dict[str, Any]], output: str | os.PathLike, 
                          "f(w_t + d) − f(w_t)", log=False)
     if title:
         fig.suptitle(title)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120)
+    save_figure(fig, out, fmt)
     plt.close(fig)
     return out

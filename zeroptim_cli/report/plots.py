@@ -23,10 +23,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError  # noqa: E402
-from zeroptim_cli.io.files import atomic_path  # noqa: E402
-from zeroptim_cli.io.outputs import FIGURE_MARK  # noqa: E402
-
-FORMATS = ("png", "svg", "pdf")
+from zeroptim_cli.report.figures import figure_path, save_figure  # noqa: E402
 
 
 def by_run(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -154,10 +151,7 @@ def panel_concentration(ax: plt.Axes, row: dict[str, Any]) -> None:
 def plot(rows: Sequence[dict[str, Any]], output: str | os.PathLike, layer_run: str | None = None,
          title: str | None = None) -> Path:
     """Draw the four panels for ``rows`` into ``output`` (.png, .svg or .pdf), atomically."""
-    out = Path(output)
-    fmt = out.suffix.lstrip(".").lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"-o '{out}': the file name must end in .png, .svg or .pdf")
+    out, fmt = figure_path(output)
     if not rows:
         raise ZeroptimError("no results to plot (every row was an error, or the files were empty)")
     runs = by_run(rows)
@@ -178,7 +172,6 @@ def plot(rows: Sequence[dict[str, Any]], output: str | os.PathLike, layer_run: s
         panel_concentration(axes[2, 1], detailed)
     if title:
         fig.suptitle(title)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120, metadata={"Software" if fmt == "png" else "Creator": FIGURE_MARK})
+    save_figure(fig, out, fmt)
     plt.close(fig)
     return out
