@@ -60,7 +60,7 @@ def build_model(spec: dict[str, Any] | None, override: str | None = None, base_d
         fn, what = REGISTRY[spec["name"]], f"model '{spec['name']}'"
     elif "factory" in spec:
         fn = metadata_callable(spec["factory"], "model factory", "--model", source or Path("checkpoint"), trust, base_dir)
-        what = f"factory '{spec['factory']}'"
+        what = f"factory '{spec['factory']}' named in '{source}'"
     else:
         raise ZeroptimError(f"the metadata 'model' of '{source}' needs a 'name' or a 'factory'")
     try:
