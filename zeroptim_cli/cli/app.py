@@ -62,9 +62,10 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _say(message: str) -> None:
-    """An error line, from rank 0 only under torchrun (every rank exits with the same status)."""
+    """An error line, from rank 0 only under torchrun (every rank exits with the same status); line breaks
+    inside it (a file's odd metadata value, say) are shown escaped, so that it stays one line."""
     if os.environ.get("RANK", "0") == "0":
-        click.echo(message, err=True)
+        click.echo(message.replace("\r", "\\r").replace("\n", "\\n"), err=True)
 
 
 def _run(args: list[str], debug: bool) -> int:
