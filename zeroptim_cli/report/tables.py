@@ -123,7 +123,7 @@ def print_report(r: PairAnalysis, console: Console, per_layer: bool = False) -> 
 def print_description(info: dict[str, Any], console: Console) -> None:
     meta = info["metadata"]
     console.print(f"[bold]{info['path']}[/]: {info['num_tensors']} tensors, {info['num_elements']:,} elements")
-    for key in ("step", "model", "loss", "optimizer", "batch"):
+    for key in ("step", "model", "loss", "optimizer", "batch", "versions"):
         if key in meta:
             console.print(f"  {key}: {meta[key]}", markup=False)
     table = Table(header_style="bold")
