@@ -59,7 +59,7 @@ def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path], extra
 
     how = {k: v for k, v in asdict(settings).items() if k != "device"}  # same numbers on any device
     parts = [file_id(pair.ckpt_t), file_id(pair.ckpt_t1), how, [file_id(b) for b in batch_paths],
-             asdict(extras) if extras is not None else None]
+             extras.settings() if extras is not None else None]
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -185,9 +185,12 @@ class CheckpointCache:
 
 @dataclass
 class SweepSummary:
+    """Counts of the pairs, and the first failed pair's error (what went wrong is usually the same)."""
+
     analysed: int = 0
     skipped: int = 0
     failed: int = 0
+    first_error: str | None = None
 
 
 def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths: Sequence[Path] = (),
@@ -237,6 +240,8 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
                 os.fsync(out.fileno())
                 if "error" in r:
                     summary.failed += 1
+                    if summary.first_error is None:
+                        summary.first_error = f"{p.run} {p.step_t} → {p.step_t1}: {r['error']}"
                 else:
                     summary.analysed += 1
                 if on_pair is not None:

@@ -40,12 +40,18 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(spec: dict[str, Any] | None, override: str | None = None, base_dir: Path | None = None) -> nn.Module:
-    """Build the model named by ``override`` (a factory spec) or else by the metadata ``spec``.
+    """Build the model named by ``override`` (a built-in name or a factory spec) or else by the metadata
+    ``spec``.
 
-    The factory is called with the metadata's ``kwargs`` when there are any, else with no arguments.
+    The model is called with the metadata's ``kwargs`` when there are any, else with no arguments.
     """
     kwargs = dict((spec or {}).get("kwargs") or {})
-    if override is not None:
+    if override in REGISTRY:
+        fn, what = REGISTRY[override], f"--model '{override}'"
+    elif override is not None:
+        if ":" not in override:
+            raise ConfigError(f"--model '{override}' is neither a built-in model ({', '.join(REGISTRY)}) nor a "
+                              "factory 'path/to/file.py:function' or 'package.module:function'")
         fn, what = load_callable(override, "--model", base_dir), f"--model '{override}'"
     elif spec is None:
         raise ConfigError("no model: the checkpoint has no 'zeroptim' model metadata; pass --model file.py:function")
