@@ -12,7 +12,6 @@ from rich.text import Text
 
 from zeroptim_cli.analysis.result import PairAnalysis
 
-
 #: The width a piped table is measured in: wide enough for any table's natural width.
 _UNLIMITED = 10_000
 
