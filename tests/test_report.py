@@ -206,7 +206,8 @@ def test_no_progress_when_piped_or_quiet(tmp_path, capsys) -> None:
     assert main(["train", "--steps", "2", "--batch-size", "4", "--record-steps", "1", "--out", out]) == 0
     err = capsys.readouterr().err
     assert "training" not in err and "recorded steps into" in err
-    assert main(["train", "--steps", "2", "--batch-size", "4", "--record-steps", "1", "--out", out, "--quiet"]) == 0
+    assert main(["train", "--steps", "2", "--batch-size", "4", "--record-steps", "1", "--out", out, "--quiet",
+                 "--overwrite"]) == 0
     assert capsys.readouterr().err == ""
     a, b = f"{out}/ckpt_000001.safetensors", f"{out}/ckpt_000002.safetensors"
     assert main(["analyze", a, b, "--lanczos", "3"]) == 0

@@ -58,6 +58,7 @@ class PairAnalysis:
     step_t: int | None = None
     step_t1: int | None = None
     direction: str = "update"
+    warnings: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -118,5 +119,6 @@ class PairAnalysis:
             "device": self.device,
             "method": self.method,
             "direction": self.direction,
+            "warnings": list(self.warnings),
             **self.extras,
         }

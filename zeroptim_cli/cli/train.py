@@ -60,9 +60,10 @@ def _default(*path: str) -> str:
               help="Record every K-th step (steps 0, K, 2K, …).")
 @click.option("--record-steps", help="Comma-separated steps to record, e.g. 100,101.")
 @click.option("--save-optimizer-state", is_flag=True, default=None, help="Also save the optimizer state.")
+@click.option("--overwrite", is_flag=True, help="Record into a folder that is not empty, replacing the run in it.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no notes.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
-def train(config: Path | None, quiet: bool, debug: bool, **flags: object) -> None:
+def train(config: Path | None, overwrite: bool, quiet: bool, debug: bool, **flags: object) -> None:
     """Train a built-in model from CONFIG (YAML) and/or flags, recording checkpoint pairs.
 
     Flags override the config. The run folder is then analysable with no extra flags:
@@ -74,7 +75,8 @@ def train(config: Path | None, quiet: bool, debug: bool, **flags: object) -> Non
     cfg = load_config(config, _train_overrides(flags))
     with progress_bar(quiet, TextColumn("loss {task.fields[loss]}")) as progress:
         task = progress.add_task(f"training → {cfg['out']}", total=int(cfg["steps"]), loss="…")
-        folder = run_training(cfg, lambda step, value: progress.update(task, advance=1, loss=f"{value:.4f}"))
+        folder = run_training(cfg, lambda step, value: progress.update(task, advance=1, loss=f"{value:.4f}"),
+                              overwrite=overwrite)
     if not quiet:
         stderr.print(f"recorded steps into {folder}", markup=False, highlight=False)
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.io.specs import load_callable
+from zeroptim_cli.io.specs import Trust, load_callable, metadata_callable
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -89,3 +90,14 @@ def resolve_loss(spec: str) -> Loss:
     if ":" not in spec:
         raise ConfigError(f"--loss '{spec}' is not a known loss (cross_entropy, mse) nor a MODULE:FN spec")
     return Loss(spec, load_callable(spec, "--loss"), _examples)
+
+
+def resolve_metadata_loss(spec: str, source: Path, trust: Trust) -> Loss:
+    """The loss a checkpoint's metadata names: a built-in name freely, a ``MODULE:FN`` spec only as
+    ``trust`` allows (it would run code); anything else is bad data of ``source`` (exit 1), not a bad flag."""
+    if spec in BUILTIN_LOSSES:
+        return BUILTIN_LOSSES[spec]
+    if ":" not in spec:
+        raise ZeroptimError(f"'{source}' names the loss '{spec}' in its metadata, which is not a known loss "
+                            f"({', '.join(BUILTIN_LOSSES)}); pass --loss to choose one")
+    return Loss(spec, metadata_callable(spec, "loss", "--loss", source, trust), _examples)

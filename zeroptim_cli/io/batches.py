@@ -51,6 +51,9 @@ def load_batch(path: str | os.PathLike) -> Batch:
     missing = [k for k in ("inputs", "targets") if k not in tensors]
     if missing:
         raise ZeroptimError(f"batch file '{path}' has no tensor '{missing[0]}' (it needs 'inputs' and 'targets')")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ZeroptimError(f"batch file '{path}': tensor '{name}' contains NaN or Inf")
     return Batch(tensors["inputs"], tensors["targets"], str(path))
 
 

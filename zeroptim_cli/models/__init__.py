@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.io.specs import load_callable
+from zeroptim_cli.io.specs import Trust, load_callable, metadata_callable
 from zeroptim_cli.models.cnn import CNN
 from zeroptim_cli.models.mlp import MLP
 from zeroptim_cli.models.transformer import CharTransformer
@@ -39,30 +39,33 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(spec: dict[str, Any] | None, override: str | None = None, base_dir: Path | None = None) -> nn.Module:
-    """Build the model named by ``override`` (a built-in name or a factory spec) or else by the metadata
-    ``spec``.
+def build_model(spec: dict[str, Any] | None, override: str | None = None, base_dir: Path | None = None, *,
+                trust: Trust = Trust(), source: Path | None = None) -> nn.Module:
+    """Build the model named by ``override`` (a built-in name or a factory spec the user gave) or else by
+    the metadata ``spec`` of the checkpoint ``source``.
 
-    The model is called with the metadata's ``kwargs`` when there are any, else with no arguments.
+    The function is called with the metadata's ``kwargs`` when there are any, else with no arguments. A
+    factory named only in the metadata runs only if ``trust`` allows it (``io.specs.Trust``).
     """
     kwargs = dict((spec or {}).get("kwargs") or {})
-    if override in REGISTRY:
-        fn, what = REGISTRY[override], f"--model '{override}'"
-    elif override is not None:
-        if ":" not in override:
+    if override is not None:
+        if override not in REGISTRY and ":" not in override:
             raise ConfigError(f"--model '{override}' is neither a built-in model ({', '.join(REGISTRY)}) nor a "
                               "factory 'path/to/file.py:function' or 'package.module:function'")
-        fn, what = load_callable(override, "--model", base_dir), f"--model '{override}'"
+        fn = REGISTRY[override] if override in REGISTRY else load_callable(override, "--model", base_dir)
+        what = f"--model '{override}'"
     elif spec is None:
         raise ConfigError("no model: the checkpoint has no 'zeroptim' model metadata; pass --model file.py:function")
     elif "name" in spec:
         if spec["name"] not in REGISTRY:
-            raise ZeroptimError(f"unknown model '{spec['name']}' in checkpoint metadata (known: {', '.join(REGISTRY)})")
+            raise ZeroptimError(f"unknown model '{spec['name']}' in the metadata of '{source}' "
+                                f"(known: {', '.join(REGISTRY)})")
         fn, what = REGISTRY[spec["name"]], f"model '{spec['name']}'"
     elif "factory" in spec:
-        fn, what = load_callable(spec["factory"], "model factory", base_dir), f"factory '{spec['factory']}'"
+        fn = metadata_callable(spec["factory"], "model factory", "--model", source or Path("checkpoint"), trust, base_dir)
+        what = f"factory '{spec['factory']}'"
     else:
-        raise ZeroptimError("checkpoint metadata 'model' needs a 'name' or a 'factory'")
+        raise ZeroptimError(f"the metadata 'model' of '{source}' needs a 'name' or a 'factory'")
     try:
         model = fn(**kwargs)
     except ZeroptimError:

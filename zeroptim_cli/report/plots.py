@@ -14,6 +14,7 @@ from pathlib import Path
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.files import atomic_path
+from zeroptim_cli.io.outputs import FIGURE_MARK
 from zeroptim_cli.report.plots_common import Row, by_run, plt
 from zeroptim_cli.report.plots_pair import pair_figure
 from zeroptim_cli.report.plots_sweep import sweep_figure
@@ -44,7 +45,8 @@ def plot(rows: Sequence[Row], output: str | os.PathLike, layer_run: str | None =
     fig = figure(rows, layer_run, title)
     try:
         with atomic_path(out) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=110)
+            fig.savefig(tmp, format=fmt, dpi=110,
+                        metadata={"Software" if fmt == "png" else "Creator": FIGURE_MARK})
     finally:
         plt.close(fig)
     return out
