@@ -1,0 +1,1 @@
+"""Derivative engines along an update direction."""
