@@ -44,9 +44,19 @@ class TaylorTensor(Tensor):
         r = Tensor._make_wrapper_subclass(cls, c0.size(), strides=c0.stride(), storage_offset=c0.storage_offset(),
                                           dtype=c0.dtype, device=c0.device, requires_grad=False)
         r.c0, r.c1, r.c2 = c0, c1, c2
-        r.fam = False     # is a view, or has views: in-place updates must write through the coefficients
-        r.shared = False  # a coefficient may be the very object of another (non-view) tensor's coefficient
+        # View families (see engine._inplace): a view records its root and the view ops that lead from the root's
+        # coefficients to its own; a root lists its views. ``shared``: a root coefficient may be the very object
+        # of another tensor's coefficient (some rules pass a coefficient through), so it is copied before the
+        # family is written in place.
+        r.root = None
+        r.chain = ()
+        r.views = None
+        r.shared = False
         return r
+
+    @property
+    def fam(self) -> bool:
+        return self.root is not None or bool(self.views)
 
     def __init__(self, *a, **k):
         pass

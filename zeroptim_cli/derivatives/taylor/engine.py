@@ -45,6 +45,40 @@ def _own(r: Tensor, like: Tensor) -> Tensor:
     return r
 
 
+def _refresh(root: TaylorTensor, k: int) -> None:
+    c = root.c1 if k == 1 else root.c2
+    for ref in root.views or ():
+        v = ref()
+        if v is not None:
+            vk = None if c is None else rules.replay(c, v.chain)
+            if k == 1:
+                v.c1 = vk
+            else:
+                v.c2 = vk
+
+
+def _prepare_family(self: TaylorTensor, need: tuple[bool, bool]) -> None:
+    """Before writing into a view family in place: give the root its own coefficients (copying any it shares
+    with another tensor) and a zero coefficient for each order the write needs, then re-derive every view's."""
+    root = rules.root_of(self)
+    for k, needed in ((1, need[0]), (2, need[1])):
+        c = root.c1 if k == 1 else root.c2
+        if c is None and not needed:
+            continue
+        if c is None:
+            c = torch.zeros_like(root.c0)
+        elif root.shared:
+            c = torch.empty_like(root.c0).copy_(c) if rules._is_dense(root.c0) else c.clone()
+        else:
+            continue
+        if k == 1:
+            root.c1 = c
+        else:
+            root.c2 = c
+        _refresh(root, k)
+    root.shared = False
+
+
 def _inplace(functional) -> Callable:
     def rule(func, args, kwargs):
         self = args[0]
@@ -54,14 +88,8 @@ def _inplace(functional) -> Callable:
         r = functional(*args, **kwargs)
         r0, r1, r2 = cs(r)
         if self.fam:
-            if self.shared:
-                raise TaylorUnsupported(f"{func}: in-place update of a view family whose coefficients may alias "
-                                        "another tensor's")
-            for k, rk in ((1, r1), (2, r2)):
-                ck = self.c1 if k == 1 else self.c2
-                if ck is None and rk is not None:
-                    raise TaylorUnsupported(f"{func}: in-place write of an order-{k} term into a view (or viewed "
-                                            f"tensor) whose order-{k} coefficient is zero")
+            _prepare_family(self, (r1 is not None, r2 is not None))
+            for ck, rk in ((self.c1, r1), (self.c2, r2)):
                 if ck is not None:
                     ck.copy_(rk) if rk is not None else ck.zero_()
         else:

@@ -12,11 +12,13 @@ clamp's mask inclusive at the bounds), so that the result matches a double backw
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from numbers import Number
 from typing import Any
 
 import torch
+import torch._prims_common
 from torch import Tensor
 
 from ._core import RULES, TaylorTensor, TaylorUnsupported, _constant, cs, is_t, make
@@ -83,12 +85,56 @@ def _wrap_out(o0, o1, o2):
     return type(o0)(make(a, b, c) for a, b, c in zip(o0, o1, o2))
 
 
-def _mark_views(x: TaylorTensor, out) -> None:
-    x.fam = True
-    for o in (out,) if isinstance(out, Tensor) else out:
+def _dense_like(c: Tensor, c0: Tensor) -> Tensor:
+    """c laid out with c0's strides (views of the coefficients must be the views of c0), when c0 is dense."""
+    if c.stride() == c0.stride() or not _is_dense(c0):
+        return c
+    return torch.empty_strided(c0.size(), c0.stride(), dtype=c.dtype, device=c.device).copy_(c)
+
+
+def _is_dense(t: Tensor) -> bool:
+    return torch._prims_common.is_non_overlapping_and_dense_or_false(t)
+
+
+def root_of(x: TaylorTensor) -> TaylorTensor:
+    return x.root if x.root is not None else x
+
+
+def mark_shared(x: Any) -> None:
+    if is_t(x):
+        root_of(x).shared = True
+
+
+def _view_rule(func, args, kwargs):
+    x = args[0]
+    if not is_t(x):
+        return _lin(func, args, kwargs)
+    if x.root is None:  # x becomes (or is) a root: its coefficients must be laid out like c0
+        if x.c1 is not None:
+            x.c1 = _dense_like(x.c1, x.c0)
+        if x.c2 is not None:
+            x.c2 = _dense_like(x.c2, x.c0)
+    out = _lin(func, args, kwargs)
+    root = root_of(x)
+    if root.views is None:
+        root.views = []
+    elif len(root.views) > 256:
+        root.views = [r for r in root.views if r() is not None]
+    single = isinstance(out, Tensor)
+    for i, o in enumerate((out,) if single else out):
         if is_t(o):
-            o.fam = True
-            o.shared = x.shared
+            o.root = root
+            o.chain = x.chain + ((func, args[1:], kwargs, None if single else i),)
+            root.views.append(weakref.ref(o))
+    return out
+
+
+def replay(c: Tensor, chain) -> Tensor:
+    for func, rest, kwargs, i in chain:
+        c = func(c, *rest, **kwargs)
+        if i is not None:
+            c = c[i]
+    return c
 
 
 # ---------------------------------------------------------------------------------------------- constant ops
@@ -119,10 +165,7 @@ def _lin(func, args, kwargs):
 
 
 def _lin_view(func, args, kwargs):
-    out = _lin(func, args, kwargs)
-    if is_t(args[0]):
-        _mark_views(args[0], out)
-    return out
+    return _view_rule(func, args, kwargs)
 
 
 # Linear in their first argument, every other argument constant (ints, shapes, indices, masks).
@@ -235,11 +278,11 @@ def _add_like(a, b, alpha, o0, src_a, src_b):
             out.append(torch.add(ak, bk, alpha=alpha) if alpha != 1 else torch.add(ak, bk))
         elif ak is not None:
             out.append(_fit(ak, o0))
-            src_a.shared = True
+            mark_shared(src_a)
         elif bk is not None:
             out.append(_fit(bk * alpha, o0) if alpha != 1 else _fit(bk, o0))
             if alpha == 1:
-                src_b.shared = True
+                mark_shared(src_b)
         else:
             out.append(None)
     r = make(o0, out[0], out[1])
@@ -265,7 +308,8 @@ def _add_scalar(func, args, kwargs):
     x = args[0]
     r = make(func(x.c0, *args[1:], **kwargs), x.c1, x.c2)
     if is_t(r):
-        r.shared = x.shared = True
+        r.shared = True
+        mark_shared(x)
     return r
 
 
@@ -1050,3 +1094,41 @@ def _hypot(func, args, kwargs):
     a, b = args
     r = torch.sqrt(a * a + b * b)
     return make(func(cs(a)[0], cs(b)[0]), *cs(r)[1:])
+
+
+# ---------------------------------------------------------------------------------------------- metadata in place
+
+def _meta_inplace(functional):
+    """transpose_, squeeze_, … change only sizes and strides: each coefficient becomes the functional view (new
+    objects, so a coefficient shared with another tensor is left alone) and the wrapper's own metadata is
+    changed in place with Python dispatch off."""
+    from torch.utils._mode_utils import no_dispatch
+
+    def rule(func, args, kwargs):
+        x, rest = args[0], args[1:]
+        _need_const(func, rest, kwargs)
+        if not is_t(x):
+            return func(x, *rest, **kwargs)
+        if x.views and any(r() is not None for r in x.views):
+            raise TaylorUnsupported(f"{func}: in-place metadata change of a tensor that has live views")
+        x.c0 = functional(x.c0, *rest, **kwargs)
+        x.c1 = None if x.c1 is None else functional(x.c1, *rest, **kwargs)
+        x.c2 = None if x.c2 is None else functional(x.c2, *rest, **kwargs)
+        if x.root is not None:
+            x.chain = x.chain + ((functional, rest, kwargs, None),)
+        with no_dispatch():
+            func(x, *rest, **kwargs)
+        return x
+    return rule
+
+
+for _name, _fn in (("transpose_", aten.transpose.int), ("t_", aten.t.default), ("squeeze_", None),
+                   ("unsqueeze_", aten.unsqueeze.default), ("as_strided_", aten.as_strided.default),
+                   ("swapdims_", aten.transpose.int), ("swapaxes_", aten.transpose.int)):
+    _pkt = getattr(aten, _name, None)
+    if _pkt is None:
+        continue
+    for _ov in _pkt.overloads():
+        _f = _fn if _fn is not None else getattr(aten.squeeze, _ov, None)
+        if _f is not None:
+            RULES[getattr(_pkt, _ov)] = _meta_inplace(_f)
