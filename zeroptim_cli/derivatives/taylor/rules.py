@@ -453,8 +453,11 @@ def smooth(deriv: Callable) -> Callable:
         u1 = None if x1 is None else d1 * x1
         u2 = None if x2 is None else d1 * x2
         if x1 is not None and d2h is not None:
-            t = d2h * x1 * x1
-            u2 = t if u2 is None else u2.add_(t)
+            if isinstance(d2h, Tensor):
+                t = d2h * x1 if d2h.shape == x1.shape else x1 * d2h
+                u2 = t.mul_(x1) if u2 is None else u2.addcmul_(t, x1)
+            else:
+                u2 = (x1 * x1).mul_(d2h) if u2 is None else u2.addcmul_(x1, x1, value=d2h)
         return make(u0, u1, u2)
 
     return rule
@@ -491,10 +494,14 @@ def _d_gelu(x, u, second, approximate="none"):
             return d1, None
         ddu = 6 * _K_TANH * _C_TANH * x
         return d1, 0.5 * sech2 * (du - x * t * du * du + 0.5 * x * ddu)
-    pdf = torch.exp(-0.5 * x * x) / _SQRT_2PI
-    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-    d1 = cdf + x * pdf
-    return d1, (None if not second else 0.5 * pdf * (2 - x * x))
+    # h' = Φ + x φ, ½h'' = φ (1 − x²/2); φ = e^{−x²/2}/√(2π), in-place passes on two temporaries
+    xsq = x * x
+    e = torch.mul(xsq, -0.5).exp_()            # √(2π) φ
+    d1 = torch.erf(x * (1 / math.sqrt(2))).add_(1).mul_(0.5).addcmul_(x, e, value=1 / _SQRT_2PI)
+    if not second:
+        return d1, None
+    d2h = xsq.mul_(-0.5).add_(1).mul_(e).mul_(1 / _SQRT_2PI)
+    return d1, d2h
 
 
 def _d_silu(x, u, second):
@@ -821,16 +828,31 @@ def _log_softmax_coeffs(s: Tensor, x1, x2, dim):
 
 @register(aten._softmax, aten._safe_softmax)
 def _softmax(func, args, kwargs):
+    """s = softmax(x): with l = log s, l1 = x1 − ⟨s,x1⟩, l2 = x2 − ⟨s,x2⟩ − ½⟨s,l1²⟩: s1 = s l1,
+    s2 = s (l2 + ½ l1²) = s (x2 − ⟨s,x2⟩ − ½⟨s1,l1⟩ + ½ l1²)."""
     x = args[0]
     dim = args[1]
     s = func(x.c0, *args[1:], **kwargs)
     sd = s.to(x.c0.dtype) if s.dtype != x.c0.dtype else s
-    l1, l2 = _log_softmax_coeffs(sd, x.c1, x.c2, dim)
-    s1 = None if l1 is None else sd * l1
-    s2 = None
-    if l2 is not None:
-        s2 = l2 if l1 is None else torch.addcmul(l2, l1, l1, value=0.5)
-        s2 = sd * s2
+    x1, x2 = x.c1, x.c2
+    s1 = s2 = l1 = None
+    if x1 is not None:
+        l1 = x1 - _dot(sd, x1, dim)
+        s1 = sd * l1
+    if x2 is not None or l1 is not None:
+        m = None
+        if x2 is not None:
+            m = _dot(sd, x2, dim)
+        if l1 is not None:
+            h = 0.5 * _dot(s1, l1, dim)
+            m = h if m is None else m.add_(h)
+        if x2 is not None:
+            s2 = torch.sub(x2, m)
+            if l1 is not None:
+                s2.addcmul_(l1, l1, value=0.5)
+        else:
+            s2 = torch.addcmul(-m, l1, l1, value=0.5)
+        s2.mul_(sd)
     return make(s, *(None if t is None else t.to(s.dtype) for t in (s1, s2)))
 
 
@@ -870,49 +892,64 @@ def _logsumexp(func, args, kwargs):
 def _normalize(x0: Tensor, x1, x2, dims, mean0: Tensor, rstd0: Tensor):
     """y = (x − mean x)·rsqrt(var x + eps) over dims, given mean0 and rstd0 at α = 0 (keepdim shapes).
 
-    With z_k = (x_k − mean x_k)·r0: a = mean(y0 z1), b = mean(y0 z2) + ½ mean(z1²);
-    y1 = z1 − y0 a, y2 = z2 − z1 a + y0 (1.5 a² − b); r1 = −r0 a, r2 = r0 (1.5 a² − b)."""
-    y0 = (x0 - mean0) * rstd0
-    z1 = None if x1 is None else (x1 - x1.mean(dims, keepdim=True)) * rstd0
-    z2 = None if x2 is None else (x2 - x2.mean(dims, keepdim=True)) * rstd0
-    a = None if z1 is None else (y0 * z1).mean(dims, keepdim=True)
-    b = None if z2 is None else (y0 * z2).mean(dims, keepdim=True)
-    if z1 is not None:
-        h = 0.5 * (z1 * z1).mean(dims, keepdim=True)
-        b = h if b is None else b + h
-    y1 = None if z1 is None else z1 - y0 * a
-    c = None
-    if b is not None:
-        c = -b if a is None else 1.5 * a * a - b
-    y2 = z2
-    if a is not None:
-        t = z1 * a
-        y2 = -t if y2 is None else y2 - t
-    if c is not None:
-        t = y0 * c
-        y2 = t if y2 is None else y2.add_(t)
-    r1 = None if a is None else -rstd0 * a
-    r2 = None if c is None else rstd0 * c
-    return (y0, y1, y2), (r1, r2)
+    With r = rstd0, μ_k = mean x_k and mean(y0) = 0: a = r·mean(y0 x1), b = r·mean(y0 x2) + ½r²(mean x1² − μ1²),
+    c = 1.5a² − b;  y1 = r x1 − a y0 − r μ1,  y2 = r x2 − a r x1 + c y0 + (a r μ1 − r μ2);  r1 = −r a, r2 = r c.
+    Written so that each full-size pass is one fused torch call (addcmul and in-place ops)."""
+    r = rstd0
+    y0 = torch.addcmul(-mean0 * r, x0, r)
+    mu1 = None if x1 is None else x1.mean(dims, keepdim=True)
+    mu2 = None if x2 is None else x2.mean(dims, keepdim=True)
+    a = None if x1 is None else r * (y0 * x1).mean(dims, keepdim=True)
+    b = None if x2 is None else r * (y0 * x2).mean(dims, keepdim=True)
+    if x1 is not None:
+        h = 0.5 * r * r * ((x1 * x1).mean(dims, keepdim=True) - mu1 * mu1)
+        b = h if b is None else b.add_(h)
+    y1 = None
+    if x1 is not None:
+        y1 = torch.addcmul(-r * mu1, x1, r)
+        y1.addcmul_(y0, a, value=-1)
+    c = None if b is None else (-b if a is None else 1.5 * a * a - b)
+    y2 = None
+    if x2 is not None or x1 is not None:
+        const = 0
+        if x1 is not None:
+            const = a * r * mu1
+        if x2 is not None:
+            const = const - r * mu2
+        y2 = torch.addcmul(const, y0, c).expand_as(y0).clone() if x2 is None else torch.addcmul(const, x2, r)
+        if x2 is not None:
+            y2.addcmul_(y0, c)
+        if x1 is not None:
+            y2.addcmul_(x1, a * r, value=-1)
+    r1 = None if a is None else -r * a
+    r2 = None if c is None else r * c
+    return (y0, y1, y2), (r1, r2), (mu1, mu2)
 
 
 def _affine_out(o0: Tensor, Y, Wt, Bt, shape):
-    """out = y·w + b (w, b optional) with y, w, b truncated series; o0 is the op's own value at α = 0."""
+    """out = y·w + b (w, b optional) with y, w, b truncated series; o0 is the op's own value at α = 0. Consumes
+    Y[1] and Y[2] (they are scaled in place)."""
     W = None if Wt is None else [None if t is None else t.view(shape) for t in Wt]
     Bv = None if Bt is None else [None if t is None else t.view(shape) for t in Bt]
-    outs = [o0]
+    y0, y1, y2 = Y
+    if W is None:
+        o1, o2 = y1, y2
+    else:
+        w0, w1, w2 = W
+        o2 = None if y2 is None else y2.mul_(w0)
+        if y1 is not None and w1 is not None:
+            o2 = y1 * w1 if o2 is None else o2.addcmul_(y1, w1)
+        if w2 is not None:
+            o2 = y0 * w2 if o2 is None else o2.addcmul_(y0, w2)
+        o1 = None if y1 is None else y1.mul_(w0)
+        if w1 is not None:
+            o1 = y0 * w1 if o1 is None else o1.addcmul_(y0, w1)
+    outs = [o0, o1, o2]
     for k in (1, 2):
-        if W is None:
-            r = Y[k]
-        else:
-            r = None
-            for i in range(k + 1):
-                if Y[i] is not None and W[k - i] is not None:
-                    t = Y[i] * W[k - i]
-                    r = t if r is None else r.add_(t)
         if Bv is not None and Bv[k] is not None:
-            r = _fit(Bv[k], o0).clone() if r is None else r + Bv[k]
-        outs.append(None if r is None else r.to(o0.dtype))
+            outs[k] = _fit(Bv[k], o0).clone() if outs[k] is None else outs[k].add_(Bv[k])
+        if outs[k] is not None and outs[k].dtype != o0.dtype:
+            outs[k] = outs[k].to(o0.dtype)
     return outs
 
 
@@ -923,10 +960,8 @@ def _layer_norm(func, args, kwargs):
     o0, mean0, rstd0 = func(cs(x)[0], shape, cs(w)[0], cs(b)[0], eps)
     x0, x1, x2 = cs(x)
     dims = list(range(x0.dim() - len(shape), x0.dim()))
-    Y, (r1, r2) = _normalize(x0, x1, x2, dims, mean0, rstd0)
+    Y, (r1, r2), (m1, m2) = _normalize(x0, x1, x2, dims, mean0, rstd0)
     outs = _affine_out(o0, Y, cs(w) if w is not None else None, cs(b) if b is not None else None, list(shape))
-    m1 = None if x1 is None else x1.mean(dims, keepdim=True)
-    m2 = None if x2 is None else x2.mean(dims, keepdim=True)
     return make(*outs), make(mean0, m1, m2), make(rstd0, r1, r2)
 
 
@@ -936,12 +971,11 @@ def _group_norm(func, args, kwargs):
     x0, x1, x2 = cs(x)
     o0, mean0, rstd0 = func(x0, cs(w)[0], cs(b)[0], N, C, HxW, G, eps)
     g = [None if t is None else t.reshape(N, G, -1) for t in (x0, x1, x2)]
-    Y, (r1, r2) = _normalize(g[0], g[1], g[2], [2], mean0.view(N, G, 1), rstd0.view(N, G, 1))
+    Y, (r1, r2), (m1, m2) = _normalize(g[0], g[1], g[2], [2], mean0.view(N, G, 1), rstd0.view(N, G, 1))
     Y = [None if t is None else t.view(x0.shape) for t in Y]
+    m1, m2 = (None if m is None else m.view(N, G) for m in (m1, m2))
     shape = [1, C] + [1] * (x0.dim() - 2)
     outs = _affine_out(o0, Y, cs(w) if w is not None else None, cs(b) if b is not None else None, shape)
-    m1 = None if g[1] is None else g[1].mean(2)
-    m2 = None if g[2] is None else g[2].mean(2)
     return (make(*outs), make(mean0, m1, m2),
             make(rstd0, *(None if r is None else r.view(N, G) for r in (r1, r2))))
 
@@ -958,9 +992,8 @@ def _bn_core(x, w, b, rm, rv, training, momentum, eps, call):
     if training:
         dims = [0] + list(range(2, x0.dim()))
         sm, sr = res[1], res[2]
-        Y, (r1, r2) = _normalize(x0, x1, x2, dims, sm.view(shape), sr.view(shape))
-        m1 = None if x1 is None else x1.mean(dims)
-        m2 = None if x2 is None else x2.mean(dims)
+        Y, (r1, r2), (m1, m2) = _normalize(x0, x1, x2, dims, sm.view(shape), sr.view(shape))
+        m1, m2 = (None if m is None else m.view(C) for m in (m1, m2))
         extra = [make(sm, m1, m2), make(sr, *(None if r is None else r.view(C) for r in (r1, r2)))]
     else:
         rinv = torch.rsqrt(rv + eps).view(shape)
