@@ -6,7 +6,6 @@ for relative agreement ≤ 1e-12 on each of f(w), gᵀΔ and ΔᵀHΔ.
 
 from __future__ import annotations
 
-import math
 import types
 from contextlib import contextmanager
 
