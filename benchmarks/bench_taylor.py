@@ -135,7 +135,7 @@ def memory_child(name: str, entry: str) -> None:
 def timing(name: str, repeats: int) -> dict[str, float]:
     es = entries(name)
     out = {}
-    for k, fn in es.items():
+    for fn in es.values():
         fn()  # warm-up
     times = {k: [] for k in es}
     for _ in range(repeats):  # interleaved, so that drift from other load hits all entries alike
