@@ -23,7 +23,8 @@ from zeroptim_cli.analysis.spectrum import hutchinson, lanczos
 from zeroptim_cli.derivatives import Derivatives, Objective
 from zeroptim_cli.vectors import Params, clip_threshold, flatten, unflatten
 
-#: The method of the extras' Hessian-vector products: they need HΔ itself.
+#: The method of the spectrum's Hessian-vector products: they need Hv itself. (The clipped what-if needs only
+#: gᵀΔᶜ and ΔᶜᵀHΔᶜ and uses the method the pair ran with.)
 HVP = "reverse-over-reverse"
 
 
@@ -76,7 +77,7 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
         out["concentration"] = concentration(delta, d.hvp, options.fractions)
     if options.clip:
         dc, tau = clipped(delta, options.clip)
-        _, r = objective.derivatives(w_t, dc, HVP)
+        _, r, _ = objective.derivatives(w_t, dc, result.method)
         hvps_spent += len(objective.terms)
         norm = float(flatten(dc).double().norm())
         out["clipped"] = {"fraction": options.clip, "tau": tau,

@@ -51,9 +51,13 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
         click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
                      help="Compute dtype; bf16/fp16 checkpoints are upcast."),
         click.option("--method", type=click.Choice(["auto", *METHODS]), default="auto", show_default=True,
-                     help="How the Hessian-vector product is taken. auto: double backward (reverse-over-"
-                          "reverse), or forward-over-reverse where an op lacks double backward. "
-                          "forward-over-forward gives no gradient norm and no per-layer split."),
+                     help="How the derivatives along Δ are taken. auto: a Hessian-vector product by double "
+                          "backward (forward-over-reverse where an op lacks it); every key, per-layer split too. "
+                          "taylor: forward-only Taylor mode, exact, about 2 training steps per pair and no "
+                          "backward graph in memory, but no gradient norm and no per-layer split: the better "
+                          "choice for long sweeps and large batches (falls back to auto, and says so, for an op "
+                          "it has no rule for). forward-over-forward: torch's nested jvp, refused through "
+                          "LayerNorm and train-mode BatchNorm."),
         click.option("--train-mode", "train", is_flag=True,
                      help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "
                           "--seed. Default: eval mode (running statistics of checkpoint t, no dropout)."),
