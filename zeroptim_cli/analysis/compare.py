@@ -118,9 +118,10 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
         for name, (d, _) in steps.items():
             n = norm(d)
             directions[name] = d if name in kept or n == 0 else {k: v * (ref_norm / n) for k, v in d.items()}
-        rows, chosen, gg = [], method, dot(grad, grad)
+        rows, chosen, gg, notes = [], method, dot(grad, grad), []
         for name, d in directions.items():
-            chosen, r = objective.derivatives(w_t, d, chosen)
+            chosen, r, new = objective.derivatives(w_t, d, chosen)
+            notes += [n for n in new if n not in notes]
             after = objective.value(w_t1 if name == "update" and w_t1 is not None else {k: w_t[k] + d[k] for k in w_t})
             rows.append([r.loss, r.grad_corr, r.dir_sharpness, after, dot(d, d), gg,
                          dot(d, update) if update is not None else torch.zeros((), device=device), dot(grad, d)])
@@ -143,7 +144,7 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
     return Comparison(loss_t=loss_t, grad_norm=grad_norm, num_examples=objective.num_examples,
                       dtype=str(dtype).removeprefix("torch."), device=str(device), method=chosen,
                       scale=options.scale, reference=reference, reference_norm=ref_norm,
-                      clip_fraction=options.clip_fraction, directions=out)
+                      clip_fraction=options.clip_fraction, directions=out, warnings=notes)
 
 
 def _cos(dot_value: float, a: float, b: float | None) -> float | None:
@@ -187,7 +188,7 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
         dtype=resolve_dtype(settings.dtype))
     result.step_t = ckpt_t.step
     result.step_t1 = ckpt_t1.step if ckpt_t1 is not None else None
-    result.warnings = warnings
+    result.warnings = warnings + result.warnings
     return result
 
 

@@ -62,6 +62,9 @@ def analyze_pair(
     from g and Δ; every quantity is then that of d, with f(w_t1) read as f(w_t + d). ``extras`` adds the
     opt-in analyses of ``analysis.extras`` under their own keys.
     """
+    if method in ("taylor", "forward-over-forward") and extras is not None and extras.concentration:
+        raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
+                          "compute; use --method auto")
     device = torch.device(device)
     w_t, w_t1 = cast(params_t, device, dtype), cast(params_t1, device, dtype)
     delta = {k: w_t1[k] - w_t[k] for k in w_t}
@@ -70,12 +73,13 @@ def analyze_pair(
         if direction is not None:
             delta = direction(objective.gradient(w_t), w_t, delta)
             w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
-        chosen, totals = objective.derivatives(w_t, delta, method)
+        chosen, totals, notes = objective.derivatives(w_t, delta, method)
         value_t1 = objective.value(w_t1) if loss_t1 is None else torch.tensor(loss_t1, dtype=torch.float64, device=device)
         result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
         if extras is not None and extras.any:
             result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
     result.direction = direction_name
+    result.warnings = notes
     return result
 
 

@@ -25,7 +25,7 @@ from zeroptim_cli.cli.train import train
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
 @click.version_option(__version__, prog_name="zeroptim")
 def cli() -> None:
     """Why did the optimizer move the loss? Second-order analysis of training steps.
@@ -63,9 +63,10 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _say(message: str) -> None:
-    """An error line, from rank 0 only under torchrun (every rank exits with the same status)."""
+    """An error line, from rank 0 only under torchrun (every rank exits with the same status); line breaks
+    inside it (a file's odd metadata value, say) are shown escaped, so that it stays one line."""
     if os.environ.get("RANK", "0") == "0":
-        click.echo(message, err=True)
+        click.echo(message.replace("\r", "\\r").replace("\n", "\\n"), err=True)
 
 
 def _run(args: list[str], debug: bool) -> int:

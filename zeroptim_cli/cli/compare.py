@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 
 from zeroptim_cli import distributed as dist
@@ -58,6 +59,8 @@ def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compa
     """
     refuse_inputs({"-o": output}, [ckpt_t, *([ckpt_t1] if ckpt_t1 else []), *batches, *map(Path, compare.states)])
     check_replaceable(output, "-o", "json", force)
+    if click.get_current_context().get_parameter_source("alphas") is not ParameterSource.DEFAULT and not line_search:
+        raise click.UsageError("--alphas sets the line-search grid and needs --line-search")
     if line_search:
         compare = dataclasses.replace(compare, line_search=tuple(alphas_grid(alphas)))
     settings["device"] = dist.init(str(settings["device"]))

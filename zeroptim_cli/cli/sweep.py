@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import click
-from rich.progress import Progress, TextColumn
+from rich.progress import TextColumn
 
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings
@@ -14,7 +14,15 @@ from zeroptim_cli.analysis.compare import CompareOptions
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.sweep import expand, find_pairs
 from zeroptim_cli.analysis.sweep import sweep as run_sweep
-from zeroptim_cli.cli.options import DEBUG_HELP, compare_options, extras_options, force_option, settings_options, stderr
+from zeroptim_cli.cli.options import (
+    DEBUG_HELP,
+    compare_options,
+    extras_options,
+    force_option,
+    progress_bar,
+    settings_options,
+    stderr,
+)
 from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
 from zeroptim_cli.io.results import read_results, write_csv
 from zeroptim_cli.report.tables import fmt
@@ -69,9 +77,13 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
     if not quiet:
         for note in plan.notes:
             stderr.print(f"note: {note}", markup=False, highlight=False)
-    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}"), console=stderr,
-                  disable=quiet) as progress:
+    with progress_bar(quiet, TextColumn("{task.fields[last]}")) as progress:
         task = progress.add_task("sweeping pairs", total=len(plan.pairs), last="")
+        probes = extras.lanczos_steps + extras.hutchinson_probes
+        if probes:
+            probe_task = progress.add_task("  this pair's Lanczos and Hutchinson probes", total=probes, last="")
+            extras = replace(extras, on_probe=lambda done, total: progress.update(probe_task, completed=done,
+                                                                                  total=total))
 
         def advance(pair, row) -> None:  # type: ignore[no-untyped-def]
             status = "error" if "error" in row else (f"{len(row['directions'])} directions" if "directions" in row
@@ -102,6 +114,6 @@ def _comparison(comparing: bool, compare: CompareOptions, extras: Extras) -> Com
         if compare != CompareOptions():
             raise click.UsageError("--directions, --state, --scale, --clip-fraction and --mezo-* need --compare")
         return None
-    if dataclasses.replace(extras, line_search=None, seed=0).any:
+    if replace(extras, line_search=None, seed=0).any:
         raise click.UsageError("--compare takes --line-search but no other extra")
-    return dataclasses.replace(compare, line_search=tuple(extras.line_search) if extras.line_search else None)
+    return replace(compare, line_search=tuple(extras.line_search) if extras.line_search else None)

@@ -100,4 +100,4 @@ def resolve_metadata_loss(spec: str, source: Path, trust: Trust) -> Loss:
     if ":" not in spec:
         raise ZeroptimError(f"'{source}' names the loss '{spec}' in its metadata, which is not a known loss "
                             f"({', '.join(BUILTIN_LOSSES)}); pass --loss to choose one")
-    return Loss(spec, metadata_callable(spec, "loss", "--loss", source, trust), _examples)
+    return Loss(spec, metadata_callable(spec, "loss", "--loss", source, trust, source.parent), _examples)

@@ -49,6 +49,9 @@ def build_model(spec: dict[str, Any] | None, override: str | None = None, base_d
     """
     kwargs = dict((spec or {}).get("kwargs") or {})
     if override is not None:
+        if override not in REGISTRY and ":" not in override:
+            raise ConfigError(f"--model '{override}' is neither a built-in model ({', '.join(REGISTRY)}) nor a "
+                              "factory 'path/to/file.py:function' or 'package.module:function'")
         fn = REGISTRY[override] if override in REGISTRY else load_callable(override, "--model", base_dir)
         what = f"--model '{override}'"
     elif spec is None:
@@ -60,7 +63,7 @@ def build_model(spec: dict[str, Any] | None, override: str | None = None, base_d
         fn, what = REGISTRY[spec["name"]], f"model '{spec['name']}'"
     elif "factory" in spec:
         fn = metadata_callable(spec["factory"], "model factory", "--model", source or Path("checkpoint"), trust, base_dir)
-        what = f"factory '{spec['factory']}'"
+        what = f"factory '{spec['factory']}' named in '{source}'"
     else:
         raise ZeroptimError(f"the metadata 'model' of '{source}' needs a 'name' or a 'factory'")
     try:

@@ -3,8 +3,9 @@
 One comparison (``compare --json``): (a) bars of the normalized directional sharpness dᵀHd/‖d‖² per
 direction, (b) bars of the actual loss change f(w_t + d) − f(w_t) per direction, the Taylor prediction
 gᵀd + ½dᵀHd marked on each. Several (``sweep --compare``, one row per recorded pair): per run, (a) the
-normalized sharpness of each direction against the step (log scale; non-positive values left out) and
-(b) each direction's actual loss change against the step.
+normalized sharpness of each direction against the step (log scale, symmetric-log with the non-positive
+values marked ▼ when there are any, as the sweep figure does) and (b) each direction's actual loss change
+against the step.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ import numpy as np  # noqa: E402
 
 from zeroptim_cli.errors import ZeroptimError  # noqa: E402
 from zeroptim_cli.report.figures import figure_path, save_figure  # noqa: E402
-from zeroptim_cli.report.plots import by_run  # noqa: E402
+from zeroptim_cli.report.plots_common import (  # noqa: E402
+    by_run,
+    legend_outside,
+    mark_nonpositive,
+    note,
+    sharpness_note,
+    sharpness_scale,
+    step_ticks,
+    steps,
+)
 
 
 def _value(d: dict[str, Any], key: str) -> float:
@@ -52,21 +62,25 @@ def panel_bars(ax: plt.Axes, row: dict[str, Any], key: str, title: str, ylabel: 
 
 
 def panel_over_steps(ax: plt.Axes, group: list[dict[str, Any]], key: str, title: str, ylabel: str,
-                     log: bool) -> None:
+                     sharpness: bool) -> None:
     names = list(dict.fromkeys(d["name"] for row in group for d in row["directions"]))
-    steps = [row.get("step_t") if row.get("step_t") is not None else i for i, row in enumerate(group)]
-    for i, name in enumerate(names):
-        y = np.array([next((_value(d, key) for d in row["directions"] if d["name"] == name), np.nan) for row in group])
-        if log:
-            y = np.where(y > 0, y, np.nan)
-        ax.plot(steps, y, marker="o", ms=3, ls="--" if name.endswith("+clip") else "-",
-                color="0.2" if name == "update" else f"C{i % 10}", label=name)
-    if log:
-        ax.set_yscale("log")
-    else:
+    x = steps(group)
+    series = {name: np.array([next((_value(d, key) for d in row["directions"] if d["name"] == name), np.nan)
+                              for row in group]) for name in names}
+    scale = sharpness_scale(ax, series.values()) if sharpness else None
+    if not sharpness:
         ax.axhline(0, color="0.6", lw=0.8)
+    marked = 0
+    for i, (name, y) in enumerate(series.items()):
+        ax.plot(x, y, marker="o", ms=3, ls="--" if name.endswith("+clip") else "-",
+                color="0.2" if name == "update" else f"C{i % 10}", label=name)
+        if sharpness:
+            marked += mark_nonpositive(ax, x, y, None if marked else "≤ 0")
     ax.set(title=title, xlabel="step t", ylabel=ylabel)
-    ax.legend(fontsize=7, ncol=2)
+    step_ticks(ax, x)
+    legend_outside(ax)
+    if scale is not None:
+        note(ax, sharpness_note("dᵀHd/‖d‖²", scale[0], scale[1], scale[2]))
 
 
 def plot_comparisons(rows: Sequence[dict[str, Any]], output: str | os.PathLike, title: str | None = None) -> Path:
@@ -87,9 +101,9 @@ def plot_comparisons(rows: Sequence[dict[str, Any]], output: str | os.PathLike, 
                    "loss change")
     for i, (run, group) in enumerate(runs.items() if not single else []):
         panel_over_steps(axes[i, 0], group, "dir_sharpness_normalized", f"(a) dᵀHd / ‖d‖² per direction ({run})",
-                         "normalized sharpness (log scale)", log=True)
+                         "normalized sharpness", sharpness=True)
         panel_over_steps(axes[i, 1], group, "delta_loss", f"(b) actual loss change per direction ({run})",
-                         "f(w_t + d) − f(w_t)", log=False)
+                         "f(w_t + d) − f(w_t)", sharpness=False)
     if title:
         fig.suptitle(title)
     save_figure(fig, out, fmt)

@@ -36,7 +36,7 @@ from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.batches import save_batch
-from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint
+from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint, versions
 from zeroptim_cli.io.files import atomic_path, exclusive_lock, remove_stale_temporaries, write_text_atomic
 from zeroptim_cli.optim.optimizers import optimizer_description
 from zeroptim_cli.optim.state import state_file_name, state_metadata, state_tensors
@@ -118,7 +118,7 @@ class Recorder:
         save_batch(self.folder / batch_name(step), inputs, targets)
         save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, batch_name(step)))
         if self.save_optimizer_state:
-            meta = {"format": FORMAT_VERSION, **state_metadata(step, self.optimizer)}
+            meta = {"format": FORMAT_VERSION, **state_metadata(step, self.optimizer), "versions": versions()}
             with atomic_path(self.folder / state_file_name(step)) as tmp:
                 save_file(state_tensors(self.model, self.optimizer), str(tmp), metadata={"zeroptim": json.dumps(meta)})
         yield
@@ -129,5 +129,6 @@ class Recorder:
 
     def _write_run(self) -> None:
         run = {"format": FORMAT_VERSION, "run_id": self.run_id, "model": self.model_spec, "loss": self.loss,
-               "optimizer": optimizer_description(self.optimizer), "recorded_steps": self.recorded, **self.extra}
+               "optimizer": optimizer_description(self.optimizer), "recorded_steps": self.recorded,
+               "versions": versions(), **self.extra}
         write_text_atomic(self.folder / "run.json", json.dumps(run, indent=2) + "\n")
