@@ -32,7 +32,8 @@ def headline(r: PairAnalysis) -> str:
     steps = f"step {fmt(r.step_t)} → {fmt(r.step_t1)}" if r.step_t is not None else "checkpoint pair"
     if r.direction != "update":
         steps += f" · direction {r.direction}"
-    return f"{steps} · {r.num_examples} examples · {r.dtype} on {r.device} · {r.method}"
+    tokens = f" ({r.num_tokens} tokens)" if r.num_tokens is not None else ""
+    return f"{steps} · {r.num_examples} examples{tokens} · {r.dtype} on {r.device} · {r.method}"
 
 
 def decomposition_table(r: PairAnalysis) -> Table:
