@@ -10,7 +10,7 @@ from zeroptim_cli.analysis.directions import resolve_direction
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.pair import analyze_pair
 from zeroptim_cli.analysis.result import PairAnalysis
-from zeroptim_cli.derivatives.losses import resolve_loss
+from zeroptim_cli.derivatives.losses import default_loss, resolve_loss
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.io.batches import Batch, load_batch
 from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
@@ -33,10 +33,10 @@ class Settings:
 
 
 def recorded_batches(ckpt: Checkpoint) -> list[Batch]:
-    """The batch recorded in the checkpoint's metadata; an error when there is none."""
-    if ckpt.batch_path is None:
+    """The batches recorded in the checkpoint's metadata; an error when there is none."""
+    if not ckpt.batch_paths:
         raise ConfigError(f"no batch: pass --batch FILE ('{ckpt.path}' records no batch in its metadata)")
-    return [load_batch(ckpt.batch_path)]
+    return [load_batch(p) for p in ckpt.batch_paths]
 
 
 def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequence[Batch],
@@ -48,7 +48,7 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
     model = build_model(ckpt_t.model_spec or ckpt_t1.model_spec, settings.model, base_dir=ckpt_t.path.parent)
     params_t, buffers_t = state_for_model(model, ckpt_t)
     params_t1, _ = state_for_model(model, ckpt_t1)
-    loss = resolve_loss(settings.loss or ckpt_t.meta.get("loss") or "cross_entropy")
+    loss = resolve_loss(settings.loss or ckpt_t.meta.get("loss") or default_loss(batches), model)
     result = analyze_pair(
         model, params_t, params_t1, batches, loss,
         buffers=buffers_t, method=settings.method, train=settings.train, seed=settings.seed,

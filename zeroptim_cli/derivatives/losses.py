@@ -16,7 +16,7 @@ upcasts logits with ``.float()``, which would quietly turn a float64 analysis pa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import IGNORE_INDEX, Batch
 from zeroptim_cli.io.specs import load_callable
+from zeroptim_cli.models.hf import loss_kind
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -162,7 +163,7 @@ BUILTIN_LOSSES = {
 MODEL_LOSS = "model"
 
 
-def default_loss(batches: list[Batch]) -> str:
+def default_loss(batches: Sequence[Batch]) -> str:
     """The loss to use when neither ``--loss`` nor the metadata names one: the model's own loss for
     keyword-argument batches (they hold ``labels``, as a Hugging Face model takes them), else cross_entropy."""
     return MODEL_LOSS if any(b.keyword for b in batches) else "cross_entropy"
@@ -189,8 +190,7 @@ _CLASSIFIERS = ("ForSequenceClassification", "ForImageClassification", "ForVideo
 
 
 def model_loss(model: nn.Module) -> Loss:
-    """The loss a transformers model computes from its ``labels``, by its ``loss_type`` (the kind transformers
-    reads from the class name):
+    """The loss a transformers model computes from its ``labels``, by its kind (``models.hf.loss_kind``):
 
     * ``ForCausalLM``: ``causal_lm`` (labels shifted inside the model, −100 ignored);
     * ``ForMaskedLM``, ``ForTokenClassification``: ``cross_entropy`` over every position, −100 ignored;
@@ -198,7 +198,7 @@ def model_loss(model: nn.Module) -> Loss:
 
     Other kinds, encoder-decoders and models that add a router loss are refused rather than approximated.
     """
-    kind, config, cls = getattr(model, "loss_type", None), getattr(model, "config", None), type(model).__name__
+    kind, config, cls = loss_kind(model), getattr(model, "config", None), type(model).__name__
     if config is None or kind is None:
         raise ZeroptimError(f"the model's own loss ('{MODEL_LOSS}', the default for a batch with labels) needs a "
                             f"transformers model with a known loss; {cls} is none: pass --loss")

@@ -1,11 +1,13 @@
 """Model registry and factories: rebuilding a model from checkpoint metadata or a ``--model`` spec.
 
-A model spec is ``{"name": "mlp", "kwargs": {...}}`` (a built-in) or ``{"factory": "pkg.mod:fn",
-"kwargs": {...}}`` (a function returning an ``nn.Module``).
+A model spec is ``{"name": "mlp", "kwargs": {...}}`` (a built-in), ``{"factory": "pkg.mod:fn",
+"kwargs": {...}}`` (a function returning an ``nn.Module``) or ``{"hf_config": {...}}`` (a transformers
+config, built by transformers' own classes: ``models.hf``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ from typing import Any
 from torch import nn
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
+from zeroptim_cli.io.hf import SPEC_KEY
 from zeroptim_cli.io.specs import load_callable
+from zeroptim_cli.models.hf import build_hf_model
 from zeroptim_cli.models.cnn import CNN
 from zeroptim_cli.models.mlp import MLP
 from zeroptim_cli.models.transformer import CharTransformer
@@ -53,10 +57,12 @@ def build_model(spec: dict[str, Any] | None, override: str | None = None, base_d
         if spec["name"] not in REGISTRY:
             raise ZeroptimError(f"unknown model '{spec['name']}' in checkpoint metadata (known: {', '.join(REGISTRY)})")
         fn, what = REGISTRY[spec["name"]], f"model '{spec['name']}'"
+    elif SPEC_KEY in spec:
+        fn, what = functools.partial(build_hf_model, spec[SPEC_KEY]), f"the '{SPEC_KEY}' model spec"
     elif "factory" in spec:
         fn, what = load_callable(spec["factory"], "model factory", base_dir), f"factory '{spec['factory']}'"
     else:
-        raise ZeroptimError("checkpoint metadata 'model' needs a 'name' or a 'factory'")
+        raise ZeroptimError(f"checkpoint metadata 'model' needs a 'name', a 'factory' or an '{SPEC_KEY}'")
     try:
         model = fn(**kwargs)
     except ZeroptimError:
