@@ -26,6 +26,7 @@ from zeroptim_cli.derivatives import METHODS, Derivatives, Objective
 from zeroptim_cli.derivatives.forward_over_forward import check_forward_over_forward
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.losses import Loss
+from zeroptim_cli.derivatives.precision import computed_in
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
@@ -74,7 +75,7 @@ def analyze_pair(
     delta = {k: w_t1[k] - w_t[k] for k in w_t}
     fixed = _cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
     objective = Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype)
-    with _evaluated(model, train), twice_differentiable_kernels():
+    with _evaluated(model, train), twice_differentiable_kernels(), computed_in(dtype):
         if direction is not None:
             delta = direction(objective.gradient(w_t), w_t, delta)
             w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None

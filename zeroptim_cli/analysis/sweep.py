@@ -1,5 +1,8 @@
 """Sweeps: analyse every consecutive checkpoint pair of one or more run folders, resumably.
 
+A run folder holds checkpoint files (``zeroptim train``, the ``Recorder``, the Trainer callback) or Hugging
+Face ``checkpoint-N`` folders (a Trainer ``output_dir``), or both.
+
 Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_t``, ``ckpt_t1`` and
 ``batches``), written and flushed as soon as it is computed. Re-running with the same output skips the
 pairs already there, drops a line cut short by a kill, and retries pairs that failed, so an interrupted
@@ -31,9 +34,12 @@ from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
 from zeroptim_cli.io.checkpoint import METADATA_KEY, Checkpoint, load_checkpoint
 from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.hf import CONFIG, INDEX, TRAINER_STATE, folder_step, is_hf_folder
 from zeroptim_cli.io.results import to_json
 
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
+#: The files of a Hugging Face folder besides its weights that a result depends on.
+HF_FILES = (CONFIG, INDEX, TRAINER_STATE)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path], extra
     checkpoint written anew."""
 
     def file_id(p: Path) -> list[Any]:
+        if p.is_dir():  # a Hugging Face folder: the files the checkpoint is read from
+            return [str(p.resolve()), [file_id(f) for f in sorted(p.iterdir()) if f.name in HF_FILES or
+                                       f.suffix == ".safetensors"]]
         st = p.stat()
         return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
@@ -73,7 +82,10 @@ class Plan:
 
 def checkpoint_step(path: Path) -> int | None:
     """The step of a checkpoint file from its metadata, else the last number in its name; None for a
-    file that is a batch or an optimizer state rather than a checkpoint."""
+    file that is a batch or an optimizer state rather than a checkpoint. A Hugging Face folder's step is
+    ``io.hf.folder_step``'s."""
+    if path.is_dir():
+        return folder_step(path)
     with safe_open(str(path), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata() or {}
     if keys == {"inputs", "targets"} or path.name.startswith(("batch_", "optim_")):
@@ -108,7 +120,8 @@ def find_pairs(folders: Sequence[Path], successive: bool = False) -> Plan:
         if not folder.is_dir():
             raise ZeroptimError(f"run folder '{folder}' is not a directory")
         steps: dict[int, Path] = {}
-        for path in sorted(folder.glob("*.safetensors")):
+        candidates = sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if is_hf_folder(p))
+        for path in candidates:
             try:
                 step = checkpoint_step(path)
             except Exception as exc:  # unreadable header: report it, keep sweeping the rest
@@ -120,7 +133,8 @@ def find_pairs(folders: Sequence[Path], successive: bool = False) -> Plan:
                 raise ZeroptimError(f"run folder '{folder}': '{steps[step].name}' and '{path.name}' are both step {step}")
             steps[step] = path
         if not steps:
-            raise ZeroptimError(f"run folder '{folder}' holds no checkpoints (*.safetensors with a step)")
+            raise ZeroptimError(f"run folder '{folder}' holds no checkpoints (*.safetensors with a step, or "
+                                "Hugging Face checkpoint-N folders)")
         run = folder.name if names.count(folder.name) == 1 else str(folder)
         ordered = sorted(steps)
         found = 0

@@ -100,6 +100,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
     return Path(path)
 
 
+_IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"}
+
+
+def optimizer_description(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The metadata's ``optimizer``: the optimizer's name and the JSON-able hyper-parameters of its first
+    parameter group (an optimizer's own ``describe()`` when it has one)."""
+    inner = getattr(optimizer, "describe", None)
+    if callable(inner):
+        return inner()
+    group = optimizer.param_groups[0]
+    hyper = {k: v for k, v in group.items()
+             if k not in _IMPLEMENTATION_FLAGS and isinstance(v, (int, float, bool, str, type(None)))}
+    hyper.update({k: list(v) for k, v in group.items() if isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)})
+    return {"name": getattr(type(optimizer), "name", type(optimizer).__name__.lower()), **hyper}
+
+
 def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
     """Both checkpoints must hold the same tensor names and shapes, and name the same model if they say."""
     only_a, only_b = set(a.tensors) - set(b.tensors), set(b.tensors) - set(a.tensors)

@@ -13,21 +13,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.io.checkpoint import optimizer_description
 from zeroptim_cli.vectors import clip_coordinates
 
-_IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"}
-
-
-def optimizer_description(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's name and the JSON-able hyper-parameters of its first parameter group."""
-    inner = getattr(optimizer, "describe", None)
-    if callable(inner):
-        return inner()
-    group = optimizer.param_groups[0]
-    hyper = {k: v for k, v in group.items()
-             if k not in _IMPLEMENTATION_FLAGS and isinstance(v, (int, float, bool, str, type(None)))}
-    hyper.update({k: list(v) for k, v in group.items() if isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)})
-    return {"name": getattr(type(optimizer), "name", type(optimizer).__name__.lower()), **hyper}
 
 
 class SignSGD(Optimizer):
