@@ -125,8 +125,9 @@ class ZeroptimCallback(TrainerCallback):
 
     @staticmethod
     def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        meta: dict[str, Any] = {"step": step, "model": {SPEC_KEY: comparable_config(model.config.to_dict())},
-                                "loss": MODEL_LOSS}
+        # a live config names no architecture until save_pretrained writes one: name the model's class
+        config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+        meta: dict[str, Any] = {"step": step, "model": {SPEC_KEY: comparable_config(config)}, "loss": MODEL_LOSS}
         if optimizer is not None:  # Trainer's is accelerate's wrapper around the torch optimizer
             meta["optimizer"] = optimizer_description(getattr(optimizer, "optimizer", optimizer))
         return meta

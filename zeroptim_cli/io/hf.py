@@ -92,8 +92,12 @@ def model_class(config: dict[str, Any], source: str) -> type:
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without the keys that only say how it was written (``_VOLATILE``)."""
-    return {k: v for k, v in config.items() if k not in _VOLATILE}
+    """The config without the keys that only say how it was written (``_VOLATILE``, private ``_…``).
+
+    Pass a full ``PretrainedConfig.to_dict()``: ``config.json`` holds only what differs from the defaults,
+    so a folder's config and a live model's compare equal only once both are complete.
+    """
+    return {k: v for k, v in config.items() if k not in _VOLATILE and not k.startswith("_")}
 
 
 def config_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
@@ -125,12 +129,13 @@ def folder_step(folder: Path) -> int | None:
 
 def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(the model's state dict as transformers loads the folder, zeroptim metadata for it): the metadata's
-    ``model`` is ``{"hf_config": config}`` (the comparable config), ``step`` as ``folder_step`` says."""
+    ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says."""
     config_path = folder / CONFIG
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
     cls = model_class(config, str(config_path))
+    complete = cls.config_class.from_dict(config).to_dict()
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
@@ -144,4 +149,4 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             raise ZeroptimError(f"checkpoint folder '{folder}': '{name}' is {kind.split('_')[0]} "
                                 f"({len(info[kind])} {kind.replace('_', ' ')} in all)")
     tensors = {name: t.detach() for name, t in model.state_dict().items()}
-    return tensors, {"model": {SPEC_KEY: comparable_config(config)}, "step": folder_step(folder)}
+    return tensors, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}

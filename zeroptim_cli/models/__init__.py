@@ -17,8 +17,8 @@ from torch import nn
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.hf import SPEC_KEY
 from zeroptim_cli.io.specs import load_callable
-from zeroptim_cli.models.hf import build_hf_model
 from zeroptim_cli.models.cnn import CNN
+from zeroptim_cli.models.hf import build_hf_model
 from zeroptim_cli.models.mlp import MLP
 from zeroptim_cli.models.transformer import CharTransformer
 

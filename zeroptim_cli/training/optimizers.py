@@ -17,7 +17,6 @@ from zeroptim_cli.io.checkpoint import optimizer_description
 from zeroptim_cli.vectors import clip_coordinates
 
 
-
 class SignSGD(Optimizer):
     """w ← w − lr·(sign(m) + wd·w), with m = β·m + g (β = momentum, 0 for plain sign descent)."""
 
