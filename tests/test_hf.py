@@ -376,3 +376,13 @@ def test_float32_upcasts_inside_the_model_stay_float64() -> None:
     with torch.no_grad(), computed_in(torch.float64), Float32Seen():
         assert model(input_ids=ids).logits.dtype == torch.float64
     assert not Float32Seen.seen
+
+
+def test_unshifted_guard_spares_shifted_and_repeated_batches() -> None:
+    from zeroptim_cli.derivatives.losses import refuse_unshifted
+
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(13))
+    refuse_unshifted(Batch(ids[:, :-1], ids[:, 1:]))  # shifted by hand: fine
+    refuse_unshifted(Batch(torch.full((2, 8), 5), torch.full((2, 8), 5)))  # one repeated token: shifted as well
+    with pytest.raises(ZeroptimError, match="causal_lm"):
+        refuse_unshifted(Batch(ids, ids.masked_fill(ids > 40, -100)))  # equal wherever counted

@@ -139,12 +139,16 @@ def _always(targets: Tensor) -> bool:
 
 def refuse_unshifted(batch: Batch) -> None:
     """Token targets equal to the token inputs (wherever counted) make cross_entropy score every token
-    against itself, a silent wrong answer for a language-model batch: refuse it and point to causal_lm."""
+    against itself, a silent wrong answer for a language-model batch: refuse it and point to causal_lm.
+    A batch whose targets are also the next inputs (rows of one repeated token) is left alone: it reads as
+    shifted just as well."""
     inputs, targets = batch.input_ids, batch.targets
     if inputs is None or targets.dim() < 2 or inputs.shape != targets.shape or inputs.is_floating_point():
         return
     mask = targets != IGNORE_INDEX
-    if bool(mask.any()) and torch.equal(inputs[mask], targets[mask]):
+    nxt = mask[:, :-1]
+    if bool(mask.any()) and torch.equal(inputs[mask], targets[mask]) and \
+            not torch.equal(inputs[:, 1:][nxt], targets[:, :-1][nxt]):
         raise ZeroptimError(f"batch '{batch.source}': the targets equal the input tokens, so cross_entropy would score "
                             "every token against itself; for a language model use --loss causal_lm (next-token, "
                             "shifted as transformers does)")
