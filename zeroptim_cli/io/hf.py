@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -62,19 +63,33 @@ def transformers_module(what: str) -> ModuleType:
     return transformers
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: tuple[int, bool] = (0, False)
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """No progress bars and no warnings from transformers for the block (stderr stays ours)."""
+    """No progress bars and no warnings from transformers for the block (stderr stays ours). The settings
+    are global; a sweep loads its next checkpoints in a thread while the current pair computes, so the
+    first block to enter saves them and the last to leave restores them."""
+    global _quiet_depth, _quiet_saved
     logging = transformers_module("a Hugging Face model").utils.logging
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = (logging.get_verbosity(), logging.is_progress_bar_enabled())
+            logging.set_verbosity_error()
+            logging.disable_progress_bar()
+        _quiet_depth += 1
     try:
         yield
     finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                logging.set_verbosity(_quiet_saved[0])
+                if _quiet_saved[1]:
+                    logging.enable_progress_bar()
 
 
 def model_class(config: dict[str, Any], source: str) -> type:
