@@ -22,11 +22,12 @@ from zeroptim_cli.training.recorder import Recorder
 SPEC = {"name": "mlp", "kwargs": {"in_features": 5, "hidden": [4], "num_classes": 3}}
 
 
-def record_run(folder: Path, steps=(0, 1, 2, 6), lr: float = 0.1, optimizer: str = "sgd", seed: int = 0) -> Path:
+def record_run(folder: Path, steps=(0, 1, 2, 6), lr: float = 0.1, optimizer: str = "sgd", seed: int = 0,
+               overwrite: bool = False) -> Path:
     torch.manual_seed(seed)
     model = MLP(in_features=5, hidden=(4,), num_classes=3)
     opt = torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=lr)
-    rec = Recorder(folder, model, opt, steps=steps, model_spec=SPEC)
+    rec = Recorder(folder, model, opt, steps=steps, model_spec=SPEC, overwrite=overwrite)
     g = torch.Generator().manual_seed(seed)
     for step in range(max(steps) + 1):
         x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -45,7 +46,7 @@ def test_sweep_finds_consecutive_pairs_and_matches_analyze(tmp_path) -> None:
     run = record_run(tmp_path / "sgd")
     plan = find_pairs([run])
     assert [(p.step_t, p.step_t1) for p in plan.pairs] == [(0, 1), (1, 2), (2, 3), (6, 7)]
-    assert any("3 → 6" in note for note in plan.notes)
+    assert any("1 gap(s)" in note for note in plan.notes)
     out = tmp_path / "r.jsonl"
     summary = sweep(plan, out, Settings(dtype="float64"))
     assert (summary.analysed, summary.failed) == (4, 0)
@@ -124,7 +125,7 @@ def test_empty_folder_mixed_models_and_gaps(tmp_path, capsys) -> None:
 
     gappy = record_run(tmp_path / "gappy", steps=(0, 5))
     plan = find_pairs([gappy])
-    assert len(plan.pairs) == 2 and any("not consecutive" in n for n in plan.notes)
+    assert len(plan.pairs) == 2 and any("1 gap(s)" in n for n in plan.notes)
     assert len(find_pairs([gappy], successive=True).pairs) == 3
 
 
@@ -169,8 +170,11 @@ def test_rewritten_checkpoint_is_analysed_again(tmp_path) -> None:
     out = tmp_path / "r.jsonl"
     sweep(find_pairs([run]), out)
     before = lines(out)
-    record_run(tmp_path / "sgd", steps=(0, 1), seed=1)  # same files, new contents
-    summary = sweep(find_pairs([run]), out)
+    record_run(tmp_path / "sgd", steps=(0, 1), seed=1, overwrite=True)  # same files, new contents
+    with pytest.raises(ZeroptimError, match="--replace-stale"):  # never replaced silently
+        sweep(find_pairs([run]), out)
+    assert lines(out) == before
+    summary = sweep(find_pairs([run]), out, replace_stale=True)
     assert summary.analysed == 2 and summary.skipped == 0
     after = lines(out)
     assert len(after) == 2 and after[0]["loss_t"] != before[0]["loss_t"]

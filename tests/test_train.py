@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from zeroptim_cli.analysis.checkpoints import analyze_files
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
 from zeroptim_cli.cli import main
+from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.checkpoint import load_checkpoint, state_for_model
+from zeroptim_cli.io.files import read_safetensors
 from zeroptim_cli.models import REGISTRY, build_model
 from zeroptim_cli.training.loop import load_config, train
 from zeroptim_cli.training.optimizers import OPTIMIZERS, CoordinateClip, Lion, NormalizedSGD, SignSGD, build_optimizer
@@ -37,7 +39,10 @@ def test_recorded_delta_is_the_optimizer_update(tmp_path) -> None:
         assert torch.equal(c1.tensors[k] - c0.tensors[k], after[k] - before[k])
     assert c0.meta["optimizer"]["name"] == "adam" and c0.meta["optimizer"]["lr"] == 0.1
     assert c0.meta["batch"] == "batch_000000.safetensors" and c0.step == 0 and c1.step == 1
-    r = analyze_files(tmp_path / "ckpt_000000.safetensors", tmp_path / "ckpt_000001.safetensors")
+    with pytest.raises(ZeroptimError, match="--trust-code"):  # a factory in metadata is code: not without consent
+        analyze_files(tmp_path / "ckpt_000000.safetensors", tmp_path / "ckpt_000001.safetensors")
+    r = analyze_files(tmp_path / "ckpt_000000.safetensors", tmp_path / "ckpt_000001.safetensors",
+                      settings=Settings(trust_code=True))
     assert r.step_t == 0 and r.num_examples == 4
 
 
@@ -63,8 +68,9 @@ def test_training_is_deterministic_under_a_seed(tmp_path) -> None:
     b = train(load_config(None, {**SMALL, "out": str(tmp_path / "b")}))
     c = train(load_config(None, {**SMALL, "out": str(tmp_path / "c"), "seed": 1}))
     for name in ("ckpt_000002.safetensors", "batch_000001.safetensors"):
-        assert (a / name).read_bytes() == (b / name).read_bytes()
-        assert (a / name).read_bytes() != (c / name).read_bytes()
+        ta, tb, tc = (read_safetensors(run / name, "file")[0] for run in (a, b, c))
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+        assert not all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
 def _one_step(opt_factory, params, grads):

@@ -10,17 +10,20 @@ from zeroptim_cli.analysis.directions import resolve_direction
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.pair import analyze_pair
 from zeroptim_cli.analysis.result import PairAnalysis
-from zeroptim_cli.derivatives.losses import default_loss, resolve_loss
+from zeroptim_cli.analysis.sanity import pair_warnings
+from zeroptim_cli.derivatives.losses import default_loss, resolve_loss, resolve_metadata_loss
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.io.batches import Batch, load_batch
 from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
+from zeroptim_cli.io.specs import Trust
 from zeroptim_cli.models import build_model
 from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed."""
+    """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed, and
+    whether code named in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``)."""
 
     model: str | None = None
     loss: str | None = None
@@ -30,6 +33,11 @@ class Settings:
     train: bool = False
     seed: int = 0
     direction: str = "update"
+    trust_code: bool = False
+
+    @property
+    def trust(self) -> Trust:
+        return Trust(self.trust_code, frozenset(s for s in (self.model, self.loss) if s is not None))
 
 
 def recorded_batches(ckpt: Checkpoint) -> list[Batch]:
@@ -45,10 +53,16 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
     """Analyse the step from ``ckpt_t`` to ``ckpt_t1`` on ``batches`` (see ``analyze_pair``)."""
     dtype = resolve_dtype(settings.dtype)
     check_compatible(ckpt_t, ckpt_t1)
-    model = build_model(ckpt_t.model_spec or ckpt_t1.model_spec, settings.model, base_dir=ckpt_t.path.parent)
+    source = ckpt_t if ckpt_t.model_spec or not ckpt_t1.model_spec else ckpt_t1
+    model = build_model(source.model_spec, settings.model, base_dir=source.path.parent, trust=settings.trust,
+                        source=source.path)
     params_t, buffers_t = state_for_model(model, ckpt_t)
     params_t1, _ = state_for_model(model, ckpt_t1)
-    loss = resolve_loss(settings.loss or ckpt_t.meta.get("loss") or default_loss(batches), model)
+    if settings.loss is not None:
+        loss = resolve_loss(settings.loss, model)
+    else:
+        loss = resolve_metadata_loss(ckpt_t.meta.get("loss") or default_loss(batches), ckpt_t.path, settings.trust,
+                                     model)
     result = analyze_pair(
         model, params_t, params_t1, batches, loss,
         buffers=buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
@@ -56,6 +70,7 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
     )
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
+    result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train)
     return result
 
 

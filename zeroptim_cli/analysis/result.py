@@ -59,6 +59,7 @@ class PairAnalysis:
     step_t1: int | None = None
     num_tokens: int | None = None
     direction: str = "update"
+    warnings: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -120,5 +121,6 @@ class PairAnalysis:
             "device": self.device,
             "method": self.method,
             "direction": self.direction,
+            "warnings": list(self.warnings),
             **self.extras,
         }

@@ -1,13 +1,14 @@
-"""Sweeps: analyse every consecutive checkpoint pair of one or more run folders, resumably.
+"""Sweeps: analyse every recorded checkpoint pair of one or more run folders, resumably.
 
 A run folder holds checkpoint files (``zeroptim train``, the ``Recorder``, the Trainer callback) or Hugging
-Face ``checkpoint-N`` folders (a Trainer ``output_dir``), or both.
+Face ``checkpoint-N`` folders (a Trainer ``output_dir``, whose pairs need ``--batch``), or both.
 
-Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_t``, ``ckpt_t1`` and
-``batches``), written and flushed as soon as it is computed. Re-running with the same output skips the
-pairs already there, drops a line cut short by a kill, and retries pairs that failed, so an interrupted
-sweep resumes with no duplicate and no loss. A failing pair is recorded with an ``error`` key and the sweep
-goes on. Each checkpoint file is read once per sweep, the next one while the current pair computes.
+Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_t``, ``ckpt_t1``,
+``batches``, ``sweep_key`` and ``settings_key``), written and flushed as soon as it is computed.
+Re-running with the same output skips the pairs already there, drops a line cut short by a kill, and
+retries pairs that failed, so an interrupted sweep resumes with no duplicate and no loss; results of other
+settings stay in the file. A failing pair (an unreadable checkpoint too) is recorded with an ``error`` key
+and the sweep goes on. Each checkpoint file is read once per sweep, the next one while the current pair computes.
 With a fixed ``--batch`` set, pairs run newest first so that f(w_t) of one pair serves as f(w_t1) of
 the pair before it: one forward pass saved per pair.
 """
@@ -25,21 +26,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_checkpoints, recorded_batches
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import METADATA_KEY, Checkpoint, load_checkpoint
-from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint, parse_metadata
+from zeroptim_cli.io.files import exclusive_lock, read_header, write_text_atomic
 from zeroptim_cli.io.hf import CONFIG, INDEX, TRAINER_STATE, folder_step, is_hf_folder
 from zeroptim_cli.io.results import to_json
 
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
-#: The files of a Hugging Face folder besides its weights that a result depends on.
-HF_FILES = (CONFIG, INDEX, TRAINER_STATE)
 
 
 @dataclass(frozen=True)
@@ -49,56 +46,87 @@ class Pair:
     run: str
     ckpt_t: Path
     ckpt_t1: Path
-    step_t: int
-    step_t1: int
+    step_t: int | None
+    step_t1: int | None
 
 
+#: The files of a Hugging Face folder besides its weights that a result depends on.
+HF_FILES = (CONFIG, INDEX, TRAINER_STATE)
 
-def sweep_key(pair: Pair, settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None) -> str:
-    """What a result depends on: both files (resolved path, size, modification time), the settings and
-    the fixed batches and extras (not the device). A re-run recomputes a pair whose key changed, e.g. a
-    checkpoint written anew."""
 
-    def file_id(p: Path) -> list[Any]:
-        if p.is_dir():  # a Hugging Face folder: the files the checkpoint is read from
-            return [str(p.resolve()), [file_id(f) for f in sorted(p.iterdir()) if f.name in HF_FILES or
-                                       f.suffix == ".safetensors"]]
-        st = p.stat()
-        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+def _file_id(p: Path) -> list[Any]:
+    if p.is_dir():  # a Hugging Face folder: the files the checkpoint is read from
+        return [str(p.resolve()), [_file_id(f) for f in sorted(p.iterdir())
+                                   if f.name in HF_FILES or f.suffix == ".safetensors"]]
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
-    how = {k: v for k, v in asdict(settings).items() if k != "device"}  # same numbers on any device
-    parts = [file_id(pair.ckpt_t), file_id(pair.ckpt_t1), how, [file_id(b) for b in batch_paths],
-             asdict(extras) if extras is not None else None]
+
+def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None) -> str:
+    """What a result depends on besides its two checkpoints: the settings (not the device, nor the trust
+    flag: the same numbers either way), the fixed batches (path, size, modification time) and the extras."""
+    how = {k: v for k, v in asdict(settings).items() if k not in ("device", "trust_code")}
+    parts = [how, [_file_id(b) for b in batch_paths], asdict(extras) if extras is not None else None]
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def sweep_key(pair: Pair, how: str) -> str:
+    """A result's identity: both checkpoint files (resolved path, size, modification time) and the
+    ``settings_key`` ``how``. A re-run skips a pair whose key is already in the output."""
+    parts = [_file_id(pair.ckpt_t), _file_id(pair.ckpt_t1), how]
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
 class Plan:
-    """The pairs to analyse, and what was noticed while finding them (gaps, unreadable files)."""
+    """The pairs to analyse, and what was noticed while finding them (gaps, pairs without a batch)."""
 
     pairs: list[Pair] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def inputs(self) -> set[Path]:
+        """Every file the plan reads (checkpoints; the recorded batches are found beside them)."""
+        return {p.resolve() for pair in self.pairs for p in (pair.ckpt_t, pair.ckpt_t1)}
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a checkpoint file from its metadata, else the last number in its name; None for a
-    file that is a batch or an optimizer state rather than a checkpoint. A Hugging Face folder's step is
-    ``io.hf.folder_step``'s."""
-    if path.is_dir():
-        return folder_step(path)
-    with safe_open(str(path), framework="pt") as f:
-        keys, meta = set(f.keys()), f.metadata() or {}
-    if keys == {"inputs", "targets"} or path.name.startswith(("batch_", "optim_")):
-        return None
-    if METADATA_KEY in meta:
-        try:
-            step = json.loads(meta[METADATA_KEY]).get("step")
-        except (json.JSONDecodeError, AttributeError):
-            step = None
-        if isinstance(step, int):
-            return step
+
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint file of a run folder: its step, whether it records a batch, or why it is unreadable."""
+
+    path: Path
+    step: int | None
+    has_batch: bool = False
+    error: str | None = None
+
+
+def _number(path: Path) -> int | None:
     match = _NUMBER.search(path.stem)
     return int(match.group(1)) if match else None
+
+
+def scan(path: Path) -> Found | None:
+    """What ``path`` is, from its header alone: a checkpoint (step from its metadata, else the last number
+    in its name), or None for a batch or an optimizer state. An unreadable file is a checkpoint whose
+    pair will fail, never a silent skip. A Hugging Face folder's step is ``io.hf.folder_step``'s; it
+    records no batch."""
+    if path.is_dir():
+        try:
+            return Found(path, folder_step(path))
+        except ZeroptimError as exc:
+            return Found(path, _number(path), error=str(exc))
+    if path.name.startswith(("batch_", "optim_")):
+        return None
+    try:
+        entries, raw = read_header(path, "checkpoint")
+        meta = parse_metadata(raw, path)
+    except ZeroptimError as exc:
+        return Found(path, _number(path), error=str(exc))
+    if set(entries) == {"inputs", "targets"}:
+        return None
+    step = meta.get("step")
+    return Found(path, step if step is not None else _number(path),
+                 has_batch=bool(meta.get("batch") or meta.get("batches")))
 
 
 def expand(patterns: Sequence[str]) -> list[Path]:
@@ -112,64 +140,111 @@ def expand(patterns: Sequence[str]) -> list[Path]:
     return folders
 
 
-def find_pairs(folders: Sequence[Path], successive: bool = False) -> Plan:
-    """Pairs (s, s+1) of each folder — or, with ``successive``, each checkpoint and the next one found."""
+def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches: bool = False) -> Plan:
+    """The pairs of each folder: a checkpoint s that records its batch with the checkpoint s+1 after its
+    step (what the Recorder writes); with ``fixed_batches`` (``--batch``) any two consecutive steps; with
+    ``successive``, each checkpoint with the next one found. An unreadable checkpoint is paired by the
+    number in its name, so that its pair fails; one without a number fails on its own."""
     plan = Plan()
     names = [f.name for f in folders]
     for folder in folders:
         if not folder.is_dir():
             raise ZeroptimError(f"run folder '{folder}' is not a directory")
-        steps: dict[int, Path] = {}
-        candidates = sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if is_hf_folder(p))
-        for path in candidates:
-            try:
-                step = checkpoint_step(path)
-            except Exception as exc:  # unreadable header: report it, keep sweeping the rest
-                plan.notes.append(f"'{path}' is not a readable safetensors file ({exc}); skipped")
+        run = folder.name if names.count(folder.name) == 1 else str(folder)
+        steps: dict[int, Found] = {}
+        for path in sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if is_hf_folder(p)):
+            found = scan(path)
+            if found is None:
                 continue
-            if step is None:
+            if found.step is None:  # unreadable and unnumbered: a failed pair of its own
+                plan.pairs.append(Pair(run, path, path, None, None))
                 continue
-            if step in steps:
-                raise ZeroptimError(f"run folder '{folder}': '{steps[step].name}' and '{path.name}' are both step {step}")
-            steps[step] = path
+            if found.step in steps:
+                raise ZeroptimError(f"run folder '{folder}': '{steps[found.step].path.name}' and '{path.name}' "
+                                    f"are both step {found.step}")
+            steps[found.step] = found
         if not steps:
             raise ZeroptimError(f"run folder '{folder}' holds no checkpoints (*.safetensors with a step, or "
                                 "Hugging Face checkpoint-N folders)")
-        run = folder.name if names.count(folder.name) == 1 else str(folder)
         ordered = sorted(steps)
-        found = 0
+        gaps = unbatched = 0
         for s, s1 in zip(ordered, ordered[1:]):
-            if successive or s1 == s + 1:
-                plan.pairs.append(Pair(run, steps[s], steps[s1], s, s1))
-                found += 1
+            if not successive and s1 != s + 1:
+                gaps += 1
+            elif successive or fixed_batches or steps[s].has_batch or steps[s].error:
+                plan.pairs.append(Pair(run, steps[s].path, steps[s1].path, s, s1))
             else:
-                plan.notes.append(f"run '{run}': steps {s} → {s1} are not consecutive; no pair there")
-        if not found:
-            plan.notes.append(f"run '{run}': no consecutive pair among steps {ordered} (try --successive)")
+                unbatched += 1
+        if gaps:
+            plan.notes.append(f"run '{run}': {gaps} gap(s) between recorded steps, no pair across them "
+                              "(--successive pairs across gaps)")
+        if unbatched:
+            plan.notes.append(f"run '{run}': {unbatched} consecutive pair(s) whose first checkpoint records no batch "
+                              "were not paired (--batch FILE analyses every consecutive pair on that batch)")
+        if not any(p.run == run for p in plan.pairs):
+            plan.notes.append(f"run '{run}': no pair among steps {ordered} (try --successive or --batch)")
     return plan
 
 
-def read_done(output: Path, current: dict[tuple[str, str], str]) -> set[str]:
-    """Sweep keys of the pairs already analysed in ``output``, which is rewritten without failed lines,
-    lines cut short, repeated keys, and stale results: pairs of ``current`` (resolved checkpoint paths →
-    key) whose stored key differs, because a file or a setting changed since."""
-    if not output.exists():
+def is_sweep_row(row: Any) -> bool:
+    """Whether a parsed line is one a sweep writes: an object naming its two checkpoints."""
+    return isinstance(row, dict) and isinstance(row.get("ckpt_t"), str) and isinstance(row.get("ckpt_t1"), str)
+
+
+def read_done(output: Path, current: dict[tuple[str, str], str], how: str, replace_stale: bool = False,
+              force: bool = False) -> set[str]:
+    """Sweep keys of the pairs of ``current`` (resolved checkpoint paths → key) already analysed in
+    ``output`` with these settings (``how``). Nothing that is a result is lost: rows of other settings and
+    of other pairs stay as they are. Dropped are only a last line cut short by a kill, repeated lines,
+    and the error rows of pairs that are retried now. A row of these settings whose checkpoints changed
+    since (size or modification time) is replaced only with ``replace_stale``; otherwise the sweep
+    refuses. A file that is not a sweep output is refused unless ``force``, which starts it anew."""
+    if not output.exists() or output.stat().st_size == 0:
         return set()
-    kept, done = [], set()
-    for line in output.read_text(encoding="utf-8").splitlines():
+    try:
+        text = output.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        if force:
+            write_text_atomic(output, "")
+            return set()
+        raise ZeroptimError(f"-o '{output}' exists and is not a zeroptim sweep output ({exc}); "
+                            "choose another file, or pass --force to replace it") from exc
+    lines = text.splitlines()
+    kept, done, seen, stale, changed = [], set(), set(), 0, False
+    for n, line in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if not isinstance(row, dict) or "error" in row or "sweep_key" not in row:
-            continue
-        key = row["sweep_key"]
+            row = None
+        if not is_sweep_row(row):
+            if n == len(lines) - 1 and not text.endswith("\n"):
+                changed = True  # a line cut short by a kill: no result in it
+                continue
+            if force:
+                write_text_atomic(output, "")
+                return set()
+            raise ZeroptimError(f"-o '{output}' exists and is not a zeroptim sweep output (line {n + 1}); "
+                                "choose another file, or pass --force to replace it")
         paths = (str(Path(row["ckpt_t"]).resolve()), str(Path(row["ckpt_t1"]).resolve()))
-        if key in done or current.get(paths, key) != key:
+        key, mine = row.get("sweep_key"), row.get("settings_key") == how and paths in current
+        if line in seen or (mine and "error" in row):
+            changed = True  # a repeated line, or a failure retried now
             continue
-        done.add(key)
+        if mine and key != current[paths]:
+            if not replace_stale:
+                stale += 1
+            else:
+                changed = True
+                continue
+        elif mine:
+            done.add(key)
+        seen.add(line)
         kept.append(line)
-    write_text_atomic(output, "".join(k + "\n" for k in kept))
+    if stale:
+        raise ZeroptimError(f"-o '{output}' holds {stale} result(s) of these settings computed from earlier versions "
+                            "of the checkpoints; pass --replace-stale to recompute and replace them")
+    if changed:
+        write_text_atomic(output, "".join(k + "\n" for k in kept))
     return done
 
 
@@ -202,12 +277,15 @@ class SweepSummary:
     analysed: int = 0
     skipped: int = 0
     failed: int = 0
+    first_error: str | None = None
 
 
 def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths: Sequence[Path] = (),
           extras: Extras | None = None, on_pair: Callable[[Pair, dict[str, Any]], None] | None = None,
-          shard: str = "pairs") -> SweepSummary:
-    """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there.
+          shard: str = "pairs", replace_stale: bool = False, force: bool = False) -> SweepSummary:
+    """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there (see
+    ``read_done`` for what happens to the rows already in it, and ``replace_stale`` and ``force``).
+    The output is locked for the whole sweep: a second sweep on it fails at once.
 
     Under torchrun, ``shard="pairs"`` gives each rank a contiguous block of whole pairs, and rank 0
     writes every rank's rows round by round; ``shard="batches"`` analyses each pair on all ranks, its
@@ -216,9 +294,20 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
     if shard not in ("pairs", "batches"):
         raise ConfigError(f"--shard '{shard}' is not 'pairs' or 'batches'")
     main = dist.group_rank() == 0
-    keys = {p: sweep_key(p, settings, batch_paths, extras) for p in plan.pairs}
+    how = settings_key(settings, batch_paths, extras)
+    keys = {p: sweep_key(p, how) for p in plan.pairs}
     current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()}
-    done = dist.broadcast_from_main(read_done(output, current) if main else None)
+    with exclusive_lock(output.parent / f".{output.name}.lock", f"sweep output '{output}'") if main \
+            else contextlib.nullcontext():
+        done = dist.broadcast_from_main(read_done(output, current, how, replace_stale, force) if main else None)
+        return _run(plan, output, settings, batch_paths, extras, on_pair, shard, keys, how, done)
+
+
+def _run(plan: Plan, output: Path, settings: Settings, batch_paths: Sequence[Path], extras: Extras | None,
+         on_pair: Callable[[Pair, dict[str, Any]], None] | None, shard: str, keys: dict[Pair, str], how: str,
+         done: set[str]) -> SweepSummary:
+    """The sweep's loop, under the output's lock: analyse what is not done, one JSON line per pair."""
+    main = dist.group_rank() == 0
     todo = [p for p in plan.pairs if keys[p] not in done]
     summary = SweepSummary(skipped=len(plan.pairs) - len(todo))
     fixed = dist.guarded(lambda: [load_batch(p) for p in batch_paths])
@@ -239,7 +328,7 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
                 upcoming = mine[i + 1] if i + 1 < len(mine) else None
                 with dist.local_only() if by_pairs else contextlib.nullcontext():
                     row = {**_analyse_one(pair, upcoming, cache, fixed, settings, losses, extras),
-                           "sweep_key": keys[pair]}
+                           "sweep_key": keys[pair], "settings_key": how}
             rows = dist.gather_to_main((pair, row)) if by_pairs else [(pair, row)]
             if out is None or rows is None:
                 continue
@@ -251,6 +340,7 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
                 os.fsync(out.fileno())
                 if "error" in r:
                     summary.failed += 1
+                    summary.first_error = summary.first_error or r["error"]
                 else:
                     summary.analysed += 1
                 if on_pair is not None:

@@ -11,8 +11,9 @@ from rich.console import Console
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
 from zeroptim_cli.analysis.extras import Extras
-from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, settings_options, stderr
+from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, force_option, print_warnings, settings_options, stderr
 from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
 from zeroptim_cli.io.results import to_json
 from zeroptim_cli.report.tables import print_report
 
@@ -29,10 +30,11 @@ from zeroptim_cli.report.tables import print_report
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON object to this file (atomically).")
-@click.option("--quiet", is_flag=True, help="No spinner and no table (with -o: write the file only).")
+@force_option
+@click.option("--quiet", is_flag=True, help="No spinner, no table and no warnings (with -o: write the file only).")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: bool, as_json: bool,
-            output: Path | None, quiet: bool, debug: bool, extras: Extras, **settings: object) -> None:
+            output: Path | None, force: bool, quiet: bool, debug: bool, extras: Extras, **settings: object) -> None:
     """Decompose the loss change from CKPT_T to CKPT_T1 on a batch.
 
     \b
@@ -40,6 +42,8 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
       zeroptim analyze sample_ckpts/mlp_sgd/ckpt_000100.safetensors \\
                        sample_ckpts/mlp_sgd/ckpt_000101.safetensors
     """
+    refuse_inputs({"-o": output}, [ckpt_t, ckpt_t1, *batches])
+    check_replaceable(output, "-o", "json", force)
     settings["device"] = dist.init(str(settings["device"]))
     silent = quiet or as_json or not dist.is_main()
     with stderr.status("analysing pair…") if not silent else contextlib.nullcontext():
@@ -53,5 +57,6 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
     if as_json:
         click.echo(to_json(payload))
     elif not quiet:
+        print_warnings(result.warnings)
         print_report(result, Console(), per_layer=per_layer)
 

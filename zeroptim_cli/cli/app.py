@@ -7,6 +7,7 @@ Exit status: 0 success, 1 bad input or data, 2 bad usage, 3 a sweep with failed 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -44,16 +45,27 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     # torch's own forward-mode decompositions still call the deprecated torch.jit.script on first use
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args, debug)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         dist.shutdown()
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised as an exception so that every open write and lock is cleaned up on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _say(message: str) -> None:
-    """An error line, from rank 0 only under torchrun (every rank exits with the same status)."""
+    """An error line, from rank 0 only under torchrun (every rank exits with the same status); line breaks
+    inside it (a file's odd metadata value, say) are shown escaped, so that it stays one line."""
     if os.environ.get("RANK", "0") == "0":
-        click.echo(message, err=True)
+        click.echo(message.replace("\r", "\\r").replace("\n", "\\n"), err=True)
 
 
 def _run(args: list[str], debug: bool) -> int:
@@ -76,6 +88,9 @@ def _run(args: list[str], debug: bool) -> int:
     except KeyboardInterrupt:
         _say("error: interrupted")
         return 130
+    except _Terminated:
+        _say("error: terminated")
+        return 143
     except Exception as exc:  # a bug of ours or of the user's model code: still one line unless --debug
         if debug:
             traceback.print_exc()

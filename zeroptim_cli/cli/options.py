@@ -16,6 +16,16 @@ stderr = Console(stderr=True)
 
 DEBUG_HELP = "Show the full traceback on errors."
 
+#: Replace an existing output file even if it does not look like one of zeroptim's.
+force_option = click.option("--force", is_flag=True,
+                            help="Replace an existing output file even if it is not one zeroptim wrote.")
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """A pair's sanity warnings on stderr, one line each."""
+    for line in warnings:
+        stderr.print(f"warning: {line}", markup=False, highlight=False)
+
 
 def settings_options(fn):  # type: ignore[no-untyped-def]
     """The options that say how a pair is analysed, shared by every analysing command."""
@@ -38,6 +48,10 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
                      help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "
                           "--seed. Default: eval mode (running statistics of checkpoint t, no dropout)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dropout masks in train mode."),
+        click.option("--trust-code", "trust_code", is_flag=True,
+                     help="Let a model factory or loss named in the checkpoints' metadata run (it is code from the "
+                          "file's author, as transformers' trust_remote_code). Not needed for built-in models and "
+                          "losses, nor for a --model / --loss you name yourself."),
         click.option("--direction", default="update", show_default=True, metavar="update|neg-grad|neg-sign-grad|adam|FILE",
                      help="Analyse another direction from w_t instead of the update: −g or −sign(g) rescaled to ‖Δ‖, "
                           "the step Adam would take from its saved moments, or a safetensors file of a Δ."),

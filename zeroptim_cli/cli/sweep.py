@@ -12,7 +12,8 @@ from zeroptim_cli.analysis.checkpoints import Settings
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.sweep import expand, find_pairs
 from zeroptim_cli.analysis.sweep import sweep as run_sweep
-from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, settings_options, stderr
+from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, force_option, settings_options, stderr
+from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
 from zeroptim_cli.io.results import read_results, write_csv
 from zeroptim_cli.report.tables import fmt
 
@@ -31,15 +32,21 @@ from zeroptim_cli.report.tables import fmt
 @extras_options
 @click.option("--shard", type=click.Choice(["pairs", "batches"]), default="pairs", show_default=True,
               help="Under torchrun: give each rank whole pairs, or split every pair's batches across the ranks.")
+@click.option("--replace-stale", is_flag=True,
+              help="Recompute and replace results of these settings whose checkpoints changed since.")
+@force_option
 @click.option("--quiet", is_flag=True, help="No progress bar and no notes.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], successive: bool, csv_path: Path | None,
-          quiet: bool, debug: bool, extras: Extras, shard: str, **settings: object) -> None:
-    """Analyse every consecutive checkpoint pair (steps s → s+1) of the RUNS folders (globs allowed).
+          replace_stale: bool, force: bool, quiet: bool, debug: bool, extras: Extras, shard: str,
+          **settings: object) -> None:
+    """Analyse every recorded checkpoint pair of the RUNS folders (globs allowed): a checkpoint of step s
+    that records its batch with the checkpoint of step s+1, or, with --batch, every consecutive pair.
 
     One JSON line per pair, flushed as it is computed. A failing pair gets an 'error' key and the sweep goes
-    on; re-running the same command skips what is done and retries what failed. Exit status: 0 all pairs
-    analysed, 3 some failed (counted on stderr), 1 bad input, 2 bad usage.
+    on; re-running the same command skips what is done and retries what failed; results of other settings
+    stay in the file. The output is locked while the sweep runs. Exit status: 0 all pairs analysed, 3 some
+    failed (counted on stderr), 1 bad input, 2 bad usage.
 
     \b
       zeroptim sweep runs/sgd runs/adam -o results.jsonl
@@ -47,7 +54,11 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
     """
     settings["device"] = dist.init(str(settings["device"]))
     quiet = quiet or not dist.is_main()
-    plan = find_pairs(expand(runs), successive=successive)
+    folders = expand(runs)
+    refuse_inputs({"-o": output, "--csv": csv_path},
+                  [*batches, *(p for folder in folders if folder.is_dir() for p in folder.glob("*.safetensors"))])
+    check_replaceable(csv_path, "--csv", "csv", force)
+    plan = find_pairs(folders, successive=successive, fixed_batches=bool(batches))
     if not quiet:
         for note in plan.notes:
             stderr.print(f"note: {note}", markup=False, highlight=False)
@@ -60,7 +71,7 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
             progress.update(task, advance=1, last=f"{pair.run} {pair.step_t}→{pair.step_t1} {status}")
 
         summary = run_sweep(plan, output, Settings(**settings), batches, extras, on_pair=advance,  # type: ignore[arg-type]
-                            shard=shard)
+                            shard=shard, replace_stale=replace_stale, force=force)
         progress.update(task, completed=len(plan.pairs))
     if not dist.is_main():
         return
@@ -70,7 +81,7 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
         stderr.print(f"{summary.analysed} analysed, {summary.skipped} already done, {summary.failed} failed "
                      f"→ {output}", markup=False, highlight=False)
     if summary.failed:
-        click.echo(f"error: {summary.failed} of {len(plan.pairs)} pairs failed (see their 'error' key in {output})",
-                   err=True)
+        click.echo(f"error: {summary.failed} of {len(plan.pairs)} pairs failed (see their 'error' key in {output}); "
+                   f"the first: {summary.first_error}", err=True)
         raise click.exceptions.Exit(3)
 

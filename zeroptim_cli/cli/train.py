@@ -44,9 +44,10 @@ def _steps(value: str | None) -> list[int] | None:
 @click.option("--record-every", type=int, help="Record every K-th step (steps 0, K, 2K, …).")
 @click.option("--record-steps", help="Comma-separated steps to record, e.g. 100,101.")
 @click.option("--save-optimizer-state", is_flag=True, default=None, help="Also save the optimizer state.")
+@click.option("--overwrite", is_flag=True, help="Record into a folder that is not empty, replacing the run in it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
-def train(config: Path | None, quiet: bool, debug: bool, **flags: object) -> None:
+def train(config: Path | None, overwrite: bool, quiet: bool, debug: bool, **flags: object) -> None:
     """Train a built-in model from CONFIG (YAML) and/or flags, recording checkpoint pairs.
 
     Flags override the config. The run folder is then analysable with no extra flags:
@@ -59,7 +60,8 @@ def train(config: Path | None, quiet: bool, debug: bool, **flags: object) -> Non
     with Progress(*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]}"), console=stderr,
                   disable=quiet) as progress:
         task = progress.add_task(f"training → {cfg['out']}", total=int(cfg["steps"]), loss="…")
-        folder = run_training(cfg, lambda step, value: progress.update(task, advance=1, loss=f"{value:.4f}"))
+        folder = run_training(cfg, lambda step, value: progress.update(task, advance=1, loss=f"{value:.4f}"),
+                              overwrite=overwrite)
     stderr.print(f"recorded steps into {folder}")
 
 

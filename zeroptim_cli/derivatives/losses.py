@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import IGNORE_INDEX, Batch
-from zeroptim_cli.io.specs import load_callable
+from zeroptim_cli.io.specs import Trust, load_callable, metadata_callable
 from zeroptim_cli.models.hf import loss_kind
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -186,6 +187,18 @@ def resolve_loss(spec: str, model: nn.Module | None = None) -> Loss:
         raise ConfigError(f"--loss '{spec}' is not a known loss ({', '.join(BUILTIN_LOSSES)}, {MODEL_LOSS}) "
                           "nor a MODULE:FN spec")
     return Loss(spec, load_callable(spec, "--loss"))
+
+
+def resolve_metadata_loss(spec: str, source: Path, trust: Trust, model: nn.Module | None = None) -> Loss:
+    """The loss a checkpoint's metadata names: a built-in name (``model`` included) freely, a ``MODULE:FN``
+    spec only as ``trust`` allows (it would run code); anything else is bad data of ``source`` (exit 1), not a
+    bad flag."""
+    if spec in BUILTIN_LOSSES or spec == MODEL_LOSS:
+        return resolve_loss(spec, model)
+    if ":" not in spec:
+        raise ZeroptimError(f"'{source}' names the loss '{spec}' in its metadata, which is not a known loss "
+                            f"({', '.join(BUILTIN_LOSSES)}, {MODEL_LOSS}); pass --loss to choose one")
+    return Loss(spec, metadata_callable(spec, "loss", "--loss", source, trust, source.parent))
 
 
 #: transformers' ``loss_type`` of classifiers of a whole sequence, image, video or sound clip.

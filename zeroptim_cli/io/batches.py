@@ -105,18 +105,23 @@ def load_batch(path: str | os.PathLike) -> Batch:
         if missing:
             raise ZeroptimError(f"batch file '{path}' has no tensor '{missing[0]}' (it needs 'inputs' and 'targets', "
                                 f"or a model's keyword arguments: {' or '.join(KWARGS_MARKERS)} with {LABELS})")
-        return Batch(tensors["inputs"], tensors["targets"], str(path))
-    if LABELS not in tensors:
+    elif LABELS not in tensors:
         raise ZeroptimError(f"batch file '{path}' has keyword arguments ({', '.join(tensors)}) but no '{LABELS}' "
                             "to score the model against")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ZeroptimError(f"batch file '{path}': tensor '{name}' contains NaN or Inf")
+    if "inputs" in tensors:
+        return Batch(tensors["inputs"], tensors["targets"], str(path))
     labels = tensors.pop(LABELS)
     return Batch(tensors, labels, str(path))
 
 
 def save_batch(path: str | os.PathLike, inputs: torch.Tensor | Mapping[str, torch.Tensor],
                targets: torch.Tensor) -> Path:
-    """Write a batch file atomically (keyword-argument inputs are saved beside ``labels``)."""
-    batch = Batch(inputs, targets, str(path))
+    """Write a batch file atomically (keyword-argument inputs are saved beside ``labels``), as given: the
+    checks are ``load_batch``'s."""
+    tensors = {"inputs": inputs, "targets": targets} if isinstance(inputs, torch.Tensor) else {**inputs, LABELS: targets}
     with atomic_path(path) as tmp:
-        save_file({k: t.detach().contiguous().cpu() for k, t in batch.tensors().items()}, str(tmp))
+        save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(tmp))
     return Path(path)

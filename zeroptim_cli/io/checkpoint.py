@@ -2,7 +2,7 @@
 Hugging Face folder (``io.hf``), which reads into the same ``Checkpoint`` so that nothing above this
 module needs to know where a checkpoint came from.
 
-The metadata (string key ``zeroptim``, a JSON object) follows ../shared/CONTRACT.md::
+The metadata (string key ``zeroptim``, a JSON object) follows docs/contract.md::
 
     {"format": 1, "model": {"name": "mlp", "kwargs": {...}}, "step": 120, "loss": "cross_entropy",
      "optimizer": {"name": "sgd", "lr": 0.1}, "batch": "batch_000120.safetensors"}
@@ -42,8 +42,7 @@ class Checkpoint:
 
     @property
     def step(self) -> int | None:
-        step = self.meta.get("step")
-        return step if isinstance(step, int) else None
+        return self.meta.get("step")
 
     @property
     def model_spec(self) -> dict[str, Any] | None:
@@ -61,6 +60,50 @@ class Checkpoint:
         return [self.folder / name for name in names]
 
 
+def _fail(p: Path, what: str) -> ZeroptimError:
+    return ZeroptimError(f"checkpoint '{p}': metadata '{METADATA_KEY}' {what}")
+
+
+#: Metadata keys whose values must have these types (absent or null is fine for each).
+_TYPES: dict[str, tuple[type, ...]] = {"step": (int,), "loss": (str,), "optimizer": (dict,), "batch": (str,),
+                                        "run_id": (str,), "train_mode": (bool,), "model": (dict,)}
+
+
+def parse_metadata(raw: dict[str, str], p: Path) -> dict[str, Any]:
+    """The ``zeroptim`` metadata of checkpoint ``p``, checked: a JSON object of format 1 whose known keys
+    have their types, whose model names a ``name`` or a ``factory`` (with ``kwargs`` an object), and whose
+    ``batch`` is a file inside the checkpoint's folder (a relative path without '..'). Unknown keys pass."""
+    if METADATA_KEY not in raw:
+        return {}
+    try:
+        meta = json.loads(raw[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise _fail(p, f"is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise _fail(p, "must be a JSON object")
+    if meta.get("format", FORMAT_VERSION) != FORMAT_VERSION or isinstance(meta.get("format"), bool):
+        raise _fail(p, f"has format {meta.get('format')!r}; this zeroptim reads format {FORMAT_VERSION}")
+    for key, types in _TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise _fail(p, f"key '{key}' must be {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}")
+    model = meta.get("model")
+    if model is not None:
+        named = [k for k in ("name", "factory") if isinstance(model.get(k), str)]
+        named += [SPEC_KEY] if isinstance(model.get(SPEC_KEY), dict) else []
+        if len(named) != 1:
+            raise _fail(p, f"key 'model' must hold a string 'name', a string 'factory' or an object '{SPEC_KEY}'")
+        if not isinstance(model.get("kwargs") or {}, dict):
+            raise _fail(p, "key 'model.kwargs' must be an object")
+    batches = meta.get("batches")
+    if batches is not None and (not isinstance(batches, list) or not batches):
+        raise _fail(p, "key 'batches' must be a non-empty list of file names")
+    for batch in ([meta["batch"]] if meta.get("batch") is not None else []) + (batches or []):
+        if not isinstance(batch, str) or not batch or Path(batch).is_absolute() or ".." in Path(batch).parts:
+            raise _fail(p, f"key 'batch' or 'batches' must name files in the checkpoint's folder, not {batch!r}")
+    return meta
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load a checkpoint file or Hugging Face folder, rejecting unreadable files, malformed metadata and
     non-finite weights."""
@@ -74,15 +117,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     tensors, raw_meta = read_safetensors(p, "checkpoint")
     if not tensors:
         raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
-    meta: dict[str, Any] = {}
-    if METADATA_KEY in raw_meta:
-        try:
-            meta = json.loads(raw_meta[METADATA_KEY])
-        except json.JSONDecodeError as exc:
-            raise ZeroptimError(f"checkpoint '{p}': metadata '{METADATA_KEY}' is not valid JSON ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise ZeroptimError(f"checkpoint '{p}': metadata '{METADATA_KEY}' must be a JSON object")
-    return _checked(Checkpoint(p, tensors, meta))
+    return _checked(Checkpoint(p, tensors, parse_metadata(raw_meta, p)))
 
 
 def _checked(ckpt: Checkpoint) -> Checkpoint:
@@ -164,5 +199,9 @@ def state_for_model(model: nn.Module, ckpt: Checkpoint) -> tuple[dict[str, torch
             )
     all_param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     params = {n: resolved[n] for n, _ in model.named_parameters()}
+    for name, tensor in params.items():
+        if not tensor.is_floating_point():
+            raise ZeroptimError(f"checkpoint '{ckpt.path}': parameter '{name}' is stored as {str(tensor.dtype)[6:]}; "
+                                "parameters must be floating point")
     buffers = {n: t for n, t in resolved.items() if n not in all_param_names}
     return params, buffers

@@ -51,6 +51,9 @@ def read_results(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ZeroptimError(f"results file '{path}' cannot be read ({exc.strerror})") from exc
+        except UnicodeDecodeError as exc:
+            raise ZeroptimError(f"results file '{path}' is not text (a checkpoint?); plot takes sweep outputs "
+                                "(JSON lines) and analyze --json files") from exc
         stripped = text.strip()
         try:
             rows = [json.loads(stripped)] if stripped.startswith("{") and "\n{" not in stripped else \

@@ -1,4 +1,5 @@
-"""Resolving ``path/to/file.py:function`` and ``package.module:function`` specs to callables."""
+"""Resolving ``path/to/file.py:function`` and ``package.module:function`` specs to callables, and the
+trust rule for specs that come from a file rather than from the user: a checkpoint is data, never code."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,27 @@ def _import_file(path: Path, spec: str, what: str, base_dir: Path | None) -> Any
         del sys.modules[name]
         raise ZeroptimError(f"{what} '{spec}': importing '{found}' failed ({type(exc).__name__}: {exc})") from exc
     return module
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Which code the user lets run. A spec found in a file's metadata (a model factory, a loss) runs
+    only with ``code`` (``--trust-code``), or when the user named the same spec (``--model``, ``--loss``),
+    collected in ``named``. Built-in model and loss names are data, not code, and need neither."""
+
+    code: bool = False
+    named: frozenset[str] = frozenset()
+
+    def allows(self, spec: str) -> bool:
+        return self.code or spec in self.named
+
+
+def metadata_callable(spec: str, what: str, flag: str, source: Path, trust: Trust,
+                      base_dir: Path | None = None) -> Callable[..., Any]:
+    """The callable of a spec read from ``source``'s metadata, if ``trust`` allows it; otherwise an error
+    that names the spec, the file, and both ways to proceed."""
+    if not trust.allows(spec):
+        raise ZeroptimError(
+            f"'{source}' names the {what} '{spec}' in its metadata, which would run code from it; "
+            f"if you trust that code, pass --trust-code, or name it yourself with {flag} {spec}")
+    return load_callable(spec, f"{what} of '{source}'", base_dir)

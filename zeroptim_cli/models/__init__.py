@@ -16,7 +16,7 @@ from torch import nn
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.hf import SPEC_KEY
-from zeroptim_cli.io.specs import load_callable
+from zeroptim_cli.io.specs import Trust, load_callable, metadata_callable
 from zeroptim_cli.models.cnn import CNN
 from zeroptim_cli.models.hf import build_hf_model
 from zeroptim_cli.models.mlp import MLP
@@ -43,26 +43,32 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(spec: dict[str, Any] | None, override: str | None = None, base_dir: Path | None = None) -> nn.Module:
-    """Build the model named by ``override`` (a factory spec) or else by the metadata ``spec``.
+def build_model(spec: dict[str, Any] | None, override: str | None = None, base_dir: Path | None = None, *,
+                trust: Trust = Trust(), source: Path | None = None) -> nn.Module:
+    """Build the model named by ``override`` (a built-in name or a factory spec the user gave) or else by
+    the metadata ``spec`` of the checkpoint ``source``.
 
-    The factory is called with the metadata's ``kwargs`` when there are any, else with no arguments.
+    The function is called with the metadata's ``kwargs`` when there are any, else with no arguments. A
+    factory named only in the metadata runs only if ``trust`` allows it (``io.specs.Trust``).
     """
     kwargs = dict((spec or {}).get("kwargs") or {})
     if override is not None:
-        fn, what = load_callable(override, "--model", base_dir), f"--model '{override}'"
+        fn = REGISTRY[override] if override in REGISTRY else load_callable(override, "--model", base_dir)
+        what = f"--model '{override}'"
     elif spec is None:
         raise ConfigError("no model: the checkpoint has no 'zeroptim' model metadata; pass --model file.py:function")
     elif "name" in spec:
         if spec["name"] not in REGISTRY:
-            raise ZeroptimError(f"unknown model '{spec['name']}' in checkpoint metadata (known: {', '.join(REGISTRY)})")
+            raise ZeroptimError(f"unknown model '{spec['name']}' in the metadata of '{source}' "
+                                f"(known: {', '.join(REGISTRY)})")
         fn, what = REGISTRY[spec["name"]], f"model '{spec['name']}'"
     elif SPEC_KEY in spec:
         fn, what = functools.partial(build_hf_model, spec[SPEC_KEY]), f"the '{SPEC_KEY}' model spec"
     elif "factory" in spec:
-        fn, what = load_callable(spec["factory"], "model factory", base_dir), f"factory '{spec['factory']}'"
+        fn = metadata_callable(spec["factory"], "model factory", "--model", source or Path("checkpoint"), trust, base_dir)
+        what = f"factory '{spec['factory']}' named in '{source}'"
     else:
-        raise ZeroptimError(f"checkpoint metadata 'model' needs a 'name', a 'factory' or an '{SPEC_KEY}'")
+        raise ZeroptimError(f"the metadata 'model' of '{source}' needs a 'name', a 'factory' or an '{SPEC_KEY}'")
     try:
         model = fn(**kwargs)
     except ZeroptimError:

@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError  # noqa: E402
 from zeroptim_cli.io.files import atomic_path  # noqa: E402
+from zeroptim_cli.io.outputs import FIGURE_MARK  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -178,6 +179,6 @@ def plot(rows: Sequence[dict[str, Any]], output: str | os.PathLike, layer_run: s
     if title:
         fig.suptitle(title)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120)
+        fig.savefig(tmp, format=fmt, dpi=120, metadata={"Software" if fmt == "png" else "Creator": FIGURE_MARK})
     plt.close(fig)
     return out

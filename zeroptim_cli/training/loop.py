@@ -95,8 +95,16 @@ def fitted_model_spec(spec: dict[str, Any], info: dict[str, Any]) -> dict[str, A
     return {"name": name, "kwargs": {**implied, **(spec.get("kwargs") or {})}}
 
 
-def train(config: dict[str, Any], on_step: Callable[[int, float], None] | None = None) -> Path:
-    """Train as ``config`` says, recording the chosen steps; returns the run folder."""
+def train(config: dict[str, Any], on_step: Callable[[int, float], None] | None = None,
+          overwrite: bool = False) -> Path:
+    """Train as ``config`` says, recording the chosen steps; returns the run folder.
+
+    The run folder must be new or empty; ``overwrite`` replaces the run recorded there (its files only).
+    """
+    out = Path(config["out"])
+    if not overwrite and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise ZeroptimError(f"run folder '{out}' is not empty; choose a new folder, or overwrite its run "
+                            "(zeroptim train --overwrite)")
     device = resolve_device(str(config["device"]))
     if config["dtype"] not in DTYPES:
         raise ConfigError(f"dtype '{config['dtype']}' is not one of {', '.join(DTYPES)}")
@@ -110,18 +118,21 @@ def train(config: dict[str, Any], on_step: Callable[[int, float], None] | None =
     record = config["record"]
     recorder = Recorder(config["out"], model, optimizer, every=record.get("every"), steps=record.get("steps") or (),
                         model_spec=spec, loss=loss.name, save_optimizer_state=bool(record.get("optimizer_state")),
-                        extra={"config": {**config, "model": spec}})
-    generator = torch.Generator().manual_seed(int(config["seed"]))
-    model.train()
-    for step in range(int(config["steps"])):
-        x, y = data.batch(int(config["batch_size"]), generator)
-        x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-        y = y.to(device)
-        value = loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        with recorder.step(step, x, y):
-            optimizer.step()
-        if on_step is not None:
-            on_step(step, float(value.detach()))
+                        extra={"config": {**config, "model": spec}}, overwrite=overwrite)
+    try:
+        generator = torch.Generator().manual_seed(int(config["seed"]))
+        model.train()
+        for step in range(int(config["steps"])):
+            x, y = data.batch(int(config["batch_size"]), generator)
+            x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+            y = y.to(device)
+            value = loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            with recorder.step(step, x, y):
+                optimizer.step()
+            if on_step is not None:
+                on_step(step, float(value.detach()))
+    finally:
+        recorder.close()
     return recorder.folder

@@ -8,9 +8,14 @@ and the batch the step used::
     with rec.step(step, inputs, targets):
         optimizer.step()
 
-Files, all written atomically: ``ckpt_{step:06d}.safetensors`` (metadata per ../shared/CONTRACT.md,
-``batch`` naming the batch of the step that starts there), ``batch_{step:06d}.safetensors``, optionally
+Files, all written atomically: ``ckpt_{step:06d}.safetensors`` (metadata per docs/contract.md,
+``batch`` naming the batch of the step that starts there, ``run_id`` telling this run from others and
+``train_mode`` the model's mode during the step), ``batch_{step:06d}.safetensors``, optionally
 ``optim_{step:06d}.safetensors`` (the optimizer state before the step), and ``run.json``.
+
+A folder that already holds a run's files is refused (two runs in one folder would mix), unless
+``overwrite=True``, which first removes those files (and only those). The folder is locked while the
+Recorder is open, and temporary files left by a killed run are removed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +32,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.batches import save_batch
 from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint
-from zeroptim_cli.io.files import atomic_path, write_text_atomic
+from zeroptim_cli.io.files import atomic_path, exclusive_lock, remove_stale_temporaries, write_text_atomic
 from zeroptim_cli.training.optimizers import optimizer_description
 
 
@@ -42,6 +49,12 @@ def batch_name(step: int) -> str:
 
 def optim_name(step: int) -> str:
     return f"optim_{step:06d}.safetensors"
+
+
+def run_files(folder: Path) -> list[Path]:
+    """The files of a recorded run in ``folder``: what a Recorder writes there."""
+    names = ("ckpt_*.safetensors", "batch_*.safetensors", "optim_*.safetensors", "run.json")
+    return sorted(p for pattern in names for p in folder.glob(pattern))
 
 
 def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -66,11 +79,22 @@ class Recorder:
     def __init__(self, folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  every: int | None = None, steps: Iterable[int] = (), model_spec: dict[str, Any] | None = None,
                  loss: str = "cross_entropy", save_optimizer_state: bool = False,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, overwrite: bool = False) -> None:
         if every is not None and every <= 0:
             raise ValueError("every must be a positive number of steps")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(exclusive_lock(self.folder / ".zeroptim.lock", f"run folder '{self.folder}'"))
+        remove_stale_temporaries(self.folder)
+        previous = run_files(self.folder)
+        if previous and not overwrite:
+            self._lock.close()
+            raise ZeroptimError(f"run folder '{self.folder}' already holds a run ('{previous[0].name}', "
+                                f"{len(previous)} files); record into a new folder, or overwrite it")
+        for path in previous:
+            path.unlink()
+        self.run_id = uuid.uuid4().hex
         self.model, self.optimizer = model, optimizer
         self.every, self.steps = every, set(steps)
         self.model_spec, self.loss = model_spec, loss
@@ -79,12 +103,17 @@ class Recorder:
         self.recorded: list[int] = []
         self._write_run()
 
+    def close(self) -> None:
+        """Release the folder's lock (also at exit: a Recorder in a script needs no close)."""
+        self._lock.close()
+
     def wants(self, step: int) -> bool:
         """Whether ``step`` is one to record."""
         return step in self.steps or (self.every is not None and step % self.every == 0)
 
     def _meta(self, step: int, batch: str | None) -> dict[str, Any]:
-        meta: dict[str, Any] = {"step": step, "loss": self.loss, "optimizer": optimizer_description(self.optimizer)}
+        meta: dict[str, Any] = {"step": step, "loss": self.loss, "optimizer": optimizer_description(self.optimizer),
+                                "run_id": self.run_id, "train_mode": self.model.training}
         if self.model_spec is not None:
             meta["model"] = self.model_spec
         if batch is not None:
@@ -110,6 +139,6 @@ class Recorder:
         self._write_run()
 
     def _write_run(self) -> None:
-        run = {"format": FORMAT_VERSION, "model": self.model_spec, "loss": self.loss,
+        run = {"format": FORMAT_VERSION, "run_id": self.run_id, "model": self.model_spec, "loss": self.loss,
                "optimizer": optimizer_description(self.optimizer), "recorded_steps": self.recorded, **self.extra}
         write_text_atomic(self.folder / "run.json", json.dumps(run, indent=2) + "\n")

@@ -1,0 +1,42 @@
+"""Pair sanity: what makes a pair of checkpoints look wrong although it can still be computed.
+
+Each finding is one line for the result's ``warnings`` list: the steps out of order or not consecutive,
+two different runs (recorded run ids or optimizers differ), parameters stored in different dtypes in the
+two files, and a BatchNorm model analysed in eval mode whose checkpoints were recorded in train mode.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from zeroptim_cli.io.checkpoint import Checkpoint
+
+
+def pair_warnings(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module, train: bool) -> list[str]:
+    """The warnings of the module docstring for the pair ``ckpt_t`` → ``ckpt_t1`` of ``model``."""
+    out: list[str] = []
+    s, s1 = ckpt_t.step, ckpt_t1.step
+    if s is not None and s1 is not None:
+        if s1 <= s:
+            out.append(f"step_t1 {s1} is not after step_t {s}: are the checkpoints swapped?")
+        elif s1 != s + 1:
+            out.append(f"steps {s} → {s1} are not consecutive: Δ spans {s1 - s} optimizer steps")
+    for key, what in (("run_id", "run ids"), ("optimizer", "optimizers")):
+        a, b = ckpt_t.meta.get(key), ckpt_t1.meta.get(key)
+        if key == "optimizer":
+            a, b = (a or {}).get("name"), (b or {}).get("name")
+        if a is not None and b is not None and a != b:
+            out.append(f"the checkpoints come from different runs: their {what} differ ({a} and {b})")
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    mixed = sorted(n for n in params & set(ckpt_t.tensors) & set(ckpt_t1.tensors)
+                   if ckpt_t.tensors[n].dtype != ckpt_t1.tensors[n].dtype)
+    if mixed:
+        n = mixed[0]
+        out.append(f"parameters are stored in different dtypes in the two files ('{n}': "
+                   f"{str(ckpt_t.tensors[n].dtype)[6:]} and {str(ckpt_t1.tensors[n].dtype)[6:]})")
+    recorded_train = ckpt_t.meta.get("train_mode")
+    if (not train and recorded_train
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())):
+        out.append("the model has BatchNorm and was recorded in train mode, but is analysed in eval mode "
+                   "(running statistics); pass --train-mode to use batch statistics as the step did")
+    return out
