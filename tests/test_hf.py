@@ -321,9 +321,12 @@ def test_sweep_of_a_trainer_output_dir_and_inspect(tmp_path, capsys) -> None:
     assert status == 0, err
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert sorted((r["step_t"], r["step_t1"]) for r in rows) == [(1, 2), (2, 3)]
-    direct = analyze_files(out / "checkpoint-1", out / "checkpoint-2", [batch], F64).to_dict()
-    row = next(r for r in rows if r["step_t"] == 1)
-    assert_matches(row, {k: direct[k] for k in ("loss_t", "grad_corr", "dir_sharpness")}, rel=1e-12)
+    for step in (1, 2):
+        direct = analyze_files(out / f"checkpoint-{step}", out / f"checkpoint-{step + 1}", [batch], F64).to_dict()
+        row = next(r for r in rows if r["step_t"] == step)
+        keys = ("loss_t", "loss_t1", "grad_corr", "dir_sharpness", "update_norm", "grad_norm")
+        assert_matches(row, {k: direct[k] for k in keys}, rel=1e-12)
+        assert [p["name"] for p in row["per_layer"]] == [p["name"] for p in direct["per_layer"]]
     status, _, err = run_cli("sweep", out, "--batch", batch, "-o", tmp_path / "r.jsonl", "--dtype", "float64",
                              capsys=capsys)
     assert status == 0 and "0 analysed, 2 already done" in err
@@ -386,3 +389,30 @@ def test_unshifted_guard_spares_shifted_and_repeated_batches() -> None:
     refuse_unshifted(Batch(torch.full((2, 8), 5), torch.full((2, 8), 5)))  # one repeated token: shifted as well
     with pytest.raises(ZeroptimError, match="causal_lm"):
         refuse_unshifted(Batch(ids, ids.masked_fill(ids > 40, -100)))  # equal wherever counted
+
+
+def test_a_model_built_while_another_thread_loads_stays_tied() -> None:
+    """from_pretrained replaces PreTrainedModel.tie_weights by a no-op while it loads; a sweep builds a model
+    while its loader thread reads the next folders. Built meanwhile, GPT-2's lm_head came out untied."""
+    import threading
+    import time
+
+    from transformers.initialization import no_tie_weights
+
+    from zeroptim_cli.io.hf import quiet_transformers
+    from zeroptim_cli.models.hf import build_hf_model
+
+    config = {**tiny("gpt2").config.to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    inside = threading.Event()
+
+    def load() -> None:
+        with quiet_transformers(), no_tie_weights():  # as from_pretrained holds it, inside our lock
+            inside.set()
+            time.sleep(0.5)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    inside.wait()
+    model = build_hf_model(config)
+    loader.join()
+    assert model.lm_head.weight is model.transformer.wte.weight

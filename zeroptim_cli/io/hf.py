@@ -63,33 +63,28 @@ def transformers_module(what: str) -> ModuleType:
     return transformers
 
 
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-_quiet_saved: tuple[int, bool] = (0, False)
+#: transformers patches global state while it loads (``from_pretrained`` replaces
+#: ``PreTrainedModel.tie_weights`` by a no-op), so a model built in one thread while another loads comes
+#: out untied: seen in a sweep, whose loader thread reads the next folders while the current pair builds
+#: its model (GPT-2's lm_head then counted apart from the embedding: a wrong ‖Δ‖ and ‖g‖, with no error).
+_TRANSFORMERS = threading.RLock()
 
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """No progress bars and no warnings from transformers for the block (stderr stays ours). The settings
-    are global; a sweep loads its next checkpoints in a thread while the current pair computes, so the
-    first block to enter saves them and the last to leave restores them."""
-    global _quiet_depth, _quiet_saved
+    """One transformers call at a time in this process (``_TRANSFORMERS``), with no progress bars and no
+    warnings from transformers (stderr stays ours; the settings are restored after)."""
     logging = transformers_module("a Hugging Face model").utils.logging
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            _quiet_saved = (logging.get_verbosity(), logging.is_progress_bar_enabled())
-            logging.set_verbosity_error()
-            logging.disable_progress_bar()
-        _quiet_depth += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0:
-                logging.set_verbosity(_quiet_saved[0])
-                if _quiet_saved[1]:
-                    logging.enable_progress_bar()
+    with _TRANSFORMERS:
+        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
 
 
 def model_class(config: dict[str, Any], source: str) -> type:
