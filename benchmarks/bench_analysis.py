@@ -4,6 +4,10 @@ training step (forward + backward) of the same model and batch. Not a test: run 
     python benchmarks/bench_analysis.py                   # all workloads on CPU, a table
     python benchmarks/bench_analysis.py --device cuda --json
     python benchmarks/bench_analysis.py --workloads mlp,transformer --repeats 20
+    python benchmarks/bench_analysis.py --workloads wide_mlp_4096,transformer_256 --repeats 5   # the targets
+
+Workloads: mlp (784-128-64-10, batch 128), wide_mlp (784-2048-2048-10, batch 2048; wide_mlp_4096: 4096),
+cnn (batch 128), transformer (4 layers, width 128, 32×64 tokens; transformer_256: 32×256).
 
 Times are medians over repeats after warm-up, in one process. Peak memory: on CUDA the max allocated
 above the baseline; on CPU the peak resident size above the baseline, in a fresh subprocess per
@@ -49,14 +53,15 @@ def make_workload(name: str, device: torch.device, dtype: torch.dtype = torch.fl
     g = torch.Generator().manual_seed(0)
     if name == "mlp":
         model, x, y = MLP(), torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
-    elif name == "wide_mlp":
-        model = MLP(hidden=(2048, 2048))
-        x, y = torch.rand(2048, 784, generator=g), torch.randint(0, 10, (2048,), generator=g)
+    elif name in ("wide_mlp", "wide_mlp_4096"):
+        model, n = MLP(hidden=(2048, 2048)), 4096 if name == "wide_mlp_4096" else 2048
+        x, y = torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
     elif name == "cnn":
         model, x, y = CNN(), torch.rand(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
-    elif name == "transformer":
-        model = CharTransformer(vocab_size=100, block_size=64, dim=128, heads=4, layers=4)
-        x, y = torch.randint(0, 100, (32, 64), generator=g), torch.randint(0, 100, (32, 64), generator=g)
+    elif name in ("transformer", "transformer_256"):
+        t = 256 if name == "transformer_256" else 64
+        model = CharTransformer(vocab_size=100, block_size=t, dim=128, heads=4, layers=4)
+        x, y = torch.randint(0, 100, (32, t), generator=g), torch.randint(0, 100, (32, t), generator=g)
     else:
         raise SystemExit(f"unknown workload {name}")
     model = model.to(device=device, dtype=dtype).eval()
@@ -70,7 +75,8 @@ def candidates(w: Workload) -> dict[str, Callable[[], object]]:
     """Every measured computation, as a zero-argument callable."""
     model, x, y = w.model, w.batch.inputs, w.batch.targets
     delta = {k: w.w_t1[k] - w.w_t[k] for k in w.w_t}
-    objective = Objective(model, dict(model.named_buffers()), [w.batch], CE)
+    objective = Objective(model, dict(model.named_buffers()), [w.batch], CE, device=x.device,
+                          dtype=next(iter(w.w_t.values())).dtype)
     f = objective.terms[0].fn
     names = list(w.w_t)
 
@@ -78,8 +84,9 @@ def candidates(w: Workload) -> dict[str, Callable[[], object]]:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(_flat_logits(model(x)), y.reshape(-1)).backward()
 
-    def analysis() -> object:
-        return analyze_pair(model, w.w_t, w.w_t1, [w.batch], CE, device=x.device, dtype=w.w_t[next(iter(w.w_t))].dtype)
+    def analysis(method: str) -> Callable[[], object]:
+        return lambda: analyze_pair(model, w.w_t, w.w_t1, [w.batch], CE, device=x.device, method=method,
+                                    dtype=w.w_t[next(iter(w.w_t))].dtype)
 
     def notebook() -> object:
         def f_tuple(*ps: torch.Tensor) -> torch.Tensor:
@@ -90,7 +97,8 @@ def candidates(w: Workload) -> dict[str, Callable[[], object]]:
             torch.autograd.functional.jvp(f_tuple, primals, tangents)
             return torch.autograd.functional.hvp(f_tuple, primals, tangents)
 
-    out: dict[str, Callable[[], object]] = {"train step": train_step, "pair analysis": analysis}
+    out: dict[str, Callable[[], object]] = {"train step": train_step, "pair analysis (auto)": analysis("auto"),
+                                            "pair analysis (taylor)": analysis("taylor")}
     for method, fn in METHODS.items():
         if method == "forward-over-forward" and any(isinstance(m, nn.LayerNorm) for m in model.modules()):
             continue  # refused by zeroptim: torch's nested forward mode is wrong through LayerNorm
@@ -227,14 +235,14 @@ def agreement(name: str, device: torch.device) -> dict[str, float]:
         out = fn()
         if method == "train step":
             continue
-        if method == "pair analysis":
+        if method.startswith("pair analysis"):
             values[method] = out.dir_sharpness
         elif method.startswith("hvp"):
             values[method] = float(out.dir_sharpness)
         else:  # the notebook returns (f, Hv); the peers return Hv
             hv = out[1] if method.startswith("notebook") else out
             values[method] = float(sum((h * d).sum() for h, d in zip(hv, delta)))
-    ref = values.pop("pair analysis")
+    ref = values.pop("pair analysis (auto)")
     return {method: abs(v - ref) / abs(ref) for method, v in values.items()}
 
 

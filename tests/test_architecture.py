@@ -46,8 +46,8 @@ def imports_of(name: str) -> set[str]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             submodules = {f"{base}.{a.name}" for a in node.names} & set(MODULES)
             found |= submodules
-            if base != "zeroptim_cli" or len(submodules) < len(node.names):
-                found.add(base)  # ``from zeroptim_cli import distributed`` imports the submodule, not the API
+            if len(submodules) < len(node.names):  # names from the package's __init__, not only submodules
+                found.add(base)
     return {m for m in found if m in MODULES and m != name}
 
 

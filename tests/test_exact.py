@@ -233,3 +233,52 @@ def test_models_returning_tuples_or_logits_objects() -> None:
         p1 = {f"inner.{k}": v for k, v in w1.items()}
         r = analyze_pair(model, p0, p1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
         assert r.dir_sharpness == pytest.approx(ref.dir_sharpness, rel=1e-14), kind
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign(x) forward, identity backward: a surrogate gradient Taylor mode cannot honour."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return torch.sign(x) * x.abs().sqrt()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g
+
+
+class _STEModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.b(_SignSTE.apply(self.a(x)) + self.a(x))
+
+
+def test_taylor_falls_back_with_a_note_where_it_has_no_rule() -> None:
+    torch.manual_seed(0)
+    model, batches = _STEModel().double(), tiny_batches()
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    loss = resolve_loss("cross_entropy")
+    r = analyze_pair(model, w0, w1, batches, loss, method="taylor", dtype=torch.float64)
+    ref = analyze_pair(model, w0, w1, batches, loss, method="reverse-over-reverse", dtype=torch.float64)
+    assert r.method == "reverse-over-reverse" and any("Taylor mode refused" in w for w in r.warnings)
+    assert r.dir_sharpness == ref.dir_sharpness and r.grad_norm == ref.grad_norm
+
+
+def test_taylor_clipped_what_if_and_line_search_match_the_hvp() -> None:
+    from zeroptim_cli.analysis.extras import Extras
+
+    model, batches = tiny_mlp(), tiny_batches()
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    extras = Extras(clip=0.2, line_search=[0.0, 0.5, 1.0])
+    loss = resolve_loss("cross_entropy")
+    t = analyze_pair(model, w0, w1, batches, loss, method="taylor", dtype=torch.float64, extras=extras)
+    h = analyze_pair(model, w0, w1, batches, loss, method="auto", dtype=torch.float64, extras=extras)
+    assert t.method == "taylor"
+    for key in ("grad_corr", "dir_sharpness", "dir_sharpness_normalized"):
+        assert rel_close(t.extras["clipped"][key], h.extras["clipped"][key], 1e-12)
+    assert t.extras["line_search"]["loss"] == pytest.approx(h.extras["line_search"]["loss"], rel=1e-14)

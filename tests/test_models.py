@@ -36,7 +36,7 @@ def check(model: nn.Module, batch: Batch, scale: float = 0.05, **kwargs) -> None
     w0 = params_of(model)
     w1 = perturbed(w0, scale)
     loss, gd, dhd = reference(loss_fn(model, [batch]), w0, w1)
-    methods = ["forward-over-reverse", "reverse-over-reverse"]
+    methods = ["forward-over-reverse", "reverse-over-reverse", "taylor"]
     if has_layer_norm(model):
         with pytest.raises(ConfigError, match="LayerNorm"):
             analyze_pair(model, w0, w1, [batch], CE, dtype=torch.float64, method="forward-over-forward")
@@ -47,6 +47,7 @@ def check(model: nn.Module, batch: Batch, scale: float = 0.05, **kwargs) -> None
         assert rel_close(r.loss_t, loss, 1e-12), method
         assert rel_close(r.grad_corr, gd, 1e-9), method
         assert rel_close(r.dir_sharpness, dhd, 1e-9), method
+        assert r.method == method  # Taylor mode has a rule for every op of these models: no fallback
 
 
 class SDPAClassifier(nn.Module):

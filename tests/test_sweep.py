@@ -103,6 +103,7 @@ def test_failing_pair_is_recorded_and_sweep_goes_on(tmp_path, capsys) -> None:
     code = main(["sweep", str(run), "-o", str(tmp_path / "r.jsonl"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 3 and "1 of 3 pairs failed" in err
+    assert "the first: sgd 1 → 2: " in err and "batch_000001.safetensors" in err.split("the first:")[1]
     rows = lines(tmp_path / "r.jsonl")
     assert [("error" in r) for r in rows] == [False, True, False]
     assert "batch_000001.safetensors" in rows[1]["error"]

@@ -46,6 +46,24 @@ def test_recorded_delta_is_the_optimizer_update(tmp_path) -> None:
     assert r.step_t == 0 and r.num_examples == 4
 
 
+def test_run_and_checkpoints_record_the_versions_that_wrote_them(tmp_path) -> None:
+    import json
+    import platform
+
+    from zeroptim_cli._version import __version__
+
+    folder = train(load_config(None, {**SMALL, "out": str(tmp_path / "run"), "record": {"every": None, "steps": [1],
+                                                                                        "optimizer_state": True}}))
+    expected = {"zeroptim": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    assert json.loads((folder / "run.json").read_text())["versions"] == expected
+    assert load_checkpoint(folder / "ckpt_000001.safetensors").meta["versions"] == expected
+    assert load_checkpoint(folder / "ckpt_000002.safetensors").meta["versions"] == expected
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "optim_000001.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["zeroptim"])["versions"] == expected
+
+
 @pytest.mark.parametrize("name", [n for n in REGISTRY if n != "resnet18"] + ["resnet18"])
 def test_metadata_rebuilds_every_builtin_model(tmp_path, name: str) -> None:
     if name == "resnet18":

@@ -70,7 +70,7 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
     )
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
-    result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train)
+    result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train) + result.warnings
     return result
 
 

@@ -10,8 +10,8 @@ Line search: φ(α) = f(w_t + αΔ) on a grid, beside the quadratic model f(w_t)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -23,13 +23,19 @@ from zeroptim_cli.analysis.spectrum import hutchinson, lanczos
 from zeroptim_cli.derivatives import Derivatives, Objective
 from zeroptim_cli.vectors import Params, clip_threshold, flatten, unflatten
 
-#: The method of the extras' Hessian-vector products: they need HΔ itself.
+#: The method of the spectrum's Hessian-vector products: they need Hv itself. (The clipped what-if needs only
+#: gᵀΔᶜ and ΔᶜᵀHΔᶜ and uses the method the pair ran with.)
 HVP = "reverse-over-reverse"
+
+
+#: Told (probes done, probes in all) after each Lanczos step or Hutchinson probe, e.g. to move a progress bar.
+OnProbe = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class Extras:
-    """Which extras to compute. ``clip``: the fraction c (None: skip). ``line_search``: the α grid."""
+    """Which extras to compute. ``clip``: the fraction c (None: skip). ``line_search``: the α grid.
+    ``on_probe`` only reports progress; it changes no number (and is no part of ``settings()``)."""
 
     concentration: bool = False
     fractions: Sequence[float] = FRACTIONS
@@ -38,6 +44,11 @@ class Extras:
     lanczos_steps: int = 0
     hutchinson_probes: int = 0
     seed: int = 0
+    on_probe: OnProbe | None = field(default=None, compare=False, repr=False)
+
+    def settings(self) -> dict[str, Any]:
+        """What the extras' numbers depend on, JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "on_probe"}
 
     @property
     def any(self) -> bool:
@@ -66,7 +77,7 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
         out["concentration"] = concentration(delta, d.hvp, options.fractions)
     if options.clip:
         dc, tau = clipped(delta, options.clip)
-        _, r = objective.derivatives(w_t, dc, HVP)
+        _, r, _ = objective.derivatives(w_t, dc, result.method)
         hvps_spent += len(objective.terms)
         norm = float(flatten(dc).double().norm())
         out["clipped"] = {"fraction": options.clip, "tau": tau,
@@ -85,10 +96,16 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
         n = sum(t.numel() for t in w_t.values())
         generator = torch.Generator().manual_seed(options.seed)
 
+        probes, probes_done = options.lanczos_steps + options.hutchinson_probes, 0
+
         def flat_hvp(v: Tensor) -> Tensor:
-            nonlocal hvps_spent
+            nonlocal hvps_spent, probes_done
             hvps_spent += len(objective.terms)
-            return flatten(objective.derivatives(w_t, unflatten(v, w_t), HVP)[1].hvp)
+            hv = flatten(objective.derivatives(w_t, unflatten(v, w_t), HVP)[1].hvp)
+            probes_done += 1
+            if options.on_probe is not None:
+                options.on_probe(probes_done, probes)
+            return hv
 
         curvature: dict[str, Any] = {}
         if options.lanczos_steps:

@@ -69,6 +69,9 @@ def analyze_pair(
         raise ConfigError("no batch to evaluate the loss on")
     if method == "forward-over-forward":
         check_forward_over_forward(model, train)
+    if method in ("taylor", "forward-over-forward") and extras is not None and extras.concentration:
+        raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
+                          "compute; use --method auto")
     device = torch.device(device)
     model.to(device=device, dtype=dtype)
     w_t, w_t1 = _cast(params_t, device, dtype), _cast(params_t1, device, dtype)
@@ -79,13 +82,14 @@ def analyze_pair(
         if direction is not None:
             delta = direction(objective.gradient(w_t), w_t, delta)
             w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
-        chosen, totals = objective.derivatives(w_t, delta, method)
+        chosen, totals, notes = objective.derivatives(w_t, delta, method)
         value_t1 = objective.value(w_t1) if loss_t1 is None else torch.tensor(loss_t1, dtype=torch.float64, device=device)
         result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
         result.num_tokens = objective.num_tokens
         if extras is not None and extras.any:
             result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
     result.direction = direction_name
+    result.warnings = notes
     return result
 
 

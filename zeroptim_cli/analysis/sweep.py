@@ -66,7 +66,7 @@ def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras
     """What a result depends on besides its two checkpoints: the settings (not the device, nor the trust
     flag: the same numbers either way), the fixed batches (path, size, modification time) and the extras."""
     how = {k: v for k, v in asdict(settings).items() if k not in ("device", "trust_code")}
-    parts = [how, [_file_id(b) for b in batch_paths], asdict(extras) if extras is not None else None]
+    parts = [how, [_file_id(b) for b in batch_paths], extras.settings() if extras is not None else None]
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -274,6 +274,8 @@ class CheckpointCache:
 
 @dataclass
 class SweepSummary:
+    """Counts of the pairs, and the first failed pair's error (what went wrong is usually the same)."""
+
     analysed: int = 0
     skipped: int = 0
     failed: int = 0
@@ -340,7 +342,8 @@ def _run(plan: Plan, output: Path, settings: Settings, batch_paths: Sequence[Pat
                 os.fsync(out.fileno())
                 if "error" in r:
                     summary.failed += 1
-                    summary.first_error = summary.first_error or r["error"]
+                    if summary.first_error is None:
+                        summary.first_error = f"{p.run} {p.step_t} → {p.step_t1}: {r['error']}"
                 else:
                     summary.analysed += 1
                 if on_pair is not None:

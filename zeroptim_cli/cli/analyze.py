@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,7 +12,15 @@ from rich.console import Console
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
 from zeroptim_cli.analysis.extras import Extras
-from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, force_option, print_warnings, settings_options, stderr
+from zeroptim_cli.cli.options import (
+    DEBUG_HELP,
+    extras_options,
+    force_option,
+    print_warnings,
+    progress_bar,
+    settings_options,
+    stderr,
+)
 from zeroptim_cli.io.files import write_text_atomic
 from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
 from zeroptim_cli.io.results import to_json
@@ -47,8 +56,13 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
     check_replaceable(output, "-o", "json", force)
     settings["device"] = dist.init(str(settings["device"]))
     silent = quiet or as_json or not dist.is_main()
-    with stderr.status("analysing pair…") if not silent else contextlib.nullcontext():
-        result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
+    probes = extras.lanczos_steps + extras.hutchinson_probes
+    with progress_bar(silent) if probes else contextlib.nullcontext() as progress:
+        if progress is not None:
+            task = progress.add_task("analysing pair: Lanczos and Hutchinson probes", total=probes)
+            extras = replace(extras, on_probe=lambda done, total: progress.update(task, completed=done, total=total))
+        with stderr.status("analysing pair…") if not (silent or probes) else contextlib.nullcontext():
+            result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
     if not dist.is_main():
         return
     payload = result.to_dict()

@@ -24,7 +24,7 @@ from zeroptim_cli.cli.train import train
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
 @click.version_option(__version__, prog_name="zeroptim")
 def cli() -> None:
     """Why did the optimizer move the loss? Second-order analysis of training steps.

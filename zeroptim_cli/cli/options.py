@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
+from rich.progress import Progress, ProgressColumn
 
 from zeroptim_cli.analysis.extras import Extras, default_alphas
 from zeroptim_cli.derivatives import METHODS
+from zeroptim_cli.models import REGISTRY
 from zeroptim_cli.runtime import DTYPES
 
 #: Notes, progress and errors go to stderr; stdout carries results only.
@@ -27,12 +30,19 @@ def print_warnings(warnings: list[str]) -> None:
         stderr.print(f"warning: {line}", markup=False, highlight=False)
 
 
+def progress_bar(quiet: bool, *columns: ProgressColumn) -> Progress:
+    """A progress bar with an ETA on stderr when it is a terminal; nothing when piped or ``quiet``."""
+    return Progress(*Progress.get_default_columns(), *columns, console=stderr,
+                    disable=quiet or not stderr.is_terminal)
+
+
 def settings_options(fn):  # type: ignore[no-untyped-def]
     """The options that say how a pair is analysed, shared by every analysing command."""
     options = [
-        click.option("--model", "model", metavar="SPEC",
-                     help="Model factory 'path/to/file.py:fn' or 'package.module:fn', called with no arguments or "
-                          "with the kwargs recorded in the checkpoint. Overrides the checkpoint's metadata."),
+        click.option("--model", "model", metavar="NAME|SPEC",
+                     help=f"A built-in model ({', '.join(REGISTRY)}) or a factory 'path/to/file.py:fn' "
+                          "or 'package.module:fn', called with the kwargs recorded in the checkpoint (or none). "
+                          "Default: the model the checkpoint's metadata names."),
         click.option("--loss", metavar="NAME|MODULE:FN",
                      help="cross_entropy (logits (N,C) or (N,T,C), targets -100 ignored), causal_lm (next-token: "
                           "logits[:, :-1] against targets[:, 1:]), mse, model (a transformers model's own loss), or "
@@ -43,13 +53,17 @@ def settings_options(fn):  # type: ignore[no-untyped-def]
         click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
                      help="Compute dtype; bf16/fp16 checkpoints are upcast."),
         click.option("--method", type=click.Choice(["auto", *METHODS]), default="auto", show_default=True,
-                     help="How the Hessian-vector product is taken. auto: double backward (reverse-over-"
-                          "reverse), or forward-over-reverse where an op lacks double backward. "
-                          "forward-over-forward gives no gradient norm and no per-layer split."),
+                     help="How the derivatives along Δ are taken. auto: a Hessian-vector product by double "
+                          "backward (forward-over-reverse where an op lacks it); every key, per-layer split too. "
+                          "taylor: forward-only Taylor mode, exact, about 2 training steps per pair and no "
+                          "backward graph in memory, but no gradient norm and no per-layer split: the better "
+                          "choice for long sweeps and large batches (falls back to auto, and says so, for an op "
+                          "it has no rule for). forward-over-forward: torch's nested jvp, refused through "
+                          "LayerNorm and train-mode BatchNorm."),
         click.option("--train-mode", "train", is_flag=True,
                      help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "
                           "--seed. Default: eval mode (running statistics of checkpoint t, no dropout)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dropout masks in train mode."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dropout masks in train mode and of the Lanczos and Hutchinson probes."),
         click.option("--trust-code", "trust_code", is_flag=True,
                      help="Let a model factory or loss named in the checkpoints' metadata run (it is code from the "
                           "file's author, as transformers' trust_remote_code). Not needed for built-in models and "
@@ -69,21 +83,27 @@ def extras_options(fn):  # type: ignore[no-untyped-def]
     options = [
         click.option("--concentration", is_flag=True,
                      help="Share of ΔᵀHΔ (and of ‖Δ‖²) carried by the top 0.1%, 1%, 10% of coordinates, per layer too."),
-        click.option("--clip", "clip", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
-                     help="What-if: the same step with its top FRACTION of coordinates (by |Δ_i|) clipped to their "
-                          "threshold, as the paper's coordinate-wise clipping (it uses 0.1)."),
+        click.option("--clip-whatif", "--clip", "clip", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
+                     help="What-if, nothing is trained: the sharpness the same step would have met with its top "
+                          "FRACTION of coordinates (by |Δ_i|) clipped to their threshold, as the paper's coordinate-wise "
+                          "clipping (it uses 0.1). --clip is the old name of this flag; to clip in training, use "
+                          "'zeroptim train --clip'."),
         click.option("--line-search", is_flag=True, help="f(w_t + αΔ) on a grid of α, beside the quadratic model."),
-        click.option("--alphas", default="-0.5:2:26", show_default=True, metavar="LO:HI:N", help="The line-search grid."),
+        click.option("--alphas", default="-0.5:2:26", show_default=True, metavar="LO:HI:N",
+                     help="The line-search grid; needs --line-search (or --deep)."),
         click.option("--lanczos", type=click.IntRange(1), metavar="K",
                      help="λ_max and λ_min of H by K Lanczos steps (K Hessian-vector products per batch)."),
         click.option("--hutchinson", type=click.IntRange(2), metavar="M",
                      help="tr(H) by M Hutchinson probes, with its standard error."),
-        click.option("--deep", is_flag=True, help="Shorthand for --concentration --clip 0.1 --line-search."),
+        click.option("--deep", is_flag=True, help="Shorthand for --concentration --clip-whatif 0.1 --line-search."),
     ]
 
     def wrapper(**kwargs):  # type: ignore[no-untyped-def]
         names = ("concentration", "clip", "line_search", "alphas", "lanczos", "hutchinson", "deep")
         e = {k: kwargs.pop(k) for k in names}
+        given = click.get_current_context().get_parameter_source("alphas") is not ParameterSource.DEFAULT
+        if given and not (e["line_search"] or e["deep"]):
+            raise click.UsageError("--alphas sets the line-search grid and needs --line-search (or --deep)")
         kwargs["extras"] = Extras(
             concentration=e["concentration"] or e["deep"], clip=e["clip"] or (0.1 if e["deep"] else None),
             line_search=_alphas(e["alphas"]) if (e["line_search"] or e["deep"]) else None,

@@ -15,15 +15,19 @@ from zeroptim_cli.io.results import read_results
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Image file: .png, .svg or .pdf.")
-@click.option("--layers-run", help="Run whose per-layer heatmap to draw (default: the first).")
-@click.option("--title", help="Figure title.")
+@click.option("--layers-run", metavar="RUN", help="Sweeps: draw the per-run panels for this run only (default: every run).")
+@click.option("--title", help="Figure title, above the generated one.")
 @force_option
 @click.option("--quiet", is_flag=True, help="Say nothing on success.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def plot(results: tuple[Path, ...], output: Path, layers_run: str | None, title: str | None, force: bool,
          quiet: bool, debug: bool) -> None:
-    """Plot sweep results (JSON lines) or analyze --json files: the decomposition over steps, the normalized
-    sharpness per run (log scale), the per-layer share of ΔᵀHΔ, and actual against predicted Δloss."""
+    """Plot sweep results (JSON lines) or analyze --json files.
+
+    One pair: the decomposition as a waterfall, the per-tensor split, and the line search, concentration and
+    curvature it carries. Several pairs: every run's normalized sharpness (negative values shown and marked)
+    and actual against predicted Δloss, then one row of panels per run over its recorded steps.
+    """
     from zeroptim_cli.report.plots import plot as draw  # matplotlib: imported only when plotting
 
     refuse_inputs({"-o": output}, results)

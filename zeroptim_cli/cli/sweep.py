@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
-from rich.progress import Progress, TextColumn
+from rich.progress import TextColumn
 
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.sweep import expand, find_pairs
 from zeroptim_cli.analysis.sweep import sweep as run_sweep
-from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, force_option, settings_options, stderr
+from zeroptim_cli.cli.options import DEBUG_HELP, extras_options, force_option, progress_bar, settings_options, stderr
 from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
 from zeroptim_cli.io.results import read_results, write_csv
 from zeroptim_cli.report.tables import fmt
@@ -62,9 +63,13 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
     if not quiet:
         for note in plan.notes:
             stderr.print(f"note: {note}", markup=False, highlight=False)
-    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}"), console=stderr,
-                  disable=quiet) as progress:
+    with progress_bar(quiet, TextColumn("{task.fields[last]}")) as progress:
         task = progress.add_task("sweeping pairs", total=len(plan.pairs), last="")
+        probes = extras.lanczos_steps + extras.hutchinson_probes
+        if probes:
+            probe_task = progress.add_task("  this pair's Lanczos and Hutchinson probes", total=probes, last="")
+            extras = replace(extras, on_probe=lambda done, total: progress.update(probe_task, completed=done,
+                                                                                  total=total))
 
         def advance(pair, row) -> None:  # type: ignore[no-untyped-def]
             status = "error" if "error" in row else f"ΔᵀHΔ/‖Δ‖² = {fmt(row.get('dir_sharpness_normalized'), 4)}"

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.progress import Progress, TextColumn
+from rich.progress import TextColumn
 
-from zeroptim_cli.cli.options import DEBUG_HELP, stderr
+from zeroptim_cli.cli.options import DEBUG_HELP, progress_bar, stderr
+from zeroptim_cli.models import REGISTRY
 from zeroptim_cli.runtime import DTYPES
-from zeroptim_cli.training.loop import load_config
+from zeroptim_cli.training.loop import DEFAULTS, load_config
 from zeroptim_cli.training.loop import train as run_training
+from zeroptim_cli.training.optimizers import OPTIMIZERS
 
 
 def _steps(value: str | None) -> list[int] | None:
@@ -23,29 +25,43 @@ def _steps(value: str | None) -> list[int] | None:
 
 
 
+def _default(*path: str) -> str:
+    """What a flag falls back to when neither it nor the config sets it (for --help)."""
+    node: object = DEFAULTS
+    for key in path:
+        node = node[key]  # type: ignore[index]
+    return str(node)
+
+
 @click.command()
 @click.argument("config", required=False, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False), help="Run folder to record into.")
-@click.option("--model", "model_name", help="Built-in model: mlp, cnn, char_transformer, resnet18.")
-@click.option("--dataset", help="mnist_5k (shipped), text, mnist, fashion_mnist, cifar10.")
-@click.option("--text", "text_path", type=click.Path(dir_okay=False), help="Text file for --dataset text "
-              "(default: English prose shipped with CPython).")
+@click.option("--out", type=click.Path(file_okay=False), show_default=_default("out"), help="Run folder to record into.")
+@click.option("--model", "model_name", show_default=_default("model", "name"),
+              help=f"Built-in model: {', '.join(REGISTRY)}.")
+@click.option("--dataset", show_default=_default("dataset", "name"),
+              help="mnist_5k (shipped), text, mnist, fashion_mnist, cifar10.")
+@click.option("--text", "text_path", type=click.Path(dir_okay=False), show_default="English prose shipped with CPython",
+              help="Text file for --dataset text.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder of a torchvision dataset.")
 @click.option("--download", is_flag=True, default=None, help="Let torchvision download the dataset into --data-root.")
-@click.option("--optimizer", help="sgd, adam, adamw, adafactor, lion, signsgd, normalized_sgd.")
-@click.option("--lr", type=float, help="Learning rate.")
-@click.option("--clip", type=float, help="Clip the top fraction of coordinates (Pan & Li), e.g. 0.1.")
-@click.option("--clip-target", type=click.Choice(["gradient", "update"]), help="What --clip clips.")
-@click.option("--steps", type=int, help="Training steps.")
-@click.option("--batch-size", type=int, help="Examples per batch.")
-@click.option("--seed", type=int, help="Seed of the initialisation and the batch order.")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Training dtype.")
-@click.option("--record-every", type=int, help="Record every K-th step (steps 0, K, 2K, …).")
+@click.option("--optimizer", show_default=_default("optimizer", "name"),
+              help=f"{', '.join(OPTIMIZERS)}; needs --lr.")
+@click.option("--lr", type=float, show_default=_default("optimizer", "lr"), help="Learning rate.")
+@click.option("--clip", type=float, metavar="FRACTION", show_default="no clipping",
+              help="Really clip in training: the top FRACTION of coordinates (Pan & Li), e.g. 0.1.")
+@click.option("--clip-target", type=click.Choice(["gradient", "update"]), show_default="gradient",
+              help="What --clip clips; needs --clip.")
+@click.option("--steps", type=int, show_default=_default("steps"), help="Training steps.")
+@click.option("--batch-size", type=int, show_default=_default("batch_size"), help="Examples per batch.")
+@click.option("--seed", type=int, show_default=_default("seed"), help="Seed of the initialisation and the batch order.")
+@click.option("--device", show_default=_default("device"), help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), show_default=_default("dtype"), help="Training dtype.")
+@click.option("--record-every", type=int, show_default=_default("record", "every"),
+              help="Record every K-th step (steps 0, K, 2K, …).")
 @click.option("--record-steps", help="Comma-separated steps to record, e.g. 100,101.")
 @click.option("--save-optimizer-state", is_flag=True, default=None, help="Also save the optimizer state.")
 @click.option("--overwrite", is_flag=True, help="Record into a folder that is not empty, replacing the run in it.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no notes.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def train(config: Path | None, overwrite: bool, quiet: bool, debug: bool, **flags: object) -> None:
     """Train a built-in model from CONFIG (YAML) and/or flags, recording checkpoint pairs.
@@ -57,12 +73,12 @@ def train(config: Path | None, overwrite: bool, quiet: bool, debug: bool, **flag
       zeroptim analyze runs/adam/ckpt_000100.safetensors runs/adam/ckpt_000101.safetensors
     """
     cfg = load_config(config, _train_overrides(flags))
-    with Progress(*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]}"), console=stderr,
-                  disable=quiet) as progress:
+    with progress_bar(quiet, TextColumn("loss {task.fields[loss]}")) as progress:
         task = progress.add_task(f"training → {cfg['out']}", total=int(cfg["steps"]), loss="…")
         folder = run_training(cfg, lambda step, value: progress.update(task, advance=1, loss=f"{value:.4f}"),
                               overwrite=overwrite)
-    stderr.print(f"recorded steps into {folder}")
+    if not quiet:
+        stderr.print(f"recorded steps into {folder}", markup=False, highlight=False)
 
 
 def _train_overrides(flags: dict[str, object]) -> dict[str, object]:

@@ -26,7 +26,8 @@ from torch.func import functional_call
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn, all_reduce, axpy
 from zeroptim_cli.derivatives.losses import Loss
-from zeroptim_cli.derivatives.methods import AUTO_ORDER, METHODS
+from zeroptim_cli.derivatives.methods import FALLBACKS, METHODS
+from zeroptim_cli.derivatives.taylor import TaylorUnsupported
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
@@ -119,15 +120,17 @@ class Objective:
         zero = torch.zeros((), dtype=next(iter(g.values())).dtype, device=self.device)
         return all_reduce(Derivatives(zero, zero, zero, g)).grad  # type: ignore[return-value]
 
-    def derivatives(self, w: Params, v: Params, method: str = "auto") -> tuple[str, Derivatives]:
-        """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``).
+    def derivatives(self, w: Params, v: Params, method: str = "auto") -> tuple[str, Derivatives, list[str]]:
+        """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``, notes on fallbacks).
 
-        ``auto`` tries the methods of ``AUTO_ORDER`` on the first batch and keeps the first that works
-        (some kernels, e.g. cuDNN's RNNs, have no double backward; forward-over-reverse in turn can trip
-        on torch's immutable zero tangents, seen for a linear model under MSE, whose Hessian is constant).
+        ``auto`` and ``taylor`` try their ``FALLBACKS`` on the first batch and keep the first that works
+        (Taylor mode refuses ops it has no rule for; some kernels, e.g. cuDNN's RNNs, have no double
+        backward; forward-over-reverse in turn can trip on torch's immutable zero tangents, seen for a linear
+        model under MSE, whose Hessian is constant). A fallback from ``taylor`` is noted with its reason.
         A batch that fits no method is reported by the first method's error, the plainest one.
         """
-        candidates = list(AUTO_ORDER) if method == "auto" else [method]
+        candidates = list(FALLBACKS.get(method, (method,)))
+        notes: list[str] = []
 
         def local() -> Derivatives:
             total: Derivatives | None = None
@@ -140,6 +143,9 @@ class Objective:
                     except Exception as exc:
                         first_error = first_error or exc
                         if len(candidates) > 1 and total is None:
+                            if isinstance(exc, TaylorUnsupported):
+                                notes.append(f"Taylor mode refused this model ({exc}); {candidates[1]} ran instead")
+                                first_error = None  # the refusal is no error of the batch
                             candidates.pop(0)
                             continue
                         raise _batch_error(term.batch, first_error) from exc
@@ -148,7 +154,7 @@ class Objective:
             return total
 
         total = dist.guarded(local)
-        return candidates[0], all_reduce(total)
+        return candidates[0], all_reduce(total), notes
 
 
 def _batch_error(batch: Batch, exc: Exception) -> ZeroptimError:

@@ -5,9 +5,11 @@ module needs to know where a checkpoint came from.
 The metadata (string key ``zeroptim``, a JSON object) follows docs/contract.md::
 
     {"format": 1, "model": {"name": "mlp", "kwargs": {...}}, "step": 120, "loss": "cross_entropy",
-     "optimizer": {"name": "sgd", "lr": 0.1}, "batch": "batch_000120.safetensors"}
+     "optimizer": {"name": "sgd", "lr": 0.1}, "batch": "batch_000120.safetensors",
+     "versions": {"zeroptim": "0.1.0", "torch": "2.13.0", "python": "3.12.3"}}
 
-``model`` may also be ``{"hf_config": {...}}``, a transformers config built by transformers' own classes
+``versions`` (what wrote the file) is added by ``save_checkpoint``; readers never need it. ``model`` may
+also be ``{"hf_config": {...}}``, a transformers config built by transformers' own classes
 (``models.hf``). ``batches`` (a list of paths) may stand for ``batch`` when the step used several
 batches, e.g. the micro-batches of gradient accumulation; f is then their exact mean.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,18 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from zeroptim_cli._version import __version__
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.files import atomic_path, read_safetensors
 from zeroptim_cli.io.hf import CONFIG, INDEX, SPEC_KEY, WEIGHTS, config_difference, is_hf_folder, read_hf_folder
 
 METADATA_KEY = "zeroptim"
 FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    """The versions a file was written with, so that a number can be reproduced on the same install."""
+    return {"zeroptim": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ def _checked(ckpt: Checkpoint) -> Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
     """Save ``model``'s state dict (tied weights once) with ``zeroptim`` metadata, atomically."""
-    full_meta = {"format": FORMAT_VERSION, **(meta or {})}
+    full_meta = {"format": FORMAT_VERSION, **(meta or {}), "versions": versions()}
     with atomic_path(path) as tmp:
         save_model(model, str(tmp), metadata={METADATA_KEY: json.dumps(full_meta)})
     return Path(path)

@@ -31,6 +31,9 @@ def load_callable(spec: str, what: str, base_dir: Path | None = None) -> Callabl
     else:
         try:
             module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise ZeroptimError(f"{what} '{spec}': cannot import module '{target}' ({exc}); "
+                                f"{_module_hint(target, attr)}") from exc
         except ImportError as exc:
             raise ZeroptimError(f"{what} '{spec}': cannot import module '{target}' ({exc})") from exc
     fn = getattr(module, attr, None)
@@ -39,6 +42,13 @@ def load_callable(spec: str, what: str, base_dir: Path | None = None) -> Callabl
     if not callable(fn):
         raise ZeroptimError(f"{what} '{spec}': '{attr}' is not callable")
     return fn
+
+
+def _module_hint(target: str, attr: str) -> str:
+    """How to name a module that is not importable: by its file, or by putting its folder on the path."""
+    as_file = Path(*target.split(".")).with_suffix(".py")
+    return (f"for a file of your own, name it as '{as_file}:{attr}' (relative to the working directory), "
+            f"or add its folder to PYTHONPATH")
 
 
 def _import_file(path: Path, spec: str, what: str, base_dir: Path | None) -> Any:

@@ -53,6 +53,9 @@ def build_model(spec: dict[str, Any] | None, override: str | None = None, base_d
     """
     kwargs = dict((spec or {}).get("kwargs") or {})
     if override is not None:
+        if override not in REGISTRY and ":" not in override:
+            raise ConfigError(f"--model '{override}' is neither a built-in model ({', '.join(REGISTRY)}) nor a "
+                              "factory 'path/to/file.py:function' or 'package.module:function'")
         fn = REGISTRY[override] if override in REGISTRY else load_callable(override, "--model", base_dir)
         what = f"--model '{override}'"
     elif spec is None:

@@ -34,7 +34,7 @@ from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.batches import save_batch
-from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint
+from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint, versions
 from zeroptim_cli.io.files import atomic_path, exclusive_lock, remove_stale_temporaries, write_text_atomic
 from zeroptim_cli.training.optimizers import optimizer_description
 
@@ -131,7 +131,8 @@ class Recorder:
         if self.save_optimizer_state:
             with atomic_path(self.folder / optim_name(step)) as tmp:
                 save_file(optimizer_state_tensors(self.model, self.optimizer), str(tmp),
-                          metadata={"zeroptim": json.dumps({"format": FORMAT_VERSION, "step": step})})
+                          metadata={"zeroptim": json.dumps({"format": FORMAT_VERSION, "step": step,
+                                                            "versions": versions()})})
         yield
         # If step t+1 is recorded too, its own "before" checkpoint rewrites this file with its batch.
         save_checkpoint(self.folder / ckpt_name(step + 1), self.model, self._meta(step + 1, None))
@@ -140,5 +141,6 @@ class Recorder:
 
     def _write_run(self) -> None:
         run = {"format": FORMAT_VERSION, "run_id": self.run_id, "model": self.model_spec, "loss": self.loss,
-               "optimizer": optimizer_description(self.optimizer), "recorded_steps": self.recorded, **self.extra}
+               "optimizer": optimizer_description(self.optimizer), "recorded_steps": self.recorded,
+               "versions": versions(), **self.extra}
         write_text_atomic(self.folder / "run.json", json.dumps(run, indent=2) + "\n")

@@ -1,0 +1,238 @@
+"""What a person sees: the figures' data (not their pixels), tables piped at a narrow width, --help,
+the renamed and built-in flags, and progress that stays off when nobody watches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import to_hex
+from test_sweep import record_run
+from torch import nn
+
+from zeroptim_cli.analysis.extras import Extras
+from zeroptim_cli.cli import main
+from zeroptim_cli.io.results import read_results
+from zeroptim_cli.models import CharTransformer
+from zeroptim_cli.report.plots import figure, plot
+from zeroptim_cli.training.recorder import Recorder
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAR = {"vocab_size": 11, "block_size": 6, "dim": 8, "heads": 2, "layers": 1}
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def row(run: str, step: int, sharpness: float, **extra) -> dict:
+    """A sweep row with a chosen normalized sharpness (‖Δ‖ = 1 so ΔᵀHΔ is the same number)."""
+    gd = -0.1
+    layers = [{"name": "w", "numel": 3, "update_norm": 0.8, "grad_corr": 0.7 * gd, "dir_sharpness": 0.6 * sharpness},
+              {"name": "b", "numel": 1, "update_norm": 0.6, "grad_corr": 0.3 * gd, "dir_sharpness": 0.4 * sharpness}]
+    delta = gd + 0.5 * sharpness + 0.001
+    return {"run": run, "step_t": step, "step_t1": step + 1, "loss_t": 2.0, "loss_t1": 2.0 + delta,
+            "delta_loss": delta, "grad_corr": gd, "dir_sharpness": sharpness, "dir_sharpness_normalized": sharpness,
+            "taylor_pred": gd + 0.5 * sharpness, "taylor_residual": 0.001, "update_norm": 1.0, "grad_norm": 0.5,
+            "cos_grad_update": -0.2, "optimal_scale": None, "optimal_pred": None, "per_layer": layers,
+            "num_examples": 4, "dtype": "float32", "device": "cpu", "method": "reverse-over-reverse",
+            "direction": "update", **extra}
+
+
+def axes_titled(fig, prefix: str) -> list:
+    return [ax for ax in fig.axes if ax.get_title().startswith(prefix)]
+
+
+def test_negative_and_zero_sharpness_are_drawn_and_said(tmp_path) -> None:
+    rows = [row("sgd", s, v) for s, v in ((0, -0.6), (50, 0.0), (100, 10.0), (150, 12.0))]
+    rows += [row("adam", s, v, clipped={"fraction": 0.1, "dir_sharpness_normalized": v / 2})
+             for s, v in ((0, 0.001), (50, 0.7), (100, 1.3), (150, 1.6))]
+    fig = figure(rows)
+    (ax,) = axes_titled(fig, "(a)")
+    assert ax.get_yscale() == "symlog"
+    drawn = np.concatenate([line.get_ydata() for line in ax.get_lines()])
+    assert -0.6 in drawn and 0.0 in drawn and 12.0 in drawn
+    assert any(v == pytest.approx(0.0005) for v in drawn)  # the clipped what-if beside the update's
+    rings = [line for line in ax.get_lines() if line.get_marker() == "v"]
+    assert sorted(np.concatenate([r.get_ydata() for r in rings])) == [-0.6, 0.0]
+    assert "2 value(s)" in ax.get_xlabel() and "≤ 0" in ax.get_xlabel()
+    assert list(ax.get_xticks()) == [0, 50, 100, 150]  # ticks at the recorded steps
+    # the legend stands outside the data: right of the axes once drawn
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    # one row of per-run panels per run, each run in its own decomposition axes
+    assert [a.get_title() for a in axes_titled(fig, "(c)")] == ["(c) sgd: loss change and its Taylor terms",
+                                                               "(c) adam: loss change and its Taylor terms"]
+    assert len(axes_titled(fig, "(d)")) == 2
+    # the same run has the same colour in the sharpness and the scatter panels
+    (scatter,) = axes_titled(fig, "(b)")
+    sgd = next(line for line in ax.get_lines() if line.get_label() == "sgd")
+    assert to_hex(scatter.collections[0].get_facecolor()[0]) == to_hex(sgd.get_color())
+
+
+def test_positive_sharpness_keeps_a_log_axis_and_layers_run_picks_the_panels() -> None:
+    rows = [row("sgd", s, 1.0 + s) for s in range(3)] + [row("adam", s, 0.1 + s) for s in range(3)]
+    fig = figure(rows, layer_run="adam")
+    assert axes_titled(fig, "(a)")[0].get_yscale() == "log"
+    assert [a.get_title() for a in axes_titled(fig, "(c)")] == ["(c) adam: loss change and its Taylor terms"]
+
+
+def test_pair_figure_is_a_waterfall_with_per_tensor_bars() -> None:
+    r = row("one", 7, 0.3)
+    fig = figure([r])
+    (water,) = axes_titled(fig, "(a)")
+    bars = water.patches
+    assert [b.get_height() for b in bars] == pytest.approx([r["grad_corr"], 0.15, 0.001, r["delta_loss"]])
+    assert [b.get_y() for b in bars] == pytest.approx([0, r["grad_corr"], r["grad_corr"] + 0.15, 0])
+    assert "(" in water.get_xticklabels()[0].get_text()  # the share of Δloss under each term
+    (tensors,) = axes_titled(fig, "(b)")
+    widths = [b.get_width() for b in tensors.patches]
+    assert sum(widths[:2]) == pytest.approx(r["grad_corr"]) and sum(widths[2:]) == pytest.approx(0.15)
+    assert "step 7 → 8" in fig.get_suptitle()
+
+
+def test_direction_pair_and_rows_with_unknown_keys_and_nulls() -> None:
+    r = row("one", 7, 0.3, direction="neg-sign-grad", num_tokens=None, warnings=["x"], grad_norm=None)
+    r["per_layer"] = [{**layer, "grad_corr": None, "dir_sharpness": None} for layer in r["per_layer"]]
+    fig = figure([r])
+    assert "direction neg-sign-grad from step 7" in fig.get_suptitle() and "→" not in fig.get_suptitle()
+    assert "gᵀd" in axes_titled(fig, "(a)")[0].get_title()
+    figure([r, {**r, "step_t": 8}])  # a sweep of such rows draws too
+
+
+@pytest.mark.parametrize("layout", ["pair", "sweep"])
+def test_every_layout_in_every_format(tmp_path, layout: str) -> None:
+    rows = [row("sgd", 0, 1.0)] if layout == "pair" else [row("sgd", s, -1.0 + s) for s in range(3)]
+    for fmt, magic in (("png", b"\x89PNG"), ("svg", b"<?xml"), ("pdf", b"%PDF")):
+        out = plot(rows, tmp_path / f"{layout}.{fmt}")
+        assert out.read_bytes().startswith(magic)
+
+
+def char_pair(folder: Path) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    model = CharTransformer(**CHAR)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(folder, model, opt, steps=[7], model_spec={"name": "char_transformer", "kwargs": CHAR})
+    x = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+    with rec.step(7, x, x.roll(-1, 1)):
+        opt.step()
+    return folder / "ckpt_000007.safetensors", folder / "ckpt_000008.safetensors"
+
+
+def piped(*args: str, columns: int = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": str(columns)}
+    return subprocess.run([sys.executable, "-m", "zeroptim_cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+
+
+def test_piped_tables_never_split_a_name(tmp_path) -> None:
+    from safetensors import safe_open
+
+    a, b = char_pair(tmp_path)
+    parameters = [n for n, _ in CharTransformer(**CHAR).named_parameters()]
+    with safe_open(str(a), framework="pt") as f:
+        stored = list(f.keys())
+    assert any(len(n) > 20 for n in parameters)
+    for args, names in ((["analyze", str(a), str(b), "--per-layer"], parameters),
+                        (["inspect", str(a), str(b)], stored)):
+        done = piped(*args)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        for name in names:
+            assert any(f" {name} " in line for line in lines), (name, done.stdout)
+        assert not done.stderr.strip() or "error" not in done.stderr
+
+
+def test_direction_tables_say_what_was_computed(tmp_path, capsys) -> None:
+    run = record_run(tmp_path / "sgd", steps=(0,))
+    a, b = run / "ckpt_000000.safetensors", run / "ckpt_000001.safetensors"
+    assert main(["analyze", str(a), str(b), "--direction", "neg-sign-grad", "--line-search"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("direction neg-sign-grad from step 0, a step not taken")
+    assert "f(w_t + d)" in out and "f(w_t1)" not in out and "→" not in out
+    assert "gᵀd" in out and "f(w_t + αd)" in out and "ΔᵀHΔ" not in out
+
+
+def test_help_shows_defaults() -> None:
+    for command, default in (("train", "[default: (200)]"), ("analyze", "[default: -0.5:2:26]"),
+                             ("sweep", "[default: pairs]")):
+        done = piped(command, "--help", columns=200)
+        assert done.returncode == 0 and default in done.stdout, (command, done.stdout)
+    assert "--clip-whatif, --clip FRACTION" in piped("analyze", "--help", columns=200).stdout
+
+
+def test_clip_whatif_and_its_old_name_agree_and_alphas_needs_a_line_search(tmp_path, capsys) -> None:
+    run = record_run(tmp_path / "sgd", steps=(0,))
+    a, b = str(run / "ckpt_000000.safetensors"), str(run / "ckpt_000001.safetensors")
+    outputs = []
+    for flag in ("--clip-whatif", "--clip"):
+        assert main(["analyze", a, b, flag, "0.2", "--json", "--dtype", "float64"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and outputs[0]["clipped"]["fraction"] == 0.2
+    assert main(["analyze", a, b, "--alphas", "0:1:3"]) == 2
+    err = capsys.readouterr()
+    assert "--alphas" in err.err and "--line-search" in err.err and not err.out
+    assert main(["analyze", a, b, "--alphas", "0:1:3", "--line-search", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["line_search"]["alpha"] == [0.0, 0.5, 1.0]
+
+
+def test_model_flag_takes_builtin_names_and_hints_for_a_missing_module(tmp_path, capsys) -> None:
+    run = record_run(tmp_path / "sgd", steps=(0,))
+    a, b = str(run / "ckpt_000000.safetensors"), str(run / "ckpt_000001.safetensors")
+    assert main(["analyze", a, b, "--json", "--dtype", "float64"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["analyze", a, b, "--model", "mlp", "--json", "--dtype", "float64"]) == 0
+    assert json.loads(capsys.readouterr().out)["dir_sharpness"] == plain["dir_sharpness"]
+    assert main(["analyze", a, b, "--model", "no_such_model"]) == 2
+    assert "built-in model" in capsys.readouterr().err
+    assert main(["analyze", a, b, "--model", "mymodels:build"]) == 1
+    err = capsys.readouterr().err
+    assert "No module named 'mymodels'" in err and "mymodels.py:build" in err and "PYTHONPATH" in err
+
+
+def test_no_progress_when_piped_or_quiet(tmp_path, capsys) -> None:
+    out = str(tmp_path / "run")
+    assert main(["train", "--steps", "2", "--batch-size", "4", "--record-steps", "1", "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert "training" not in err and "recorded steps into" in err
+    assert main(["train", "--steps", "2", "--batch-size", "4", "--record-steps", "1", "--out", out, "--quiet",
+                 "--overwrite"]) == 0
+    assert capsys.readouterr().err == ""
+    a, b = f"{out}/ckpt_000001.safetensors", f"{out}/ckpt_000002.safetensors"
+    assert main(["analyze", a, b, "--lanczos", "3"]) == 0
+    assert "probes" not in capsys.readouterr().err
+
+
+def test_probes_are_reported_to_a_plain_callable() -> None:
+    from test_exact import tiny_batches, tiny_mlp
+
+    from zeroptim_cli.analysis.pair import analyze_pair
+    from zeroptim_cli.derivatives.losses import resolve_loss
+
+    model = tiny_mlp(0)
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    w1 = {k: v + 0.01 for k, v in w0.items()}
+    seen: list[tuple[int, int]] = []
+    extras = Extras(lanczos_steps=3, hutchinson_probes=2, on_probe=lambda done, total: seen.append((done, total)))
+    analyze_pair(model, w0, w1, tiny_batches((5,)), resolve_loss("cross_entropy"), extras=extras)
+    assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert "on_probe" not in Extras().settings()
+
+
+def test_read_results_rows_plot_whatever_else_they_carry(tmp_path) -> None:
+    rows = [row("r", s, 1.0 + s, num_tokens=12, warnings=[]) for s in range(2)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(path), "-o", str(tmp_path / "r.png"), "--quiet"]) == 0
+    assert len(list(read_results([path]))) == 2

@@ -1,0 +1,121 @@
+"""The Taylor tensor and the dispatch from an ATen op to its rule.
+
+A ``TaylorTensor`` is a wrapper subclass whose metadata (shape, strides, dtype) is that of ``c0`` and which
+carries the truncated polynomial x(α) = c0 + c1·α + c2·α² (``None`` for a zero coefficient). Every ATen op
+that receives one lands in ``TaylorTensor.__torch_dispatch__`` and is sent to exactly one of: a rule in
+``RULES``, an in-place wrapper around the functional rule, a decomposition (torch's table or the op's own
+CompositeImplicit kernel) whose pieces dispatch here again, or ``TaylorUnsupported``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["TaylorUnsupported", "TaylorTensor", "RULES", "cs", "make", "is_t"]
+
+
+class TaylorUnsupported(Exception):
+    """Taylor mode cannot evaluate this f exactly; the message names the op and why, on one line."""
+
+
+# op (OpOverload) -> rule(func, args, kwargs). Filled by rules.py; resolved lazily by engine.resolve.
+RULES: dict[Any, Callable] = {}
+_RESOLVER: list[Callable] = []  # engine.resolve, installed by engine.py
+
+
+class _State(threading.local):
+    depth = 0            # > 0 while a rule (or a decomposition) of ours is running
+    user_grad = True     # grad mode of the model code at the outermost dispatch
+
+
+STATE = _State()
+
+
+class TaylorTensor(Tensor):
+    """x(α) = c0 + c1 α + c2 α² along one direction; the tensor's own metadata is c0's."""
+
+    @staticmethod
+    def __new__(cls, c0: Tensor, c1: Tensor | None, c2: Tensor | None):
+        r = Tensor._make_wrapper_subclass(cls, c0.size(), strides=c0.stride(), storage_offset=c0.storage_offset(),
+                                          dtype=c0.dtype, device=c0.device, requires_grad=False)
+        r.c0, r.c1, r.c2 = c0, c1, c2
+        # View families (see engine._inplace): a view records its root and the view ops that lead from the root's
+        # coefficients to its own; a root lists its views. ``shared``: a root coefficient may be the very object
+        # of another tensor's coefficient (some rules pass a coefficient through), so it is copied before the
+        # family is written in place.
+        r.root = None
+        r.chain = ()
+        r.views = None
+        r.shared = False
+        return r
+
+    @property
+    def fam(self) -> bool:
+        return self.root is not None or bool(self.views)
+
+    def __init__(self, *a, **k):
+        pass
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __repr__(self) -> str:  # never dispatch from repr
+        return f"TaylorTensor(c0={self.c0!r}, c1={self.c1!r}, c2={self.c2!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        st = STATE
+        if st.depth == 0:
+            if not torch._C._is_fwd_grad_enabled():
+                # autograd.Function.apply runs forward with forward-AD disabled; nothing else in f does.
+                raise TaylorUnsupported(
+                    f"{func} on an α-dependent tensor inside a custom torch.autograd.Function forward: its backward "
+                    "may be a surrogate (e.g. straight-through), so Taylor mode of the forward would differ from autograd")
+            if not torch.is_grad_enabled():
+                # A no_grad block inside f: to autograd its outputs are constants; so they are here.
+                return _constant(func, args, kwargs)
+        rule = RULES.get(func)
+        if rule is None:
+            rule = _RESOLVER[0](func)
+        st.depth += 1
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return rule(func, args, kwargs)
+        finally:
+            torch._C._set_grad_enabled(prev)
+            st.depth -= 1
+
+
+def is_t(x: Any) -> bool:
+    return type(x) is TaylorTensor
+
+
+def cs(x: Any) -> tuple[Any, Tensor | None, Tensor | None]:
+    if type(x) is TaylorTensor:
+        return x.c0, x.c1, x.c2
+    return x, None, None
+
+
+def make(c0: Tensor, c1: Tensor | None, c2: Tensor | None) -> Tensor:
+    if c1 is None and c2 is None:
+        return c0
+    return TaylorTensor(c0, c1, c2)
+
+
+def _x0(a: Any) -> Any:
+    if type(a) is TaylorTensor:
+        return a.c0
+    if isinstance(a, (list, tuple)):
+        return type(a)(_x0(b) for b in a)
+    return a
+
+
+def _constant(func, args, kwargs):
+    """Evaluate on the c0s only: the result does not depend on α (or is treated as not, like autograd does)."""
+    return func(*_x0(args), **{k: _x0(v) for k, v in kwargs.items()})

@@ -1,0 +1,211 @@
+"""Evaluation: run f once, eagerly, on Taylor tensors, and read φ(0), φ'(0), φ''(0) off the result.
+
+Resolution of an op without a rule of its own (done once per op overload, then cached in ``RULES``):
+
+1. in-place ``op_`` (first argument written): the functional ``op``'s rule, then the result is written back —
+   into the coefficient tensors themselves where the tensor is a view or has views (so aliases stay right),
+   refused where that would need a coefficient the view family does not have, or would write an α-dependent
+   value into a plain (constant) tensor;
+2. other mutating overloads (``out=``): refused;
+3. torch's decomposition table (``torch._decomp.decomposition_table``): the decomposition runs on the Taylor
+   tensors, its pieces dispatch to their own rules;
+4. the op's own CompositeImplicitAutograd kernel (``OpOverload.decompose``);
+5. otherwise ``TaylorUnsupported`` naming the op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from zeroptim_cli.derivatives.taylor import rules  # noqa: F401  (fills RULES)
+from zeroptim_cli.derivatives.taylor._core import _RESOLVER, RULES, TaylorTensor, TaylorUnsupported, cs, is_t
+
+__all__ = ["taylor2", "resolve", "TaylorUnsupported"]
+
+
+def _refuse(why: str) -> Callable:
+    def rule(func, args, kwargs):
+        raise TaylorUnsupported(f"{func}: {why}")
+    return rule
+
+
+def _has_t(vals) -> bool:
+    return rules._has_t(vals)
+
+
+def _own(r: Tensor, like: Tensor) -> Tensor:
+    """A coefficient for an in-place result: self's shape and dtype, its own memory."""
+    if r.dtype != like.dtype or r.shape != like.shape or 0 in r.stride():
+        r = torch.empty_like(like).copy_(r)
+    return r
+
+
+def _refresh(root: TaylorTensor, k: int) -> None:
+    c = root.c1 if k == 1 else root.c2
+    for ref in root.views or ():
+        v = ref()
+        if v is not None:
+            vk = None if c is None else rules.replay(c, v.chain)
+            if k == 1:
+                v.c1 = vk
+            else:
+                v.c2 = vk
+
+
+def _prepare_family(self: TaylorTensor, need: tuple[bool, bool]) -> None:
+    """Before writing into a view family in place: give the root its own coefficients (copying any it shares
+    with another tensor) and a zero coefficient for each order the write needs, then re-derive every view's."""
+    root = rules.root_of(self)
+    for k, needed in ((1, need[0]), (2, need[1])):
+        c = root.c1 if k == 1 else root.c2
+        if c is None and not needed:
+            continue
+        if c is None:
+            c = torch.zeros_like(root.c0)
+        elif root.shared:
+            c = torch.empty_like(root.c0).copy_(c) if rules._is_dense(root.c0) else c.clone()
+        else:
+            continue
+        if k == 1:
+            root.c1 = c
+        else:
+            root.c2 = c
+        _refresh(root, k)
+    root.shared = False
+
+
+def _inplace(functional) -> Callable:
+    def rule(func, args, kwargs):
+        self = args[0]
+        if not is_t(self):
+            raise TaylorUnsupported(f"{func}: in-place write of an α-dependent value into a tensor that does not "
+                                    "depend on α (a plain tensor cannot become a Taylor tensor in place)")
+        r = functional(*args, **kwargs)
+        r0, r1, r2 = cs(r)
+        if self.fam:
+            _prepare_family(self, (r1 is not None, r2 is not None))
+            for ck, rk in ((self.c1, r1), (self.c2, r2)):
+                if ck is not None:
+                    ck.copy_(rk) if rk is not None else ck.zero_()
+        else:
+            self.c1 = None if r1 is None else _own(r1, self.c0)
+            self.c2 = None if r2 is None else _own(r2, self.c0)
+            self.shared = is_t(r) and r.shared
+        self.c0.copy_(r0)
+        return self
+    return rule
+
+
+class _Active(threading.local):
+    def __init__(self):
+        self.ops: set = set()
+
+
+_ACTIVE = _Active()
+
+
+def _decomposed(func, decomp: Callable, how: str) -> Callable:
+    def rule(f, args, kwargs):
+        if func in _ACTIVE.ops:
+            raise TaylorUnsupported(f"{func}: its {how} calls itself again")
+        _ACTIVE.ops.add(func)
+        try:
+            out = decomp(*args, **kwargs)
+        finally:
+            _ACTIVE.ops.discard(func)
+        if out is NotImplemented:
+            raise TaylorUnsupported(f"{func}: no Taylor rule and its {how} does not apply")
+        return out
+    return rule
+
+
+def resolve(func) -> Callable:
+    rule = RULES.get(func)
+    if rule is not None:
+        return rule
+    schema = func._schema
+    writes = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if writes:
+        name = schema.name.split("::")[-1]
+        ns = getattr(torch.ops, schema.name.split("::")[0])
+        functional = None
+        if writes[0] is schema.arguments[0] and name.endswith("_") and len(writes) == 1:
+            packet = getattr(ns, name[:-1], None)
+            functional = getattr(packet, func._overloadname, None) if packet is not None else None
+        rule = _inplace(functional) if functional is not None else _refuse(
+            "writes into an argument (out= or in-place without a functional form): no Taylor rule")
+        HOW[func] = "in-place" if functional is not None else "refused"
+    else:
+        from torch._decomp import decomposition_table
+        decomp = decomposition_table.get(func)
+        if decomp is not None:
+            rule = _decomposed(func, decomp, "decomposition")
+            HOW[func] = "decomposition"
+        elif torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            rule = _decomposed(func, func.decompose, "CompositeImplicit kernel")
+            HOW[func] = "CompositeImplicit kernel"
+        else:
+            rule = _refuse("no Taylor rule and no decomposition")
+            HOW[func] = "refused"
+    RULES[func] = rule
+    return rule
+
+
+_RESOLVER.append(resolve)
+
+# how each op overload met so far was resolved (for reports and tests): "rule" | "in-place" | "decomposition" |
+# "CompositeImplicit kernel" | "refused"
+HOW: dict = {}
+
+
+def how(func) -> str:
+    r = RULES.get(func)
+    if r is None:
+        return "unseen"
+    return HOW.get(func, "rule")
+
+
+@contextlib.contextmanager
+def _eval_context() -> Iterator[None]:
+    """Grad mode on (so that no_grad blocks inside f mean to us what they mean to autograd: constants) although
+    nothing here requires grad; SDPA on its math path and no fused MHA fast path (neither has a rule)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
+            delta: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(f(w), φ'(0) = ∇f(w)ᵀΔ, φ''(0) = Δᵀ∇²f(w)Δ) for φ(α) = f(w + αΔ); f maps a dict of parameters
+    (same keys as w) to a scalar tensor. Exact; forward only; no autograd graph.
+
+    Raises ``TaylorUnsupported`` (one line: which op, why) where f holds an op with no exact Taylor rule."""
+    if set(w) != set(delta):
+        raise ValueError(f"w and delta have different keys: {sorted(set(w) ^ set(delta))}")
+    params = {}
+    for k, v in w.items():
+        v = v.detach()
+        d = delta[k].detach()
+        if d.shape != v.shape:
+            raise ValueError(f"delta[{k!r}] has shape {tuple(d.shape)}, w has {tuple(v.shape)}")
+        params[k] = TaylorTensor(v, d.to(v.dtype), None)
+    with _eval_context():
+        out = f(params)
+    if not isinstance(out, Tensor) or out.numel() != 1:
+        raise ValueError(f"f must return a scalar tensor, got {type(out).__name__}"
+                         + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""))
+    c0, c1, c2 = cs(out)
+    c0 = c0.detach().reshape(())
+    d1 = torch.zeros_like(c0) if c1 is None else c1.reshape(()).clone()
+    d2 = torch.zeros_like(c0) if c2 is None else 2 * c2.reshape(())
+    return c0, d1, d2

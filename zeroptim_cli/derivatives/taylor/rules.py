@@ -1,0 +1,1167 @@
+"""Taylor rules: how each ATen op maps truncated polynomials (c0, c1, c2) of its inputs to those of its outputs.
+
+Conventions: ``None`` is a zero coefficient and is never computed with; c2 is the α² coefficient. A rule gets
+``(func, args, kwargs)`` exactly as ``__torch_dispatch__`` does and returns plain tensors for outputs that do not
+depend on α. Rules may compute on the plain coefficient tensors (the hot ops) or call torch ops on Taylor tensors
+again (rare ops written as a composition: the pieces dispatch to their own rules).
+
+Non-differentiable points follow autograd's conventions (relu' = 0 at 0, evenly split ties for max/amax,
+clamp's mask inclusive at the bounds), so that the result matches a double backward wherever autograd's does.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from numbers import Number
+from typing import Any
+
+import torch
+import torch._prims_common
+from torch import Tensor
+
+from zeroptim_cli.derivatives.taylor._core import RULES, TaylorTensor, TaylorUnsupported, _constant, cs, is_t, make
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+__all__ = ["register", "LINEAR", "CONSTANT"]
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+def _mutates(op) -> bool:
+    return any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments)
+
+
+def _overloads(op):
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        for name in op.overloads():
+            ov = getattr(op, name)
+            if not _mutates(ov):  # in-place and out= overloads are the engine's business
+                yield ov
+    else:
+        yield op
+
+
+def register(*ops):
+    def deco(fn: Callable) -> Callable:
+        for op in ops:
+            for ov in _overloads(op):
+                RULES[ov] = fn
+        return fn
+    return deco
+
+
+def _pk(name: str, ns=aten):
+    return getattr(ns, name, None)
+
+
+def _ops(names: str, ns=aten) -> list:
+    return [p for p in (_pk(n, ns) for n in names.split()) if p is not None]
+
+
+def _has_t(vals) -> bool:
+    for v in vals:
+        if type(v) is TaylorTensor:
+            return True
+        if isinstance(v, (list, tuple)) and any(type(u) is TaylorTensor for u in v):
+            return True
+    return False
+
+
+def _need_const(func, rest, kwargs) -> None:
+    if _has_t(rest) or _has_t(kwargs.values()):
+        raise TaylorUnsupported(f"{func}: an α-dependent tensor where the rule needs a constant argument")
+
+
+def _wrap_out(o0, o1, o2):
+    if isinstance(o0, Tensor):
+        return make(o0, o1, o2)
+    n = len(o0)
+    o1 = o1 if o1 is not None else (None,) * n
+    o2 = o2 if o2 is not None else (None,) * n
+    return type(o0)(make(a, b, c) for a, b, c in zip(o0, o1, o2))
+
+
+def _dense_like(c: Tensor, c0: Tensor) -> Tensor:
+    """c laid out with c0's strides (views of the coefficients must be the views of c0), when c0 is dense."""
+    if c.stride() == c0.stride() or not _is_dense(c0):
+        return c
+    return torch.empty_strided(c0.size(), c0.stride(), dtype=c.dtype, device=c.device).copy_(c)
+
+
+def _is_dense(t: Tensor) -> bool:
+    return torch._prims_common.is_non_overlapping_and_dense_or_false(t)
+
+
+def root_of(x: TaylorTensor) -> TaylorTensor:
+    return x.root if x.root is not None else x
+
+
+def mark_shared(x: Any) -> None:
+    if is_t(x):
+        root_of(x).shared = True
+
+
+def _view_rule(func, args, kwargs):
+    x = args[0]
+    if not is_t(x):
+        return _lin(func, args, kwargs)
+    if x.root is None:  # x becomes (or is) a root: its coefficients must be laid out like c0
+        if x.c1 is not None:
+            x.c1 = _dense_like(x.c1, x.c0)
+        if x.c2 is not None:
+            x.c2 = _dense_like(x.c2, x.c0)
+    out = _lin(func, args, kwargs)
+    root = root_of(x)
+    if root.views is None:
+        root.views = []
+    elif len(root.views) > 256:
+        root.views = [r for r in root.views if r() is not None]
+    single = isinstance(out, Tensor)
+    for i, o in enumerate((out,) if single else out):
+        if is_t(o):
+            o.root = root
+            o.chain = x.chain + ((func, args[1:], kwargs, None if single else i),)
+            root.views.append(weakref.ref(o))
+    return out
+
+
+def replay(c: Tensor, chain) -> Tensor:
+    for func, rest, kwargs, i in chain:
+        c = func(c, *rest, **kwargs)
+        if i is not None:
+            c = c[i]
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- constant ops
+
+CONSTANT = _ops(
+    "eq ne lt le gt ge logical_and logical_or logical_not logical_xor isnan isinf isfinite isneginf isposinf "
+    "sign signbit floor ceil round trunc argmax argmin argsort bucketize searchsorted any all nonzero "
+    "count_nonzero is_nonzero equal isclose _local_scalar_dense bitwise_and bitwise_or bitwise_xor bitwise_not "
+    "floor_divide detach empty_like zeros_like ones_like full_like rand_like randn_like randint_like new_empty "
+    "new_zeros new_ones new_full new_empty_strided bernoulli multinomial _fused_sdp_choice is_same_size "
+    "_has_compatible_shallow_copy_type unique_consecutive _unique2 unique_dim histc fill one_hot "
+    "_assert_async _assert_tensor_metadata sym_constrain_range_for_size")
+register(*CONSTANT)(_constant)
+register(aten.div.Tensor_mode, aten.div.Scalar_mode)(_constant)
+
+
+# ---------------------------------------------------------------------------------------------- linear ops
+
+def _lin(func, args, kwargs):
+    x, rest = args[0], args[1:]
+    _need_const(func, rest, kwargs)
+    if not is_t(x):
+        return func(x, *rest, **kwargs)
+    o0 = func(x.c0, *rest, **kwargs)
+    o1 = None if x.c1 is None else func(x.c1, *rest, **kwargs)
+    o2 = None if x.c2 is None else func(x.c2, *rest, **kwargs)
+    return _wrap_out(o0, o1, o2)
+
+
+def _lin_view(func, args, kwargs):
+    return _view_rule(func, args, kwargs)
+
+
+# Linear in their first argument, every other argument constant (ints, shapes, indices, masks).
+LINEAR = _ops(
+    "clone _to_copy lift_fresh_copy neg sum mean cumsum nansum embedding index index_select gather flip roll repeat "
+    "tril triu reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d "
+    "replication_pad3d upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_linear1d upsample_bilinear2d "
+    "upsample_trilinear3d upsample_bicubic2d _upsample_nearest_exact1d _upsample_nearest_exact2d im2col col2im "
+    "pixel_shuffle pixel_unshuffle avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d "
+    "_adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool3d diag_embed masked_select take narrow_copy "
+    "_unsafe_index trace diag channel_shuffle _reshape_copy expand_copy permute_copy view_copy "
+    "_unsafe_view mvlgamma_placeholder")
+VIEWS = _ops(
+    "view reshape expand permute t transpose slice select unsqueeze squeeze as_strided diagonal unfold split "
+    "split_with_sizes unbind alias narrow _reshape_alias movedim view_as_real view_as_complex unflatten "
+    "tensor_split chunk numpy_T mT mH matrix_H hsplit vsplit _conj _neg_view")
+register(*LINEAR)(_lin)
+register(*VIEWS)(_lin_view)
+register(prims.convert_element_type, prims.view_of, prims.squeeze, prims.broadcast_in_dim, prims.reshape,
+         prims.transpose, prims.collapse_view, prims.sum)(_lin)
+
+
+def _zero_like_arg(v):
+    if isinstance(v, Tensor):
+        return torch.zeros_like(v)
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, Number):
+        return 0
+    return v
+
+
+def _coef(v, k):
+    return cs(v)[k] if is_t(v) else None
+
+
+def affine(*slots: int) -> Callable:
+    """Jointly linear in the arguments at ``slots`` (tensors, scalars or lists of tensors), affine overall: at
+    orders ≥ 1 a constant in a slot contributes zero; arguments outside the slots must be constant."""
+
+    def rule(func, args, kwargs):
+        args = list(args)
+        rest = [a for i, a in enumerate(args) if i not in slots]
+        _need_const(func, rest, kwargs)
+        base = list(args)
+        for i in slots:
+            if i < len(args):
+                v = args[i]
+                base[i] = [cs(u)[0] for u in v] if isinstance(v, (list, tuple)) else cs(v)[0]
+        outs = [func(*base, **kwargs)]
+        for k in (1, 2):
+            a = list(base)
+            present = False
+            for i in slots:
+                if i >= len(args):
+                    continue
+                v = args[i]
+                if isinstance(v, (list, tuple)):
+                    new = []
+                    for u, u0 in zip(v, base[i]):
+                        ck = _coef(u, k)
+                        present |= ck is not None
+                        new.append(ck if ck is not None else _zero_like_arg(u0))
+                    a[i] = new
+                else:
+                    ck = _coef(v, k)
+                    present |= ck is not None
+                    a[i] = ck if ck is not None else _zero_like_arg(base[i])
+            outs.append(func(*a, **kwargs) if present else None)
+        return _wrap_out(*outs)
+
+    return rule
+
+
+register(aten.cat, aten.stack, aten.hstack, aten.vstack, aten.dstack)(affine(0))
+register(aten.where.self)(affine(1, 2))
+register(aten.where.ScalarOther)(affine(1, 2))
+register(aten.where.ScalarSelf)(affine(1, 2))
+register(aten.index_put, aten._unsafe_index_put, aten.masked_scatter)(affine(0, 2))
+register(aten.scatter.src, aten.scatter_add, aten.index_add, aten.index_copy)(affine(0, 3))
+register(aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter, aten.as_strided_scatter)(affine(0, 1))
+# a filled-in constant value is zero at orders >= 1: the same slots rule treats it so
+register(aten.masked_fill, aten.constant_pad_nd)(affine(0, 2))
+register(aten.index_fill)(affine(0, 3))
+register(aten.fill.Tensor)(affine(1))
+register(aten.scatter.value)(affine(0, 3))
+
+
+@register(aten.copy)
+def _copy(func, args, kwargs):  # copy(self, src): self only supplies shape, dtype and layout
+    self, src = args[0], args[1]
+    c0 = cs(self)[0]
+    return affine(1)(func, (c0, src, *args[2:]), kwargs)
+register(prims.where)(affine(1, 2))
+
+
+def _fit(t: Tensor, ref: Tensor) -> Tensor:
+    if t.dtype != ref.dtype:
+        t = t.to(ref.dtype)
+    if t.shape != ref.shape:
+        t = t.expand(ref.shape)
+    return t
+
+
+def _add_like(a, b, alpha, o0, src_a, src_b):
+    out = []
+    for k in (1, 2):
+        ak, bk = _coef(a, k), _coef(b, k)
+        if ak is not None and bk is not None:
+            out.append(torch.add(ak, bk, alpha=alpha) if alpha != 1 else torch.add(ak, bk))
+        elif ak is not None:
+            out.append(_fit(ak, o0))
+            mark_shared(src_a)
+        elif bk is not None:
+            out.append(_fit(bk * alpha, o0) if alpha != 1 else _fit(bk, o0))
+            if alpha == 1:
+                mark_shared(src_b)
+        else:
+            out.append(None)
+    r = make(o0, out[0], out[1])
+    if is_t(r):
+        r.shared = True
+    return r
+
+
+@register(aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor)
+def _add(func, args, kwargs):
+    a, b = args[0], args[1]
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    o0 = func(cs(a)[0], cs(b)[0], alpha=alpha)
+    if func is aten.sub.Tensor:
+        alpha = -alpha
+    elif func is aten.rsub.Tensor:  # b - alpha*a
+        a, b, alpha = b, a, -alpha
+    return _add_like(a, b, alpha, o0, a, b)
+
+
+@register(aten.add.Scalar, aten.sub.Scalar)
+def _add_scalar(func, args, kwargs):
+    x = args[0]
+    r = make(func(x.c0, *args[1:], **kwargs), x.c1, x.c2)
+    if is_t(r):
+        r.shared = True
+        mark_shared(x)
+    return r
+
+
+@register(aten.rsub.Scalar)
+def _rsub_scalar(func, args, kwargs):
+    x = args[0]
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    o0 = func(x.c0, *args[1:], **kwargs)
+    return make(o0, None if x.c1 is None else x.c1 * -alpha, None if x.c2 is None else x.c2 * -alpha)
+
+
+# ---------------------------------------------------------------------------------------------- bilinear ops
+
+def bilinear(f: Callable, A: Sequence, B: Sequence, acc: Callable | None = None, first: Callable | None = None):
+    """Cauchy product of two truncated series under a bilinear f: c_k = Σ_{i+j=k} f(a_i, b_j), zero terms skipped.
+    ``acc(out, a, b)`` accumulates f(a, b) into out in place (e.g. addmm_) to avoid a temporary and an add."""
+    outs = []
+    for k in range(3):
+        terms = [(A[i], B[k - i]) for i in range(k + 1) if A[i] is not None and B[k - i] is not None]
+        if not terms:
+            outs.append(None)
+            continue
+        r = (first or f)(*terms[0])
+        for x, y in terms[1:]:
+            if acc is not None:
+                acc(r, x, y)
+            else:
+                r = r.add_(f(x, y))
+        outs.append(r)
+    return outs
+
+
+@register(aten.mul.Tensor, aten.mul.Scalar)
+def _mul(func, args, kwargs):
+    a, b = args[0], args[1]
+    if not is_t(b):
+        return _lin(func, args, kwargs)
+    if not is_t(a):
+        return _lin(func, (b, a), kwargs)
+    return make(*bilinear(torch.mul, cs(a), cs(b), acc=lambda r, x, y: r.addcmul_(x, y)))
+
+
+@register(aten.mm)
+def _mm(func, args, kwargs):
+    return make(*bilinear(torch.mm, cs(args[0]), cs(args[1]), acc=lambda r, x, y: r.addmm_(x, y)))
+
+
+@register(aten.bmm)
+def _bmm(func, args, kwargs):
+    return make(*bilinear(torch.bmm, cs(args[0]), cs(args[1]), acc=lambda r, x, y: r.baddbmm_(x, y)))
+
+
+@register(aten.mv, aten.dot, aten.vdot, aten.outer, aten.ger, aten.kron, aten._int_mm)
+def _bil_generic(func, args, kwargs):
+    return make(*bilinear(lambda x, y: func(x, y, **kwargs), cs(args[0]), cs(args[1])))
+
+
+def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
+    def rule(func, args, kwargs):
+        bias, m1, m2 = args[:3]
+        beta = kwargs.get("beta", 1)
+        alpha = kwargs.get("alpha", 1)
+        B, A1, A2 = cs(bias), cs(m1), cs(m2)
+        o0 = func(B[0], A1[0], A2[0], beta=beta, alpha=alpha)
+        outs = [o0]
+        for k in (1, 2):
+            terms = [(A1[i], A2[k - i]) for i in range(k + 1) if A1[i] is not None and A2[k - i] is not None]
+            bk = B[k]
+            if not terms:
+                outs.append(None if bk is None else _fit(bk * beta, o0).clone())
+                continue
+            x, y = terms[0]
+            if bk is not None:
+                r = addmm(bk, x, y, beta=beta, alpha=alpha)
+            else:
+                r = mm(x, y)
+                if alpha != 1:
+                    r.mul_(alpha)
+            for x, y in terms[1:]:
+                getattr(r, mm_acc)(x, y, alpha=alpha)
+            outs.append(r)
+        return make(*outs)
+    return rule
+
+
+register(aten.addmm)(_addmm_like(torch.mm, "addmm_", torch.addmm))
+register(aten.baddbmm)(_addmm_like(torch.bmm, "baddbmm_", torch.baddbmm))
+
+
+@register(aten.convolution)
+def _conv(func, args, kwargs):
+    x, w, b = args[:3]
+    rest = args[3:]
+    _need_const(func, rest, kwargs)
+    X, W, Bc = cs(x), cs(w), cs(b)
+
+    def f(u, v, bias=None):
+        return func(u, v, bias, *rest, **kwargs)
+
+    outs = bilinear(f, X, W)
+    outs[0] = f(X[0], W[0], Bc[0])  # c0 with its own bias (one call)
+    for k in (1, 2):
+        if Bc[k] is not None:
+            shape = [1] * outs[0].dim()
+            shape[1] = -1
+            bk = Bc[k].view(shape)
+            outs[k] = _fit(bk, outs[0]).clone() if outs[k] is None else outs[k].add_(bk)
+    return make(*outs)
+
+
+@register(aten.div.Tensor, aten.div.Scalar)
+def _div(func, args, kwargs):
+    a, b = args[0], args[1]
+    if not is_t(b):
+        return _lin(func, args, kwargs)
+    A, Bc = cs(a), cs(b)
+    b0 = Bc[0]
+    q = [torch.div(A[0], b0)]
+    for k in (1, 2):  # a = q·b  ⇒  q_k = (a_k − Σ_{j≥1} q_{k−j} b_j) / b0
+        num = A[k]
+        for j in range(1, k + 1):
+            if Bc[j] is not None and q[k - j] is not None:
+                t = q[k - j] * Bc[j]
+                num = -t if num is None else num - t
+        q.append(None if num is None else num / b0)
+    return make(*q)
+
+
+# ---------------------------------------------------------------------------------------------- elementwise
+
+def smooth(deriv: Callable) -> Callable:
+    """u = h(x) elementwise: u1 = h'·x1, u2 = h'·x2 + ½h''·x1². ``deriv(x0, u0, second, *args)`` returns
+    (h'(x0), ½h''(x0) or None); it is asked for the second only when x1 ≠ 0."""
+
+    def rule(func, args, kwargs):
+        x, rest = args[0], args[1:]
+        _need_const(func, rest, kwargs)
+        x0, x1, x2 = cs(x)
+        u0 = func(x0, *rest, **kwargs)
+        d1, d2h = deriv(x0, u0, x1 is not None, *rest, **kwargs)
+        u1 = None if x1 is None else d1 * x1
+        u2 = None if x2 is None else d1 * x2
+        if x1 is not None and d2h is not None:
+            if isinstance(d2h, Tensor):
+                t = d2h * x1 if d2h.shape == x1.shape else x1 * d2h
+                u2 = t.mul_(x1) if u2 is None else u2.addcmul_(t, x1)
+            else:
+                u2 = (x1 * x1).mul_(d2h) if u2 is None else u2.addcmul_(x1, x1, value=d2h)
+        return make(u0, u1, u2)
+
+    return rule
+
+
+def piecewise_linear(slope: Callable) -> Callable:
+    """u = h(x) with h'' = 0 almost everywhere: every coefficient is multiplied by h'(x0)."""
+
+    def rule(func, args, kwargs):
+        x, rest = args[0], args[1:]
+        _need_const(func, rest, kwargs)
+        x0, x1, x2 = cs(x)
+        u0 = func(x0, *rest, **kwargs)
+        s = slope(x0, *rest, **kwargs)
+        return make(u0, None if x1 is None else x1 * s, None if x2 is None else x2 * s)
+
+    return rule
+
+
+_SQRT_2PI = math.sqrt(2 * math.pi)
+_K_TANH = math.sqrt(2 / math.pi)
+_C_TANH = 0.044715
+
+
+def _d_gelu(x, u, second, approximate="none"):
+    if approximate == "tanh":
+        x2 = x * x
+        inner = _K_TANH * (x + _C_TANH * x2 * x)
+        t = torch.tanh(inner)
+        sech2 = 1 - t * t
+        du = _K_TANH * (1 + 3 * _C_TANH * x2)
+        d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du
+        if not second:
+            return d1, None
+        ddu = 6 * _K_TANH * _C_TANH * x
+        return d1, 0.5 * sech2 * (du - x * t * du * du + 0.5 * x * ddu)
+    # h' = Φ + x φ, ½h'' = φ (1 − x²/2); φ = e^{−x²/2}/√(2π), in-place passes on two temporaries
+    xsq = x * x
+    e = torch.mul(xsq, -0.5).exp_()            # √(2π) φ
+    d1 = torch.erf(x * (1 / math.sqrt(2))).add_(1).mul_(0.5).addcmul_(x, e, value=1 / _SQRT_2PI)
+    if not second:
+        return d1, None
+    d2h = xsq.mul_(-0.5).add_(1).mul_(e).mul_(1 / _SQRT_2PI)
+    return d1, d2h
+
+
+def _d_silu(x, u, second):
+    s = torch.sigmoid(x)
+    d1 = s * (1 + x * (1 - s))
+    return d1, (None if not second else 0.5 * s * (1 - s) * (2 + x * (1 - 2 * s)))
+
+
+def _d_softplus(x, u, second, beta=1, threshold=20):
+    z = x * beta
+    s = torch.sigmoid(z)
+    lin = z > threshold
+    d1 = torch.where(lin, 1.0, s)
+    return d1, (None if not second else torch.where(lin, 0.0, 0.5 * beta * s * (1 - s)))
+
+
+def _d_pow_scalar(x, u, second, p):
+    if p == 2:
+        return 2 * x, 1
+    d1 = p * torch.pow(x, p - 1)
+    return d1, (None if not second else 0.5 * p * (p - 1) * torch.pow(x, p - 2))
+
+
+def _d_hardswish(x, u, second):
+    d1 = torch.where(x < -3, 0.0, torch.where(x <= 3, x / 3 + 0.5, 1.0))
+    return d1, (None if not second else ((x > -3) & (x < 3)).to(x.dtype) / 6)
+
+
+def _d_elu(x, u, second, alpha=1, scale=1, input_scale=1):
+    e = scale * alpha * input_scale * torch.exp(x * input_scale)
+    pos = x > 0
+    d1 = torch.where(pos, float(scale), e)
+    return d1, (None if not second else torch.where(pos, 0.0, 0.5 * input_scale * e))
+
+
+SMOOTH = {
+    aten.exp: lambda x, u, s: (u, 0.5 * u),
+    aten.log: lambda x, u, s: (1 / x, -0.5 / (x * x) if s else None),
+    aten.log2: lambda x, u, s: (1 / (x * math.log(2)), -0.5 / (x * x * math.log(2)) if s else None),
+    aten.log10: lambda x, u, s: (1 / (x * math.log(10)), -0.5 / (x * x * math.log(10)) if s else None),
+    aten.log1p: lambda x, u, s: (1 / (1 + x), -0.5 / ((1 + x) * (1 + x)) if s else None),
+    aten.expm1: lambda x, u, s: (u + 1, 0.5 * (u + 1)),
+    aten.sqrt: lambda x, u, s: (0.5 / u, -0.125 / (u * u * u) if s else None),
+    aten.rsqrt: lambda x, u, s: (-0.5 * u * u * u, 0.375 * u ** 5 if s else None),
+    aten.reciprocal: lambda x, u, s: (-(u * u), u * u * u if s else None),
+    aten.tanh: lambda x, u, s: (1 - u * u, -u * (1 - u * u) if s else None),
+    aten.sigmoid: lambda x, u, s: (u * (1 - u), 0.5 * u * (1 - u) * (1 - 2 * u) if s else None),
+    aten.sin: lambda x, u, s: (torch.cos(x), -0.5 * u),
+    aten.cos: lambda x, u, s: (-torch.sin(x), -0.5 * u),
+    aten.erf: lambda x, u, s: ((d := 2 / math.sqrt(math.pi) * torch.exp(-x * x)), -x * d if s else None),
+    aten.sinh: lambda x, u, s: (torch.cosh(x), 0.5 * u),
+    aten.cosh: lambda x, u, s: (torch.sinh(x), 0.5 * u),
+    aten.exp2: lambda x, u, s: (u * math.log(2), 0.5 * u * math.log(2) ** 2),
+    aten.atan: lambda x, u, s: ((d := 1 / (1 + x * x)), -x * d * d if s else None),
+    aten.gelu: _d_gelu,
+    aten.silu: _d_silu,
+    aten.softplus: _d_softplus,
+    aten.hardswish: _d_hardswish,
+    aten.elu: _d_elu,
+    aten.pow.Tensor_Scalar: _d_pow_scalar,
+}
+for _op, _d in SMOOTH.items():
+    register(_op)(smooth(_d))
+for _name in "exp log log2 log10 log1p expm1 sqrt rsqrt reciprocal tanh sin cos erf atan sinh cosh exp2".split():
+    if hasattr(prims, _name):
+        register(getattr(prims, _name))(smooth(SMOOTH[getattr(aten, _name)]))
+
+
+@register(aten.prod)
+def _prod(func, args, kwargs):
+    """p = Π x: p1 = p0 Σ r1, p2 = p0 (Σ r2 + ½((Σ r1)² − Σ r1²)) with r_k = x_k / x0; refused at an exact zero."""
+    x = args[0]
+    x0, x1, x2 = cs(x)
+    o0 = func(x0, *args[1:], **kwargs)
+    if bool((x0 == 0).any()):
+        raise TaylorUnsupported(f"{func}: a factor is exactly zero (the log-derivative rule needs none)")
+    dim = _arg(func, args, kwargs, "dim", None)
+    keepdim = bool(_arg(func, args, kwargs, "keepdim", False))
+
+    def S(t):
+        return t.sum() if dim is None else t.sum(dim, keepdim=keepdim)
+    r1 = None if x1 is None else x1 / x0
+    r2 = None if x2 is None else x2 / x0
+    s1 = None if r1 is None else S(r1)
+    p1 = None if s1 is None else o0 * s1
+    q = None if r2 is None else S(r2)
+    if r1 is not None:
+        t = 0.5 * (s1 * s1 - S(r1 * r1))
+        q = t if q is None else q + t
+    return make(o0, p1, None if q is None else o0 * q)
+
+
+@register(aten.pow.Tensor_Tensor)
+def _pow_tt(func, args, kwargs):
+    base, ex = args
+    if not is_t(ex):
+        return smooth(lambda x, u, s, p: (p * torch.pow(x, p - 1), 0.5 * p * (p - 1) * torch.pow(x, p - 2)))(
+            func, args, kwargs)
+    return torch.exp(ex * torch.log(base))
+
+
+@register(aten.pow.Scalar)
+def _pow_scalar_base(func, args, kwargs):
+    base, x = args
+    L = math.log(base)
+    return smooth(lambda x0, u, s: (u * L, 0.5 * u * L * L))(lambda t: func(base, t), (x,), {})
+
+
+@register(aten.log_sigmoid_forward)
+def _log_sigmoid(func, args, kwargs):
+    x0, x1, x2 = cs(args[0])
+    out0, buf = func(x0)
+    s = torch.sigmoid(x0)
+    d1, d2h = 1 - s, -0.5 * s * (1 - s)
+    u1 = None if x1 is None else d1 * x1
+    u2 = None if x2 is None else d1 * x2
+    if x1 is not None:
+        u2 = d2h * x1 * x1 if u2 is None else u2 + d2h * x1 * x1
+    return make(out0, u1, u2), buf
+
+
+def _mask_between(x, lo=None, hi=None, strict=False):
+    m = None
+    if lo is not None:
+        m = (x > lo) if strict else (x >= lo)
+    if hi is not None:
+        mh = (x < hi) if strict else (x <= hi)
+        m = mh if m is None else m & mh
+    return m if m is not None else torch.ones_like(x, dtype=torch.bool)
+
+
+register(aten.relu)(piecewise_linear(lambda x: x > 0))
+register(aten.leaky_relu)(piecewise_linear(
+    lambda x, slope=0.01: torch.where(x > 0, torch.ones((), dtype=x.dtype), torch.full((), float(slope), dtype=x.dtype))))
+register(aten.hardtanh)(piecewise_linear(lambda x, lo=-1, hi=1: _mask_between(x, lo, hi, strict=True)))
+register(aten.threshold)(piecewise_linear(lambda x, th, value: x > th))
+register(aten.hardsigmoid)(piecewise_linear(lambda x: _mask_between(x, -3, 3, strict=True).to(x.dtype) / 6))
+register(aten.abs)(piecewise_linear(lambda x: torch.sgn(x)))
+register(aten.clamp.default)(piecewise_linear(lambda x, min=None, max=None: _mask_between(x, min, max)))
+register(aten.clamp_min.default)(piecewise_linear(lambda x, min: x >= min))
+register(aten.clamp_max.default)(piecewise_linear(lambda x, max: x <= max))
+
+
+@register(aten.maximum, aten.minimum, aten.fmax, aten.fmin)
+def _max_min(func, args, kwargs):
+    a, b = args
+    A, Bc = cs(a), cs(b)
+    o0 = func(A[0], Bc[0])
+    gt = (A[0] > Bc[0]) if func in (aten.maximum.default, aten.fmax.default) else (A[0] < Bc[0])
+    wa = gt.to(o0.dtype) + 0.5 * (A[0] == Bc[0]).to(o0.dtype)  # autograd splits ties evenly
+    outs = [o0]
+    for k in (1, 2):
+        ak, bk = A[k], Bc[k]
+        if ak is None and bk is None:
+            outs.append(None)
+            continue
+        r = torch.zeros_like(o0)
+        if ak is not None:
+            r = r + wa * ak
+        if bk is not None:
+            r = r + (1 - wa) * bk
+        outs.append(r)
+    return make(*outs)
+
+
+# ---------------------------------------------------------------------------------------------- selections
+
+def _select_by_index(x: Any, idx: Tensor, dim: int, keepdim: bool, o0: Tensor):
+    outs = [o0]
+    for k in (1, 2):
+        xk = cs(x)[k]
+        if xk is None:
+            outs.append(None)
+            continue
+        ik = idx if keepdim or xk.dim() == 0 else idx.unsqueeze(dim)
+        r = xk.gather(dim, ik) if xk.dim() else xk.clone()
+        outs.append(r if keepdim or xk.dim() == 0 else r.squeeze(dim))
+    return make(*outs)
+
+
+@register(aten.max.dim, aten.min.dim)
+def _max_dim(func, args, kwargs):
+    x, dim = args[0], args[1]
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    v0, idx = func(x.c0, dim, keepdim)
+    return _select_by_index(x, idx, dim, keepdim, v0), idx
+
+
+def _arg(func, args, kwargs, name, default=None):
+    if name in kwargs:
+        return kwargs[name]
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            if i < len(args) and not a.kwarg_only:
+                return args[i]
+            return a.default_value if a.has_default_value() else default
+    return default
+
+
+@register(aten.sort, aten.topk, aten.kthvalue, aten.median.dim, aten.nanmedian.dim, aten.mode, aten.cummax,
+          aten.cummin)
+def _sort_like(func, args, kwargs):
+    x = args[0]
+    _need_const(func, args[1:], kwargs)
+    v0, idx = func(x.c0, *args[1:], **kwargs)
+    dim = _arg(func, args, kwargs, "dim", -1)
+    keepdim = _arg(func, args, kwargs, "keepdim", True)  # sort/topk/cummax keep every dim
+    if keepdim is None:
+        keepdim = True
+    return _select_by_index(x, idx, dim, keepdim, v0), idx
+
+
+def _even_ties(func, x, o0, dims, keepdim):
+    """amax/amin/max(): autograd distributes the derivative evenly over tied maxima; so do we."""
+    x0 = x.c0
+    ref = o0 if keepdim else (o0.reshape([1 if (d in dims) else s for d, s in enumerate(x0.shape)]) if dims else o0)
+    m = (x0 == ref).to(x0.dtype)
+    m = m / m.sum(dims, keepdim=True) if dims else m / m.sum()
+    outs = [o0]
+    for k in (1, 2):
+        xk = cs(x)[k]
+        if xk is None:
+            outs.append(None)
+        elif dims:
+            outs.append((xk * m).sum(dims, keepdim=keepdim))
+        else:
+            outs.append((xk * m).sum())
+    return make(*outs)
+
+
+@register(aten.amax, aten.amin)
+def _amax(func, args, kwargs):
+    x = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else [])
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    dims = [d % max(x.c0.dim(), 1) for d in ([dim] if isinstance(dim, int) else dim)] or list(range(x.c0.dim()))
+    o0 = func(x.c0, dim, keepdim)
+    return _even_ties(func, x, o0, dims, keepdim)
+
+
+@register(aten.max.default, aten.min.default)
+def _max_all(func, args, kwargs):
+    x = args[0]
+    o0 = func(x.c0)
+    return _even_ties(func, x, o0, list(range(x.c0.dim())), False)
+
+
+def _pool_with_indices(nd: int):
+    def rule(func, args, kwargs):
+        x = args[0]
+        _need_const(func, args[1:], kwargs)
+        o0, idx = func(x.c0, *args[1:], **kwargs)
+        outs = [o0]
+        for k in (1, 2):
+            xk = cs(x)[k]
+            if xk is None:
+                outs.append(None)
+            else:
+                outs.append(xk.flatten(-nd).gather(-1, idx.flatten(-nd)).view_as(o0))
+        return make(*outs), idx
+    return rule
+
+
+register(aten.max_pool2d_with_indices)(_pool_with_indices(2))
+register(aten.max_pool3d_with_indices)(_pool_with_indices(3))
+register(aten.max_pool1d_with_indices)(_pool_with_indices(1))
+
+
+@register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
+def _max_pool_plain(func, args, kwargs):
+    name = {aten.max_pool1d.default: aten.max_pool1d_with_indices, aten.max_pool2d.default: aten.max_pool2d_with_indices,
+            aten.max_pool3d.default: aten.max_pool3d_with_indices}[func]
+    return name(*args, **kwargs)[0]
+
+
+# ---------------------------------------------------------------------------------------------- losses & dropout
+
+@register(aten.nll_loss_forward, aten.nll_loss2d_forward)
+def _nll(func, args, kwargs):
+    x, rest = args[0], args[1:]
+    _need_const(func, rest, kwargs)
+    o0, tw = func(x.c0, *rest, **kwargs)
+    o1 = None if x.c1 is None else func(x.c1, *rest, **kwargs)[0]
+    o2 = None if x.c2 is None else func(x.c2, *rest, **kwargs)[0]
+    return make(o0, o1, o2), tw
+
+
+@register(aten.mse_loss)
+def _mse(func, args, kwargs):
+    a, b = args[0], args[1]
+    reduction = kwargs.get("reduction", args[2] if len(args) > 2 else 1)
+    d = a - b
+    r = d * d
+    return r.mean() if reduction == 1 else (r.sum() if reduction == 2 else r)
+
+
+@register(aten.native_dropout)
+def _native_dropout(func, args, kwargs):
+    x, p, train = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("train")
+    o0, mask = func(x.c0, p, train)
+    if not train or p == 0:
+        return make(o0, None if x.c1 is None else x.c1.clone(), None if x.c2 is None else x.c2.clone()), mask
+    scale = 1.0 / (1.0 - p)
+    return make(o0, *(None if xk is None else xk * mask * scale for xk in (x.c1, x.c2))), mask
+
+
+# ---------------------------------------------------------------------------------------------- softmax family
+
+def _dot(s: Tensor, y: Tensor, dim) -> Tensor:
+    return (s * y).sum(dim, keepdim=True)
+
+
+def _log_softmax_coeffs(s: Tensor, x1, x2, dim):
+    """l = x − logsumexp(x): l1 = x1 − ⟨s,x1⟩, l2 = x2 − ⟨s,x2⟩ − ½⟨s,l1²⟩ (s = softmax(x0))."""
+    l1 = None if x1 is None else x1 - _dot(s, x1, dim)
+    l2 = None
+    if x2 is not None:
+        l2 = x2 - _dot(s, x2, dim)
+    if l1 is not None:
+        h = 0.5 * _dot(s, l1 * l1, dim)
+        l2 = (-h).expand_as(s) if l2 is None else l2.sub_(h)
+    return l1, l2
+
+
+@register(aten._softmax, aten._safe_softmax)
+def _softmax(func, args, kwargs):
+    """s = softmax(x): with l = log s, l1 = x1 − ⟨s,x1⟩, l2 = x2 − ⟨s,x2⟩ − ½⟨s,l1²⟩: s1 = s l1,
+    s2 = s (l2 + ½ l1²) = s (x2 − ⟨s,x2⟩ − ½⟨s1,l1⟩ + ½ l1²)."""
+    x = args[0]
+    dim = args[1]
+    s = func(x.c0, *args[1:], **kwargs)
+    sd = s.to(x.c0.dtype) if s.dtype != x.c0.dtype else s
+    x1, x2 = x.c1, x.c2
+    s1 = s2 = l1 = None
+    if x1 is not None:
+        l1 = x1 - _dot(sd, x1, dim)
+        s1 = sd * l1
+    if x2 is not None or l1 is not None:
+        m = None
+        if x2 is not None:
+            m = _dot(sd, x2, dim)
+        if l1 is not None:
+            h = 0.5 * _dot(s1, l1, dim)
+            m = h if m is None else m.add_(h)
+        if x2 is not None:
+            s2 = torch.sub(x2, m)
+            if l1 is not None:
+                s2.addcmul_(l1, l1, value=0.5)
+        else:
+            s2 = torch.addcmul(-m, l1, l1, value=0.5)
+        s2.mul_(sd)
+    return make(s, *(None if t is None else t.to(s.dtype) for t in (s1, s2)))
+
+
+@register(aten._log_softmax)
+def _log_softmax(func, args, kwargs):
+    x = args[0]
+    dim = args[1]
+    o0 = func(x.c0, *args[1:], **kwargs)
+    s = torch.exp(o0 if o0.dtype == x.c0.dtype else o0.to(x.c0.dtype))
+    l1, l2 = _log_softmax_coeffs(s, x.c1, x.c2, dim)
+    return make(o0, *(None if t is None else t.to(o0.dtype) for t in (l1, l2)))
+
+
+@register(aten.logsumexp)
+def _logsumexp(func, args, kwargs):
+    x = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else list(range(x.c0.dim())))
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    dim = [dim] if isinstance(dim, int) else list(dim)
+    o0 = func(x.c0, dim, keepdim)
+    lse_k = torch.logsumexp(x.c0, dim, keepdim=True)
+    s = torch.exp(x.c0 - lse_k)
+    outs = [o0]
+    m1 = None if x.c1 is None else _dot(s, x.c1, dim)
+    m2 = None if x.c2 is None else _dot(s, x.c2, dim)
+    if x.c1 is not None:
+        d = x.c1 - m1
+        v = 0.5 * _dot(s, d * d, dim)
+        m2 = v if m2 is None else m2 + v
+    for m in (m1, m2):
+        outs.append(None if m is None else (m if keepdim else m.squeeze(dim) if dim else m))
+    return make(*outs)
+
+
+# ---------------------------------------------------------------------------------------------- normalization
+
+def _normalize(x0: Tensor, x1, x2, dims, mean0: Tensor, rstd0: Tensor):
+    """y = (x − mean x)·rsqrt(var x + eps) over dims, given mean0 and rstd0 at α = 0 (keepdim shapes).
+
+    With r = rstd0, μ_k = mean x_k and mean(y0) = 0: a = r·mean(y0 x1), b = r·mean(y0 x2) + ½r²(mean x1² − μ1²),
+    c = 1.5a² − b;  y1 = r x1 − a y0 − r μ1,  y2 = r x2 − a r x1 + c y0 + (a r μ1 − r μ2);  r1 = −r a, r2 = r c.
+    Written so that each full-size pass is one fused torch call (addcmul and in-place ops)."""
+    r = rstd0
+    y0 = torch.addcmul(-mean0 * r, x0, r)
+    mu1 = None if x1 is None else x1.mean(dims, keepdim=True)
+    mu2 = None if x2 is None else x2.mean(dims, keepdim=True)
+    a = None if x1 is None else r * (y0 * x1).mean(dims, keepdim=True)
+    b = None if x2 is None else r * (y0 * x2).mean(dims, keepdim=True)
+    if x1 is not None:
+        h = 0.5 * r * r * ((x1 * x1).mean(dims, keepdim=True) - mu1 * mu1)
+        b = h if b is None else b.add_(h)
+    y1 = None
+    if x1 is not None:
+        y1 = torch.addcmul(-r * mu1, x1, r)
+        y1.addcmul_(y0, a, value=-1)
+    c = None if b is None else (-b if a is None else 1.5 * a * a - b)
+    y2 = None
+    if x2 is not None or x1 is not None:
+        const = 0
+        if x1 is not None:
+            const = a * r * mu1
+        if x2 is not None:
+            const = const - r * mu2
+        y2 = torch.addcmul(const, y0, c).expand_as(y0).clone() if x2 is None else torch.addcmul(const, x2, r)
+        if x2 is not None:
+            y2.addcmul_(y0, c)
+        if x1 is not None:
+            y2.addcmul_(x1, a * r, value=-1)
+    r1 = None if a is None else -r * a
+    r2 = None if c is None else r * c
+    return (y0, y1, y2), (r1, r2), (mu1, mu2)
+
+
+def _affine_out(o0: Tensor, Y, Wt, Bt, shape):
+    """out = y·w + b (w, b optional) with y, w, b truncated series; o0 is the op's own value at α = 0. Consumes
+    Y[1] and Y[2] (they are scaled in place)."""
+    W = None if Wt is None else [None if t is None else t.view(shape) for t in Wt]
+    Bv = None if Bt is None else [None if t is None else t.view(shape) for t in Bt]
+    y0, y1, y2 = Y
+    if W is None:
+        o1, o2 = y1, y2
+    else:
+        w0, w1, w2 = W
+        o2 = None if y2 is None else y2.mul_(w0)
+        if y1 is not None and w1 is not None:
+            o2 = y1 * w1 if o2 is None else o2.addcmul_(y1, w1)
+        if w2 is not None:
+            o2 = y0 * w2 if o2 is None else o2.addcmul_(y0, w2)
+        o1 = None if y1 is None else y1.mul_(w0)
+        if w1 is not None:
+            o1 = y0 * w1 if o1 is None else o1.addcmul_(y0, w1)
+    outs = [o0, o1, o2]
+    for k in (1, 2):
+        if Bv is not None and Bv[k] is not None:
+            outs[k] = _fit(Bv[k], o0).clone() if outs[k] is None else outs[k].add_(Bv[k])
+        if outs[k] is not None and outs[k].dtype != o0.dtype:
+            outs[k] = outs[k].to(o0.dtype)
+    return outs
+
+
+@register(aten.native_layer_norm)
+def _layer_norm(func, args, kwargs):
+    x, shape, w, b, eps = args
+    _need_const(func, (shape, eps), kwargs)
+    o0, mean0, rstd0 = func(cs(x)[0], shape, cs(w)[0], cs(b)[0], eps)
+    x0, x1, x2 = cs(x)
+    dims = list(range(x0.dim() - len(shape), x0.dim()))
+    Y, (r1, r2), (m1, m2) = _normalize(x0, x1, x2, dims, mean0, rstd0)
+    outs = _affine_out(o0, Y, cs(w) if w is not None else None, cs(b) if b is not None else None, list(shape))
+    return make(*outs), make(mean0, m1, m2), make(rstd0, r1, r2)
+
+
+@register(aten.native_group_norm)
+def _group_norm(func, args, kwargs):
+    x, w, b, N, C, HxW, G, eps = args
+    x0, x1, x2 = cs(x)
+    o0, mean0, rstd0 = func(x0, cs(w)[0], cs(b)[0], N, C, HxW, G, eps)
+    g = [None if t is None else t.reshape(N, G, -1) for t in (x0, x1, x2)]
+    Y, (r1, r2), (m1, m2) = _normalize(g[0], g[1], g[2], [2], mean0.view(N, G, 1), rstd0.view(N, G, 1))
+    Y = [None if t is None else t.view(x0.shape) for t in Y]
+    m1, m2 = (None if m is None else m.view(N, G) for m in (m1, m2))
+    shape = [1, C] + [1] * (x0.dim() - 2)
+    outs = _affine_out(o0, Y, cs(w) if w is not None else None, cs(b) if b is not None else None, shape)
+    return (make(*outs), make(mean0, m1, m2),
+            make(rstd0, *(None if r is None else r.view(N, G) for r in (r1, r2))))
+
+
+def _bn_core(x, w, b, rm, rv, training, momentum, eps, call):
+    """Shared by the batch-norm overloads. ``call(x0, w0, b0)`` runs the op itself (so f(w) and the running
+    statistics update are torch's own); returns (out, save_mean, save_invstd)."""
+    _need_const("batch_norm", (rm, rv), {})
+    x0, x1, x2 = cs(x)
+    res = call(x0, cs(w)[0], cs(b)[0])
+    o0 = res[0]
+    C = x0.shape[1]
+    shape = [1, C] + [1] * (x0.dim() - 2)
+    if training:
+        dims = [0] + list(range(2, x0.dim()))
+        sm, sr = res[1], res[2]
+        Y, (r1, r2), (m1, m2) = _normalize(x0, x1, x2, dims, sm.view(shape), sr.view(shape))
+        m1, m2 = (None if m is None else m.view(C) for m in (m1, m2))
+        extra = [make(sm, m1, m2), make(sr, *(None if r is None else r.view(C) for r in (r1, r2)))]
+    else:
+        rinv = torch.rsqrt(rv + eps).view(shape)
+        Y = [(x0 - rm.view(shape)) * rinv, None if x1 is None else x1 * rinv, None if x2 is None else x2 * rinv]
+        extra = [res[1], res[2]]
+    outs = _affine_out(o0, Y, cs(w) if w is not None else None, cs(b) if b is not None else None, shape)
+    return (make(*outs), *extra, *res[3:])
+
+
+@register(aten._native_batch_norm_legit_no_training)
+def _bn_no_training(func, args, kwargs):
+    x, w, b, rm, rv, momentum, eps = args
+    return _bn_core(x, w, b, rm, rv, False, momentum, eps, lambda x0, w0, b0: func(x0, w0, b0, rm, rv, momentum, eps))
+
+
+@register(aten._native_batch_norm_legit.default)
+def _bn_legit(func, args, kwargs):
+    x, w, b, rm, rv, training, momentum, eps = args
+    return _bn_core(x, w, b, rm, rv, training, momentum, eps,
+                    lambda x0, w0, b0: func(x0, w0, b0, rm, rv, training, momentum, eps))
+
+
+@register(aten._native_batch_norm_legit.no_stats)
+def _bn_legit_no_stats(func, args, kwargs):
+    x, w, b, training, momentum, eps = args
+    return _bn_core(x, w, b, None, None, training, momentum, eps,
+                    lambda x0, w0, b0: func(x0, w0, b0, training, momentum, eps))
+
+
+@register(aten.native_batch_norm)
+def _bn_native(func, args, kwargs):
+    x, w, b, rm, rv, training, momentum, eps = args
+    return _bn_core(x, w, b, rm, rv, training, momentum, eps,
+                    lambda x0, w0, b0: func(x0, w0, b0, rm, rv, training, momentum, eps))
+
+
+@register(aten._batch_norm_with_update)
+def _bn_with_update(func, args, kwargs):
+    x, w, b, rm, rv, momentum, eps = args
+    return _bn_core(x, w, b, rm, rv, True, momentum, eps, lambda x0, w0, b0: func(x0, w0, b0, rm, rv, momentum, eps))
+
+
+@register(aten._batch_norm_no_update)
+def _bn_no_update(func, args, kwargs):
+    x, w, b, rm, rv, momentum, eps = args
+    training = rm is None
+    return _bn_core(x, w, b, rm, rv, training, momentum, eps, lambda x0, w0, b0: func(x0, w0, b0, rm, rv, momentum, eps))
+
+
+def _var_coeffs(x, dims, correction, keepdim, v0):
+    x0, x1, x2 = cs(x)
+    n = 1
+    for d in dims:
+        n *= x0.shape[d]
+    denom = max(n - correction, 0)
+    xc0 = x0 - x0.mean(dims, keepdim=True)
+    xc1 = None if x1 is None else x1 - x1.mean(dims, keepdim=True)
+    xc2 = None if x2 is None else x2 - x2.mean(dims, keepdim=True)
+    v1 = None if xc1 is None else 2 * (xc0 * xc1).sum(dims, keepdim=keepdim) / denom
+    v2 = None if xc2 is None else 2 * (xc0 * xc2).sum(dims, keepdim=keepdim) / denom
+    if xc1 is not None:
+        t = (xc1 * xc1).sum(dims, keepdim=keepdim) / denom
+        v2 = t if v2 is None else v2 + t
+    return make(v0, v1, v2)
+
+
+def _var_args(x0, args, kwargs):
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    correction = kwargs.get("correction", 1)
+    if correction is None:
+        correction = 1
+    keepdim = kwargs.get("keepdim", False)
+    dims = list(range(x0.dim())) if dim is None or dim == [] else ([dim] if isinstance(dim, int) else list(dim))
+    return [d % max(x0.dim(), 1) for d in dims], correction, keepdim
+
+
+@register(aten.var.correction)
+def _var(func, args, kwargs):
+    x = args[0]
+    dims, corr, keepdim = _var_args(x.c0, args, kwargs)
+    return _var_coeffs(x, dims, corr, keepdim, func(x.c0, *args[1:], **kwargs))
+
+
+@register(aten.var_mean.correction)
+def _var_mean(func, args, kwargs):
+    x = args[0]
+    dims, corr, keepdim = _var_args(x.c0, args, kwargs)
+    v0, m0 = func(x.c0, *args[1:], **kwargs)
+    m = make(m0, *(None if xk is None else xk.mean(dims, keepdim=keepdim) for xk in (x.c1, x.c2)))
+    return _var_coeffs(x, dims, corr, keepdim, v0), m
+
+
+@register(aten.std.correction)
+def _std(func, args, kwargs):
+    return torch.sqrt(aten.var.correction(*args, **kwargs))
+
+
+@register(aten.std_mean.correction)
+def _std_mean(func, args, kwargs):
+    v, m = aten.var_mean.correction(*args, **kwargs)
+    return torch.sqrt(v), m
+
+
+@register(aten.linalg_vector_norm)
+def _vector_norm(func, args, kwargs):
+    x = args[0]
+    ord_ = kwargs.get("ord", args[1] if len(args) > 1 else 2)
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
+    if ord_ != 2 or kwargs.get("dtype") is not None:
+        from torch._decomp import decomposition_table
+        return decomposition_table[func](*args, **kwargs)
+    sq = x * x
+    s = sq.sum(dim, keepdim=keepdim) if dim is not None else sq.sum()
+    return torch.sqrt(s)
+
+
+@register(aten.atan2, prims.atan2)
+def _atan2(func, args, kwargs):
+    """atan2(y, x) = u0 + atan(z), z = (x0·y − y0·x)/(x0·x + y0·y): the angle from (x0, y0), exact for any
+    quadrant; z0 = 0 so atan(z) = z to second order."""
+    y, x = args
+    y0, x0 = cs(y)[0], cs(x)[0]
+    u0 = func(y0, x0)
+    z = (x0 * y - y0 * x) / (x0 * x + y0 * y)
+    return make(u0, *cs(z)[1:])
+
+
+@register(aten.hypot, prims.hypot)
+def _hypot(func, args, kwargs):
+    a, b = args
+    r = torch.sqrt(a * a + b * b)
+    return make(func(cs(a)[0], cs(b)[0]), *cs(r)[1:])
+
+
+# ---------------------------------------------------------------------------------------------- metadata in place
+
+def _meta_inplace(functional):
+    """transpose_, squeeze_, … change only sizes and strides: each coefficient becomes the functional view (new
+    objects, so a coefficient shared with another tensor is left alone) and the wrapper's own metadata is
+    changed in place with Python dispatch off."""
+    from torch.utils._mode_utils import no_dispatch
+
+    def rule(func, args, kwargs):
+        x, rest = args[0], args[1:]
+        _need_const(func, rest, kwargs)
+        if not is_t(x):
+            return func(x, *rest, **kwargs)
+        if x.views and any(r() is not None for r in x.views):
+            raise TaylorUnsupported(f"{func}: in-place metadata change of a tensor that has live views")
+        x.c0 = functional(x.c0, *rest, **kwargs)
+        x.c1 = None if x.c1 is None else functional(x.c1, *rest, **kwargs)
+        x.c2 = None if x.c2 is None else functional(x.c2, *rest, **kwargs)
+        if x.root is not None:
+            x.chain = x.chain + ((functional, rest, kwargs, None),)
+        with no_dispatch():
+            func(x, *rest, **kwargs)
+        return x
+    return rule
+
+
+for _name, _fn in (("transpose_", aten.transpose.int), ("t_", aten.t.default), ("squeeze_", None),
+                   ("unsqueeze_", aten.unsqueeze.default), ("as_strided_", aten.as_strided.default),
+                   ("swapdims_", aten.transpose.int), ("swapaxes_", aten.transpose.int)):
+    _pkt = getattr(aten, _name, None)
+    if _pkt is None:
+        continue
+    for _ov in _pkt.overloads():
+        _f = _fn if _fn is not None else getattr(aten.squeeze, _ov, None)
+        if _f is not None:
+            RULES[getattr(_pkt, _ov)] = _meta_inplace(_f)

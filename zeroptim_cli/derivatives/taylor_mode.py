@@ -1,0 +1,22 @@
+"""Taylor mode (forward only): with φ(α) = f(w + αΔ), push truncated polynomials x0 + x1·α + x2·α² through
+the forward pass and read φ(0) = f(w), φ'(0) = gᵀΔ and φ''(0) = 2·x2 = ΔᵀHΔ off the loss.
+
+Parameters enter as (w, Δ, 0); linear ops act on each coefficient, bilinear ones (matmul, conv, mul) give
+c2 = a0·b2 + a1·b1 + a2·b0, smooth elementwise h gives u1 = h'(x0)·x1 and u2 = h'(x0)·x2 + ½h''(x0)·x1²
+(the rules: ``derivatives/taylor/rules.py``). Exact, no finite differences. Cost: about five forward passes'
+worth of arithmetic (a training step is about three), and inference memory: no autograd graph is stored.
+No g and no HΔ, hence no gradient norm and no per-layer split. An op without a rule raises
+``TaylorUnsupported`` and the objective falls back to a Hessian-vector product.
+"""
+
+from __future__ import annotations
+
+from zeroptim_cli.derivatives.base import Derivatives, ScalarFn
+from zeroptim_cli.derivatives.taylor import taylor2
+from zeroptim_cli.vectors import Params
+
+
+def taylor(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
+    """(f(w), gᵀΔ, ΔᵀHΔ) by second-order Taylor mode along Δ."""
+    loss, grad_corr, dir_sharpness = taylor2(f, w, delta)
+    return Derivatives(loss, grad_corr, dir_sharpness)
