@@ -97,11 +97,7 @@ def shard(batches: Sequence[Batch]) -> tuple[list[Batch], int]:
     if not active():
         return list(batches), total
     r, k = rank(), world_size()
-    out = []
-    for b in batches:
-        x, y = torch.tensor_split(b.inputs, k)[r], torch.tensor_split(b.targets, k)[r]
-        if x.shape[0]:
-            out.append(Batch(x, y, f"{b.source} [rank {r}]"))
+    out = [part for part in (b.shard(k, r) for b in batches) if part is not None]
     if not out:
         raise ZeroptimError(f"rank {r} has no examples: the batches hold {total}, fewer than the {k} ranks")
     return out, total

@@ -13,7 +13,7 @@ from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.pair import analyze_pair
 from zeroptim_cli.analysis.result import PairAnalysis
 from zeroptim_cli.analysis.sanity import pair_warnings
-from zeroptim_cli.derivatives.losses import Loss, resolve_loss, resolve_metadata_loss
+from zeroptim_cli.derivatives.losses import Loss, default_loss, resolve_loss, resolve_metadata_loss
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.io.batches import Batch, load_batch
 from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
@@ -43,21 +43,24 @@ class Settings:
 
 
 def recorded_batches(ckpt: Checkpoint) -> list[Batch]:
-    """The batch recorded in the checkpoint's metadata; an error when there is none."""
-    if ckpt.batch_path is None:
+    """The batches recorded in the checkpoint's metadata; an error when there is none."""
+    if not ckpt.batch_paths:
         raise ConfigError(f"no batch: pass --batch FILE ('{ckpt.path}' records no batch in its metadata)")
-    return [load_batch(ckpt.batch_path)]
+    return [load_batch(p) for p in ckpt.batch_paths]
 
 
-def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Settings) -> tuple[nn.Module, Loss]:
+def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Settings,
+                   batches: Sequence[Batch]) -> tuple[nn.Module, Loss]:
     """The model (from checkpoint t's metadata, else t1's, unless ``--model``) and the loss (``--loss``,
-    else checkpoint t's metadata, else cross-entropy), code in metadata run only as ``settings.trust`` allows."""
+    else checkpoint t's metadata, else the default for ``batches``: the model's own loss for keyword-argument
+    batches, cross-entropy otherwise), code in metadata run only as ``settings.trust`` allows."""
     source = ckpt_t if ckpt_t.model_spec or ckpt_t1 is None or not ckpt_t1.model_spec else ckpt_t1
     model = build_model(source.model_spec, settings.model, base_dir=source.path.parent, trust=settings.trust,
                         source=source.path)
     if settings.loss is not None:
-        return model, resolve_loss(settings.loss)
-    return model, resolve_metadata_loss(ckpt_t.meta.get("loss") or "cross_entropy", ckpt_t.path, settings.trust)
+        return model, resolve_loss(settings.loss, model)
+    spec = ckpt_t.meta.get("loss") or default_loss(batches)
+    return model, resolve_metadata_loss(spec, ckpt_t.path, settings.trust, model)
 
 
 def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequence[Batch],
@@ -66,7 +69,7 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
     """Analyse the step from ``ckpt_t`` to ``ckpt_t1`` on ``batches`` (see ``analyze_pair``)."""
     dtype = resolve_dtype(settings.dtype)
     check_compatible(ckpt_t, ckpt_t1)
-    model, loss = model_and_loss(ckpt_t, ckpt_t1, settings)
+    model, loss = model_and_loss(ckpt_t, ckpt_t1, settings, batches)
     params_t, buffers_t = state_for_model(model, ckpt_t)
     params_t1, _ = state_for_model(model, ckpt_t1)
     result = analyze_pair(

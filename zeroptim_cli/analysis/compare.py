@@ -172,7 +172,7 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
     metadata and folder), with the update to ``ckpt_t1`` when given."""
     if ckpt_t1 is not None:
         check_compatible(ckpt_t, ckpt_t1)
-    model, loss = model_and_loss(ckpt_t, ckpt_t1, settings)
+    model, loss = model_and_loss(ckpt_t, ckpt_t1, settings, batches)
     params_t, buffers_t = state_for_model(model, ckpt_t)
     params_t1 = state_for_model(model, ckpt_t1)[0] if ckpt_t1 is not None else None
     optimizer = ckpt_t.meta.get("optimizer") or {}

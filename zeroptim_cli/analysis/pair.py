@@ -76,6 +76,7 @@ def analyze_pair(
         chosen, totals, notes = objective.derivatives(w_t, delta, method)
         value_t1 = objective.value(w_t1) if loss_t1 is None else torch.tensor(loss_t1, dtype=torch.float64, device=device)
         result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
+        result.num_tokens = objective.num_tokens
         if extras is not None and extras.any:
             result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
     result.direction = direction_name

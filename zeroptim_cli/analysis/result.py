@@ -57,6 +57,7 @@ class PairAnalysis:
     per_layer: list[LayerStats] = field(default_factory=list)
     step_t: int | None = None
     step_t1: int | None = None
+    num_tokens: int | None = None
     direction: str = "update"
     warnings: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +116,7 @@ class PairAnalysis:
             "step_t": self.step_t,
             "step_t1": self.step_t1,
             "num_examples": self.num_examples,
+            "num_tokens": self.num_tokens,
             "dtype": self.dtype,
             "device": self.device,
             "method": self.method,

@@ -1,5 +1,8 @@
 """Sweeps: analyse every recorded checkpoint pair of one or more run folders, resumably.
 
+A run folder holds checkpoint files (``zeroptim train``, the ``Recorder``, the Trainer callback) or Hugging
+Face ``checkpoint-N`` folders (a Trainer ``output_dir``, whose pairs need ``--batch``), or both.
+
 Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_t``, ``ckpt_t1``,
 ``batches``, ``sweep_key`` and ``settings_key``), written and flushed as soon as it is computed.
 Re-running with the same output skips the pairs already there, drops a line cut short by a kill, and
@@ -31,6 +34,7 @@ from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
 from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint, parse_metadata
 from zeroptim_cli.io.files import exclusive_lock, read_header, write_text_atomic
+from zeroptim_cli.io.hf import CONFIG, INDEX, TRAINER_STATE, folder_step, is_hf_folder
 from zeroptim_cli.io.results import to_json
 
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
@@ -47,7 +51,14 @@ class Pair:
     step_t1: int | None
 
 
+#: The files of a Hugging Face folder besides its weights that a result depends on.
+HF_FILES = (CONFIG, INDEX, TRAINER_STATE)
+
+
 def _file_id(p: Path) -> list[Any]:
+    if p.is_dir():  # a Hugging Face folder: the files the checkpoint is read from
+        return [str(p.resolve()), [_file_id(f) for f in sorted(p.iterdir())
+                                   if f.name in HF_FILES or f.suffix == ".safetensors"]]
     st = p.stat()
     return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
@@ -102,7 +113,13 @@ def _number(path: Path) -> int | None:
 def scan(path: Path) -> Found | None:
     """What ``path`` is, from its header alone: a checkpoint (step from its metadata, else the last number
     in its name), or None for a batch or an optimizer state. An unreadable file is a checkpoint whose
-    pair will fail, never a silent skip."""
+    pair will fail, never a silent skip. A Hugging Face folder's step is ``io.hf.folder_step``'s; it
+    records no batch."""
+    if path.is_dir():
+        try:
+            return Found(path, folder_step(path))
+        except ZeroptimError as exc:
+            return Found(path, _number(path), error=str(exc))
     if path.name.startswith(("batch_", "optim_")):
         return None
     try:
@@ -113,7 +130,8 @@ def scan(path: Path) -> Found | None:
     if set(entries) == {"inputs", "targets"}:
         return None
     step = meta.get("step")
-    return Found(path, step if step is not None else _number(path), has_batch=bool(meta.get("batch")))
+    return Found(path, step if step is not None else _number(path),
+                 has_batch=bool(meta.get("batch") or meta.get("batches")))
 
 
 def expand(patterns: Sequence[str]) -> list[Path]:
@@ -139,7 +157,7 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
             raise ZeroptimError(f"run folder '{folder}' is not a directory")
         run = folder.name if names.count(folder.name) == 1 else str(folder)
         steps: dict[int, Found] = {}
-        for path in sorted(folder.glob("*.safetensors")):
+        for path in sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if is_hf_folder(p)):
             found = scan(path)
             if found is None:
                 continue
@@ -151,7 +169,8 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
                                     f"are both step {found.step}")
             steps[found.step] = found
         if not steps:
-            raise ZeroptimError(f"run folder '{folder}' holds no checkpoints (*.safetensors with a step)")
+            raise ZeroptimError(f"run folder '{folder}' holds no checkpoints (*.safetensors with a step, or "
+                                "Hugging Face checkpoint-N folders)")
         ordered = sorted(steps)
         gaps = unbatched = 0
         for s, s1 in zip(ordered, ordered[1:]):

@@ -31,7 +31,8 @@ from zeroptim_cli.report.tables import print_report
 @click.argument("ckpt_t", type=click.Path(path_type=Path))
 @click.argument("ckpt_t1", type=click.Path(path_type=Path))
 @click.option("--batch", "batches", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
-              help="Batch file (safetensors with 'inputs' and 'targets'); repeat to average several exactly. "
+              help="Batch file (safetensors with 'inputs' and 'targets', or a model's keyword arguments with "
+                   "'labels'); repeat to average several exactly. "
                    "Default: the batch recorded in CKPT_T's metadata.")
 @settings_options
 @extras_options

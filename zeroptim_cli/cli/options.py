@@ -50,8 +50,10 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                           "or 'package.module:fn', called with the kwargs recorded in the checkpoint (or none). "
                           "Default: the model the checkpoint's metadata names."),
         click.option("--loss", metavar="NAME|MODULE:FN",
-                     help="cross_entropy (logits (N,C) or (N,T,C)), mse, or MODULE:FN taking (outputs, targets) "
-                          "and returning the mean loss. Default: the checkpoint's metadata, else cross_entropy."),
+                     help="cross_entropy (logits (N,C) or (N,T,C), targets -100 ignored), causal_lm (next-token: "
+                          "logits[:, :-1] against targets[:, 1:]), mse, model (a transformers model's own loss), or "
+                          "MODULE:FN taking (outputs, targets) and returning the mean loss. Default: the checkpoint's "
+                          "metadata, else model for batches with labels, else cross_entropy."),
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
                      help="Where to compute; auto takes CUDA when available."),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,

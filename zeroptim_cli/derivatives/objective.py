@@ -2,11 +2,13 @@
 
     f(w) = Σ_b n_b · ℓ_b(w) / Σ_b n_b,   ℓ_b(w) = loss(model(x_b; w, buffers_t), y_b),
 
-with n_b the batch's count (examples, or tokens for token-level cross-entropy) and the buffers
+with n_b the batch's count (examples, or counted tokens for a token-level loss; ``Loss.count``) and the buffers
 (BatchNorm running statistics, …) those of checkpoint t for every evaluation. In eval mode (the default)
 BatchNorm uses those running statistics and dropout is off. In train mode BatchNorm uses batch statistics
 and dropout draws its masks from a fixed seed, the same for every evaluation, so f stays one deterministic
-function of w; buffers are copied per evaluation, so nothing is mutated.
+function of w; buffers are copied per evaluation, so nothing is mutated. A float64 objective stays float64
+inside the model's and the loss's own code (``precision.computed_in``). x_b is a tensor, passed as
+``model(x_b)``, or keyword arguments, passed as ``model(**x_b)`` (``Batch.model_args``).
 
 Under torchrun this is the one place that knows about ranks: each rank holds its shard of every batch
 (``distributed.shard``), weighted by the global count, and every value, gradient and derivative this
@@ -26,6 +28,7 @@ from zeroptim_cli import distributed as dist
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn, all_reduce, axpy
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.derivatives.methods import FALLBACKS, METHODS
+from zeroptim_cli.derivatives.precision import computed_in
 from zeroptim_cli.derivatives.taylor import TaylorUnsupported
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.batches import Batch
@@ -53,27 +56,47 @@ class Objective:
                  dtype: torch.dtype = torch.float32) -> None:
         self.model, self.buffers, self.loss = model, dict(buffers), loss
         self.train, self.seed = train, seed
-        self.device = torch.device(device)
-        local = [b.to(self.device, dtype) for b in dist.guarded(lambda: dist.shard(batches)[0])]
+        self.device, self.dtype = torch.device(device), dtype
+
+        def prepare() -> list[Batch]:
+            for b in batches:
+                loss.validate(b)
+            return [b.to(self.device, dtype) for b in dist.shard(batches)[0]]
+
+        local = dist.guarded(prepare)
         counts = [loss.count(b.targets) for b in local]
         total, examples = self._sum([float(sum(counts)), float(sum(b.num_examples for b in local))])
         self.num_examples = int(examples)
-        self.terms = [BatchTerm(b, n / total, self._batch_fn(b, i)) for i, (b, n) in enumerate(zip(local, counts))]
+        #: the counted tokens of all batches, for a token-level loss (else None)
+        self.num_tokens = int(total) if all(loss.per_token(b.targets) for b in local) else None
+        # a shard without a counted target adds nothing to f (and its mean would be 0/0)
+        self.terms = [BatchTerm(b, n / total, self._batch_fn(b, i))
+                      for i, (b, n) in enumerate(zip(local, counts)) if n > 0]
+        dist.guarded(self._check_terms)
+
+    def _check_terms(self) -> None:
+        """Only under torchrun can a rank be left with nothing to do: every batch has a counted target
+        (``Loss.validate``), but a rank's shards of them may not."""
+        if not self.terms:
+            raise ZeroptimError(f"rank {dist.rank()}: its shards of the batches hold no counted target; use fewer ranks")
 
     def _sum(self, values: list[float]) -> list[float]:
         """Σ over ranks of a few numbers, in float64."""
         return dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
     def _batch_fn(self, batch: Batch, index: int) -> ScalarFn:
+        args, kwargs = batch.model_args()
+
         def fn(params: Params) -> Tensor:
-            if not self.train:
-                return self.loss(functional_call(self.model, (params, self.buffers), (batch.inputs,)), batch.targets)
-            buffers = {k: v.clone() for k, v in self.buffers.items()}
-            device = batch.inputs.device
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(self.seed + index)
-                outputs = functional_call(self.model, (params, buffers), (batch.inputs,))
-            return self.loss(outputs, batch.targets)
+            with computed_in(self.dtype):
+                if not self.train:
+                    return self.loss(functional_call(self.model, (params, self.buffers), args, kwargs), batch.targets)
+                buffers = {k: v.clone() for k, v in self.buffers.items()}
+                device = batch.targets.device
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(self.seed + index)
+                    outputs = functional_call(self.model, (params, buffers), args, kwargs)
+                return self.loss(outputs, batch.targets)
 
         return fn
 

@@ -1,4 +1,6 @@
-"""Checkpoints: one safetensors file with a model's state dict and optional ``zeroptim`` metadata.
+"""Checkpoints: one safetensors file with a model's state dict and optional ``zeroptim`` metadata, or a
+Hugging Face folder (``io.hf``), which reads into the same ``Checkpoint`` so that nothing above this
+module needs to know where a checkpoint came from.
 
 The metadata (string key ``zeroptim``, a JSON object) follows docs/contract.md::
 
@@ -6,7 +8,10 @@ The metadata (string key ``zeroptim``, a JSON object) follows docs/contract.md::
      "optimizer": {"name": "sgd", "lr": 0.1}, "batch": "batch_000120.safetensors",
      "versions": {"zeroptim": "0.1.0", "torch": "2.13.0", "python": "3.12.3"}}
 
-``versions`` (what wrote the file) is added by ``save_checkpoint``; readers never need it.
+``versions`` (what wrote the file) is added by ``save_checkpoint``; readers never need it. ``model`` may
+also be ``{"hf_config": {...}}``, a transformers config built by transformers' own classes
+(``models.hf``). ``batches`` (a list of paths) may stand for ``batch`` when the step used several
+batches, e.g. the micro-batches of gradient accumulation; f is then their exact mean.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from zeroptim_cli._version import __version__
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.files import atomic_path, read_safetensors
+from zeroptim_cli.io.hf import CONFIG, INDEX, SPEC_KEY, WEIGHTS, config_difference, is_hf_folder, read_hf_folder
 
 METADATA_KEY = "zeroptim"
 FORMAT_VERSION = 1
@@ -52,10 +58,15 @@ class Checkpoint:
         return self.meta.get("model")
 
     @property
-    def batch_path(self) -> Path | None:
-        """The recorded batch, resolved relative to the checkpoint's folder."""
-        batch = self.meta.get("batch")
-        return (self.path.parent / batch) if batch else None
+    def folder(self) -> Path:
+        """The folder recorded batches are named in: the file's own, or the checkpoint itself if a folder."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def batch_paths(self) -> list[Path]:
+        """The recorded batches (metadata ``batches``, else ``batch``), resolved in ``folder``."""
+        names = self.meta.get("batches") or ([self.meta["batch"]] if self.meta.get("batch") else [])
+        return [self.folder / name for name in names]
 
 
 def _fail(p: Path, what: str) -> ZeroptimError:
@@ -88,27 +99,41 @@ def parse_metadata(raw: dict[str, str], p: Path) -> dict[str, Any]:
     model = meta.get("model")
     if model is not None:
         named = [k for k in ("name", "factory") if isinstance(model.get(k), str)]
+        named += [SPEC_KEY] if isinstance(model.get(SPEC_KEY), dict) else []
         if len(named) != 1:
-            raise _fail(p, "key 'model' must hold a string 'name' or a string 'factory'")
+            raise _fail(p, f"key 'model' must hold a string 'name', a string 'factory' or an object '{SPEC_KEY}'")
         if not isinstance(model.get("kwargs") or {}, dict):
             raise _fail(p, "key 'model.kwargs' must be an object")
-    batch = meta.get("batch")
-    if batch is not None and (not batch or Path(batch).is_absolute() or ".." in Path(batch).parts):
-        raise _fail(p, f"key 'batch' must name a file in the checkpoint's folder, not {batch!r}")
+    batches = meta.get("batches")
+    if batches is not None and (not isinstance(batches, list) or not batches):
+        raise _fail(p, "key 'batches' must be a non-empty list of file names")
+    for batch in ([meta["batch"]] if meta.get("batch") is not None else []) + (batches or []):
+        if not isinstance(batch, str) or not batch or Path(batch).is_absolute() or ".." in Path(batch).parts:
+            raise _fail(p, f"key 'batch' or 'batches' must name files in the checkpoint's folder, not {batch!r}")
     return meta
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load a checkpoint, rejecting unreadable files, malformed metadata and non-finite weights."""
+    """Load a checkpoint file or Hugging Face folder, rejecting unreadable files, malformed metadata and
+    non-finite weights."""
     p = Path(path)
+    if p.is_dir():
+        if not is_hf_folder(p):
+            raise ZeroptimError(f"checkpoint '{p}' is a directory, but not a Hugging Face checkpoint folder "
+                                f"('{CONFIG}' with '{WEIGHTS}' or '{INDEX}')")
+        tensors, meta = read_hf_folder(p)
+        return _checked(Checkpoint(p, tensors, meta))
     tensors, raw_meta = read_safetensors(p, "checkpoint")
     if not tensors:
         raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
-    meta = parse_metadata(raw_meta, p)
-    for name, tensor in tensors.items():
+    return _checked(Checkpoint(p, tensors, parse_metadata(raw_meta, p)))
+
+
+def _checked(ckpt: Checkpoint) -> Checkpoint:
+    for name, tensor in ckpt.tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ZeroptimError(f"checkpoint '{p}': tensor '{name}' contains NaN or Inf")
-    return Checkpoint(p, tensors, meta)
+            raise ZeroptimError(f"checkpoint '{ckpt.path}': tensor '{name}' contains NaN or Inf")
+    return ckpt
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
@@ -132,6 +157,10 @@ def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
                 f"{tuple(b.tensors[name].shape)} in '{b.path}'"
             )
     if a.model_spec and b.model_spec and a.model_spec != b.model_spec:
+        configs = [spec.get(SPEC_KEY) for spec in (a.model_spec, b.model_spec)]
+        if all(isinstance(c, dict) for c in configs):
+            raise ZeroptimError(f"checkpoints hold different model configs: {config_difference(*configs)} "
+                                f"in '{a.path}' and '{b.path}'")
         raise ZeroptimError(f"checkpoints name different models: '{a.path}' and '{b.path}'")
 
 

@@ -1,11 +1,13 @@
 """Model registry and factories: rebuilding a model from checkpoint metadata or a ``--model`` spec.
 
-A model spec is ``{"name": "mlp", "kwargs": {...}}`` (a built-in) or ``{"factory": "pkg.mod:fn",
-"kwargs": {...}}`` (a function returning an ``nn.Module``).
+A model spec is ``{"name": "mlp", "kwargs": {...}}`` (a built-in), ``{"factory": "pkg.mod:fn",
+"kwargs": {...}}`` (a function returning an ``nn.Module``) or ``{"hf_config": {...}}`` (a transformers
+config, built by transformers' own classes: ``models.hf``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,10 @@ from typing import Any
 from torch import nn
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
+from zeroptim_cli.io.hf import SPEC_KEY
 from zeroptim_cli.io.specs import Trust, load_callable, metadata_callable
 from zeroptim_cli.models.cnn import CNN
+from zeroptim_cli.models.hf import build_hf_model
 from zeroptim_cli.models.mlp import MLP
 from zeroptim_cli.models.transformer import CharTransformer
 
@@ -61,11 +65,13 @@ def build_model(spec: dict[str, Any] | None, override: str | None = None, base_d
             raise ZeroptimError(f"unknown model '{spec['name']}' in the metadata of '{source}' "
                                 f"(known: {', '.join(REGISTRY)})")
         fn, what = REGISTRY[spec["name"]], f"model '{spec['name']}'"
+    elif SPEC_KEY in spec:
+        fn, what = functools.partial(build_hf_model, spec[SPEC_KEY]), f"the '{SPEC_KEY}' model spec"
     elif "factory" in spec:
         fn = metadata_callable(spec["factory"], "model factory", "--model", source or Path("checkpoint"), trust, base_dir)
         what = f"factory '{spec['factory']}' named in '{source}'"
     else:
-        raise ZeroptimError(f"the metadata 'model' of '{source}' needs a 'name' or a 'factory'")
+        raise ZeroptimError(f"the metadata 'model' of '{source}' needs a 'name', a 'factory' or an '{SPEC_KEY}'")
     try:
         model = fn(**kwargs)
     except ZeroptimError:

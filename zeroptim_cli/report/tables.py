@@ -50,7 +50,8 @@ def headline(r: PairAnalysis) -> str:
     else:
         start = f"step {fmt(r.step_t)}" if r.step_t is not None else "checkpoint t"
         what = f"direction {r.direction} from {start}, a step not taken"
-    return f"{what} · {r.num_examples} examples · {r.dtype} on {r.device} · {r.method}"
+    tokens = f" ({r.num_tokens} tokens)" if r.num_tokens is not None else ""
+    return f"{what} · {r.num_examples} examples{tokens} · {r.dtype} on {r.device} · {r.method}"
 
 
 def decomposition_table(r: PairAnalysis) -> Table:

@@ -1,0 +1,96 @@
+"""Recording from a real transformers Trainer (CPU, nothing downloaded) with ZeroptimCallback, and the
+Trainer's own checkpoint-N folders, analysed with no --model and no --loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers' Trainer needs it
+
+from test_hf import VOCAB, tiny  # noqa: E402
+
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files  # noqa: E402
+from zeroptim_cli.cli import main  # noqa: E402
+from zeroptim_cli.integrations.hf import ZeroptimCallback  # noqa: E402
+from zeroptim_cli.io.batches import load_batch  # noqa: E402
+from zeroptim_cli.io.checkpoint import load_checkpoint  # noqa: E402
+
+LR = 0.05
+
+
+def examples(n: int = 8, t: int = 9) -> list[dict[str, torch.Tensor]]:
+    """Token sequences with right padding of varying length (labels −100 there), as a collator makes them."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, VOCAB, (t,), generator=g)
+        mask = (torch.arange(t) < t - (i % 4)).long()
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+def train(out: Path, accumulation: int, callback: ZeroptimCallback, steps: int = 3,
+          kind: str = "gpt2") -> transformers.Trainer:
+    args = transformers.TrainingArguments(
+        str(out), use_cpu=True, report_to=[], optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=0.0, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
+        max_steps=steps, save_strategy="steps", save_steps=1, logging_strategy="no", disable_tqdm=True, seed=0,
+        dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=tiny(kind), args=args, train_dataset=examples(), callbacks=[callback])
+    trainer.train()
+    return trainer
+
+
+def counted(paths: list[Path], shift: bool) -> int:
+    return sum(int((load_batch(p).targets[:, 1 if shift else 0:] != -100).sum()) for p in paths)
+
+
+@pytest.mark.parametrize(("kind", "accumulation"), [("llama", 1), ("llama", 2), ("gpt2", 2)])
+def test_recorded_sgd_step_satisfies_the_sgd_identity(tmp_path, kind: str, accumulation: int, capsys) -> None:
+    """One plain SGD step of rate η: gᵀΔ = −η‖g‖², with g the gradient of our f on the recorded batches.
+    With accumulation 2 it holds only if f is what Trainer minimised: the token-weighted mean over both
+    micro-batches (Trainer divides the summed token losses by the counted labels of both, after the shift).
+
+    GPT-2: Trainer (5.24) does not see that GPT2LMHeadModel shifts its labels (its loss_type is None), so it
+    divides by the labels counted *before* the shift, and its step is that of c·f, c = counted after the
+    shift / counted before it: gᵀΔ = −η·c·‖g‖² for our f, the model's own loss."""
+    out = tmp_path / "out"
+    callback = ZeroptimCallback(every=3)
+    trainer = train(out, accumulation, callback, steps=4, kind=kind)
+    folder = out / "zeroptim"
+    assert callback.recorded == [0, 3]
+    meta = load_checkpoint(folder / "ckpt_000003.safetensors").meta
+    names = meta["batches"] if accumulation > 1 else [meta["batch"]]
+    assert len(names) == accumulation and meta["loss"] == "model" and meta["optimizer"]["lr"] == LR
+
+    status = main(["sweep", str(folder), "-o", str(tmp_path / "r.jsonl"), "--dtype", "float64", "--quiet"])
+    assert status == 0, capsys.readouterr().err
+    rows = {r["step_t"]: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [0, 3]
+    for step, row in rows.items():
+        meta = load_checkpoint(folder / f"ckpt_{step:06d}.safetensors").meta
+        paths = [folder / n for n in (meta.get("batches") or [meta["batch"]])]
+        c = 1.0 if trainer._loss_shifts_labels else counted(paths, shift=True) / counted(paths, shift=False)
+        assert (c == 1.0) == (kind == "llama")
+        assert row["num_tokens"] == counted(paths, shift=True) and row["num_examples"] == 2 * accumulation
+        assert math.isclose(row["grad_corr"], -LR * c * row["grad_norm"] ** 2, rel_tol=1e-5), (row, c)
+    # the Trainer's own checkpoint folders of the same step give the same numbers from its recorded batches
+    direct = analyze_files(out / "checkpoint-3", out / "checkpoint-4", [folder / n for n in names],
+                           Settings(dtype="float64", device="cpu")).to_dict()
+    for key in ("loss_t", "loss_t1", "grad_corr", "dir_sharpness"):
+        assert math.isclose(direct[key], rows[3][key], rel_tol=1e-10), key
+
+
+def test_callback_refuses_label_smoothing(tmp_path) -> None:
+    args = transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], max_steps=1,
+                                          label_smoothing_factor=0.1, save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=tiny("gpt2"), args=args, train_dataset=examples(),
+                                   callbacks=[ZeroptimCallback(every=1)])
+    with pytest.raises(ValueError, match="label smoothing"):
+        trainer.train()

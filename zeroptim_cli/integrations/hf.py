@@ -1,0 +1,134 @@
+"""Recording from transformers' ``Trainer``: a callback that saves optimizer steps in zeroptim's format.
+
+    from zeroptim_cli.integrations.hf import ZeroptimCallback
+    trainer = Trainer(model, args, train_dataset=..., callbacks=[ZeroptimCallback(every=100)])
+
+For each recorded step s (steps 0, K, 2K, … of ``every=K``, plus any of ``steps``), in ``folder``
+(default ``{output_dir}/zeroptim``): ``ckpt_{s:06d}.safetensors``, the weights just before the optimizer
+step (``on_pre_optimizer_step``); ``ckpt_{s+1:06d}.safetensors``, the weights just after it
+(``on_optimizer_step``); and ``batch_{s:06d}_{i}.safetensors``, every micro-batch i the step's gradient was
+accumulated over, as the model received them (keyword arguments with ``labels``). Checkpoint s's
+metadata names them (``batch`` for one, ``batches`` for several), its model as ``{"hf_config": config}``
+(rebuilt by transformers' own classes, no code of the run's) and its loss as ``model``, the model's own.
+So ``zeroptim sweep FOLDER`` analyses every recorded step with no flag.
+
+The step's batch is all its micro-batches, and f their exact token-weighted mean: what Trainer itself
+minimises, since it divides the summed token losses of all micro-batches by ``num_items_in_batch``, the
+counted labels of all of them (after the causal shift). The micro-batches are caught by a forward
+pre-hook on the model while a recorded step accumulates (training-mode calls only, so evaluation is
+never recorded). Training with label smoothing or a ``compute_loss_func`` minimises another loss than
+the model's own, and is refused rather than recorded under a wrong name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from zeroptim_cli.derivatives.losses import MODEL_LOSS
+from zeroptim_cli.io.batches import LABELS, save_batch
+from zeroptim_cli.io.checkpoint import save_checkpoint
+from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
+from zeroptim_cli.optim.optimizers import optimizer_description
+
+
+def ckpt_name(step: int) -> str:
+    return f"ckpt_{step:06d}.safetensors"
+
+
+def batch_name(step: int, index: int) -> str:
+    return f"batch_{step:06d}_{index}.safetensors"
+
+
+class ZeroptimCallback(TrainerCallback):
+    """Records (weights before, micro-batches, weights after) around chosen optimizer steps of a Trainer
+    (module docstring). ``every`` records steps 0, every, 2·every, …; ``steps`` adds chosen ones."""
+
+    def __init__(self, folder: str | os.PathLike | None = None, *, every: int | None = None,
+                 steps: Iterable[int] = ()) -> None:
+        if every is not None and every <= 0:
+            raise ValueError("every must be a positive number of steps")
+        self.folder = Path(folder) if folder is not None else None
+        self.every, self.steps = every, set(steps)
+        self.recorded: list[int] = []
+        self._micro: list[dict[str, torch.Tensor]] | None = None
+        self._hook: Any = None
+
+    def wants(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (from weights after ``step`` steps) is one to record."""
+        return step in self.steps or (self.every is not None and step % self.every == 0)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, **kwargs: Any) -> None:
+        if args.label_smoothing_factor:
+            raise ValueError("ZeroptimCallback: with label smoothing Trainer minimises another loss than the model's "
+                             "own, which the recorded steps would be analysed with")
+        if model is None:
+            raise ValueError("ZeroptimCallback: Trainer passed no model to the callback")
+        if self.folder is None:
+            self.folder = Path(args.output_dir) / "zeroptim"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        self._micro = [] if self.wants(state.global_step) else None
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: keep a training-mode call's tensors that have the examples' first dimension."""
+        if self._micro is None or not module.training:
+            return
+        if args:
+            raise ValueError("ZeroptimCallback records models called with keyword arguments, as Trainer calls them")
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        if LABELS not in tensors:
+            raise ValueError("ZeroptimCallback: the model was called without 'labels' (a compute_loss_func or "
+                             "label smoothing takes them), so the step's loss is not the model's own")
+        rows = tensors[LABELS].shape[0]
+        self._micro.append({k: v.detach().cpu().clone() for k, v in tensors.items() if v.shape[0] == rows})
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                              **kwargs: Any) -> None:
+        if self._micro is None or model is None or self.folder is None:
+            return
+        step = state.global_step
+        names = [batch_name(step, i) for i in range(len(self._micro))]
+        for name, micro in zip(names, self._micro):
+            labels = micro.pop(LABELS)
+            save_batch(self.folder / name, micro, labels)
+        meta = self._meta(model, step, optimizer)
+        meta.update({"batch": names[0]} if len(names) == 1 else {"batches": names})
+        save_checkpoint(self.folder / ckpt_name(step), model, meta)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                          **kwargs: Any) -> None:
+        if self._micro is None or model is None or self.folder is None:
+            return
+        step = state.global_step
+        # If step s+1 is recorded too, its own "before" checkpoint rewrites this file with its batches.
+        save_checkpoint(self.folder / ckpt_name(step + 1), model, self._meta(model, step + 1, optimizer))
+        self.recorded.append(step)
+        self._micro = None
+
+    @staticmethod
+    def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        # a live config names no architecture until save_pretrained writes one: name the model's class
+        config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+        meta: dict[str, Any] = {"step": step, "model": {SPEC_KEY: comparable_config(config)}, "loss": MODEL_LOSS}
+        if optimizer is not None:  # Trainer's is accelerate's wrapper around the torch optimizer
+            meta["optimizer"] = optimizer_description(getattr(optimizer, "optimizer", optimizer))
+        return meta

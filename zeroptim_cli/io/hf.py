@@ -1,0 +1,162 @@
+"""Hugging Face checkpoint folders: what ``save_pretrained`` and Trainer's ``checkpoint-N`` write.
+
+A folder is one when it holds ``config.json`` and the weights as safetensors: ``model.safetensors``, or
+``model.safetensors.index.json`` and the shards it names. Reading one:
+
+* The model class is the one ``config.json`` names in ``architectures``, taken from the transformers
+  package itself (``getattr(transformers, name)``); a config naming a class transformers does not have
+  is an error naming the file. ``trust_remote_code`` is never set and ``auto_map`` never followed, so no
+  code that came with the folder runs.
+* The weights are read by transformers' own ``from_pretrained`` (``use_safetensors=True``,
+  ``local_files_only=True``): shards merged, tied weights re-tied, legacy key names renamed to the
+  model's (a ViT saved by transformers 5 stores 32 of its 40 tensors under older names) exactly as
+  transformers reads them; writing our own key mapping would copy transformers' private conversion
+  tables and drift from them. The tensors are then taken from ``state_dict()``, under the names
+  ``named_parameters()`` uses. A weight the model has but the folder lacks is an error (transformers
+  would initialise it at random and only warn).
+* Pickle files beside them (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
+  ``training_args.bin``, ``pytorch_model.bin``) are never opened.
+* The step is ``trainer_state.json``'s ``global_step``, else N of a folder named ``checkpoint-N``.
+
+transformers is an optional extra (``pip install "zeroptim[hf]"``) imported only here and only when a
+folder or an ``hf_config`` model spec is met.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from zeroptim_cli.errors import ZeroptimError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TRAINER_STATE = "trainer_state.json"
+INSTALL = 'pip install "zeroptim[hf]"'
+#: The model spec key (checkpoint metadata ``model``) holding a transformers config as a JSON object.
+SPEC_KEY = "hf_config"
+#: Config keys that say how a config was written, not which model it is: left out when two are compared.
+_VOLATILE = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
+_CHECKPOINT_N = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_hf_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder with ``config.json`` and safetensors weights (flat or sharded)."""
+    return path.is_dir() and (path / CONFIG).is_file() and ((path / WEIGHTS).is_file() or (path / INDEX).is_file())
+
+
+def transformers_module(what: str) -> ModuleType:
+    """The transformers package, or an error saying that ``what`` needs the ``hf`` extra."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ZeroptimError(f"{what} needs transformers: {INSTALL}") from exc
+    return transformers
+
+
+#: transformers patches global state while it loads (``from_pretrained`` replaces
+#: ``PreTrainedModel.tie_weights`` by a no-op), so a model built in one thread while another loads comes
+#: out untied: seen in a sweep, whose loader thread reads the next folders while the current pair builds
+#: its model (GPT-2's lm_head then counted apart from the embedding: a wrong ‖Δ‖ and ‖g‖, with no error).
+_TRANSFORMERS = threading.RLock()
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """One transformers call at a time in this process (``_TRANSFORMERS``), with no progress bars and no
+    warnings from transformers (stderr stays ours; the settings are restored after)."""
+    logging = transformers_module("a Hugging Face model").utils.logging
+    with _TRANSFORMERS:
+        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
+
+
+def model_class(config: dict[str, Any], source: str) -> type:
+    """The transformers class ``config["architectures"][0]`` names (``source`` names the config in errors)."""
+    transformers = transformers_module(f"Hugging Face model '{source}'")
+    architectures = config.get("architectures")
+    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
+        raise ZeroptimError(f"'{source}' names no model class in 'architectures'")
+    name = architectures[0]
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ZeroptimError(f"'{source}' names model class '{name}', which transformers {transformers.__version__} "
+                            "does not have (zeroptim never runs code that comes with a model)")
+    return cls
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without the keys that only say how it was written (``_VOLATILE``, private ``_…``).
+
+    Pass a full ``PretrainedConfig.to_dict()``: ``config.json`` holds only what differs from the defaults,
+    so a folder's config and a live model's compare equal only once both are complete.
+    """
+    return {k: v for k, v in config.items() if k not in _VOLATILE and not k.startswith("_")}
+
+
+def config_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first key (sorted) where two configs differ, with both values; None when they agree."""
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"'{key}' is {json.dumps(a.get(key))} against {json.dumps(b.get(key))}"
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ZeroptimError(f"'{path}' is not readable JSON ({exc})") from exc
+
+
+def folder_step(folder: Path) -> int | None:
+    """``trainer_state.json``'s ``global_step``, else N of ``checkpoint-N``, else None."""
+    state = folder / TRAINER_STATE
+    if state.is_file():
+        content = _read_json(state)
+        step = content.get("global_step") if isinstance(content, dict) else None
+        if isinstance(step, int):
+            return step
+    match = _CHECKPOINT_N.match(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the model's state dict as transformers loads the folder, zeroptim metadata for it): the metadata's
+    ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says."""
+    config_path = folder / CONFIG
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise ZeroptimError(f"'{config_path}' is not a JSON object")
+    cls = model_class(config, str(config_path))
+    complete = cls.config_class.from_dict(config).to_dict()
+    try:
+        with quiet_transformers():
+            model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                              trust_remote_code=False, output_loading_info=True, dtype="auto")
+    except Exception as exc:  # transformers raises OSError, ValueError, RuntimeError… for bad folders
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ZeroptimError(f"checkpoint folder '{folder}' cannot be loaded by transformers ({first})") from exc
+    for kind in ("missing_keys", "mismatched_keys"):
+        if info.get(kind):
+            name = sorted(str(k) for k in info[kind])[0]
+            raise ZeroptimError(f"checkpoint folder '{folder}': '{name}' is {kind.split('_')[0]} "
+                                f"({len(info[kind])} {kind.replace('_', ' ')} in all)")
+    tensors = {name: t.detach() for name, t in model.state_dict().items()}
+    return tensors, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}

@@ -1,0 +1,38 @@
+"""Hugging Face models built from their config by transformers' own classes.
+
+``{"hf_config": config}`` (a ``config.json`` as a JSON object) builds ``cls(cls.config_class.from_dict(config))``
+with ``cls`` the transformers class the config names in ``architectures`` (``io.hf.model_class``): no
+``trust_remote_code``, no code of the checkpoint's. The weights are those of the checkpoint, so the random
+initialisation of the build is never used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.io.hf import model_class, quiet_transformers
+
+
+def build_hf_model(config: dict[str, Any], source: str = "checkpoint metadata 'hf_config'") -> nn.Module:
+    """The transformers model ``config`` describes, randomly initialised."""
+    if not isinstance(config, dict):
+        raise ZeroptimError(f"{source} must be a JSON object (a transformers config)")
+    cls = model_class(config, source)
+    with quiet_transformers():
+        return cls(cls.config_class.from_dict(config))
+
+
+def loss_kind(model: nn.Module) -> str | None:
+    """The kind of loss a transformers model computes from ``labels``: its ``loss_type`` (which transformers
+    reads from the class name, e.g. ``ForCausalLM``), or ``ForCausalLM`` for a class transformers registers
+    as a causal LM under another name (``GPT2LMHeadModel``: its ``loss_function`` falls back to the causal-LM
+    loss, and Trainer shifts its labels too); None for anything else."""
+    kind = getattr(model, "loss_type", None)
+    if kind is not None or getattr(model, "config", None) is None:
+        return kind
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "ForCausalLM" if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else None
