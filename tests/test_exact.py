@@ -12,6 +12,7 @@ from torch import nn
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
 from zeroptim_cli.derivatives import METHODS
+from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.models import MLP
 
 PER_LAYER_METHODS = ["forward-over-reverse", "reverse-over-reverse"]
@@ -282,3 +283,38 @@ def test_taylor_clipped_what_if_and_line_search_match_the_hvp() -> None:
     for key in ("grad_corr", "dir_sharpness", "dir_sharpness_normalized"):
         assert rel_close(t.extras["clipped"][key], h.extras["clipped"][key], 1e-12)
     assert t.extras["line_search"]["loss"] == pytest.approx(h.extras["line_search"]["loss"], rel=1e-14)
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor"])
+def test_chunked_batches_give_the_same_numbers(method: str) -> None:
+    """f is a mean over counted targets, so chunks weighted by their counts give f, g and HΔ exactly."""
+    torch.manual_seed(0)
+    from zeroptim_cli.models import CharTransformer
+
+    model = CharTransformer(vocab_size=11, block_size=6, dim=8, heads=2, layers=1).double()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for n in (37, 5):  # one batch that auto chunks (≥ 32 examples), one it leaves whole
+        y = torch.randint(0, 11, (n, 6), generator=g)
+        y[y < 2] = -100  # padding: counted tokens differ from chunk to chunk
+        batches.append(Batch(torch.randint(0, 11, (n, 6), generator=g), y, f"b{n}"))
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    loss = resolve_loss("cross_entropy")
+    whole = analyze_pair(model, w0, w1, batches, loss, method=method, dtype=torch.float64, chunk_size=0)
+    for chunk in ("auto", 4, 1):
+        r = analyze_pair(model, w0, w1, batches, loss, method=method, dtype=torch.float64, chunk_size=chunk)
+        for key in ("loss_t", "loss_t1", "grad_corr", "dir_sharpness"):
+            assert rel_close(getattr(r, key), getattr(whole, key), 1e-12), (chunk, key)
+        assert r.num_examples == whole.num_examples == 42
+
+
+def test_chunks_are_refused_in_train_mode_and_auto_keeps_whole_batches() -> None:
+    from zeroptim_cli.derivatives.objective import chunk_length
+
+    assert chunk_length(40, "auto", train=False) == 10 and chunk_length(31, "auto", train=False) == 31
+    assert chunk_length(40, "auto", train=True) == 40 and chunk_length(40, 0, train=False) == 40
+    model, batches = tiny_mlp(), tiny_batches()
+    w0 = params_of(model)
+    with pytest.raises(ConfigError, match="eval mode"):
+        analyze_pair(model, w0, perturbed(w0, 0.05), batches, resolve_loss("cross_entropy"), train=True, chunk_size=2)

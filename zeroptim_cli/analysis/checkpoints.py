@@ -24,8 +24,9 @@ from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
 @dataclass(frozen=True)
 class Settings:
-    """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed, and
-    whether code named in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``)."""
+    """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed, the
+    examples per evaluation (``chunk_size``: ``auto``, N, or 0 for whole batches), and whether code named
+    in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``)."""
 
     model: str | None = None
     loss: str | None = None
@@ -36,6 +37,7 @@ class Settings:
     seed: int = 0
     direction: str = "update"
     trust_code: bool = False
+    chunk_size: int | str = "auto"
 
     @property
     def trust(self) -> Trust:
@@ -77,6 +79,7 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
         buffers=buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
         device=resolve_device(settings.device), dtype=dtype, loss_t1=loss_t1,
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
+        chunk_size=settings.chunk_size,
     )
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
     result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train) + result.warnings

@@ -93,7 +93,8 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
                        recorded: OptimizerState | None = None, states: Sequence[OptimizerState] = (),
                        options: CompareOptions = CompareOptions(), buffers: Mapping[str, Tensor] | None = None,
                        method: str = "auto", train: bool = False, seed: int = 0,
-                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Comparison:
+                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       chunk_size: int | str | None = "auto") -> Comparison:
     """Compare the directions of ``options`` from ``params_t`` (see the module docstring). ``lr`` is the
     recorded learning rate, ``recorded`` the optimizer state saved at t, ``states`` other ones."""
     if options.scale not in SCALES:
@@ -103,7 +104,7 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
     w_t1 = cast(params_t1, device, dtype) if params_t1 is not None else None
     update = {k: w_t1[k] - w_t[k] for k in w_t} if w_t1 is not None else None
     with prepared(model, batches, loss, buffers=buffers, method=method, train=train, seed=seed, device=device,
-                  dtype=dtype) as objective:
+                  dtype=dtype, chunk_size=chunk_size) as objective:
         grad = objective.gradient(w_t)
         point = StepPoint(w_t, grad, objective.value, update, lr, recorded, list(states), options.mezo,
                           options.clip_fraction)
@@ -185,7 +186,7 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
         model, params_t, params_t1, batches, loss, lr=float(lr) if isinstance(lr, (int, float)) else None,
         recorded=recorded, states=[other_state(p, ckpt_t.step) for p in options.states], options=options, buffers=buffers_t,
         method=settings.method, train=settings.train, seed=settings.seed, device=resolve_device(settings.device),
-        dtype=resolve_dtype(settings.dtype))
+        dtype=resolve_dtype(settings.dtype), chunk_size=settings.chunk_size)
     result.step_t = ckpt_t.step
     result.step_t1 = ckpt_t1.step if ckpt_t1 is not None else None
     result.warnings = warnings + result.warnings

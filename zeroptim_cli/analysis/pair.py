@@ -48,6 +48,7 @@ def analyze_pair(
     direction: Direction | None = None,
     direction_name: str = "update",
     extras: Extras | None = None,
+    chunk_size: int | str | None = "auto",
 ) -> PairAnalysis:
     """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``.
 
@@ -60,7 +61,8 @@ def analyze_pair(
 
     ``direction`` (see ``analysis.directions``) replaces Δ by another direction d from w_t, computed
     from g and Δ; every quantity is then that of d, with f(w_t1) read as f(w_t + d). ``extras`` adds the
-    opt-in analyses of ``analysis.extras`` under their own keys.
+    opt-in analyses of ``analysis.extras`` under their own keys. ``chunk_size`` bounds the examples of one
+    evaluation (``derivatives.objective.chunk_length``): the same numbers, less peak memory.
     """
     if method in ("taylor", "forward-over-forward") and extras is not None and extras.concentration:
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
@@ -69,7 +71,7 @@ def analyze_pair(
     w_t, w_t1 = cast(params_t, device, dtype), cast(params_t1, device, dtype)
     delta = {k: w_t1[k] - w_t[k] for k in w_t}
     with prepared(model, batches, loss, buffers=buffers, method=method, train=train, seed=seed, device=device,
-                  dtype=dtype) as objective:
+                  dtype=dtype, chunk_size=chunk_size) as objective:
         if direction is not None:
             delta = direction(objective.gradient(w_t), w_t, delta)
             w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
@@ -91,7 +93,8 @@ def cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
 
 @contextlib.contextmanager
 def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers: Mapping[str, Tensor] | None,
-             method: str, train: bool, seed: int, device: torch.device, dtype: torch.dtype) -> Iterator[Objective]:
+             method: str, train: bool, seed: int, device: torch.device, dtype: torch.dtype,
+             chunk_size: int | str | None = "auto") -> Iterator[Objective]:
     """Prepare: check ``method``, move the model to ``device`` and ``dtype``, and yield the objective f on
     ``batches`` with ``buffers`` (default: the model's own) fixed; for the block the model is in train or
     eval mode (its own mode restored after) and attention uses twice-differentiable kernels."""
@@ -103,7 +106,8 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
         check_forward_over_forward(model, train)
     model.to(device=device, dtype=dtype)
     fixed = cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
-    objective = Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype)
+    objective = Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype,
+                          chunk_size=chunk_size)
     was_training = model.training
     model.train(train)
     try:

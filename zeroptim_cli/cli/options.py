@@ -39,6 +39,23 @@ def progress_bar(quiet: bool, *columns: ProgressColumn) -> Progress:
                     disable=quiet or not stderr.is_terminal)
 
 
+class ChunkSize(click.ParamType):
+    """``auto``, or a number of examples (0: whole batches)."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            self.fail(f"'{value}' is not 'auto' nor a number of examples (0: whole batches)", param, ctx)
+        return n
+
+
 def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-untyped-def]
     """The options that say how a pair is analysed, shared by every analysing command (``compare``, which
     has its own directions, takes them with ``@settings_options(direction=False)``)."""
@@ -66,6 +83,10 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                           "choice for long sweeps and large batches (falls back to auto, and says so, for an op "
                           "it has no rule for). forward-over-forward: torch's nested jvp, refused through "
                           "LayerNorm and train-mode BatchNorm."),
+        click.option("--chunk-size", type=ChunkSize(), default="auto", show_default=True, metavar="auto|N|0",
+                     help="Examples per evaluation: a batch is cut into chunks whose sums give the same f, g and "
+                          "HΔ with less peak memory. auto: 4 chunks for a batch of 32 examples or more; 0: whole "
+                          "batches. Eval mode only (train mode's batch statistics need the whole batch)."),
         click.option("--train-mode", "train", is_flag=True,
                      help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "
                           "--seed. Default: eval mode (running statistics of checkpoint t, no dropout)."),

@@ -30,9 +30,22 @@ from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.derivatives.methods import FALLBACKS, METHODS
 from zeroptim_cli.derivatives.precision import computed_in
 from zeroptim_cli.derivatives.taylor import TaylorUnsupported
-from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
+
+#: ``chunk_size="auto"``: a batch of at least AUTO_MIN_EXAMPLES examples is evaluated in AUTO_CHUNKS chunks.
+AUTO_CHUNKS, AUTO_MIN_EXAMPLES = 4, 32
+
+
+def chunk_length(n: int, chunk_size: int | str | None, train: bool) -> int:
+    """Examples per chunk of a batch of ``n``: ``chunk_size`` itself (0 or None: the whole batch), or for
+    ``"auto"`` ⌈n/4⌉ once n ≥ 32 in eval mode. A Hessian-vector product holds about three forward passes'
+    activations and Taylor mode three coefficients of each; in four chunks either peaks below one
+    training step's memory on the benchmark's transformer and MLP, for a few per cent more time."""
+    if chunk_size == "auto":
+        return -(-n // AUTO_CHUNKS) if n >= AUTO_MIN_EXAMPLES and not train else n
+    return int(chunk_size) if chunk_size else n
 
 
 @dataclass(frozen=True)
@@ -48,12 +61,18 @@ class Objective:
     """f(w) over ``batches`` for ``model`` with fixed ``buffers``; see the module docstring.
 
     The batches are this rank's shards of the given ones, moved to ``device`` (floating tensors in
-    ``dtype``). The model must already be on that device and dtype, in the mode it is evaluated in.
+    ``dtype``), and cut into chunks (``chunk_length``). f is a mean over examples (or counted tokens), so
+    Σ_chunks (n_c/N)·ℓ_c is the same f exactly, and so are its derivatives; only the peak memory of one
+    evaluation shrinks (eval mode only: train mode's batch statistics and dropout masks would differ). The
+    model must already be on that device and dtype, in the mode it is evaluated in.
     """
 
     def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss, *,
                  train: bool = False, seed: int = 0, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, chunk_size: int | str | None = "auto") -> None:
+        if isinstance(chunk_size, int) and chunk_size > 0 and train:
+            raise ConfigError("--chunk-size needs eval mode: in train mode batch statistics and dropout masks "
+                              "depend on the whole batch, so its chunks would give another f")
         self.model, self.buffers, self.loss = model, dict(buffers), loss
         self.train, self.seed = train, seed
         self.device, self.dtype = torch.device(device), dtype
@@ -61,7 +80,8 @@ class Objective:
         def prepare() -> list[Batch]:
             for b in batches:
                 loss.validate(b)
-            return [b.to(self.device, dtype) for b in dist.shard(batches)[0]]
+            local = [b.to(self.device, dtype) for b in dist.shard(batches)[0]]
+            return [c for b in local for c in b.chunks(chunk_length(b.num_examples, chunk_size, train))]
 
         local = dist.guarded(prepare)
         counts = [loss.count(b.targets) for b in local]

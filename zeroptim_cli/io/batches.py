@@ -96,6 +96,13 @@ class Batch:
             return None
         return self._map(lambda t: t[start:stop], f"{self.source} [rank {index}]")
 
+    def chunks(self, size: int) -> list["Batch"]:
+        """Consecutive slices of at most ``size`` examples (the batch itself when it is no larger)."""
+        if self.num_examples <= size:
+            return [self]
+        return [self._map(lambda t, a=a: t[a:a + size], f"{self.source} [examples {a}:{min(a + size, self.num_examples)}]")
+                for a in range(0, self.num_examples, size)]
+
 
 def load_batch(path: str | os.PathLike) -> Batch:
     """Load a batch file: ``inputs`` and ``targets``, or keyword arguments with ``labels`` (module docstring)."""
