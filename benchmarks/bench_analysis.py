@@ -9,7 +9,8 @@ training step (forward + backward) of the same model and batch. Not a test: run 
 Workloads: mlp (784-128-64-10, batch 128), wide_mlp (784-2048-2048-10, batch 2048; wide_mlp_4096: 4096),
 cnn (batch 128), transformer (4 layers, width 128, 32×64 tokens; transformer_256: 32×256).
 
-Times are medians over repeats after warm-up, in one process. Peak memory: on CUDA the max allocated
+Rows: the pair analysis as ``analyze`` runs it (``--chunk-size auto``) and on whole batches, each method
+alone on the whole batch. Times are medians over repeats after warm-up, in one process. Peak memory: on CUDA the max allocated
 above the baseline; on CPU the peak resident size above the baseline, in a fresh subprocess per
 (workload, method), after one warm-up call, with glibc told to map and unmap every large block.
 Peers (PyHessian, curvlinops) are measured when installed: ``pip install pyhessian curvlinops-for-pytorch``.
@@ -76,7 +77,7 @@ def candidates(w: Workload) -> dict[str, Callable[[], object]]:
     model, x, y = w.model, w.batch.inputs, w.batch.targets
     delta = {k: w.w_t1[k] - w.w_t[k] for k in w.w_t}
     objective = Objective(model, dict(model.named_buffers()), [w.batch], CE, device=x.device,
-                          dtype=next(iter(w.w_t.values())).dtype)
+                          dtype=next(iter(w.w_t.values())).dtype, chunk_size=0)  # each method on the whole batch
     f = objective.terms[0].fn
     names = list(w.w_t)
 
@@ -84,9 +85,9 @@ def candidates(w: Workload) -> dict[str, Callable[[], object]]:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(_flat_logits(model(x)), y.reshape(-1)).backward()
 
-    def analysis(method: str) -> Callable[[], object]:
+    def analysis(method: str, chunk_size: int | str = "auto") -> Callable[[], object]:
         return lambda: analyze_pair(model, w.w_t, w.w_t1, [w.batch], CE, device=x.device, method=method,
-                                    dtype=w.w_t[next(iter(w.w_t))].dtype)
+                                    dtype=w.w_t[next(iter(w.w_t))].dtype, chunk_size=chunk_size)
 
     def notebook() -> object:
         def f_tuple(*ps: torch.Tensor) -> torch.Tensor:
@@ -97,8 +98,10 @@ def candidates(w: Workload) -> dict[str, Callable[[], object]]:
             torch.autograd.functional.jvp(f_tuple, primals, tangents)
             return torch.autograd.functional.hvp(f_tuple, primals, tangents)
 
-    out: dict[str, Callable[[], object]] = {"train step": train_step, "pair analysis (auto)": analysis("auto"),
-                                            "pair analysis (taylor)": analysis("taylor")}
+    out: dict[str, Callable[[], object]] = {
+        "train step": train_step, "pair analysis (auto)": analysis("auto"), "pair analysis (taylor)": analysis("taylor"),
+        "pair analysis (auto, whole batch)": analysis("auto", 0),
+        "pair analysis (taylor, whole batch)": analysis("taylor", 0)}
     for method, fn in METHODS.items():
         if method == "forward-over-forward" and any(isinstance(m, nn.LayerNorm) for m in model.modules()):
             continue  # refused by zeroptim: torch's nested forward mode is wrong through LayerNorm

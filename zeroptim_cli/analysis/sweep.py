@@ -185,7 +185,9 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
                               "(--successive pairs across gaps)")
         if unbatched:
             plan.notes.append(f"run '{run}': {unbatched} consecutive pair(s) whose first checkpoint records no batch "
-                              "were not paired (--batch FILE analyses every consecutive pair on that batch)")
+                              "were not paired (--batch FILE analyses every consecutive pair on that batch"
+                              + (f"; the steps recorded with their batches are in '{folder / 'zeroptim'}'"
+                                 if (folder / "zeroptim").is_dir() else "") + ")")
         if not any(p.run == run for p in plan.pairs):
             plan.notes.append(f"run '{run}': no pair among steps {ordered} (try --successive or --batch)")
     return plan

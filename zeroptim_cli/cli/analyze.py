@@ -13,11 +13,10 @@ from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.cli.options import (
-    DEBUG_HELP,
     extras_options,
-    force_option,
     print_warnings,
     progress_bar,
+    result_options,
     settings_options,
     stderr,
 )
@@ -37,12 +36,8 @@ from zeroptim_cli.report.tables import print_report
 @settings_options
 @extras_options
 @click.option("--per-layer", is_flag=True, help="Also print the per-parameter-tensor split.")
-@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the JSON object to this file (atomically).")
-@force_option
-@click.option("--quiet", is_flag=True, help="No spinner, no table and no warnings (with -o: write the file only).")
-@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@result_options("Also write the JSON object to this file (atomically).",
+                "No spinner, no table and no warnings (with -o: write the file only).")
 def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: bool, as_json: bool,
             output: Path | None, force: bool, quiet: bool, debug: bool, extras: Extras, **settings: object) -> None:
     """Decompose the loss change from CKPT_T to CKPT_T1 on a batch.

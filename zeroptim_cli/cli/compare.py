@@ -15,12 +15,11 @@ from zeroptim_cli.analysis.checkpoints import Settings
 from zeroptim_cli.analysis.compare import CompareOptions, compare_files
 from zeroptim_cli.cli.options import (
     ALPHAS,
-    DEBUG_HELP,
     LINE_SEARCH,
     alphas_grid,
     compare_options,
-    force_option,
     print_warnings,
+    result_options,
     settings_options,
     stderr,
 )
@@ -39,12 +38,8 @@ from zeroptim_cli.report.compare_table import print_comparison
 @LINE_SEARCH
 @ALPHAS
 @settings_options(direction=False)
-@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the JSON object to this file (atomically); `zeroptim plot` draws it.")
-@force_option
-@click.option("--quiet", is_flag=True, help="No spinner and no table (with -o: write the file only).")
-@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@result_options("Also write the JSON object to this file (atomically); `zeroptim plot` draws it.",
+                "No spinner and no table (with -o: write the file only).")
 def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compare: CompareOptions, line_search: bool,
             alphas: str, as_json: bool, output: Path | None, force: bool, quiet: bool, debug: bool,
             **settings: object) -> None:

@@ -27,6 +27,24 @@ force_option = click.option("--force", is_flag=True,
                             help="Replace an existing output file even if it is not one zeroptim wrote.")
 
 
+def result_options(output_help: str, quiet_help: str):  # type: ignore[no-untyped-def]
+    """--json, -o/--output, --force, --quiet and --debug of a command that computes one JSON object."""
+    options = [
+        click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else."),
+        click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help=output_help),
+        force_option,
+        click.option("--quiet", is_flag=True, help=quiet_help),
+        click.option("--debug", is_flag=True, help=DEBUG_HELP),
+    ]
+
+    def decorate(fn):  # type: ignore[no-untyped-def]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 def print_warnings(warnings: list[str]) -> None:
     """A pair's sanity warnings on stderr, one line each."""
     for line in warnings:

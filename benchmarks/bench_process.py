@@ -1,0 +1,114 @@
+"""Whole processes, side by side: ``zeroptim analyze`` (auto and taylor) against a plain training-step script
+on the same checkpoint and batch. Not a test: run it and read the ratios.
+
+    python benchmarks/bench_process.py                                  # wide_mlp_4096 and transformer_256
+    python benchmarks/bench_process.py --workloads transformer --repeats 5
+
+Each entry runs as its own process under ``/usr/bin/time`` (wall seconds and peak resident memory). A
+process pays Python's and torch's start-up as well as the work; ``start-up`` (importing torch and zeroptim,
+reading the files, building the model) is measured alone and subtracted in the ``work`` columns. Medians
+over ``--repeats`` runs, all entries interleaved so that a busy machine slows every entry alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_analysis import make_workload  # noqa: E402
+
+from zeroptim_cli.io.batches import save_batch  # noqa: E402
+from zeroptim_cli.io.checkpoint import save_checkpoint  # noqa: E402
+
+SPECS = {
+    "wide_mlp_4096": {"name": "mlp", "kwargs": {"hidden": [2048, 2048]}},
+    "wide_mlp": {"name": "mlp", "kwargs": {"hidden": [2048, 2048]}},
+    "transformer_256": {"name": "char_transformer",
+                        "kwargs": {"vocab_size": 100, "block_size": 256, "dim": 128, "heads": 4, "layers": 4}},
+    "transformer": {"name": "char_transformer",
+                    "kwargs": {"vocab_size": 100, "block_size": 64, "dim": 128, "heads": 4, "layers": 4}},
+}
+
+#: One training step of the checkpoint's model on the batch, as a user's script would take it; with
+#: ``--steps 0`` it stops after the set-up (imports, files, model), the start-up every entry pays.
+STEP_SCRIPT = """
+import sys, torch
+import torch.nn.functional as F
+from zeroptim_cli.io.batches import load_batch
+from zeroptim_cli.io.checkpoint import load_checkpoint, state_for_model
+from zeroptim_cli.models import build_model
+torch.set_num_threads(int(sys.argv[4]))
+ckpt, batch = load_checkpoint(sys.argv[1]), load_batch(sys.argv[2])
+model = build_model(ckpt.model_spec)
+params, buffers = state_for_model(model, ckpt)
+model.load_state_dict({**params, **buffers}, strict=False)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(int(sys.argv[3])):
+    out = model(batch.inputs)
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), batch.targets.reshape(-1)).backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident MiB) of one process."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed:\n{proc.stderr[-2000:]}")
+    wall, kib = proc.stderr.strip().splitlines()[-1].split()
+    return float(wall), float(kib) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="wide_mlp_4096,transformer_256")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    zeroptim = [sys.executable, "-m", "zeroptim_cli"]
+    for name in args.workloads.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            w = make_workload(name, torch.device("cpu"))
+            a, b, batch = Path(tmp, "a.safetensors"), Path(tmp, "b.safetensors"), Path(tmp, "batch.safetensors")
+            save_checkpoint(a, w.model, {"model": SPECS[name], "step": 0})
+            with torch.no_grad():
+                for k, p in w.model.named_parameters():
+                    p.copy_(w.w_t1[k])
+            save_checkpoint(b, w.model, {"model": SPECS[name], "step": 1})
+            save_batch(batch, w.batch.inputs, w.batch.targets)
+            step = [sys.executable, "-c", STEP_SCRIPT, str(a), str(batch)]
+            entries = {
+                "start-up (imports, files, model)": [*step, "0", str(args.threads)],
+                "training step script": [*step, "1", str(args.threads)],
+                "zeroptim analyze (auto)": [*zeroptim, "analyze", str(a), str(b), "--batch", str(batch), "--quiet"],
+                "zeroptim analyze --method taylor": [*zeroptim, "analyze", str(a), str(b), "--batch", str(batch),
+                                                     "--quiet", "--method", "taylor"],
+            }
+            runs: dict[str, list[tuple[float, float]]] = {k: [] for k in entries}
+            for _ in range(args.repeats):
+                for key, cmd in entries.items():
+                    runs[key].append(timed(cmd))
+        wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+        rss = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+        base_t, base_m = wall["start-up (imports, files, model)"], rss["start-up (imports, files, model)"]
+        step_t, step_m = wall["training step script"] - base_t, rss["training step script"] - base_m
+        print(f"\n{name} · {args.threads} threads · torch {torch.__version__} · medians of {args.repeats}")
+        print(f"{'entry':36s} {'wall s':>8s} {'work s':>8s} {'× step':>7s} {'peak MiB':>9s} {'extra MiB':>10s} {'× step':>7s}")
+        for key in entries:
+            work, extra = wall[key] - base_t, rss[key] - base_m
+            first = key.startswith("start-up")
+            print(f"{key:36s} {wall[key]:8.2f} {'' if first else f'{work:8.2f}':>8s} "
+                  f"{'' if first else f'{work / step_t:7.2f}':>7s} {rss[key]:9.0f} "
+                  f"{'' if first else f'{extra:10.0f}':>10s} {'' if first else f'{extra / step_m:7.2f}':>7s}")
+
+
+if __name__ == "__main__":
+    main()
