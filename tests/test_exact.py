@@ -309,11 +309,31 @@ def test_chunked_batches_give_the_same_numbers(method: str) -> None:
         assert r.num_examples == whole.num_examples == 42
 
 
-def test_chunks_are_refused_in_train_mode_and_auto_keeps_whole_batches() -> None:
-    from zeroptim_cli.derivatives.objective import chunk_length
+def test_auto_chunks_follow_the_measured_activations(monkeypatch) -> None:
+    from zeroptim_cli.derivatives import objective as obj
 
-    assert chunk_length(40, "auto", train=False) == 10 and chunk_length(31, "auto", train=False) == 31
-    assert chunk_length(40, "auto", train=True) == 40 and chunk_length(40, 0, train=False) == 40
+    assert obj.chunk_length(100, "auto", 2**20) == 50 and obj.chunk_length(100, "auto", 1000.0) == 100
+    assert obj.chunk_length(3, "auto", 2.0**40) == 1 and obj.chunk_length(40, 0) == 40 and obj.chunk_length(40, 7) == 7
+    model, batches = tiny_mlp(), tiny_batches(sizes=(30,))
+    params = params_of(model)
+    loss = resolve_loss("cross_entropy")
+    one = obj.Objective(model, {}, batches, loss, dtype=torch.float64)
+    per_example = obj.activation_bytes(lambda b: one._batch_fn(b, 0), batches[0], params)
+    # MLP 5-6-4-3 (tanh), float64, per example: the input, both tanh outputs (each also the next layer's
+    # input, held once), the log-softmax output, and the int64 target
+    assert per_example == 8 * (5 + 6 + 4 + 3) + 8
+    assert len(one.terms) == 1  # a few KiB: the batch stays whole
+    monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 8 * per_example)
+    many = obj.Objective(model, {}, batches, loss, dtype=torch.float64)
+    assert [t.batch.num_examples for t in many.terms] == [8, 8, 8, 6]
+    w1 = perturbed(params, 0.05)
+    delta = {k: w1[k] - params[k] for k in params}
+    _, d_one, _ = one.derivatives(params, delta)
+    _, d_many, _ = many.derivatives(params, delta)
+    assert rel_close(float(d_many.dir_sharpness), float(d_one.dir_sharpness), 1e-13)
+
+
+def test_chunks_are_refused_in_train_mode() -> None:
     model, batches = tiny_mlp(), tiny_batches()
     w0 = params_of(model)
     with pytest.raises(ConfigError, match="eval mode"):

@@ -28,14 +28,19 @@ class Derivatives:
 
 
 def axpy(c: float, d: Derivatives, acc: Derivatives | None) -> Derivatives:
-    """c·d + acc, field by field (acc = None counts as zero)."""
+    """c·d + acc, field by field (acc = None counts as zero), accumulated into acc's own tensors in place:
+    summing many batch chunks allocates no parameter-sized temporaries."""
 
     def comb(x: Any, y: Any) -> Any:
         if x is None:
             return None
+        if y is None:
+            return {k: c * v for k, v in x.items()} if isinstance(x, dict) else c * x
         if isinstance(x, dict):
-            return {k: c * v + (0 if y is None else y[k]) for k, v in x.items()}
-        return c * x + (0 if y is None else y)
+            for k, v in x.items():
+                y[k].add_(v, alpha=c)
+            return y
+        return y.add_(x, alpha=c)
 
     if acc is None:
         return Derivatives(*(comb(getattr(d, f.name), None) for f in fields(Derivatives))) if c != 1.0 else d

@@ -17,7 +17,8 @@ class returns is already summed over the ranks, so callers see the single-proces
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +35,40 @@ from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
 
-#: ``chunk_size="auto"``: a batch of at least AUTO_MIN_EXAMPLES examples is evaluated in AUTO_CHUNKS chunks.
-AUTO_CHUNKS, AUTO_MIN_EXAMPLES = 4, 32
+#: ``chunk_size="auto"``: each chunk saves at most about this many bytes of activations for backward.
+AUTO_CHUNK_BYTES = 64 * 2**20
 
 
-def chunk_length(n: int, chunk_size: int | str | None, train: bool) -> int:
+def chunk_length(n: int, chunk_size: int | str | None, per_example: float = 0.0) -> int:
     """Examples per chunk of a batch of ``n``: ``chunk_size`` itself (0 or None: the whole batch), or for
-    ``"auto"`` ⌈n/4⌉ once n ≥ 32 in eval mode. A Hessian-vector product holds about three forward passes'
-    activations and Taylor mode three coefficients of each; in four chunks either peaks below one
-    training step's memory on the benchmark's transformer and MLP, for a few per cent more time."""
+    ``"auto"`` n/k with k = ⌈n·b / 64 MiB⌉, b the bytes a training step saves per example (``per_example``,
+    from ``activation_bytes``). A Hessian-vector product holds about three times a step's activations and
+    Taylor mode three coefficients of each: where those dominate memory (a transformer at long context)
+    chunks bring the peak near one step's; where the parameters dominate, or the batch is small, they
+    would only add overhead, and the batch stays whole."""
     if chunk_size == "auto":
-        return -(-n // AUTO_CHUNKS) if n >= AUTO_MIN_EXAMPLES and not train else n
+        chunks = max(1, math.ceil(n * per_example / AUTO_CHUNK_BYTES))
+        return -(-n // min(chunks, n))
     return int(chunk_size) if chunk_size else n
+
+
+def activation_bytes(fn: Callable[[Batch], ScalarFn], batch: Batch, params: Params) -> float:
+    """Bytes per example that autograd saves for backward when ``fn(batch)`` is evaluated: the difference
+    between a 2-example and a 1-example slice of ``batch`` (what the parameters themselves add cancels)."""
+    def saved(part: Batch) -> int:
+        seen: dict[tuple[int, int], int] = {}  # a tensor saved by two ops is held once
+
+        def pack(t: Tensor) -> Tensor:
+            seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+            return t
+
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(part)(leaves)
+        return sum(seen.values())
+
+    one, two = (batch.chunks(size)[0] for size in (1, 2))
+    return float(max(0, saved(two) - saved(one)))
 
 
 @dataclass(frozen=True)
@@ -81,7 +104,7 @@ class Objective:
             for b in batches:
                 loss.validate(b)
             local = [b.to(self.device, dtype) for b in dist.shard(batches)[0]]
-            return [c for b in local for c in b.chunks(chunk_length(b.num_examples, chunk_size, train))]
+            return [c for b in local for c in b.chunks(self._chunk_length(b, chunk_size))]
 
         local = dist.guarded(prepare)
         counts = [loss.count(b.targets) for b in local]
@@ -93,6 +116,19 @@ class Objective:
         self.terms = [BatchTerm(b, n / total, self._batch_fn(b, i))
                       for i, (b, n) in enumerate(zip(local, counts)) if n > 0]
         dist.guarded(self._check_terms)
+
+    def _chunk_length(self, batch: Batch, chunk_size: int | str | None) -> int:
+        """``chunk_length`` for ``batch``; ``auto`` measures its activations once (a batch that does not fit
+        the model stays whole here, so that its evaluation reports the error)."""
+        n = batch.num_examples
+        if chunk_size != "auto" or self.train or n < 2:
+            return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
+        params = dict(self.model.named_parameters())
+        try:
+            per_example = activation_bytes(lambda part: self._batch_fn(part, 0), batch, params)
+        except Exception:  # noqa: BLE001 - the real evaluation raises it with the batch named
+            return n
+        return chunk_length(n, "auto", per_example)
 
     def _check_terms(self) -> None:
         """Only under torchrun can a rank be left with nothing to do: every batch has a counted target
