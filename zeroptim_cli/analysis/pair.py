@@ -106,13 +106,12 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
         check_forward_over_forward(model, train)
     model.to(device=device, dtype=dtype)
     fixed = cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
-    objective = Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype,
-                          chunk_size=chunk_size)
     was_training = model.training
     model.train(train)
     try:
-        with twice_differentiable_kernels():
-            yield objective
+        with twice_differentiable_kernels():  # before the objective: its chunking measures these kernels
+            yield Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype,
+                            chunk_size=chunk_size)
     finally:
         model.train(was_training)
 
