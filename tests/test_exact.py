@@ -312,7 +312,7 @@ def test_chunked_batches_give_the_same_numbers(method: str) -> None:
 def test_auto_chunks_follow_the_measured_activations(monkeypatch) -> None:
     from zeroptim_cli.derivatives import objective as obj
 
-    assert obj.chunk_length(100, "auto", 2**21) == 50 and obj.chunk_length(100, "auto", 1000.0) == 100
+    assert obj.chunk_length(100, "auto", 2**18) == 50 and obj.chunk_length(100, "auto", 1000.0) == 100
     assert obj.chunk_length(3, "auto", 2.0**40) == 1 and obj.chunk_length(40, 0) == 40 and obj.chunk_length(40, 7) == 7
     model, batches = tiny_mlp(), tiny_batches(sizes=(30,))
     params = params_of(model)

@@ -103,7 +103,7 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                           "LayerNorm and train-mode BatchNorm."),
         click.option("--chunk-size", type=ChunkSize(), default="auto", show_default=True, metavar="auto|N|0",
                      help="Examples per evaluation: a batch is cut into chunks whose sums give the same f, g and "
-                          "HΔ with less peak memory. auto: chunks that each save under 128 MiB of activations; 0: whole "
+                          "HΔ with less peak memory. auto: chunks that each save under 16 MiB of activations; 0: whole "
                           "batches. Eval mode only (train mode's batch statistics need the whole batch)."),
         click.option("--train-mode", "train", is_flag=True,
                      help="Evaluate in train mode: BatchNorm batch statistics, dropout with masks fixed by "

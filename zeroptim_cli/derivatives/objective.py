@@ -36,12 +36,12 @@ from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
 
 #: ``chunk_size="auto"``: each chunk saves at most about this many bytes of activations for backward.
-AUTO_CHUNK_BYTES = 128 * 2**20
+AUTO_CHUNK_BYTES = 16 * 2**20
 
 
 def chunk_length(n: int, chunk_size: int | str | None, per_example: float = 0.0) -> int:
     """Examples per chunk of a batch of ``n``: ``chunk_size`` itself (0 or None: the whole batch), or for
-    ``"auto"`` n/k with k = ⌈n·b / 128 MiB⌉, b the bytes a training step saves per example (``per_example``,
+    ``"auto"`` n/k with k = ⌈n·b / 16 MiB⌉, b the bytes a training step saves per example (``per_example``,
     from ``activation_bytes``). A Hessian-vector product holds about three times a step's activations and
     Taylor mode three coefficients of each: where those dominate memory (a transformer at long context)
     chunks bring the peak near one step's; where the parameters dominate, or the batch is small, they
