@@ -13,16 +13,14 @@ from zeroptim_cli import distributed as dist
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.cli.options import (
+    emit,
     extras_options,
-    print_warnings,
     progress_bar,
     result_options,
     settings_options,
     stderr,
 )
-from zeroptim_cli.io.files import write_text_atomic
 from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
-from zeroptim_cli.io.results import to_json
 from zeroptim_cli.report.tables import print_report
 
 
@@ -62,11 +60,5 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
         return
     payload = result.to_dict()
     payload.update(ckpt_t=str(ckpt_t), ckpt_t1=str(ckpt_t1))
-    if output is not None:
-        write_text_atomic(output, to_json(payload, indent=2) + "\n")
-    if as_json:
-        click.echo(to_json(payload))
-    elif not quiet:
-        print_warnings(result.warnings)
-        print_report(result, Console(), per_layer=per_layer)
+    emit(payload, output, as_json, quiet, result.warnings, lambda: print_report(result, Console(), per_layer=per_layer))
 

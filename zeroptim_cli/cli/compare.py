@@ -18,14 +18,12 @@ from zeroptim_cli.cli.options import (
     LINE_SEARCH,
     alphas_grid,
     compare_options,
-    print_warnings,
+    emit,
     result_options,
     settings_options,
     stderr,
 )
-from zeroptim_cli.io.files import write_text_atomic
 from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
-from zeroptim_cli.io.results import to_json
 from zeroptim_cli.report.compare_table import print_comparison
 
 
@@ -65,10 +63,4 @@ def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compa
     if not dist.is_main():
         return
     payload = {**result.to_dict(), "ckpt_t": str(ckpt_t), "ckpt_t1": str(ckpt_t1) if ckpt_t1 else None}
-    if output is not None:
-        write_text_atomic(output, to_json(payload, indent=2) + "\n")
-    if as_json:
-        click.echo(to_json(payload))
-    elif not quiet:
-        print_warnings(result.warnings)
-        print_comparison(payload, Console())
+    emit(payload, output, as_json, quiet, result.warnings, lambda: print_comparison(payload, Console()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -14,6 +15,8 @@ from zeroptim_cli.analysis.compare import SCALES, CompareOptions
 from zeroptim_cli.analysis.extras import Extras, default_alphas
 from zeroptim_cli.analysis.optimizer_steps import MezoSettings
 from zeroptim_cli.derivatives import METHODS
+from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.results import to_json
 from zeroptim_cli.models import REGISTRY
 from zeroptim_cli.runtime import DTYPES
 
@@ -43,6 +46,19 @@ def result_options(output_help: str, quiet_help: str):  # type: ignore[no-untype
         return fn
 
     return decorate
+
+
+def emit(payload: dict, output: Path | None, as_json: bool, quiet: bool, warnings: list[str],
+         show: Callable[[], None]) -> None:
+    """A command's result: to ``output`` (atomically), then either one JSON line on stdout (``--json``),
+    or the warnings on stderr and ``show()``'s table (neither with ``--quiet``)."""
+    if output is not None:
+        write_text_atomic(output, to_json(payload, indent=2) + "\n")
+    if as_json:
+        click.echo(to_json(payload))
+    elif not quiet:
+        print_warnings(warnings)
+        show()
 
 
 def print_warnings(warnings: list[str]) -> None:
