@@ -338,3 +338,40 @@ def test_chunks_are_refused_in_train_mode() -> None:
     w0 = params_of(model)
     with pytest.raises(ConfigError, match="eval mode"):
         analyze_pair(model, w0, perturbed(w0, 0.05), batches, resolve_loss("cross_entropy"), train=True, chunk_size=2)
+
+
+def test_a_users_loss_is_not_chunked_unasked_and_a_nan_loss_is_an_error(monkeypatch) -> None:
+    """A MODULE:FN loss may average over counted targets, not examples: chunks weighted by examples would
+    change f. auto keeps such batches whole; a loss that is not finite at w_t is an error, not nulls."""
+    from zeroptim_cli.derivatives import objective as obj
+    from zeroptim_cli.derivatives.losses import Loss
+    from zeroptim_cli.errors import ZeroptimError
+
+    monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 1)  # auto would cut every batch into single examples
+    model = tiny_mlp()
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 3, (40,), generator=g)
+    y[:25] = -100
+    batches = [Batch(torch.randn(40, 5, generator=g, dtype=torch.float64), y, "padded")]
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    ignoring = Loss("mine:ce", lambda o, t: torch.nn.functional.cross_entropy(o, t, ignore_index=-100), known=False)
+    whole = analyze_pair(model, w0, w1, batches, ignoring, dtype=torch.float64, chunk_size=0)
+    auto = analyze_pair(model, w0, w1, batches, ignoring, dtype=torch.float64)
+    assert auto.loss_t == whole.loss_t and auto.dir_sharpness == whole.dir_sharpness
+    # the built-in loss knows its count: 40 single-example chunks, of which the 15 with a counted target stay
+    assert len(obj.Objective(model, {}, batches, resolve_loss("cross_entropy"), dtype=torch.float64).terms) == 15
+    assert len(obj.Objective(model, {}, batches, ignoring, dtype=torch.float64).terms) == 1
+    nan = Loss("mine:nan", lambda o, t: o.sum() * float("nan"), known=False)
+    with pytest.raises(ZeroptimError, match="loss_t is nan at w_t on batch 'padded'"):
+        analyze_pair(model, w0, w1, batches, nan, dtype=torch.float64)
+
+
+def test_float64_survives_a_models_own_type_float32() -> None:
+    from zeroptim_cli.derivatives.precision import computed_in
+
+    x = torch.ones(2, dtype=torch.float64)
+    with computed_in(torch.float64):
+        assert x.type(torch.float32).dtype == torch.float64 and x.float().dtype == torch.float64
+        assert x.type("torch.FloatTensor").dtype == torch.float64 and x.to(torch.float32).dtype == torch.float64
+    assert x.type(torch.float32).dtype == torch.float32  # outside an analysis nothing changes

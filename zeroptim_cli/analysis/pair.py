@@ -26,7 +26,7 @@ from zeroptim_cli.derivatives import METHODS, Derivatives, Objective
 from zeroptim_cli.derivatives.forward_over_forward import check_forward_over_forward
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.losses import Loss
-from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
 
@@ -78,6 +78,7 @@ def analyze_pair(
         chosen, totals, notes = objective.derivatives(w_t, delta, method)
         value_t1 = objective.value(w_t1) if loss_t1 is None else torch.tensor(loss_t1, dtype=torch.float64, device=device)
         result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
+        require_finite(result, batches)
         result.num_tokens = objective.num_tokens
         if extras is not None and extras.any:
             result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
@@ -114,6 +115,17 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
                             chunk_size=chunk_size)
     finally:
         model.train(was_training)
+
+
+def require_finite(result: PairAnalysis, batches: Sequence[Batch]) -> None:
+    """f(w_t), gᵀΔ and ΔᵀHΔ must be numbers: a NaN or infinite loss at w_t is bad data, not a result.
+    (f(w_t1) may be infinite: a step that diverged is a finding; it is reported as null.)"""
+    for key in ("loss_t", "grad_corr", "dir_sharpness"):
+        value = getattr(result, key)
+        if not math.isfinite(value):
+            sources = ", ".join(f"'{b.source}'" for b in batches)
+            raise ZeroptimError(f"{key} is {value} at w_t on batch {sources}: the loss or its derivatives are not "
+                                "finite there (check the loss and the targets)")
 
 
 def summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int, dtype: torch.dtype,

@@ -44,13 +44,16 @@ def _never(targets: Tensor) -> bool:
 class Loss:
     """A named mean loss ``fn(outputs, targets)``; ``count(targets)``, its averaging weight (examples or
     counted tokens); ``per_token(targets)``, whether that count counts tokens (the JSON's ``num_tokens``);
-    ``check(batch)``, a refusal of batches the loss would score wrongly."""
+    ``check(batch)``, a refusal of batches the loss would score wrongly; ``known``, whether ``count`` is
+    known to be what ``fn`` averages over (built-in losses), so that chunks of a batch weighted by it sum
+    to the batch's loss exactly — a user's ``MODULE:FN`` is only assumed to average over examples."""
 
     name: str
     fn: LossFn
     count: Callable[[Tensor], int] = _examples
     per_token: Callable[[Tensor], bool] = _never
     check: Callable[[Batch], None] | None = None
+    known: bool = True
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.fn(outputs, targets)
@@ -186,7 +189,7 @@ def resolve_loss(spec: str, model: nn.Module | None = None) -> Loss:
     if ":" not in spec:
         raise ConfigError(f"--loss '{spec}' is not a known loss ({', '.join(BUILTIN_LOSSES)}, {MODEL_LOSS}) "
                           "nor a MODULE:FN spec")
-    return Loss(spec, load_callable(spec, "--loss"))
+    return Loss(spec, load_callable(spec, "--loss"), known=False)
 
 
 def resolve_metadata_loss(spec: str, source: Path, trust: Trust, model: nn.Module | None = None) -> Loss:
@@ -198,7 +201,7 @@ def resolve_metadata_loss(spec: str, source: Path, trust: Trust, model: nn.Modul
     if ":" not in spec:
         raise ZeroptimError(f"'{source}' names the loss '{spec}' in its metadata, which is not a known loss "
                             f"({', '.join(BUILTIN_LOSSES)}, {MODEL_LOSS}); pass --loss to choose one")
-    return Loss(spec, metadata_callable(spec, "loss", "--loss", source, trust, source.parent))
+    return Loss(spec, metadata_callable(spec, "loss", "--loss", source, trust, source.parent), known=False)
 
 
 #: transformers' ``loss_type`` of classifiers of a whole sequence, image, video or sound clip.

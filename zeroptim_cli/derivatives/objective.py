@@ -119,8 +119,12 @@ class Objective:
 
     def _chunk_length(self, batch: Batch, chunk_size: int | str | None) -> int:
         """``chunk_length`` for ``batch``; ``auto`` measures its activations once (a batch that does not fit
-        the model stays whole here, so that its evaluation reports the error)."""
+        the model stays whole here, so that its evaluation reports the error), and keeps batches whole for a
+        user's ``MODULE:FN`` loss, whose averaging zeroptim cannot know (``--chunk-size N`` still cuts them,
+        assuming a mean over examples, as several batches are averaged)."""
         n = batch.num_examples
+        if chunk_size == "auto" and not self.loss.known:
+            return n  # a user's loss may average over something else than examples: chunks could change f
         if chunk_size != "auto" or self.train or n < 2:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
         params = dict(self.model.named_parameters())
