@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from zeroptim_cli.analysis.directions import resolve_direction
 from zeroptim_cli.analysis.extras import Extras
@@ -44,6 +44,11 @@ class Settings:
         return Trust(self.trust_code, frozenset(s for s in (self.model, self.loss) if s is not None))
 
 
+def batches_for(ckpt_t: Checkpoint, batch_paths: Sequence[str | os.PathLike] = ()) -> list[Batch]:
+    """The batches of ``batch_paths``, or else those recorded in checkpoint t's metadata."""
+    return [load_batch(p) for p in batch_paths] if batch_paths else recorded_batches(ckpt_t)
+
+
 def recorded_batches(ckpt: Checkpoint) -> list[Batch]:
     """The batches recorded in the checkpoint's metadata; an error when there is none."""
     if not ckpt.batch_paths:
@@ -65,24 +70,45 @@ def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Set
     return model, resolve_metadata_loss(spec, ckpt_t.path, settings.trust, model)
 
 
+@dataclass(frozen=True)
+class PreparedPair:
+    """What a pair's analysis starts from: the model and loss, the parameters at t (and t1, if given) and
+    the buffers of t, all as the checkpoints hold them."""
+
+    model: nn.Module
+    loss: Loss
+    params_t: dict[str, Tensor]
+    buffers_t: dict[str, Tensor]
+    params_t1: dict[str, Tensor] | None
+
+
+def prepare_pair(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Settings,
+                 batches: Sequence[Batch]) -> PreparedPair:
+    """Check the two checkpoints against each other, build the model and the loss, and match the tensors."""
+    if ckpt_t1 is not None:
+        check_compatible(ckpt_t, ckpt_t1)
+    model, loss = model_and_loss(ckpt_t, ckpt_t1, settings, batches)
+    params_t, buffers_t = state_for_model(model, ckpt_t)
+    params_t1 = state_for_model(model, ckpt_t1)[0] if ckpt_t1 is not None else None
+    return PreparedPair(model, loss, params_t, buffers_t, params_t1)
+
+
 def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequence[Batch],
                         settings: Settings = Settings(), loss_t1: float | None = None,
                         extras: Extras | None = None) -> PairAnalysis:
     """Analyse the step from ``ckpt_t`` to ``ckpt_t1`` on ``batches`` (see ``analyze_pair``)."""
     dtype = resolve_dtype(settings.dtype)
-    check_compatible(ckpt_t, ckpt_t1)
-    model, loss = model_and_loss(ckpt_t, ckpt_t1, settings, batches)
-    params_t, buffers_t = state_for_model(model, ckpt_t)
-    params_t1, _ = state_for_model(model, ckpt_t1)
+    p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
+    assert p.params_t1 is not None
     result = analyze_pair(
-        model, params_t, params_t1, batches, loss,
-        buffers=buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
+        p.model, p.params_t, p.params_t1, batches, p.loss,
+        buffers=p.buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
         device=resolve_device(settings.device), dtype=dtype, loss_t1=loss_t1,
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
         chunk_size=settings.chunk_size,
     )
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
-    result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train) + result.warnings
+    result.warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train) + result.warnings
     return result
 
 
@@ -91,5 +117,4 @@ def analyze_files(path_t: str | os.PathLike, path_t1: str | os.PathLike,
                   extras: Extras | None = None) -> PairAnalysis:
     """Analyse a pair of checkpoint files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
     ckpt_t, ckpt_t1 = load_checkpoint(path_t), load_checkpoint(path_t1)
-    batches = [load_batch(p) for p in batch_paths] if batch_paths else recorded_batches(ckpt_t)
-    return analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, extras=extras)
+    return analyze_checkpoints(ckpt_t, ckpt_t1, batches_for(ckpt_t, batch_paths), settings, extras=extras)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zeroptim_cli.analysis.checkpoints import Settings, model_and_loss, recorded_batches
+from zeroptim_cli.analysis.checkpoints import Settings, batches_for, prepare_pair
 from zeroptim_cli.analysis.extras import line_search
 from zeroptim_cli.analysis.optimizer_steps import (
     MezoSettings,
@@ -39,12 +39,12 @@ from zeroptim_cli.analysis.optimizer_steps import (
     recorded_state,
 )
 from zeroptim_cli.analysis.pair import cast, prepared
-from zeroptim_cli.analysis.result import quadratic_model
+from zeroptim_cli.analysis.result import cosine, quadratic_model
 from zeroptim_cli.analysis.sanity import pair_warnings
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.errors import ConfigError
-from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
+from zeroptim_cli.io.batches import Batch
+from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint
 from zeroptim_cli.runtime import resolve_device, resolve_dtype
 from zeroptim_cli.vectors import Params, dot, norm
 
@@ -136,7 +136,7 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
             row: dict[str, Any] = {"name": name, "scale": "own" if name in kept else "update", **quadratic_model(gd, dhd, n),
                                    "own_norm": norm(steps[name][0]), "loss_after": after,
                                    "delta_loss": after - loss_t, "taylor_residual": after - loss_t - (gd + 0.5 * dhd),
-                                   "cos_with_update": _cos(du, n, update_norm), "cos_with_grad": _cos(gdd, n, grad_norm)}
+                                   "cos_with_update": cosine(du, n, update_norm), "cos_with_grad": cosine(gdd, n, grad_norm)}
             if options.line_search:
                 ls = line_search(objective, w_t, directions[name], options.line_search, loss_t, gd, dhd)
                 row["line_search"] = {"best_alpha": ls["best_alpha"], "best_loss": ls["best_loss"],
@@ -146,12 +146,6 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
                       dtype=str(dtype).removeprefix("torch."), device=str(device), method=chosen,
                       scale=options.scale, reference=reference, reference_norm=ref_norm,
                       clip_fraction=options.clip_fraction, directions=out, warnings=notes)
-
-
-def _cos(dot_value: float, a: float, b: float | None) -> float | None:
-    if not a or not b:
-        return None
-    return max(-1.0, min(1.0, dot_value / (a * b)))
 
 
 def _reference(point: StepPoint, steps: dict[str, tuple[Params, bool]]) -> tuple[str | None, float | None]:
@@ -171,20 +165,17 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
                         settings: Settings = Settings(), options: CompareOptions = CompareOptions()) -> Comparison:
     """Compare the directions at checkpoint t (the model, loss, learning rate and optimizer state from its
     metadata and folder), with the update to ``ckpt_t1`` when given."""
-    if ckpt_t1 is not None:
-        check_compatible(ckpt_t, ckpt_t1)
-    model, loss = model_and_loss(ckpt_t, ckpt_t1, settings, batches)
-    params_t, buffers_t = state_for_model(model, ckpt_t)
-    params_t1 = state_for_model(model, ckpt_t1)[0] if ckpt_t1 is not None else None
+    p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
     optimizer = ckpt_t.meta.get("optimizer") or {}
     lr = optimizer.get("lr")
     recorded = recorded_state(ckpt_t)
-    warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train) if ckpt_t1 is not None else []
+    warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train) if ckpt_t1 is not None else []
     if recorded is None and optimizer.get("name") not in (None, "sgd"):
         warnings.append(f"no optimizer state beside '{ckpt_t.path}': the {optimizer.get('name')} step is not compared")
     result = compare_directions(
-        model, params_t, params_t1, batches, loss, lr=float(lr) if isinstance(lr, (int, float)) else None,
-        recorded=recorded, states=[other_state(p, ckpt_t.step) for p in options.states], options=options, buffers=buffers_t,
+        p.model, p.params_t, p.params_t1, batches, p.loss, lr=float(lr) if isinstance(lr, (int, float)) else None,
+        recorded=recorded, states=[other_state(s, ckpt_t.step) for s in options.states], options=options,
+        buffers=p.buffers_t,
         method=settings.method, train=settings.train, seed=settings.seed, device=resolve_device(settings.device),
         dtype=resolve_dtype(settings.dtype), chunk_size=settings.chunk_size)
     result.step_t = ckpt_t.step
@@ -199,5 +190,4 @@ def compare_files(path_t: str | os.PathLike, path_t1: str | os.PathLike | None =
     """``compare_checkpoints`` on files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
     ckpt_t = load_checkpoint(path_t)
     ckpt_t1 = load_checkpoint(path_t1) if path_t1 is not None else None
-    batches = [load_batch(p) for p in batch_paths] if batch_paths else recorded_batches(ckpt_t)
-    return compare_checkpoints(ckpt_t, ckpt_t1, batches, settings, options)
+    return compare_checkpoints(ckpt_t, ckpt_t1, batches_for(ckpt_t, batch_paths), settings, options)

@@ -29,6 +29,13 @@ def quadratic_model(grad_corr: float, dir_sharpness: float, norm: float) -> dict
     }
 
 
+def cosine(dot_value: float, a: float | None, b: float | None) -> float | None:
+    """xᵀy/(‖x‖‖y‖) from the dot product and both lengths, clamped to [−1, 1]; None when a length is 0."""
+    if not a or not b:
+        return None
+    return max(-1.0, min(1.0, dot_value / (a * b)))
+
+
 @dataclass(frozen=True)
 class LayerStats:
     """One distinct parameter tensor's share; grad_corr and dir_sharpness are None without g and HΔ."""
@@ -84,9 +91,7 @@ class PairAnalysis:
 
     @property
     def cos_grad_update(self) -> float | None:
-        if not self.grad_norm or not self.update_norm:
-            return None
-        return max(-1.0, min(1.0, self.grad_corr / (self.grad_norm * self.update_norm)))
+        return cosine(self.grad_corr, self.grad_norm, self.update_norm)
 
     @property
     def optimal_scale(self) -> float | None:
