@@ -12,7 +12,7 @@ from torch import nn
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
 from zeroptim_cli.derivatives import METHODS
-from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.models import MLP
 
 PER_LAYER_METHODS = ["forward-over-reverse", "reverse-over-reverse"]
@@ -189,21 +189,49 @@ def test_float32_agrees_with_float64() -> None:
     assert rel_close(r32.dir_sharpness, r64.dir_sharpness, 1e-3)
 
 
-def test_auto_falls_back_when_double_backward_fails(monkeypatch) -> None:
-    import zeroptim_cli.derivatives.methods as analysis
+def test_auto_falls_back_when_double_backward_refuses(monkeypatch) -> None:
+    import dataclasses
+
+    import zeroptim_cli.derivatives.methods as methods
+    from zeroptim_cli.derivatives.refusals import NoDoubleBackward
 
     def no_double_backward(*args):
-        raise RuntimeError("derivative for some_fused_kernel_backward is not implemented")
+        raise NoDoubleBackward("aten::some_fused_kernel_backward", "torch has no derivative of it")
 
     model, batches = tiny_mlp(), tiny_batches()
     w0 = params_of(model)
     w1 = perturbed(w0, 0.05)
     ref = analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
-    assert ref.method == "reverse-over-reverse"
-    monkeypatch.setitem(analysis.METHODS, "reverse-over-reverse", no_double_backward)
+    assert ref.method == "reverse-over-reverse" and ref.warnings == []
+    record = methods.METHODS["reverse-over-reverse"]
+    monkeypatch.setitem(methods.METHODS, record.name, dataclasses.replace(record, compute=no_double_backward))
     r = analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), dtype=torch.float64)
     assert r.method == "forward-over-reverse"
+    assert r.warnings == ["reverse-over-reverse refused this model (aten::some_fused_kernel_backward: torch has no "
+                          "derivative of it); forward-over-reverse ran instead"]
     assert rel_close(r.dir_sharpness, ref.dir_sharpness, 1e-12)
+
+
+def test_an_error_that_is_no_refusal_is_never_hidden_by_a_fallback(monkeypatch) -> None:
+    """An internal fault of a method (here an IndexError in Taylor mode) is an error naming the method, not a
+    silent switch to the next method; a batch that really does not fit is still the batch's error."""
+    import dataclasses
+
+    import zeroptim_cli.derivatives.methods as methods
+
+    def broken(*args):
+        raise IndexError("tuple index out of range")
+
+    model, batches = tiny_mlp(), tiny_batches()
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    record = methods.METHODS["taylor"]
+    monkeypatch.setitem(methods.METHODS, "taylor", dataclasses.replace(record, compute=broken))
+    with pytest.raises(ZeroptimError, match=r"--method taylor failed on batch 'b0' \(IndexError: tuple index out"):
+        analyze_pair(model, w0, w1, batches, resolve_loss("cross_entropy"), method="taylor", dtype=torch.float64)
+    wide = [Batch(torch.randn(3, 9, dtype=torch.float64), torch.tensor([0, 1, 2]), source="wide")]
+    with pytest.raises(ZeroptimError, match="batch 'wide' does not fit the model"):
+        analyze_pair(model, w0, w1, wide, resolve_loss("cross_entropy"), method="taylor", dtype=torch.float64)
 
 
 def test_models_returning_tuples_or_logits_objects() -> None:
@@ -265,7 +293,7 @@ def test_taylor_falls_back_with_a_note_where_it_has_no_rule() -> None:
     loss = resolve_loss("cross_entropy")
     r = analyze_pair(model, w0, w1, batches, loss, method="taylor", dtype=torch.float64)
     ref = analyze_pair(model, w0, w1, batches, loss, method="reverse-over-reverse", dtype=torch.float64)
-    assert r.method == "reverse-over-reverse" and any("Taylor mode refused" in w for w in r.warnings)
+    assert r.method == "reverse-over-reverse" and any(w.startswith("taylor refused") for w in r.warnings)
     assert r.dir_sharpness == ref.dir_sharpness and r.grad_norm == ref.grad_norm
 
 

@@ -147,6 +147,15 @@ def gather_to_main(obj: T) -> list[T] | None:
     return out
 
 
+def all_gather(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_from_main(obj: T) -> T:
     """Rank 0's ``obj`` on every rank."""
     if not active():

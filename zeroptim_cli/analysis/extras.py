@@ -20,13 +20,9 @@ from torch import Tensor
 from zeroptim_cli.analysis.concentration import FRACTIONS, concentration
 from zeroptim_cli.analysis.result import PairAnalysis, quadratic_model
 from zeroptim_cli.analysis.spectrum import hutchinson, lanczos
-from zeroptim_cli.derivatives import Derivatives, Objective
+from zeroptim_cli.derivatives import METHODS, Derivatives, Objective
+from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.vectors import Params, clip_threshold, flatten, unflatten
-
-#: The method of the spectrum's Hessian-vector products: they need Hv itself. (The clipped what-if needs only
-#: gᵀΔᶜ and ΔᶜᵀHΔᶜ and uses the method the pair ran with.)
-HVP = "reverse-over-reverse"
-
 
 #: Told (probes done, probes in all) after each Lanczos step or Hutchinson probe, e.g. to move a progress bar.
 OnProbe = Callable[[int, int], None]
@@ -84,7 +80,10 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
     dicts under their own keys (they extend the contract)."""
     out: dict[str, Any] = {}
     hvps_spent = 0
-    if options.concentration and d.hvp is not None:
+    if options.concentration:
+        if d.hvp is None:
+            raise ZeroptimError(f"--concentration needs HΔ, and only {result.method}, which gives none, could "
+                                f"differentiate this model ({'; '.join(result.warnings)})")
         out["concentration"] = concentration(delta, d.hvp, options.fractions)
     if options.clip:
         dc, tau = clipped(delta, options.clip)
@@ -102,11 +101,14 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
         generator = torch.Generator().manual_seed(options.seed)
 
         probes, probes_done = options.lanczos_steps + options.hutchinson_probes, 0
+        # the spectrum needs Hv itself: the pair's method if it gives HΔ, else the first of auto's that does
+        hvp_method = result.method if METHODS[result.method].gives_hvp else "auto"
 
         def flat_hvp(v: Tensor) -> Tensor:
-            nonlocal hvps_spent, probes_done
+            nonlocal hvps_spent, probes_done, hvp_method
             hvps_spent += len(objective.terms)
-            hv = flatten(objective.derivatives(w_t, unflatten(v, w_t), HVP)[1].hvp)
+            hvp_method, hv_d, _ = objective.derivatives(w_t, unflatten(v, w_t), hvp_method, need_hvp=True)
+            hv = flatten(hv_d.hvp)
             probes_done += 1
             if options.on_probe is not None:
                 options.on_probe(probes_done, probes)

@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from zeroptim_cli.analysis.directions import Direction
 from zeroptim_cli.analysis.extras import Extras, compute_extras
 from zeroptim_cli.analysis.result import LayerStats, PairAnalysis
-from zeroptim_cli.derivatives import METHODS, Derivatives, Objective
-from zeroptim_cli.derivatives.forward_over_forward import check_forward_over_forward
+from zeroptim_cli.derivatives import Derivatives, Objective, methods
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
@@ -54,9 +53,9 @@ def analyze_pair(
 
     ``params_*`` map parameter names (as in ``model.named_parameters()``) to tensors; ``buffers``
     (default: the model's own) are held fixed at checkpoint t's values. ``method`` is ``auto`` or one of
-    ``zeroptim_cli.derivatives.METHODS``. The model is moved to ``device`` and ``dtype`` and set to eval
-    mode (train mode with ``train=True``) for the call; its mode is restored afterwards. A known
-    ``loss_t1`` (f(w_t1) on the same batches, e.g. f(w_t) of the next pair of a sweep) saves its forward
+    ``zeroptim_cli.derivatives.METHODS`` (where it refuses, its fallbacks run, as ``warnings`` say). The
+    model is moved to ``device`` and ``dtype`` (and stays there) and set to eval mode (train mode with
+    ``train=True``) for the call; its mode is restored afterwards. A known ``loss_t1`` (f(w_t1) on the same batches, e.g. f(w_t) of the next pair of a sweep) saves its forward
     pass.
 
     ``direction`` (see ``analysis.directions``) replaces Δ by another direction d from w_t, computed
@@ -64,7 +63,7 @@ def analyze_pair(
     opt-in analyses of ``analysis.extras`` under their own keys. ``chunk_size`` bounds the examples of one
     evaluation (``derivatives.objective.chunk_length``): the same numbers, less peak memory.
     """
-    if method in ("taylor", "forward-over-forward") and extras is not None and extras.concentration:
+    if extras is not None and extras.concentration and not methods.first(method).gives_hvp:
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
                           "compute; use --method auto")
     device = torch.device(device)
@@ -80,10 +79,10 @@ def analyze_pair(
         result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
         require_finite(result, batches)
         result.num_tokens = objective.num_tokens
+        result.warnings = notes
         if extras is not None and extras.any:
             result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
     result.direction = direction_name
-    result.warnings = notes
     return result
 
 
@@ -99,12 +98,11 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
     """Prepare: check ``method``, move the model to ``device`` and ``dtype``, and yield the objective f on
     ``batches`` with ``buffers`` (default: the model's own) fixed; for the block the model is in train or
     eval mode (its own mode restored after) and attention uses twice-differentiable kernels."""
-    if method != "auto" and method not in METHODS:
-        raise ConfigError(f"--method '{method}' is not one of auto, {', '.join(METHODS)}")
+    record = methods.first(method)  # an unknown name is a usage error
     if not batches:
         raise ConfigError("no batch to evaluate the loss on")
-    if method == "forward-over-forward":
-        check_forward_over_forward(model, train)
+    if record.check is not None:
+        record.check(model, train)
     model.to(device=device, dtype=dtype)
     fixed = cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
     was_training = model.training

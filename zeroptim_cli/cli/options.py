@@ -14,7 +14,7 @@ from rich.progress import Progress, ProgressColumn
 from zeroptim_cli.analysis.compare import SCALES, CompareOptions
 from zeroptim_cli.analysis.extras import Extras, default_alphas
 from zeroptim_cli.analysis.optimizer_steps import MezoSettings
-from zeroptim_cli.derivatives import METHODS
+from zeroptim_cli.derivatives.methods import method_help, method_names
 from zeroptim_cli.io.files import write_text_atomic
 from zeroptim_cli.io.results import to_json
 from zeroptim_cli.models import REGISTRY
@@ -109,14 +109,8 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                      help="Where to compute; auto takes CUDA when available."),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
                      help="Compute dtype; bf16/fp16 checkpoints are upcast."),
-        click.option("--method", type=click.Choice(["auto", *METHODS]), default="auto", show_default=True,
-                     help="How the derivatives along Δ are taken. auto: a Hessian-vector product by double "
-                          "backward (forward-over-reverse where an op lacks it); every key, per-layer split too. "
-                          "taylor: forward-only Taylor mode, exact, about 2 training steps per pair and no "
-                          "backward graph in memory, but no gradient norm and no per-layer split: the better "
-                          "choice for long sweeps and large batches (falls back to auto, and says so, for an op "
-                          "it has no rule for). forward-over-forward: torch's nested jvp, refused through "
-                          "LayerNorm and train-mode BatchNorm."),
+        click.option("--method", type=click.Choice(method_names()), default="auto", show_default=True,
+                     help=method_help()),
         click.option("--chunk-size", type=ChunkSize(), default="auto", show_default=True, metavar="auto|N|0",
                      help="Examples per evaluation: a batch is cut into chunks whose sums give the same f, g and "
                           "HΔ with less peak memory. auto: chunks that each save under 16 MiB of activations; 0: whole "

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn
+from zeroptim_cli.derivatives.refusals import NoForwardAD, torch_refusals_as
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.vectors import Params
 
@@ -23,7 +24,8 @@ def forward_over_forward(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
         loss, d1 = jvp(f, (p,), (delta,))
         return d1, loss
 
-    grad_corr, dir_sharpness, loss = jvp(slope, (w,), (delta,), has_aux=True)
+    with torch_refusals_as(NoForwardAD):
+        grad_corr, dir_sharpness, loss = jvp(slope, (w,), (delta,), has_aux=True)
     return Derivatives(loss, grad_corr, dir_sharpness)
 
 

@@ -1,28 +1,102 @@
-"""The differentiation methods by name, and the order in which ``auto`` and ``taylor`` try them.
+"""The differentiation methods, one record each: what it gives, how it refuses, what is tried after it.
 
-``auto`` gives every key of the contract (the per-layer split needs HΔ): double backward first, then
-forward over reverse. ``taylor`` is forward only (no g, no HΔ) and falls back to ``auto``'s methods for a
-model with an op Taylor mode has no rule for."""
+| method | gives | refuses (its exception) | then |
+|---|---|---|---|
+| ``reverse-over-reverse`` | f, gᵀΔ, ΔᵀHΔ, g, HΔ | ``NoDoubleBackward``: an op without a differentiable backward | — |
+| ``forward-over-reverse`` | f, gᵀΔ, ΔᵀHΔ, g, HΔ | ``NoForwardAD``: an op's backward without forward-mode AD | — |
+| ``taylor`` | f, gᵀΔ, ΔᵀHΔ | ``NoTaylorRule``: an op without an exact Taylor rule | reverse-over-reverse, forward-over-reverse |
+| ``forward-over-forward`` | f, gᵀΔ, ΔᵀHΔ | ``NoForwardAD``; LayerNorm / train-mode BatchNorm before it runs | — |
+
+``auto`` is no method of its own: the first of ``AUTO`` that does not refuse, so it reaches every exact
+method before it gives up. Only a declared refusal moves on to the next method (and is noted in the result's
+``warnings``, its ``method`` naming what ran); any other exception is an error (``Objective.derivatives``).
+The analysis, its extras and the command line's help read these records; nothing else branches on a
+method's name.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
 
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn
-from zeroptim_cli.derivatives.forward_over_forward import forward_over_forward
+from zeroptim_cli.derivatives.forward_over_forward import check_forward_over_forward, forward_over_forward
 from zeroptim_cli.derivatives.forward_over_reverse import forward_over_reverse
+from zeroptim_cli.derivatives.refusals import NoDoubleBackward, NoForwardAD, NoTaylorRule, Refusal
 from zeroptim_cli.derivatives.reverse_over_reverse import reverse_over_reverse
 from zeroptim_cli.derivatives.taylor_mode import taylor
+from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.vectors import Params
 
-Method = Callable[[ScalarFn, Params, Params], Derivatives]
+Compute = Callable[[ScalarFn, Params, Params], Derivatives]
 
-METHODS: dict[str, Method] = {
-    "forward-over-reverse": forward_over_reverse,
-    "reverse-over-reverse": reverse_over_reverse,
-    "forward-over-forward": forward_over_forward,
-    "taylor": taylor,
-}
-AUTO_ORDER = ("reverse-over-reverse", "forward-over-reverse")
-#: What each method tries, in order, until one works on the first batch.
-FALLBACKS: dict[str, tuple[str, ...]] = {"auto": AUTO_ORDER, "taylor": ("taylor", *AUTO_ORDER)}
+
+@dataclass(frozen=True)
+class Method:
+    """One way to take f(w), gᵀΔ and ΔᵀHΔ for one batch term: ``compute(f, w, Δ)``.
+
+    ``gives_grad`` / ``gives_hvp``: whether its ``Derivatives`` hold g (‖g‖, cos) and HΔ (per-layer split,
+    concentration, spectrum). ``refusal``: the exception it raises for an f it cannot differentiate exactly.
+    ``fallbacks``: tried in order after it refused. ``check``: a refusal known from the model alone, before
+    anything runs. ``summary``: its line in ``--help``."""
+
+    name: str
+    compute: Compute
+    refusal: type[Refusal]
+    gives_grad: bool
+    gives_hvp: bool
+    summary: str
+    fallbacks: tuple[str, ...] = ()
+    check: Callable[[nn.Module, bool], None] | None = None
+
+    def __call__(self, f: ScalarFn, w: Params, delta: Params) -> Derivatives:
+        return self.compute(f, w, delta)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("reverse-over-reverse", reverse_over_reverse, NoDoubleBackward, True, True,
+           "double backward, HΔ = ∇(gᵀΔ)"),
+    Method("forward-over-reverse", forward_over_reverse, NoForwardAD, True, True,
+           "forward-mode AD through the gradient, (g, HΔ) = jvp(∇f, w, Δ)"),
+    Method("taylor", taylor, NoTaylorRule, False, False,
+           "forward-only Taylor mode, exact, about 2 training steps per pair and no backward graph in memory, but "
+           "no gradient norm and no per-layer split: the better choice for long sweeps and large batches",
+           fallbacks=("reverse-over-reverse", "forward-over-reverse")),
+    Method("forward-over-forward", forward_over_forward, NoForwardAD, False, False,
+           "torch's nested jvp (refused through LayerNorm and train-mode BatchNorm)",
+           check=check_forward_over_forward),
+)}
+
+#: What ``auto`` tries, in order: every exact method.
+AUTO = ("reverse-over-reverse", "forward-over-reverse", "taylor")
+
+
+def method_names() -> list[str]:
+    """What ``--method`` accepts."""
+    return ["auto", *METHODS]
+
+
+def chain(method: str) -> tuple[str, ...]:
+    """The methods that ``method`` tries, in order, each after the one before it refused."""
+    if method == "auto":
+        return AUTO
+    if method not in METHODS:
+        raise ConfigError(f"--method '{method}' is not one of {', '.join(method_names())}")
+    return (method, *METHODS[method].fallbacks)
+
+
+def first(method: str) -> Method:
+    """The record of the method that ``method`` runs when nothing refuses."""
+    return METHODS[chain(method)[0]]
+
+
+def method_help() -> str:
+    """``--method``'s help, from the records."""
+    lines = [f"auto: the first that works of {', '.join(AUTO)}; every key, per-layer split too (unless only "
+             "taylor can differentiate the model, which is then said in warnings)."]
+    for m in METHODS.values():
+        then = f" (falls back to {', '.join(m.fallbacks)}, and says so)" if m.fallbacks else ""
+        lines.append(f"{m.name}: {m.summary}{then}.")
+    return "How the derivatives along Δ are taken. " + " ".join(lines)

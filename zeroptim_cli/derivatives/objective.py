@@ -5,7 +5,8 @@
 with n_b the batch's count (examples, or counted tokens for a token-level loss; ``Loss.count``) and the buffers
 (BatchNorm running statistics, …) those of checkpoint t for every evaluation. In eval mode (the default)
 BatchNorm uses those running statistics and dropout is off. In train mode BatchNorm uses batch statistics
-and dropout draws its masks from a fixed seed, the same for every evaluation, so f stays one deterministic
+and dropout draws its masks from a generator of the evaluation's own with a fixed seed, the same for every
+evaluation (``randomness.seeded``: no other thread's generator is touched), so f stays one deterministic
 function of w; buffers are copied per evaluation, so nothing is mutated. A float64 objective stays float64
 inside the model's and the loss's own code (``precision.computed_in``). x_b is a tensor, passed as
 ``model(x_b)``, or keyword arguments, passed as ``model(**x_b)`` (``Batch.model_args``).
@@ -17,6 +18,7 @@ class returns is already summed over the ranks, so callers see the single-proces
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,9 +30,10 @@ from torch.func import functional_call
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn, all_reduce, axpy
 from zeroptim_cli.derivatives.losses import Loss
-from zeroptim_cli.derivatives.methods import FALLBACKS, METHODS
+from zeroptim_cli.derivatives.methods import METHODS, chain
 from zeroptim_cli.derivatives.precision import computed_in
-from zeroptim_cli.derivatives.taylor import TaylorUnsupported
+from zeroptim_cli.derivatives.randomness import seeded
+from zeroptim_cli.derivatives.refusals import Refusal
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
@@ -152,9 +155,7 @@ class Objective:
                 if not self.train:
                     return self.loss(functional_call(self.model, (params, self.buffers), args, kwargs), batch.targets)
                 buffers = {k: v.clone() for k, v in self.buffers.items()}
-                device = batch.targets.device
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(self.seed + index)
+                with seeded(self.seed + index):
                     outputs = functional_call(self.model, (params, buffers), args, kwargs)
                 return self.loss(outputs, batch.targets)
 
@@ -183,45 +184,62 @@ class Objective:
         zero = torch.zeros((), dtype=next(iter(g.values())).dtype, device=self.device)
         return all_reduce(Derivatives(zero, zero, zero, g)).grad  # type: ignore[return-value]
 
-    def derivatives(self, w: Params, v: Params, method: str = "auto") -> tuple[str, Derivatives, list[str]]:
+    def derivatives(self, w: Params, v: Params, method: str = "auto", *,
+                    need_hvp: bool = False) -> tuple[str, Derivatives, list[str]]:
         """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``, notes on fallbacks).
 
-        ``auto`` and ``taylor`` try their ``FALLBACKS`` on the first batch and keep the first that works
-        (Taylor mode refuses ops it has no rule for; some kernels, e.g. cuDNN's RNNs, have no double
-        backward; forward-over-reverse in turn can trip on torch's immutable zero tangents, seen for a linear
-        model under MSE, whose Hessian is constant). A fallback from ``taylor`` is noted with its reason.
-        A batch that fits no method is reported by the first method's error, the plainest one.
+        The methods of ``methods.chain(method)`` (with ``need_hvp``, only those that give HΔ) are tried in
+        turn. A method's declared refusal (``refusals.Refusal``) on any batch of any rank moves every rank on
+        to the next one together, so that all ranks sum the same method's numbers, and is noted. Any other
+        exception is an error: the batch's, if the plain forward pass fails on it too, else the method's.
+        When every method refuses, the error names each one's reason.
         """
-        candidates = list(FALLBACKS.get(method, (method,)))
+        names = [n for n in chain(method) if not need_hvp or METHODS[n].gives_hvp]
         notes: list[str] = []
+        refused: list[str] = []
+        for i, name in enumerate(names):
+            total, refusal = dist.guarded(functools.partial(self._attempt, name, w, v))
+            reasons = [r for r in dist.all_gather(refusal) if r]
+            if not reasons:
+                assert total is not None
+                return name, all_reduce(total), notes
+            refused.append(f"{name}: {reasons[0]}")
+            if i + 1 < len(names):
+                notes.append(f"{name} refused this model ({reasons[0]}); {names[i + 1]} ran instead")
+        sources = ", ".join(f"'{t.batch.source}'" for t in self.terms[:3])
+        raise ZeroptimError(f"no exact method could differentiate the loss on batch {sources} twice along Δ "
+                            f"({'; '.join(refused)})")
 
-        def local() -> Derivatives:
-            total: Derivatives | None = None
-            for term in self.terms:
-                first_error: Exception | None = None
-                while True:
-                    try:
-                        d = METHODS[candidates[0]](term.fn, w, v)
-                        break
-                    except Exception as exc:
-                        first_error = first_error or exc
-                        if len(candidates) > 1 and total is None:
-                            if isinstance(exc, TaylorUnsupported):
-                                notes.append(f"Taylor mode refused this model ({exc}); {candidates[1]} ran instead")
-                                first_error = None  # the refusal is no error of the batch
-                            candidates.pop(0)
-                            continue
-                        raise _batch_error(term.batch, first_error) from exc
-                total = axpy(term.weight, d, total)
-            assert total is not None
-            return total
+    def _attempt(self, name: str, w: Params, v: Params) -> tuple[Derivatives | None, str | None]:
+        """(Σ_b weight_b × method ``name``'s derivatives on this rank, None) or (None, its refusal)."""
+        total: Derivatives | None = None
+        for term in self.terms:
+            try:
+                d = METHODS[name](term.fn, w, v)
+            except Refusal as exc:
+                return None, str(exc)
+            except Exception as exc:  # noqa: BLE001 - classified and re-raised
+                raise self._failure(term, w, name, exc) from exc
+            total = axpy(term.weight, d, total)
+        return total, None
 
-        total = dist.guarded(local)
-        return candidates[0], all_reduce(total), notes
+    def _failure(self, term: BatchTerm, w: Params, method: str, exc: Exception) -> ZeroptimError:
+        """The error for ``exc``, raised by ``method`` on ``term`` at ``w``: the batch's if the plain forward
+        pass fails too (the batch does not fit the model), else the method's own (a fault of zeroptim or of
+        torch: ``--debug`` shows its traceback)."""
+        if isinstance(exc, ZeroptimError):
+            return ZeroptimError(f"batch '{term.batch.source}': {exc}")
+        try:
+            with torch.no_grad():
+                term.fn(w)
+        except Exception as forward:  # noqa: BLE001 - reported as the batch's error
+            return _batch_error(term.batch, forward)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return ZeroptimError(f"--method {method} failed on batch '{term.batch.source}' ({type(exc).__name__}: "
+                             f"{first}) although the model's forward pass runs on it: a fault in zeroptim or in "
+                             "torch, not in the batch (rerun with --debug for the traceback)")
 
 
 def _batch_error(batch: Batch, exc: Exception) -> ZeroptimError:
-    if isinstance(exc, ZeroptimError):
-        return ZeroptimError(f"batch '{batch.source}': {exc}")
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return ZeroptimError(f"batch '{batch.source}' does not fit the model ({type(exc).__name__}: {first})")

@@ -5,18 +5,24 @@ Parameters enter as (w, Δ, 0); linear ops act on each coefficient, bilinear one
 c2 = a0·b2 + a1·b1 + a2·b0, smooth elementwise h gives u1 = h'(x0)·x1 and u2 = h'(x0)·x2 + ½h''(x0)·x1²
 (the rules: ``derivatives/taylor/rules.py``). Exact, no finite differences. Cost: about five forward passes'
 worth of arithmetic (a training step is about three), and inference memory: no autograd graph is stored.
-No g and no HΔ, hence no gradient norm and no per-layer split. An op without a rule raises
-``TaylorUnsupported`` and the objective falls back to a Hessian-vector product.
+No g and no HΔ, hence no gradient norm and no per-layer split. An op without a rule makes the engine raise
+``TaylorUnsupported``, declared here as the refusal ``NoTaylorRule``: the objective then falls back to a
+Hessian-vector product and says so.
 """
 
 from __future__ import annotations
 
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn
-from zeroptim_cli.derivatives.taylor import taylor2
+from zeroptim_cli.derivatives.refusals import NoTaylorRule
+from zeroptim_cli.derivatives.taylor import TaylorUnsupported, taylor2
 from zeroptim_cli.vectors import Params
 
 
 def taylor(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
-    """(f(w), gᵀΔ, ΔᵀHΔ) by second-order Taylor mode along Δ."""
-    loss, grad_corr, dir_sharpness = taylor2(f, w, delta)
+    """(f(w), gᵀΔ, ΔᵀHΔ) by second-order Taylor mode along Δ: φ(0), φ'(0), φ''(0) of φ(α) = f(w + αΔ)."""
+    try:
+        loss, grad_corr, dir_sharpness = taylor2(f, w, delta)
+    except TaylorUnsupported as exc:
+        op, _, reason = str(exc).partition(": ")
+        raise NoTaylorRule(op, reason) from exc
     return Derivatives(loss, grad_corr, dir_sharpness)
