@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.taylor import rules  # noqa: F401  (fills RULES)
 from zeroptim_cli.derivatives.taylor._core import _RESOLVER, RULES, TaylorTensor, TaylorUnsupported, cs, is_t
 
@@ -174,14 +175,8 @@ def how(func) -> str:
 def _eval_context() -> Iterator[None]:
     """Grad mode on (so that no_grad blocks inside f mean to us what they mean to autograd: constants) although
     nothing here requires grad; SDPA on its math path and no fused MHA fast path (neither has a rule)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+    with torch.enable_grad(), twice_differentiable_kernels():
+        yield
 
 
 def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
