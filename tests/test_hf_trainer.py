@@ -94,3 +94,45 @@ def test_callback_refuses_label_smoothing(tmp_path) -> None:
                                    callbacks=[ZeroptimCallback(every=1)])
     with pytest.raises(ValueError, match="label smoothing"):
         trainer.train()
+
+
+def our_hooks(model: torch.nn.Module) -> int:
+    return len(model._forward_pre_hooks) + len(model._forward_hooks)
+
+
+def test_callback_hooks_live_only_while_a_recorded_step_accumulates(tmp_path) -> None:
+    """Removed after a recorded step, after training, and when training stops half-way: on an exception in
+    the model's forward, or (stopped between a forward and the optimizer step) at the next call."""
+    callback = ZeroptimCallback(every=2)
+    trainer = train(tmp_path / "ok", 1, callback, steps=3)
+    assert callback.recorded == [0, 2] and our_hooks(trainer.model) == 0
+
+    class Failing(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step == 1:
+                model.transformer.h[0].register_forward_pre_hook(lambda *a: 1 / 0)
+
+    callback = ZeroptimCallback(every=1)
+    args = transformers.TrainingArguments(str(tmp_path / "fail"), use_cpu=True, report_to=[], optim="sgd",
+                                          max_steps=3, save_strategy="no", disable_tqdm=True,
+                                          per_device_train_batch_size=2)
+    model = tiny("gpt2")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback, Failing()])
+    with pytest.raises(ZeroDivisionError):
+        trainer.train()
+    assert callback.recorded == [0] and our_hooks(model) == 0
+
+    class Stopping(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            raise KeyboardInterrupt
+
+    callback = ZeroptimCallback(every=1)
+    model = tiny("gpt2")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples(), callbacks=[Stopping(), callback])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert our_hooks(model) == 2  # stopped between the forward and the optimizer step
+    model.train()
+    batch = {k: torch.stack([e[k] for e in examples(2)]) for k in ("input_ids", "attention_mask", "labels")}
+    model(**batch)  # the user's own call afterwards is not recorded, and ends the recording
+    assert our_hooks(model) == 0 and callback._micro is None

@@ -15,14 +15,17 @@ So ``zeroptim sweep FOLDER`` analyses every recorded step with no flag.
 The step's batch is all its micro-batches, and f their exact token-weighted mean: what Trainer itself
 minimises, since it divides the summed token losses of all micro-batches by ``num_items_in_batch``, the
 counted labels of all of them (after the causal shift). The micro-batches are caught by a forward
-pre-hook on the model while a recorded step accumulates (training-mode calls only, so evaluation is
-never recorded). Training with label smoothing or a ``compute_loss_func`` minimises another loss than
+pre-hook on the model that lives only while a recorded step accumulates (training-mode calls only, so
+evaluation is never recorded): it is removed when the step is saved, when training ends, when the model's
+forward raises, and, should training stop between a forward and the optimizer step, by the first call
+beyond the step's gradient-accumulation count. Training with label smoothing or a ``compute_loss_func`` minimises another loss than
 the model's own, and is refused rather than recorded under a wrong name.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,8 @@ class ZeroptimCallback(TrainerCallback):
         self.every, self.steps = every, set(steps)
         self.recorded: list[int] = []
         self._micro: list[dict[str, torch.Tensor]] | None = None
-        self._hook: Any = None
+        self._hooks: list[Any] = []
+        self._accumulation = 1
 
     def wants(self, step: int) -> bool:
         """Whether optimizer step ``step`` (from weights after ``step`` steps) is one to record."""
@@ -74,21 +78,38 @@ class ZeroptimCallback(TrainerCallback):
         if self.folder is None:
             self.folder = Path(args.output_dir) / "zeroptim"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._accumulation = args.gradient_accumulation_steps
+        self._stop()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self._stop()
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                      **kwargs: Any) -> None:
-        self._micro = [] if self.wants(state.global_step) else None
+                      model: nn.Module | None = None, **kwargs: Any) -> None:
+        self._stop()
+        if self.wants(state.global_step) and model is not None:
+            self._micro = []
+            self._hooks = [model.register_forward_pre_hook(self._capture, with_kwargs=True),
+                           model.register_forward_hook(self._after_forward, always_call=True)]
+
+    def _stop(self) -> None:
+        """No step is being recorded: the hooks are removed and the micro-batches dropped."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._micro = [], None
+
+    def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook, called even when the forward raised (then training stops: so does the recording)."""
+        if sys.exc_info()[1] is not None:
+            self._stop()
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook: keep a training-mode call's tensors that have the examples' first dimension."""
         if self._micro is None or not module.training:
+            return
+        if len(self._micro) >= self._accumulation:  # more calls than the step accumulates: training stopped
+            self._stop()
             return
         if args:
             raise ValueError("ZeroptimCallback records models called with keyword arguments, as Trainer calls them")
@@ -122,7 +143,7 @@ class ZeroptimCallback(TrainerCallback):
         # If step s+1 is recorded too, its own "before" checkpoint rewrites this file with its batches.
         save_checkpoint(self.folder / ckpt_name(step + 1), model, self._meta(model, step + 1, optimizer))
         self.recorded.append(step)
-        self._micro = None
+        self._stop()
 
     @staticmethod
     def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

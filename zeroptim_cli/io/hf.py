@@ -68,6 +68,8 @@ def transformers_module(what: str) -> ModuleType:
 #: out untied: seen in a sweep, whose loader thread reads the next folders while the current pair builds
 #: its model (GPT-2's lm_head then counted apart from the embedding: a wrong ‖Δ‖ and ‖g‖, with no error).
 _TRANSFORMERS = threading.RLock()
+#: held around every model build too (``models.build_model``): a user's factory may build a transformers model
+TRANSFORMERS_LOCK = _TRANSFORMERS
 
 
 @contextlib.contextmanager

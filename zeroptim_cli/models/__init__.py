@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
-from zeroptim_cli.io.hf import SPEC_KEY
+from zeroptim_cli.io.hf import SPEC_KEY, TRANSFORMERS_LOCK
 from zeroptim_cli.io.specs import Trust, load_callable, metadata_callable
 from zeroptim_cli.models.cnn import CNN
 from zeroptim_cli.models.hf import build_hf_model
@@ -73,7 +73,8 @@ def build_model(spec: dict[str, Any] | None, override: str | None = None, base_d
     else:
         raise ZeroptimError(f"the metadata 'model' of '{source}' needs a 'name', a 'factory' or an '{SPEC_KEY}'")
     try:
-        model = fn(**kwargs)
+        with TRANSFORMERS_LOCK:  # no model is built while transformers loads a folder in another thread
+            model = fn(**kwargs)
     except ZeroptimError:
         raise
     except Exception as exc:
