@@ -142,12 +142,14 @@ def replay(c: Tensor, chain) -> Tensor:
 CONSTANT = _ops(
     "eq ne lt le gt ge logical_and logical_or logical_not logical_xor isnan isinf isfinite isneginf isposinf "
     "sign signbit floor ceil round trunc argmax argmin argsort bucketize searchsorted any all nonzero "
-    "count_nonzero is_nonzero equal isclose _local_scalar_dense bitwise_and bitwise_or bitwise_xor bitwise_not "
-    "floor_divide detach empty_like zeros_like ones_like full_like rand_like randn_like randint_like new_empty "
+    "count_nonzero is_nonzero equal isclose bitwise_and bitwise_or bitwise_xor bitwise_not "
+    "floor_divide empty_like zeros_like ones_like full_like rand_like randn_like randint_like new_empty "
     "new_zeros new_ones new_full new_empty_strided bernoulli multinomial _fused_sdp_choice is_same_size "
-    "_has_compatible_shallow_copy_type unique_consecutive _unique2 unique_dim histc fill one_hot "
+    "_has_compatible_shallow_copy_type histc fill one_hot "
     "_assert_async _assert_tensor_metadata sym_constrain_range_for_size")
-register(*CONSTANT)(_constant)
+# Not constant, but autograd passes no derivative through them (detach, .item()); neither does Taylor mode.
+DETACHED = _ops("detach _local_scalar_dense")
+register(*CONSTANT, *DETACHED)(_constant)
 
 
 def constant_if(pred: Callable, otherwise: Callable) -> Callable:
@@ -982,6 +984,30 @@ register(aten.max_pool3d_with_indices)(_pool_with_indices(3))
 register(aten.max_pool1d_with_indices)(_pool_with_indices(1))
 register(aten.adaptive_max_pool2d)(_pool_with_indices(2))
 register(aten.adaptive_max_pool3d)(_pool_with_indices(3))
+
+
+@register(aten._unique2, aten.unique_consecutive, aten.unique_dim)
+def _unique(func, args, kwargs):
+    """unique: inverse and counts are piecewise constant; each unique value (slice) is an entry of the input, so
+    its coefficients are the input's copied through the inverse index (equal entries are a non-smooth point)."""
+    x = args[0]
+    name = func._schema.name
+    dim = _arg(func, args, kwargs, "dim") if name != "aten::_unique2" else None
+    params = func._schema.arguments
+    full = [x.c0] + [kwargs.get(a.name, args[i] if i < len(args) else a.default_value) for i, a in
+                     enumerate(params) if i > 0]
+    user = func(*full)
+    full[[a.name for a in params].index("return_inverse")] = True
+    vals, inv, _ = func(*full)
+    outs = []
+    for xk in (x.c1, x.c2):
+        if xk is None:
+            outs.append(None)
+        elif dim is None:
+            outs.append(torch.zeros_like(vals).index_copy_(0, inv.reshape(-1), xk.reshape(-1)))
+        else:
+            outs.append(torch.zeros_like(vals).index_copy_(dim, inv, xk))
+    return make(user[0], *outs), user[1], user[2]
 
 
 @register(aten.median.default, aten.nanmedian.default)
