@@ -393,6 +393,25 @@ def _bmm(func, args, kwargs):
     return make(*bilinear(torch.bmm, cs(args[0]), cs(args[1]), acc=lambda r, x, y: r.baddbmm_(x, y)))
 
 
+@register(aten._trilinear)
+def _trilinear(func, args, kwargs):
+    """_trilinear (nn.Bilinear): linear in each of its three tensors: c_k = Σ_{i+j+l=k} f(x_i, y_j, z_l)."""
+    S = [cs(a) for a in args[:3]]
+    rest = args[3:]
+    _need_const(func, rest, kwargs)
+    outs = [func(S[0][0], S[1][0], S[2][0], *rest, **kwargs)]
+    for k in (1, 2):
+        acc = None
+        for i in range(k + 1):
+            for j in range(k + 1 - i):
+                t = (S[0][i], S[1][j], S[2][k - i - j])
+                if all(v is not None for v in t):
+                    r = func(*t, *rest, **kwargs)
+                    acc = r if acc is None else acc.add_(r)
+        outs.append(acc)
+    return make(*outs)
+
+
 @register(aten.mv, aten.dot, aten.vdot, aten.outer, aten.ger, aten.kron, aten._int_mm)
 def _bil_generic(func, args, kwargs):
     return make(*bilinear(lambda x, y: func(x, y, **kwargs), cs(args[0]), cs(args[1])))
@@ -711,7 +730,7 @@ def _fmod(func, args, kwargs):
     a, b = args
     a0, b0 = cs(a)[0], cs(b)[0]
     o0 = func(a0, b0)
-    rounding = "trunc" if func.name().endswith("fmod") else "floor"
+    rounding = "trunc" if func._schema.name.endswith("fmod") else "floor"
     q = torch.div(torch.as_tensor(a0, dtype=o0.dtype), b0, rounding_mode=rounding)
     return make(o0, *cs(a - q * b)[1:])
 
@@ -1059,12 +1078,19 @@ def _max_pool_plain(func, args, kwargs):
 
 @register(aten.nll_loss_forward, aten.nll_loss2d_forward)
 def _nll(func, args, kwargs):
-    x, rest = args[0], args[1:]
-    _need_const(func, rest, kwargs)
-    o0, tw = func(x.c0, *rest, **kwargs)
-    o1 = None if x.c1 is None else func(x.c1, *rest, **kwargs)[0]
-    o2 = None if x.c2 is None else func(x.c2, *rest, **kwargs)[0]
-    return make(o0, o1, o2), tw
+    """nll = −Σ w[t_i] x[i, t_i] (÷ T = Σ w[t_i] for mean): linear in x; with an α-dependent weight, bilinear in
+    (x, w) and, for mean, the quotient of that series by T's."""
+    x, target, weight, reduction, ignore = (_arg(func, args, kwargs, n) for n in
+                                            ("self", "target", "weight", "reduction", "ignore_index"))
+    _need_const(func, (target,), {})
+    X, W = cs(x), cs(weight)
+    o0, tw0 = func(X[0], target, W[0], reduction, ignore)
+    if not is_t(weight):
+        return make(o0, *(None if xk is None else func(xk, target, W[0], reduction, ignore)[0] for xk in X[1:])), tw0
+    num = bilinear(lambda a, b: func(a, target, b, 0 if reduction == 0 else 2, ignore)[0], X, W)
+    tw = make(tw0, *(None if wk is None else func(X[0], target, wk, 2, ignore)[1] for wk in W[1:]))
+    out = make(*num) / tw if reduction == 1 else make(*num)
+    return make(o0, *cs(out)[1:]), tw
 
 
 @register(aten.mse_loss)
@@ -1473,6 +1499,30 @@ def _solve_triangular(func, args, kwargs):
     return make(X0, X1, X2)
 
 
+@register(aten.linalg_cholesky_ex)
+def _cholesky(func, args, kwargs):
+    """cholesky (real, A = L Lᵀ, A_k symmetrised as autograd does): L_k = L0 Φ(L0⁻¹ R_k L0⁻ᵀ), R1 = A1,
+    R2 = A2 − L1 L1ᵀ, Φ = lower triangle with the diagonal halved."""
+    A = cs(args[0])
+    if A[0].is_complex():
+        raise TaylorUnsupported(f"{func}: complex input has no Taylor rule")
+    upper = _arg(func, args, kwargs, "upper", False)
+    L0, info = func(A[0], *args[1:], **kwargs)
+    lo = L0.mT if upper else L0
+
+    def step(r):
+        y = torch.linalg.solve_triangular(lo, 0.5 * (r + r.mT), upper=False)
+        m = torch.linalg.solve_triangular(lo, y.mT, upper=False)  # L0⁻¹ R L0⁻ᵀ (symmetric)
+        return lo @ (m.tril() - 0.5 * torch.diag_embed(m.diagonal(0, -2, -1)))
+    L1 = None if A[1] is None else step(A[1])
+    r2 = A[2]
+    if L1 is not None:
+        t = L1 @ L1.mT
+        r2 = -t if r2 is None else r2 - t
+    L2 = None if r2 is None else step(r2)
+    return make(L0, *(None if t is None else (t.mT if upper else t) for t in (L1, L2))), info
+
+
 @register(aten.linalg_inv_ex)
 def _linalg_inv(func, args, kwargs):
     """inv: X = A⁻¹: X1 = −X0 A1 X0, X2 = −X0 (A1 X1 + A2 X0)."""
@@ -1482,11 +1532,12 @@ def _linalg_inv(func, args, kwargs):
     return make(X0, X1, X2), info
 
 
-def _lu_quotients(func, A, LU, piv, d0):
-    """M_k = A0⁻¹ A_k from A0's LU; refused where A0 is singular (the rules below need its inverse)."""
+def _lu_quotients(func, A, d0):
+    """M_k = A0⁻¹ A_k; refused where A0 is singular (the rules below need its inverse)."""
     if bool((d0 == 0).any()):
         raise TaylorUnsupported(f"{func}: the matrix is exactly singular (the rule needs its inverse)")
-    return [None if a is None else torch.linalg.lu_solve(LU, piv, a) for a in A[1:]]
+    lu, piv = torch.linalg.lu_factor(A[0])
+    return [None if a is None else torch.linalg.lu_solve(lu, piv, a) for a in A[1:]]
 
 
 def _logdet_series(M1, M2):
@@ -1504,7 +1555,7 @@ def _linalg_det(func, args, kwargs):
     """det: d1 = d0 l1, d2 = d0 (l2 + ½ l1²) with (l1, l2) the log-det series (``_logdet_series``)."""
     A = cs(args[0])
     d0, LU, piv = func(A[0])
-    l1, l2 = _logdet_series(*_lu_quotients(func, A, LU, piv, d0))
+    l1, l2 = _logdet_series(*_lu_quotients(func, A, d0))
     d2 = l2
     if l1 is not None:
         t = 0.5 * l1 * l1
@@ -1519,7 +1570,7 @@ def _linalg_slogdet(func, args, kwargs):
     if A[0].is_complex():
         raise TaylorUnsupported(f"{func}: complex input (its sign depends on α); no Taylor rule")
     sign, logabs, LU, piv = func(A[0])
-    return sign, make(logabs, *_logdet_series(*_lu_quotients(func, A, LU, piv, sign))), LU, piv
+    return sign, make(logabs, *_logdet_series(*_lu_quotients(func, A, sign))), LU, piv
 
 
 @register(aten._cdist_forward)
