@@ -79,7 +79,7 @@ class TaylorTensor(Tensor):
             if not torch.is_grad_enabled():
                 # A no_grad block inside f: to autograd its outputs are constants; so they are here.
                 return _constant(func, args, kwargs)
-        if _lazy(args) or _lazy(kwargs.values()):
+        if _lazy(args) or (kwargs and _lazy(kwargs.values())):
             args, kwargs = _resolved(args), {k: _resolved(v) for k, v in kwargs.items()}
         rule = RULES.get(func)
         if rule is None:
@@ -100,10 +100,17 @@ def _lazy1(v: Any) -> bool:
 
 def _lazy(vals) -> bool:
     """A plain tensor argument with a lazy conjugate or negative bit: inside ``__torch_dispatch__`` those dispatch
-    keys are already passed, so a rule's own ops would read the bits' data unconjugated / unnegated."""
+    keys are already passed, so a rule's own ops would read the bits' data unconjugated / unnegated. (Plain loops:
+    this runs on every dispatch.)"""
     for v in vals:
-        if _lazy1(v) or (isinstance(v, (list, tuple)) and any(_lazy1(u) for u in v)):
-            return True
+        t = type(v)
+        if t is Tensor:
+            if v.is_conj() or v.is_neg():
+                return True
+        elif t is list or t is tuple:
+            for u in v:
+                if type(u) is Tensor and (u.is_conj() or u.is_neg()):
+                    return True
     return False
 
 
