@@ -52,6 +52,7 @@ def _mha():
 MHA = _mha().requires_grad_(False)
 BN_RUNNING = (rand(4, seed=31, scale=0.1), 1 + rand(4, seed=32).abs())
 EMB_IDX, EMB_OFF = idx(0, 2, 1, 1, 2, 0), idx(0, 2, 2, 5)
+CPLX = torch.complex(rand(3, 4, seed=39), rand(3, 4, seed=40))
 ZEROS = (rand(3, 4, seed=33) > 0.5).to(DT)  # constant factors with exact zeros
 
 
@@ -192,6 +193,12 @@ OPS = {
         torch.fft.rfft(x) * torch.fft.rfft(y), n=4), "fft2": lambda x, y: torch.fft.fft2(x) * y[0],
     "ifft": lambda x, y: torch.fft.ifft(x * y), "hfft": lambda x, y: torch.fft.hfft(x),
     "fft_angle": lambda x, y: torch.fft.fft(x).angle(),
+    "conj_of_constant": lambda x, y: torch.fft.fft(x) * CPLX.conj(),  # a plain tensor with a lazy conj bit
+    "conj_of_w": lambda x, y: torch.fft.fft(x).conj() * torch.fft.fft(y),
+    "imag_of_conj": lambda x, y: torch.fft.fft(x).conj().imag * CPLX.conj().imag,  # lazy neg bits
+    # casts and selections by value
+    "integer_cast": lambda x, y: x * (3 * y).long(), "bool_cast": lambda x, y: x * (y > 0.2).to(DT),
+    "unique_values": lambda x, y: torch.unique(x), "sort_values": lambda x, y: torch.sort(x.reshape(-1)).values,
     "stft": lambda x, y: torch.stft(x.reshape(-1), 4, hop_length=2, window=torch.hann_window(4, dtype=DT),
                                     return_complex=True).abs(),
 }

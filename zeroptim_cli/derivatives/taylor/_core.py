@@ -79,8 +79,6 @@ class TaylorTensor(Tensor):
             if not torch.is_grad_enabled():
                 # A no_grad block inside f: to autograd its outputs are constants; so they are here.
                 return _constant(func, args, kwargs)
-        if _lazy(args) or (kwargs and _lazy(kwargs.values())):
-            args, kwargs = _resolved(args), {k: _resolved(v) for k, v in kwargs.items()}
         rule = RULES.get(func)
         if rule is None:
             rule = _RESOLVER[0](func)
@@ -92,34 +90,6 @@ class TaylorTensor(Tensor):
         finally:
             torch._C._set_grad_enabled(prev)
             st.depth -= 1
-
-
-def _lazy1(v: Any) -> bool:
-    return type(v) is Tensor and (v.is_conj() or v.is_neg())
-
-
-def _lazy(vals) -> bool:
-    """A plain tensor argument with a lazy conjugate or negative bit: inside ``__torch_dispatch__`` those dispatch
-    keys are already passed, so a rule's own ops would read the bits' data unconjugated / unnegated. (Plain loops:
-    this runs on every dispatch.)"""
-    for v in vals:
-        t = type(v)
-        if t is Tensor:
-            if v.is_conj() or v.is_neg():
-                return True
-        elif t is list or t is tuple:
-            for u in v:
-                if type(u) is Tensor and (u.is_conj() or u.is_neg()):
-                    return True
-    return False
-
-
-def _resolved(a: Any) -> Any:
-    if _lazy1(a):
-        return a.resolve_conj().resolve_neg()
-    if isinstance(a, (list, tuple)):
-        return type(a)(_resolved(b) for b in a)
-    return a
 
 
 def is_t(x: Any) -> bool:

@@ -200,7 +200,8 @@ register(*LINEAR)(_lin)
 @register(aten._conj, aten._neg_view, aten.conj_physical)
 def _conj(func, args, kwargs):
     """Conjugation / negation, materialised: a lazy conj or neg bit on a coefficient would be ignored by the rules'
-    own ops (they run past those dispatch keys)."""
+    own ops (inside ``__torch_dispatch__`` the Conjugate and Negative keys are already passed; a plain argument's
+    bits are resolved by their fallbacks before it gets here)."""
     physical = aten.neg.default if func is aten._neg_view.default else aten.conj_physical.default
     return _lin(physical, args, kwargs)
 register(*VIEWS)(_lin_view)
