@@ -1574,6 +1574,100 @@ def _linalg_slogdet(func, args, kwargs):
     return sign, make(logabs, *_logdet_series(*_lu_quotients(func, A, sign))), LU, piv
 
 
+def _sym_eig_series(func, lam0: Tensor, B1, B2):
+    """Eigen-series of a symmetric B(α) = Λ0 + B1 α + B2 α² (B written in the eigenbasis at α = 0), eigenvector
+    matrix I + C1 α + C2 α²: λ1 = diag B1, C1_ji = B1_ji/(λ_i − λ_j), T = B2 + B1 C1, λ2 = diag T,
+    C2_ji = (T_ji − C1_ji λ1_i)/(λ_i − λ_j) for j ≠ i, C1_ii = 0, C2_ii = −½ Σ_j C1_ji². Refused at a tie."""
+    n = lam0.shape[-1]
+    gap = lam0.unsqueeze(-2) - lam0.unsqueeze(-1)  # [j, i] = λ_i − λ_j
+    off = ~torch.eye(n, dtype=torch.bool, device=lam0.device)
+    if bool((gap[..., off] == 0).any()):
+        raise TaylorUnsupported(f"{func}: repeated eigenvalues (singular values) are not differentiable")
+    inv = torch.where(off, 1 / torch.where(off, gap, 1), 0)
+    C1 = None if B1 is None else B1 * inv
+    lam1 = None if B1 is None else B1.diagonal(0, -2, -1)
+    T = B2
+    if C1 is not None:
+        t = B1 @ C1
+        T = t if T is None else T + t
+    lam2 = None if T is None else T.diagonal(0, -2, -1)
+    C2 = None
+    if T is not None:
+        C2 = (T if C1 is None else T - C1 * lam1.unsqueeze(-2)) * inv
+        if C1 is not None:
+            C2 = C2 - 0.5 * torch.diag_embed((C1 * C1).sum(-2))
+    return lam1, lam2, C1, C2
+
+
+@register(aten._linalg_eigh)
+def _linalg_eigh(func, args, kwargs):
+    """eigh (real symmetric; A_k symmetrised, as autograd does): B_k = V0ᵀ A_k V0 through ``_sym_eig_series``;
+    eigenvectors V_k = V0 C_k."""
+    A = cs(args[0])
+    if A[0].is_complex():
+        raise TaylorUnsupported(f"{func}: complex (Hermitian) input has no Taylor rule")
+    uplo = _arg(func, args, kwargs, "UPLO", "L")
+    compute_v = _arg(func, args, kwargs, "compute_v", True)
+    lam0, V0 = func(A[0], uplo, True)
+    B = [None if a is None else V0.mT @ (0.5 * (a + a.mT)) @ V0 for a in A[1:]]
+    lam1, lam2, C1, C2 = _sym_eig_series(func, lam0, *B)
+    vals = make(lam0, lam1, lam2)
+    if not compute_v:
+        return vals, func(A[0], uplo, False)[1]
+    return vals, make(V0, *(None if c is None else V0 @ c for c in (C1, C2)))
+
+
+@register(aten._linalg_svd)
+def _linalg_svd(func, args, kwargs):
+    """svd (real; tall, else of Aᵀ): σ² are the eigenvalues of AᵀA, whose series in A0's right singular basis
+    is B1 = ΣP1 + P1ᵀΣ, B2 = ΣP2 + P2ᵀΣ + (A1V0)ᵀ(A1V0), P_k = U0ᵀ A_k V0 (``_sym_eig_series``); σ = √λ
+    (``_sqrt_series``); V_k = V0 C_k and U = A V Σ⁻¹. Full U or Vh of a non-square matrix is refused."""
+    A = cs(args[0])
+    full = _arg(func, args, kwargs, "full_matrices", False)
+    compute_uv = _arg(func, args, kwargs, "compute_uv", True)
+    driver = _arg(func, args, kwargs, "driver")
+    m, n = A[0].shape[-2:]
+    if A[0].is_complex() or (compute_uv and full and m != n):
+        raise TaylorUnsupported(f"{func}: complex input or full singular vectors of a non-square matrix: no Taylor "
+                                "rule")
+    out = func(A[0], full, compute_uv, driver=driver)
+    U0, S0, Vh0 = out if compute_uv else func(A[0], False, True, driver=driver)
+    wide = m < n
+    if wide:  # A' = Aᵀ = V Σ Uᵀ
+        A = [None if a is None else a.mT for a in A]
+    left, right = (Vh0.mT, U0) if wide else (U0, Vh0.mT)
+    P = [None if a is None else left.mT @ a @ right for a in A[1:]]
+    B = [None if p is None else S0.unsqueeze(-1) * p + p.mT * S0.unsqueeze(-2) for p in P]
+    if A[1] is not None:
+        av = A[1] @ right
+        B[1] = av.mT @ av if B[1] is None else B[1] + av.mT @ av
+    lam1, lam2, C1, C2 = _sym_eig_series(func, S0 * S0, *B)
+    S = make(S0, *_sqrt_series(S0, lam1, lam2))
+    if not compute_uv:
+        return out[0], make(out[1], *cs(S)[1:]), out[2]
+    R = make(right, *(None if c is None else right @ c for c in (C1, C2)))
+    L = make(left, *cs((make(*A) @ R) / S.unsqueeze(-2))[1:])
+    U, V = (R, L) if wide else (L, R)
+    return U, S, make(Vh0, *(None if c is None else c.mT for c in cs(V)[1:]))
+
+
+@register(aten.linalg_pinv.atol_rtol_tensor)
+def _linalg_pinv(func, args, kwargs):
+    """pinv = V_r Σ_r⁻¹ U_rᵀ over the r singular values above the op's cutoff at α = 0 (a rank that does not change
+    near α = 0), through the svd rule."""
+    x = args[0]
+    _need_const(func, (), kwargs)
+    atol, rtol, herm = (kwargs.get(k) for k in ("atol", "rtol", "hermitian"))
+    x0 = cs(x)[0]
+    ranks = torch.linalg.matrix_rank(x0, atol=atol, rtol=rtol, hermitian=bool(herm))
+    r = int(ranks.reshape(-1)[0]) if ranks.numel() else 0
+    if bool((ranks != r).any()):
+        raise TaylorUnsupported(f"{func}: the matrices of the batch have different ranks")
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    p = (Vh[..., :r, :].mT / S[..., None, :r]) @ U[..., :, :r].mT
+    return make(func(x0, **kwargs), *cs(p)[1:])
+
+
 @register(aten._cdist_forward)
 def _cdist(func, args, kwargs):
     """cdist: d_ij = ‖x_i − y_j‖_p over the differences as Taylor tensors; p = 2 as √(Σ diff²) with zero
