@@ -56,6 +56,11 @@ CPLX = torch.complex(rand(3, 4, seed=39), rand(3, 4, seed=40))
 ZEROS = (rand(3, 4, seed=33) > 0.5).to(DT)  # constant factors with exact zeros
 
 
+def _rrelu_train(x):
+    torch.manual_seed(3)  # the same noise in every evaluation of f
+    return F.rrelu(x, training=True)
+
+
 def _ce_2d(x, y):
     return F.cross_entropy(x.reshape(1, 3, 2, 2), idx(0, 1, 2, -100).reshape(1, 2, 2), label_smoothing=0.1)
 
@@ -90,7 +95,7 @@ OPS = {
     "erfc": lambda x, y: torch.erfc(x), "erfinv": lambda x, y: torch.erfinv(0.5 * torch.tanh(x)),
     "erfcx": lambda x, y: torch.special.erfcx(x), "lgamma": lambda x, y: torch.lgamma(_pos(x)),
     "digamma": lambda x, y: torch.digamma(_pos(x)), "polygamma": lambda x, y: torch.polygamma(1, _pos(x)),
-    "i0": lambda x, y: torch.special.i0(x), "log_ndtr": lambda x, y: torch.special.log_ndtr(x),
+    "i0": lambda x, y: torch.special.i0(x), "i1": lambda x, y: torch.special.i1(x), "log_ndtr": lambda x, y: torch.special.log_ndtr(x),
     "ndtr": lambda x, y: torch.special.ndtr(x), "xlogy": lambda x, y: torch.xlogy(x, _pos(y)),
     "sinc": lambda x, y: torch.sinc(x), "logit": lambda x, y: torch.logit(torch.sigmoid(x)),
     "true_div_mode_none": lambda x, y: torch.div(x, _pos(y), rounding_mode=None),
@@ -98,6 +103,7 @@ OPS = {
     # activations
     "hardswish": lambda x, y: F.hardswish(2 * x), "hardsigmoid": lambda x, y: F.hardsigmoid(2 * x),
     "gelu": lambda x, y: F.gelu(x), "mish": lambda x, y: F.mish(x), "prelu": lambda x, y: F.prelu(x, y[0, :1]),
+    "rrelu_eval": lambda x, y: F.rrelu(x, training=False), "rrelu_train": lambda x, y: _rrelu_train(x),
     "glu": lambda x, y: F.glu(x), "softmin": lambda x, y: F.softmin(x, 1),
     # cumulative and reductions
     "cumsum": lambda x, y: x.cumsum(1), "cumprod": lambda x, y: x.cumprod(1),
@@ -194,6 +200,7 @@ OPS = {
         lambda usv: (usv[0][:, :2] * usv[1][:2]) @ usv[2][:2])(torch.linalg.svd(x, full_matrices=False)),
     "matrix_norm_2": lambda x, y: torch.linalg.matrix_norm(x, 2), "matrix_norm_nuc": lambda x, y: torch.linalg.matrix_norm(
         x, "nuc"),
+    "matrix_exp": lambda x, y: torch.linalg.matrix_exp(x[:, :3] * y[:, 1:]),
     "cholesky": lambda x, y: torch.linalg.cholesky(_spd(x) + 0.1 * y[:, :3] @ y[:, :3].T),
     "cholesky_upper": lambda x, y: torch.linalg.cholesky(_spd(x), upper=True),
     "bilinear": lambda x, y: F.bilinear(x, y, y[:2, :, None] * x[:2, None, :], y[0, :2]),
@@ -218,7 +225,6 @@ REFUSED = {
     "svd_full_vectors": (lambda x, y: torch.linalg.svd(x).U, "_linalg_svd"),
     "eigh_repeated": (lambda x, y: torch.linalg.eigvalsh(torch.eye(3, dtype=DT) + 0 * x[:, :3]), "_linalg_eigh"),
     "qr": (lambda x, y: torch.linalg.qr(x).R, "linalg_qr"),
-    "matrix_exp": (lambda x, y: torch.linalg.matrix_exp(x[:, :3]), "linalg_matrix_exp"),
     "scatter_reduce_prod": (lambda x, y: x.scatter_reduce(1, idx(0, 1, 1, 2).expand(3, 4), y, "prod"),
                             "scatter_reduce"),
     "cosine_embedding_loss": (lambda x, y: F.cosine_embedding_loss(x[:2], y[:2], idx(1, -1)), "sub_"),

@@ -661,6 +661,14 @@ def _d_digamma(x, u, second):
     return torch.polygamma(1, x), (None if not second else 0.5 * torch.polygamma(2, x))
 
 
+def _d_i1(x, u, second):
+    """i1: h' = I₀(x) − I₁(x)/x (½ at x = 0), h'' = I₁(x)(1 + 1/x²) − h'/x (Bessel's equation; 0 at x = 0)."""
+    zero = x == 0
+    xs = torch.where(zero, 1.0, x)
+    d = torch.where(zero, 0.5, torch.special.i0(x) - u / xs)
+    return d, (None if not second else 0.5 * torch.where(zero, 0.0, u * (1 + 1 / (xs * xs)) - d / xs))
+
+
 def _d_i0(x, u, second):
     """i0: h' = I₁(x), h'' = I₀(x) − I₁(x)/x (½ at x = 0)."""
     i1 = torch.special.i1(x)
@@ -707,12 +715,13 @@ SMOOTH = {
     aten.lgamma: _d_lgamma,
     aten.digamma: _d_digamma,
     aten.i0: _d_i0,
+    aten.special_i1: _d_i1,
 }
 for _op, _d in SMOOTH.items():
     register(_op)(smooth(_d))
-_PRIMS = {"erf_inv": "erfinv", "erfcx": "special_erfcx", "bessel_i0": "i0"}  # prims spelled otherwise than aten
+_PRIMS = {"erf_inv": "erfinv", "erfcx": "special_erfcx", "bessel_i0": "i0", "bessel_i1": "special_i1"}  # prims spelled otherwise than aten
 for _name in ("exp log log2 log10 log1p expm1 sqrt rsqrt reciprocal tanh sin cos erf atan sinh cosh exp2 asinh acosh "
-              "asin acos atanh tan erfc erf_inv erfcx lgamma digamma bessel_i0").split():
+              "asin acos atanh tan erfc erf_inv erfcx lgamma digamma bessel_i0 bessel_i1").split():
     if hasattr(prims, _name):
         register(getattr(prims, _name))(smooth(SMOOTH[getattr(aten, _PRIMS.get(_name, _name))]))
 
@@ -838,6 +847,23 @@ register(aten.relu)(piecewise_linear(lambda x: x > 0))
 register(aten.leaky_relu)(piecewise_linear(
     lambda x, slope=0.01: torch.where(x > 0, torch.ones((), dtype=x.dtype), torch.full((), float(slope), dtype=x.dtype))))
 register(aten.hardtanh)(piecewise_linear(lambda x, lo=-1, hi=1: _mask_between(x, lo, hi, strict=True)))
+def _rrelu(func, args, kwargs):
+    """rrelu_with_noise: training: slope = the noise it draws (1 where x0 ≥ 0); eval: leaky_relu with slope
+    (lower + upper)/2, read off the op at −1 (torch rounds it to float32)."""
+    x, noise = args[0], args[1]
+    lower, upper, training, gen = (_arg(func, args, kwargs, n) for n in ("lower", "upper", "training", "generator"))
+    _need_const(func, args[1:], kwargs)
+    x0 = cs(x)[0]
+    o0 = func(x0, noise, lower, upper, training, gen)
+    if training:
+        slope = noise
+    else:
+        one = torch.ones(1, dtype=x0.dtype, device=x0.device)
+        slope = torch.where(x0 > 0, 1.0, -func(-one, one, lower, upper, False, None)).to(x0.dtype)
+    return make(o0, *(None if c is None else c * slope for c in cs(x)[1:]))
+
+
+RULES[aten.rrelu_with_noise.default] = _rrelu  # writes its noise argument, so not through register()
 register(aten.threshold)(piecewise_linear(lambda x, th, value: x > th))
 register(aten.hardsigmoid)(piecewise_linear(lambda x: _mask_between(x, -3, 3, strict=True).to(x.dtype) / 6))
 _abs_real = piecewise_linear(lambda x: torch.sgn(x))
@@ -1549,6 +1575,20 @@ def _logdet_series(M1, M2):
         t = -0.5 * (M1 * M1.mT).sum((-2, -1))
         l2 = t if l2 is None else l2 + t
     return l1, l2
+
+
+@register(aten.linalg_matrix_exp)
+def _matrix_exp(func, args, kwargs):
+    """matrix_exp: exp of the block-Toeplitz matrix [[A0, A1, A2], [0, A0, A1], [0, 0, A0]] has the series
+    E0, E1, E2 of exp(A(α)) in its first block row (a truncated series of matrices is an algebra)."""
+    A = cs(args[0])
+    n = A[0].shape[-1]
+    z = torch.zeros_like(A[0])
+    a1 = z if A[1] is None else A[1]
+    a2 = z if A[2] is None else A[2]
+    T = torch.cat([torch.cat(r, -1) for r in ((A[0], a1, a2), (z, A[0], a1), (z, z, A[0]))], -2)
+    E = func(T)[..., :n, :]
+    return make(func(A[0]), E[..., n:2 * n], E[..., 2 * n:])
 
 
 @register(aten._linalg_det)
