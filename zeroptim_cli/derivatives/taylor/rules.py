@@ -142,13 +142,25 @@ def replay(c: Tensor, chain) -> Tensor:
 CONSTANT = _ops(
     "eq ne lt le gt ge logical_and logical_or logical_not logical_xor isnan isinf isfinite isneginf isposinf "
     "sign signbit floor ceil round trunc argmax argmin argsort bucketize searchsorted any all nonzero "
-    "count_nonzero is_nonzero equal isclose _local_scalar_dense bitwise_and bitwise_or bitwise_xor bitwise_not "
-    "floor_divide detach empty_like zeros_like ones_like full_like rand_like randn_like randint_like new_empty "
+    "count_nonzero is_nonzero equal isclose bitwise_and bitwise_or bitwise_xor bitwise_not "
+    "floor_divide empty_like zeros_like ones_like full_like rand_like randn_like randint_like new_empty "
     "new_zeros new_ones new_full new_empty_strided bernoulli multinomial _fused_sdp_choice is_same_size "
-    "_has_compatible_shallow_copy_type unique_consecutive _unique2 unique_dim histc fill one_hot "
+    "_has_compatible_shallow_copy_type histc fill one_hot "
     "_assert_async _assert_tensor_metadata sym_constrain_range_for_size")
-register(*CONSTANT)(_constant)
-register(aten.div.Tensor_mode, aten.div.Scalar_mode)(_constant)
+# Not constant, but autograd passes no derivative through them (detach, .item()); neither does Taylor mode.
+DETACHED = _ops("detach _local_scalar_dense")
+register(*CONSTANT, *DETACHED)(_constant)
+
+
+def constant_if(pred: Callable, otherwise: Callable) -> Callable:
+    """An op that is piecewise constant for some arguments only: ``pred(func, args, kwargs)`` says when; otherwise
+    ``otherwise`` is its rule. The predicate is kept on the rule (``.constant_if``) so that tests find every case."""
+
+    def rule(func, args, kwargs):
+        return (_constant if pred(func, args, kwargs) else otherwise)(func, args, kwargs)
+
+    rule.constant_if = pred
+    return rule
 
 
 # ---------------------------------------------------------------------------------------------- linear ops
@@ -170,22 +182,42 @@ def _lin_view(func, args, kwargs):
 
 # Linear in their first argument, every other argument constant (ints, shapes, indices, masks).
 LINEAR = _ops(
-    "clone _to_copy lift_fresh_copy neg sum mean cumsum nansum embedding index index_select gather flip roll repeat "
+    "clone lift_fresh_copy neg sum mean cumsum nansum embedding index index_select gather flip roll repeat "
     "tril triu reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d "
     "replication_pad3d upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_linear1d upsample_bilinear2d "
     "upsample_trilinear3d upsample_bicubic2d _upsample_nearest_exact1d _upsample_nearest_exact2d im2col col2im "
     "pixel_shuffle pixel_unshuffle avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d "
     "_adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool3d diag_embed masked_select take narrow_copy "
     "_unsafe_index trace diag channel_shuffle _reshape_copy expand_copy permute_copy view_copy "
-    "_unsafe_view mvlgamma_placeholder")
+    "_unsafe_view mvlgamma_placeholder _upsample_bilinear2d_aa _upsample_bicubic2d_aa _fft_r2c _fft_c2r _fft_c2c")
 VIEWS = _ops(
     "view reshape expand permute t transpose slice select unsqueeze squeeze as_strided diagonal unfold split "
     "split_with_sizes unbind alias narrow _reshape_alias movedim view_as_real view_as_complex unflatten "
-    "tensor_split chunk numpy_T mT mH matrix_H hsplit vsplit _conj _neg_view")
+    "tensor_split chunk numpy_T mT mH matrix_H hsplit vsplit resolve_conj resolve_neg")
 register(*LINEAR)(_lin)
+
+
+@register(aten._conj, aten._neg_view, aten.conj_physical)
+def _conj(func, args, kwargs):
+    """Conjugation / negation, materialised: a lazy conj or neg bit on a coefficient would be ignored by the rules'
+    own ops (inside ``__torch_dispatch__`` the Conjugate and Negative keys are already passed; a plain argument's
+    bits are resolved by their fallbacks before it gets here)."""
+    physical = aten.neg.default if func is aten._neg_view.default else aten.conj_physical.default
+    return _lin(physical, args, kwargs)
 register(*VIEWS)(_lin_view)
-register(prims.convert_element_type, prims.view_of, prims.squeeze, prims.broadcast_in_dim, prims.reshape,
+register(prims.neg, prims.view_of, prims.squeeze, prims.broadcast_in_dim, prims.reshape,
          prims.transpose, prims.collapse_view, prims.sum)(_lin)
+
+
+
+def _to_integral(func, args, kwargs) -> bool:
+    """A conversion to an integer or bool dtype rounds: piecewise constant (autograd: not differentiable)."""
+    dtype = args[1] if func is prims.convert_element_type.default else kwargs.get("dtype")
+    return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+
+
+# real and complex dtype conversions are linear over the reals (complex → real keeps the real part)
+register(aten._to_copy, prims.convert_element_type)(constant_if(_to_integral, _lin))
 
 
 def _zero_like_arg(v):
@@ -362,6 +394,25 @@ def _bmm(func, args, kwargs):
     return make(*bilinear(torch.bmm, cs(args[0]), cs(args[1]), acc=lambda r, x, y: r.baddbmm_(x, y)))
 
 
+@register(aten._trilinear)
+def _trilinear(func, args, kwargs):
+    """_trilinear (nn.Bilinear): linear in each of its three tensors: c_k = Σ_{i+j+l=k} f(x_i, y_j, z_l)."""
+    S = [cs(a) for a in args[:3]]
+    rest = args[3:]
+    _need_const(func, rest, kwargs)
+    outs = [func(S[0][0], S[1][0], S[2][0], *rest, **kwargs)]
+    for k in (1, 2):
+        acc = None
+        for i in range(k + 1):
+            for j in range(k + 1 - i):
+                t = (S[0][i], S[1][j], S[2][k - i - j])
+                if all(v is not None for v in t):
+                    r = func(*t, *rest, **kwargs)
+                    acc = r if acc is None else acc.add_(r)
+        outs.append(acc)
+    return make(*outs)
+
+
 @register(aten.mv, aten.dot, aten.vdot, aten.outer, aten.ger, aten.kron, aten._int_mm)
 def _bil_generic(func, args, kwargs):
     return make(*bilinear(lambda x, y: func(x, y, **kwargs), cs(args[0]), cs(args[1])))
@@ -422,6 +473,7 @@ def _conv(func, args, kwargs):
 
 @register(aten.div.Tensor, aten.div.Scalar)
 def _div(func, args, kwargs):
+    """q = a / b: q_k = (a_k − Σ_{j≥1} q_{k−j} b_j) / b0 (from a = q·b)."""
     a, b = args[0], args[1]
     if not is_t(b):
         return _lin(func, args, kwargs)
@@ -436,6 +488,14 @@ def _div(func, args, kwargs):
                 num = -t if num is None else num - t
         q.append(None if num is None else num / b0)
     return make(*q)
+
+
+def _rounds(func, args, kwargs) -> bool:
+    return kwargs.get("rounding_mode", args[2] if len(args) > 2 else None) is not None
+
+
+# rounding_mode='floor'/'trunc' is piecewise constant; rounding_mode=None is the true quotient
+register(aten.div.Tensor_mode, aten.div.Scalar_mode)(constant_if(_rounds, _div))
 
 
 # ---------------------------------------------------------------------------------------------- elementwise
@@ -537,6 +597,87 @@ def _d_elu(x, u, second, alpha=1, scale=1, input_scale=1):
     return d1, (None if not second else torch.where(pos, 0.0, 0.5 * input_scale * e))
 
 
+def _d_asinh(x, u, second):
+    """asinh: h' = 1/√(1+x²), h'' = −x/(1+x²)^{3/2}."""
+    d = torch.rsqrt(1 + x * x)
+    return d, (None if not second else -0.5 * x * d * d * d)
+
+
+def _d_acosh(x, u, second):
+    """acosh: h' = 1/√(x²−1), h'' = −x/(x²−1)^{3/2}."""
+    d = torch.rsqrt(x * x - 1)
+    return d, (None if not second else -0.5 * x * d * d * d)
+
+
+def _d_asin(x, u, second):
+    """asin: h' = 1/√(1−x²), h'' = x/(1−x²)^{3/2}."""
+    d = torch.rsqrt(1 - x * x)
+    return d, (None if not second else 0.5 * x * d * d * d)
+
+
+def _d_acos(x, u, second):
+    """acos: h' = −1/√(1−x²), h'' = −x/(1−x²)^{3/2}."""
+    d = torch.rsqrt(1 - x * x)
+    return -d, (None if not second else -0.5 * x * d * d * d)
+
+
+def _d_atanh(x, u, second):
+    """atanh: h' = 1/(1−x²), h'' = 2x/(1−x²)²."""
+    d = 1 / (1 - x * x)
+    return d, (None if not second else x * d * d)
+
+
+def _d_tan(x, u, second):
+    """tan: h' = 1 + u², h'' = 2u(1 + u²)."""
+    d = 1 + u * u
+    return d, (None if not second else u * d)
+
+
+def _d_erfc(x, u, second):
+    """erfc: h' = −(2/√π) e^{−x²}, h'' = −2x h'."""
+    d = (-2 / math.sqrt(math.pi)) * torch.exp(-x * x)
+    return d, (None if not second else -x * d)
+
+
+def _d_erfinv(x, u, second):
+    """erfinv: h' = (√π/2) e^{u²}, h'' = 2u h'²."""
+    d = (math.sqrt(math.pi) / 2) * torch.exp(u * u)
+    return d, (None if not second else u * d * d)
+
+
+def _d_erfcx(x, u, second):
+    """erfcx = e^{x²} erfc(x): h' = 2x u − 2/√π, h'' = 2u + 2x h'."""
+    d = 2 * x * u - 2 / math.sqrt(math.pi)
+    return d, (None if not second else u + x * d)
+
+
+def _d_lgamma(x, u, second):
+    """lgamma: h' = ψ(x), h'' = ψ₁(x)."""
+    return torch.digamma(x), (None if not second else 0.5 * torch.polygamma(1, x))
+
+
+def _d_digamma(x, u, second):
+    """digamma: h' = ψ₁(x), h'' = ψ₂(x)."""
+    return torch.polygamma(1, x), (None if not second else 0.5 * torch.polygamma(2, x))
+
+
+def _d_i1(x, u, second):
+    """i1: h' = I₀(x) − I₁(x)/x (½ at x = 0), h'' = I₁(x)(1 + 1/x²) − h'/x (Bessel's equation; 0 at x = 0)."""
+    zero = x == 0
+    xs = torch.where(zero, 1.0, x)
+    d = torch.where(zero, 0.5, torch.special.i0(x) - u / xs)
+    return d, (None if not second else 0.5 * torch.where(zero, 0.0, u * (1 + 1 / (xs * xs)) - d / xs))
+
+
+def _d_i0(x, u, second):
+    """i0: h' = I₁(x), h'' = I₀(x) − I₁(x)/x (½ at x = 0)."""
+    i1 = torch.special.i1(x)
+    if not second:
+        return i1, None
+    zero = x == 0
+    return i1, 0.5 * torch.where(zero, 0.5, u - i1 / torch.where(zero, 1.0, x))
+
+
 SMOOTH = {
     aten.exp: lambda x, u, s: (u, 0.5 * u),
     aten.log: lambda x, u, s: (1 / x, -0.5 / (x * x) if s else None),
@@ -562,36 +703,105 @@ SMOOTH = {
     aten.hardswish: _d_hardswish,
     aten.elu: _d_elu,
     aten.pow.Tensor_Scalar: _d_pow_scalar,
+    aten.asinh: _d_asinh,
+    aten.acosh: _d_acosh,
+    aten.asin: _d_asin,
+    aten.acos: _d_acos,
+    aten.atanh: _d_atanh,
+    aten.tan: _d_tan,
+    aten.erfc: _d_erfc,
+    aten.erfinv: _d_erfinv,
+    aten.special_erfcx: _d_erfcx,
+    aten.lgamma: _d_lgamma,
+    aten.digamma: _d_digamma,
+    aten.i0: _d_i0,
+    aten.special_i1: _d_i1,
 }
 for _op, _d in SMOOTH.items():
     register(_op)(smooth(_d))
-for _name in "exp log log2 log10 log1p expm1 sqrt rsqrt reciprocal tanh sin cos erf atan sinh cosh exp2".split():
+_PRIMS = {"erf_inv": "erfinv", "erfcx": "special_erfcx", "bessel_i0": "i0", "bessel_i1": "special_i1"}  # prims spelled otherwise than aten
+for _name in ("exp log log2 log10 log1p expm1 sqrt rsqrt reciprocal tanh sin cos erf atan sinh cosh exp2 asinh acosh "
+              "asin acos atanh tan erfc erf_inv erfcx lgamma digamma bessel_i0 bessel_i1").split():
     if hasattr(prims, _name):
-        register(getattr(prims, _name))(smooth(SMOOTH[getattr(aten, _name)]))
+        register(getattr(prims, _name))(smooth(SMOOTH[getattr(aten, _PRIMS.get(_name, _name))]))
+
+
+@register(aten.polygamma)
+def _polygamma(func, args, kwargs):
+    """polygamma(n, x) = ψ⁽ⁿ⁾(x): h' = ψ⁽ⁿ⁺¹⁾(x), h'' = ψ⁽ⁿ⁺²⁾(x)."""
+    n, x = args
+    return smooth(lambda x0, u, s: (torch.polygamma(n + 1, x0), 0.5 * torch.polygamma(n + 2, x0) if s else None))(
+        lambda t: func(n, t), (x,), {})
+
+
+@register(aten.fmod, aten.remainder, prims.fmod, prims.remainder)
+def _fmod(func, args, kwargs):
+    """fmod(a, b) = a − b·trunc(a/b), remainder(a, b) = a − b·floor(a/b): the quotient is piecewise constant."""
+    a, b = args
+    a0, b0 = cs(a)[0], cs(b)[0]
+    o0 = func(a0, b0)
+    rounding = "trunc" if func._schema.name.endswith("fmod") else "floor"
+    q = torch.div(torch.as_tensor(a0, dtype=o0.dtype), b0, rounding_mode=rounding)
+    return make(o0, *cs(a - q * b)[1:])
+
+
+def _scan_prod(x: Tensor, dim: int) -> Tensor:
+    """Inclusive cumulative product along dim as a log-depth (Hillis–Steele) scan of truncated-series products:
+    y ← [y_{<s}, y_{≥s}·y_{<n−s}] for s = 1, 2, 4, …; exact, zero factors included (no division)."""
+    n = x.shape[dim]
+    y, s = x, 1
+    while s < n:
+        y = torch.cat([y.narrow(dim, 0, s), y.narrow(dim, s, n - s) * y.narrow(dim, 0, n - s)], dim)
+        s *= 2
+    return y
+
+
+@register(aten.cumprod)
+def _cumprod(func, args, kwargs):
+    """cumprod: y_i = Π_{j≤i} x_j, the series by ``_scan_prod``; y0 is torch's own."""
+    x = args[0]
+    dim = _arg(func, args, kwargs, "dim")
+    dtype = _arg(func, args, kwargs, "dtype")
+    o0 = func(cs(x)[0], dim, dtype=dtype)
+    if dtype is not None:
+        x = x.to(dtype)
+    if x.dim() == 0:
+        return make(o0, *cs(x)[1:])
+    return make(o0, *cs(_scan_prod(x, dim % x.dim()))[1:])
 
 
 @register(aten.prod)
 def _prod(func, args, kwargs):
-    """p = Π x: p1 = p0 Σ r1, p2 = p0 (Σ r2 + ½((Σ r1)² − Σ r1²)) with r_k = x_k / x0; refused at an exact zero."""
+    """prod over dim (or all): the last entry of the cumulative product (``_scan_prod``); 1 over an empty dim."""
     x = args[0]
-    x0, x1, x2 = cs(x)
-    o0 = func(x0, *args[1:], **kwargs)
-    if bool((x0 == 0).any()):
-        raise TaylorUnsupported(f"{func}: a factor is exactly zero (the log-derivative rule needs none)")
     dim = _arg(func, args, kwargs, "dim", None)
-    keepdim = bool(_arg(func, args, kwargs, "keepdim", False))
+    dtype = _arg(func, args, kwargs, "dtype")
+    o0 = func(cs(x)[0], *args[1:], **kwargs)
+    if dtype is not None:
+        x = x.to(dtype)
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    elif x.dim() == 0:
+        return make(o0, *cs(x)[1:])
+    dim %= x.dim()
+    n = x.shape[dim]
+    if n == 0:
+        return o0
+    y = _scan_prod(x, dim).narrow(dim, n - 1, 1)
+    return make(o0, *(None if c is None else c.reshape(o0.shape) for c in cs(y)[1:]))
 
-    def S(t):
-        return t.sum() if dim is None else t.sum(dim, keepdim=keepdim)
-    r1 = None if x1 is None else x1 / x0
-    r2 = None if x2 is None else x2 / x0
-    s1 = None if r1 is None else S(r1)
-    p1 = None if s1 is None else o0 * s1
-    q = None if r2 is None else S(r2)
-    if r1 is not None:
-        t = 0.5 * (s1 * s1 - S(r1 * r1))
-        q = t if q is None else q + t
-    return make(o0, p1, None if q is None else o0 * q)
+
+@register(aten.logcumsumexp)
+def _logcumsumexp(func, args, kwargs):
+    """logcumsumexp(x) = m + log cumsum exp(x − m), m = max over dim of x0 (a constant shift)."""
+    x, dim = args
+    x0 = cs(x)[0]
+    o0 = func(x0, dim)
+    if x0.dim() == 0:
+        return make(o0, *cs(x)[1:])
+    m = x0.amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0)
+    return make(o0, *cs(torch.log(torch.cumsum(torch.exp(x - m), dim)))[1:])
 
 
 @register(aten.pow.Tensor_Tensor)
@@ -637,9 +847,59 @@ register(aten.relu)(piecewise_linear(lambda x: x > 0))
 register(aten.leaky_relu)(piecewise_linear(
     lambda x, slope=0.01: torch.where(x > 0, torch.ones((), dtype=x.dtype), torch.full((), float(slope), dtype=x.dtype))))
 register(aten.hardtanh)(piecewise_linear(lambda x, lo=-1, hi=1: _mask_between(x, lo, hi, strict=True)))
+def _rrelu(func, args, kwargs):
+    """rrelu_with_noise: training: slope = the noise it draws (1 where x0 ≥ 0); eval: leaky_relu with slope
+    (lower + upper)/2, read off the op at −1 (torch rounds it to float32)."""
+    x, noise = args[0], args[1]
+    lower, upper, training, gen = (_arg(func, args, kwargs, n) for n in ("lower", "upper", "training", "generator"))
+    _need_const(func, args[1:], kwargs)
+    x0 = cs(x)[0]
+    o0 = func(x0, noise, lower, upper, training, gen)
+    if training:
+        slope = noise
+    else:
+        one = torch.ones(1, dtype=x0.dtype, device=x0.device)
+        slope = torch.where(x0 > 0, 1.0, -func(-one, one, lower, upper, False, None)).to(x0.dtype)
+    return make(o0, *(None if c is None else c * slope for c in cs(x)[1:]))
+
+
+RULES[aten.rrelu_with_noise.default] = _rrelu  # writes its noise argument, so not through register()
 register(aten.threshold)(piecewise_linear(lambda x, th, value: x > th))
 register(aten.hardsigmoid)(piecewise_linear(lambda x: _mask_between(x, -3, 3, strict=True).to(x.dtype) / 6))
-register(aten.abs)(piecewise_linear(lambda x: torch.sgn(x)))
+_abs_real = piecewise_linear(lambda x: torch.sgn(x))
+
+
+def _sqrt_series(r0: Tensor, s1, s2):
+    """r = √s given r0 = √s0: r1 = s1/(2r0), r2 = s2/(2r0) − s1²/(8r0³); zero where r0 = 0 (autograd's
+    convention for a norm or distance at 0)."""
+    zero = r0 == 0
+    inv = torch.where(zero, 0, 1 / torch.where(zero, 1, r0))
+    r1 = None if s1 is None else s1 * (0.5 * inv)
+    r2 = None if s2 is None else s2 * (0.5 * inv)
+    if s1 is not None:
+        t = s1 * s1 * (-0.125 * inv * inv * inv)
+        r2 = t if r2 is None else r2.add_(t)
+    return r1, r2
+
+
+@register(aten.abs, prims.abs)
+def _abs(func, args, kwargs):
+    """abs: real x: every coefficient times sgn(x0); complex z: r = √s, s = |z|², s1 = 2Re(z̄0 z1),
+    s2 = |z1|² + 2Re(z̄0 z2) (``_sqrt_series``)."""
+    z = args[0]
+    if not z.is_complex():
+        return _abs_real(func, args, kwargs)
+    z0, z1, z2 = cs(z)
+    r0 = func(z0)
+
+    def re_dot(a, b):  # Re(ā b), written without a lazy conj (rules run past the Conjugate key)
+        return a.real * b.real + a.imag * b.imag
+    s1 = None if z1 is None else 2 * re_dot(z0, z1)
+    s2 = None if z2 is None else 2 * re_dot(z0, z2)
+    if z1 is not None:
+        t = re_dot(z1, z1)
+        s2 = t if s2 is None else s2 + t
+    return make(r0, *_sqrt_series(r0, s1, s2))
 register(aten.clamp.default)(piecewise_linear(lambda x, min=None, max=None: _mask_between(x, min, max)))
 register(aten.clamp_min.default)(piecewise_linear(lambda x, min: x >= min))
 register(aten.clamp_max.default)(piecewise_linear(lambda x, max: x <= max))
@@ -768,6 +1028,70 @@ def _pool_with_indices(nd: int):
 register(aten.max_pool2d_with_indices)(_pool_with_indices(2))
 register(aten.max_pool3d_with_indices)(_pool_with_indices(3))
 register(aten.max_pool1d_with_indices)(_pool_with_indices(1))
+register(aten.adaptive_max_pool2d)(_pool_with_indices(2))
+register(aten.adaptive_max_pool3d)(_pool_with_indices(3))
+
+
+@register(aten._unique2, aten.unique_consecutive, aten.unique_dim)
+def _unique(func, args, kwargs):
+    """unique: inverse and counts are piecewise constant; each unique value (slice) is an entry of the input, so
+    its coefficients are the input's copied through the inverse index (equal entries are a non-smooth point)."""
+    x = args[0]
+    name = func._schema.name
+    dim = _arg(func, args, kwargs, "dim") if name != "aten::_unique2" else None
+    params = func._schema.arguments
+    full = [x.c0] + [kwargs.get(a.name, args[i] if i < len(args) else a.default_value) for i, a in
+                     enumerate(params) if i > 0]
+    user = func(*full)
+    full[[a.name for a in params].index("return_inverse")] = True
+    vals, inv, _ = func(*full)
+    outs = []
+    for xk in (x.c1, x.c2):
+        if xk is None:
+            outs.append(None)
+        elif dim is None:
+            outs.append(torch.zeros_like(vals).index_copy_(0, inv.reshape(-1), xk.reshape(-1)))
+        else:
+            outs.append(torch.zeros_like(vals).index_copy_(dim, inv, xk))
+    return make(user[0], *outs), user[1], user[2]
+
+
+@register(aten.median.default, aten.nanmedian.default)
+def _median_all(func, args, kwargs):
+    """median of all entries: each coefficient at the median entry (ties split evenly, as autograd does)."""
+    x = args[0]
+    return _even_ties(func, x, func(x.c0), list(range(x.c0.dim())), False)
+
+
+@register(aten.scatter_reduce.two)
+def _scatter_reduce(func, args, kwargs):
+    """scatter_reduce: sum and mean are jointly linear in (self, src); amax/amin take each coefficient at the
+    entries equal to the result at α = 0, ties split evenly (autograd's rule); prod is refused."""
+    self, dim, index, src, reduce = args[:5]
+    include_self = _arg(func, args, kwargs, "include_self", True)
+    if reduce in ("sum", "mean"):
+        return affine(0, 3)(func, args, kwargs)
+    if reduce not in ("amax", "amin"):
+        raise TaylorUnsupported(f"{func}: reduce={reduce!r} has no Taylor rule")
+    _need_const(func, (dim, index, reduce), kwargs)
+    S, R = cs(self), cs(src)
+    o0 = func(S[0], dim, index, R[0], reduce, **kwargs)
+    ms = (R[0] == o0.gather(dim, index)).to(o0.dtype)
+    mself = S[0] == o0
+    if not include_self:
+        mself &= ~torch.zeros_like(mself).scatter(dim, index, True)
+    mself = mself.to(o0.dtype)
+    count = mself.scatter_add(dim, index, ms)
+    outs = []
+    for k in (1, 2):
+        if S[k] is None and R[k] is None:
+            outs.append(None)
+            continue
+        t = torch.zeros_like(o0) if S[k] is None else S[k] * mself
+        if R[k] is not None:
+            t = t.scatter_add(dim, index, R[k] * ms)
+        outs.append(t / count)
+    return make(o0, *outs)
 
 
 @register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
@@ -781,12 +1105,19 @@ def _max_pool_plain(func, args, kwargs):
 
 @register(aten.nll_loss_forward, aten.nll_loss2d_forward)
 def _nll(func, args, kwargs):
-    x, rest = args[0], args[1:]
-    _need_const(func, rest, kwargs)
-    o0, tw = func(x.c0, *rest, **kwargs)
-    o1 = None if x.c1 is None else func(x.c1, *rest, **kwargs)[0]
-    o2 = None if x.c2 is None else func(x.c2, *rest, **kwargs)[0]
-    return make(o0, o1, o2), tw
+    """nll = −Σ w[t_i] x[i, t_i] (÷ T = Σ w[t_i] for mean): linear in x; with an α-dependent weight, bilinear in
+    (x, w) and, for mean, the quotient of that series by T's."""
+    x, target, weight, reduction, ignore = (_arg(func, args, kwargs, n) for n in
+                                            ("self", "target", "weight", "reduction", "ignore_index"))
+    _need_const(func, (target,), {})
+    X, W = cs(x), cs(weight)
+    o0, tw0 = func(X[0], target, W[0], reduction, ignore)
+    if not is_t(weight):
+        return make(o0, *(None if xk is None else func(xk, target, W[0], reduction, ignore)[0] for xk in X[1:])), tw0
+    num = bilinear(lambda a, b: func(a, target, b, 0 if reduction == 0 else 2, ignore)[0], X, W)
+    tw = make(tw0, *(None if wk is None else func(X[0], target, wk, 2, ignore)[1] for wk in W[1:]))
+    out = make(*num) / tw if reduction == 1 else make(*num)
+    return make(o0, *cs(out)[1:]), tw
 
 
 @register(aten.mse_loss)
@@ -1106,6 +1437,8 @@ def _vector_norm(func, args, kwargs):
     if ord_ != 2 or kwargs.get("dtype") is not None:
         from torch._decomp import decomposition_table
         return decomposition_table[func](*args, **kwargs)
+    if x.is_complex():
+        x = torch.abs(x)
     sq = x * x
     s = sq.sum(dim, keepdim=keepdim) if dim is not None else sq.sum()
     return torch.sqrt(s)
@@ -1122,11 +1455,312 @@ def _atan2(func, args, kwargs):
     return make(u0, *cs(z)[1:])
 
 
+@register(aten.angle)
+def _angle(func, args, kwargs):
+    """angle: complex z: atan2(Im z, Re z); real x: 0 or π, piecewise constant."""
+    z = args[0]
+    if not z.is_complex():
+        return _constant(func, args, kwargs)
+    return make(func(z.c0), *cs(torch.atan2(z.imag, z.real))[1:])
+
+
 @register(aten.hypot, prims.hypot)
 def _hypot(func, args, kwargs):
     a, b = args
     r = torch.sqrt(a * a + b * b)
     return make(func(cs(a)[0], cs(b)[0]), *cs(r)[1:])
+
+
+# ---------------------------------------------------------------------------------------------- linear algebra
+
+def _tr(m: Tensor) -> Tensor:
+    return m.diagonal(0, -2, -1).sum(-1)
+
+
+def _solve_series(A, B, X0: Tensor, solve: Callable, apply: Callable):
+    """X with A(α)·X(α) = B(α) (``apply`` is the product A·X of the op's own kind): X_k = solve(B_k − Σ_{j≥1}
+    A_j·X_{k−j}) for k = 1, 2, ``solve`` being the op's solve with A0."""
+    Xs = [X0]
+    for k in (1, 2):
+        r = B[k]
+        for j in range(1, k + 1):
+            if A[j] is not None and Xs[k - j] is not None:
+                t = apply(A[j], Xs[k - j])
+                r = -t if r is None else r - t
+        Xs.append(None if r is None else solve(r))
+    return Xs[1], Xs[2]
+
+
+@register(aten._linalg_solve_ex)
+def _linalg_solve(func, args, kwargs):
+    """linalg.solve: A X = B (X A = B with left=False): X_k = A0⁻¹(B_k − A1 X_{k−1} − A2 X_{k−2}); a vector B
+    (X of one dimension less than A) is solved as one column (row for left=False)."""
+    A, B = cs(args[0]), cs(args[1])
+    left = _arg(func, args, kwargs, "left", True)
+    X0, LU, piv, info = func(A[0], B[0], *args[2:], **kwargs)
+    vec = X0.dim() == A[0].dim() - 1
+    ax = -1 if left else -2
+
+    def mat(t):
+        return t.unsqueeze(ax) if vec and t is not None else t
+    lu, pv = torch.linalg.lu_factor(A[0])
+    X1, X2 = _solve_series(A, [None, mat(B[1]), mat(B[2])], mat(X0),
+                           lambda r: torch.linalg.lu_solve(lu, pv, r, left=left),
+                           lambda a, x: a @ x if left else x @ a)
+    return make(X0, *(None if t is None else (t.squeeze(ax) if vec else t) for t in (X1, X2))), LU, piv, info
+
+
+@register(aten.linalg_solve_triangular)
+def _solve_triangular(func, args, kwargs):
+    """solve_triangular: as linalg.solve with A's coefficients cut to the triangle the op reads (strictly, with
+    unitriangular=True)."""
+    A, B = cs(args[0]), cs(args[1])
+    upper = _arg(func, args, kwargs, "upper")
+    left = _arg(func, args, kwargs, "left", True)
+    unit = _arg(func, args, kwargs, "unitriangular", False)
+    X0 = func(A[0], B[0], *args[2:], **kwargs)
+    band = (lambda t: torch.triu(t, int(unit))) if upper else (lambda t: torch.tril(t, -int(unit)))
+    At = [A[0]] + [None if t is None else band(t) for t in A[1:]]
+    X1, X2 = _solve_series(At, B, X0, lambda r: func(A[0], r, *args[2:], **kwargs),
+                           lambda a, x: a @ x if left else x @ a)
+    return make(X0, X1, X2)
+
+
+@register(aten.linalg_cholesky_ex)
+def _cholesky(func, args, kwargs):
+    """cholesky (real, A = L Lᵀ, A_k symmetrised as autograd does): L_k = L0 Φ(L0⁻¹ R_k L0⁻ᵀ), R1 = A1,
+    R2 = A2 − L1 L1ᵀ, Φ = lower triangle with the diagonal halved."""
+    A = cs(args[0])
+    if A[0].is_complex():
+        raise TaylorUnsupported(f"{func}: complex input has no Taylor rule")
+    upper = _arg(func, args, kwargs, "upper", False)
+    L0, info = func(A[0], *args[1:], **kwargs)
+    lo = L0.mT if upper else L0
+
+    def step(r):
+        y = torch.linalg.solve_triangular(lo, 0.5 * (r + r.mT), upper=False)
+        m = torch.linalg.solve_triangular(lo, y.mT, upper=False)  # L0⁻¹ R L0⁻ᵀ (symmetric)
+        return lo @ (m.tril() - 0.5 * torch.diag_embed(m.diagonal(0, -2, -1)))
+    L1 = None if A[1] is None else step(A[1])
+    r2 = A[2]
+    if L1 is not None:
+        t = L1 @ L1.mT
+        r2 = -t if r2 is None else r2 - t
+    L2 = None if r2 is None else step(r2)
+    return make(L0, *(None if t is None else (t.mT if upper else t) for t in (L1, L2))), info
+
+
+@register(aten.linalg_inv_ex)
+def _linalg_inv(func, args, kwargs):
+    """inv: X = A⁻¹: X1 = −X0 A1 X0, X2 = −X0 (A1 X1 + A2 X0)."""
+    A = cs(args[0])
+    X0, info = func(A[0], *args[1:], **kwargs)
+    X1, X2 = _solve_series(A, [None, None, None], X0, lambda r: X0 @ r, lambda a, x: a @ x)
+    return make(X0, X1, X2), info
+
+
+def _lu_quotients(func, A, d0):
+    """M_k = A0⁻¹ A_k; refused where A0 is singular (the rules below need its inverse)."""
+    if bool((d0 == 0).any()):
+        raise TaylorUnsupported(f"{func}: the matrix is exactly singular (the rule needs its inverse)")
+    lu, piv = torch.linalg.lu_factor(A[0])
+    return [None if a is None else torch.linalg.lu_solve(lu, piv, a) for a in A[1:]]
+
+
+def _logdet_series(M1, M2):
+    """log det(A0 + A1 α + A2 α²) − log det A0 = tr M1 α + (tr M2 − ½ tr M1²) α² + O(α³)."""
+    l1 = None if M1 is None else _tr(M1)
+    l2 = None if M2 is None else _tr(M2)
+    if M1 is not None:
+        t = -0.5 * (M1 * M1.mT).sum((-2, -1))
+        l2 = t if l2 is None else l2 + t
+    return l1, l2
+
+
+@register(aten.linalg_matrix_exp)
+def _matrix_exp(func, args, kwargs):
+    """matrix_exp: exp of the block-Toeplitz matrix [[A0, A1, A2], [0, A0, A1], [0, 0, A0]] has the series
+    E0, E1, E2 of exp(A(α)) in its first block row (a truncated series of matrices is an algebra)."""
+    A = cs(args[0])
+    n = A[0].shape[-1]
+    z = torch.zeros_like(A[0])
+    a1 = z if A[1] is None else A[1]
+    a2 = z if A[2] is None else A[2]
+    T = torch.cat([torch.cat(r, -1) for r in ((A[0], a1, a2), (z, A[0], a1), (z, z, A[0]))], -2)
+    E = func(T)[..., :n, :]
+    return make(func(A[0]), E[..., n:2 * n], E[..., 2 * n:])
+
+
+@register(aten._linalg_det)
+def _linalg_det(func, args, kwargs):
+    """det: d1 = d0 l1, d2 = d0 (l2 + ½ l1²) with (l1, l2) the log-det series (``_logdet_series``)."""
+    A = cs(args[0])
+    d0, LU, piv = func(A[0])
+    l1, l2 = _logdet_series(*_lu_quotients(func, A, d0))
+    d2 = l2
+    if l1 is not None:
+        t = 0.5 * l1 * l1
+        d2 = t if d2 is None else d2 + t
+    return make(d0, None if l1 is None else d0 * l1, None if d2 is None else d0 * d2), LU, piv
+
+
+@register(aten._linalg_slogdet)
+def _linalg_slogdet(func, args, kwargs):
+    """slogdet (real): sign is piecewise constant; log|det| = the log-det series (``_logdet_series``)."""
+    A = cs(args[0])
+    if A[0].is_complex():
+        raise TaylorUnsupported(f"{func}: complex input (its sign depends on α); no Taylor rule")
+    sign, logabs, LU, piv = func(A[0])
+    return sign, make(logabs, *_logdet_series(*_lu_quotients(func, A, sign))), LU, piv
+
+
+def _sym_eig_series(func, lam0: Tensor, B1, B2):
+    """Eigen-series of a symmetric B(α) = Λ0 + B1 α + B2 α² (B written in the eigenbasis at α = 0), eigenvector
+    matrix I + C1 α + C2 α²: λ1 = diag B1, C1_ji = B1_ji/(λ_i − λ_j), T = B2 + B1 C1, λ2 = diag T,
+    C2_ji = (T_ji − C1_ji λ1_i)/(λ_i − λ_j) for j ≠ i, C1_ii = 0, C2_ii = −½ Σ_j C1_ji². Refused at a tie."""
+    n = lam0.shape[-1]
+    gap = lam0.unsqueeze(-2) - lam0.unsqueeze(-1)  # [j, i] = λ_i − λ_j
+    off = ~torch.eye(n, dtype=torch.bool, device=lam0.device)
+    if bool((gap[..., off] == 0).any()):
+        raise TaylorUnsupported(f"{func}: repeated eigenvalues (singular values) are not differentiable")
+    inv = torch.where(off, 1 / torch.where(off, gap, 1), 0)
+    C1 = None if B1 is None else B1 * inv
+    lam1 = None if B1 is None else B1.diagonal(0, -2, -1)
+    T = B2
+    if C1 is not None:
+        t = B1 @ C1
+        T = t if T is None else T + t
+    lam2 = None if T is None else T.diagonal(0, -2, -1)
+    C2 = None
+    if T is not None:
+        C2 = (T if C1 is None else T - C1 * lam1.unsqueeze(-2)) * inv
+        if C1 is not None:
+            C2 = C2 - 0.5 * torch.diag_embed((C1 * C1).sum(-2))
+    return lam1, lam2, C1, C2
+
+
+@register(aten._linalg_eigh)
+def _linalg_eigh(func, args, kwargs):
+    """eigh (real symmetric; A_k symmetrised, as autograd does): B_k = V0ᵀ A_k V0 through ``_sym_eig_series``;
+    eigenvectors V_k = V0 C_k."""
+    A = cs(args[0])
+    if A[0].is_complex():
+        raise TaylorUnsupported(f"{func}: complex (Hermitian) input has no Taylor rule")
+    uplo = _arg(func, args, kwargs, "UPLO", "L")
+    compute_v = _arg(func, args, kwargs, "compute_v", True)
+    lam0, V0 = func(A[0], uplo, True)
+    B = [None if a is None else V0.mT @ (0.5 * (a + a.mT)) @ V0 for a in A[1:]]
+    lam1, lam2, C1, C2 = _sym_eig_series(func, lam0, *B)
+    vals = make(lam0, lam1, lam2)
+    if not compute_v:
+        return vals, func(A[0], uplo, False)[1]
+    return vals, make(V0, *(None if c is None else V0 @ c for c in (C1, C2)))
+
+
+@register(aten._linalg_svd)
+def _linalg_svd(func, args, kwargs):
+    """svd (real; tall, else of Aᵀ): σ² are the eigenvalues of AᵀA, whose series in A0's right singular basis
+    is B1 = ΣP1 + P1ᵀΣ, B2 = ΣP2 + P2ᵀΣ + (A1V0)ᵀ(A1V0), P_k = U0ᵀ A_k V0 (``_sym_eig_series``); σ = √λ
+    (``_sqrt_series``); V_k = V0 C_k and U = A V Σ⁻¹. Full U or Vh of a non-square matrix is refused."""
+    A = cs(args[0])
+    full = _arg(func, args, kwargs, "full_matrices", False)
+    compute_uv = _arg(func, args, kwargs, "compute_uv", True)
+    driver = _arg(func, args, kwargs, "driver")
+    m, n = A[0].shape[-2:]
+    if A[0].is_complex() or (compute_uv and full and m != n):
+        raise TaylorUnsupported(f"{func}: complex input or full singular vectors of a non-square matrix: no Taylor "
+                                "rule")
+    out = func(A[0], full, compute_uv, driver=driver)
+    U0, S0, Vh0 = out if compute_uv else func(A[0], False, True, driver=driver)
+    wide = m < n
+    if wide:  # A' = Aᵀ = V Σ Uᵀ
+        A = [None if a is None else a.mT for a in A]
+    left, right = (Vh0.mT, U0) if wide else (U0, Vh0.mT)
+    P = [None if a is None else left.mT @ a @ right for a in A[1:]]
+    B = [None if p is None else S0.unsqueeze(-1) * p + p.mT * S0.unsqueeze(-2) for p in P]
+    if A[1] is not None:
+        av = A[1] @ right
+        B[1] = av.mT @ av if B[1] is None else B[1] + av.mT @ av
+    lam1, lam2, C1, C2 = _sym_eig_series(func, S0 * S0, *B)
+    S = make(S0, *_sqrt_series(S0, lam1, lam2))
+    if not compute_uv:
+        return out[0], make(out[1], *cs(S)[1:]), out[2]
+    R = make(right, *(None if c is None else right @ c for c in (C1, C2)))
+    L = make(left, *cs((make(*A) @ R) / S.unsqueeze(-2))[1:])
+    U, V = (R, L) if wide else (L, R)
+    return U, S, make(Vh0, *(None if c is None else c.mT for c in cs(V)[1:]))
+
+
+@register(aten.linalg_pinv.atol_rtol_tensor)
+def _linalg_pinv(func, args, kwargs):
+    """pinv = V_r Σ_r⁻¹ U_rᵀ over the r singular values above the op's cutoff at α = 0 (a rank that does not change
+    near α = 0), through the svd rule."""
+    x = args[0]
+    _need_const(func, (), kwargs)
+    atol, rtol, herm = (kwargs.get(k) for k in ("atol", "rtol", "hermitian"))
+    x0 = cs(x)[0]
+    ranks = torch.linalg.matrix_rank(x0, atol=atol, rtol=rtol, hermitian=bool(herm))
+    r = int(ranks.reshape(-1)[0]) if ranks.numel() else 0
+    if bool((ranks != r).any()):
+        raise TaylorUnsupported(f"{func}: the matrices of the batch have different ranks")
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    p = (Vh[..., :r, :].mT / S[..., None, :r]) @ U[..., :, :r].mT
+    return make(func(x0, **kwargs), *cs(p)[1:])
+
+
+@register(aten._cdist_forward)
+def _cdist(func, args, kwargs):
+    """cdist: d_ij = ‖x_i − y_j‖_p over the differences as Taylor tensors; p = 2 as √(Σ diff²) with zero
+    coefficients at distance 0 (autograd's convention, ``_sqrt_series``)."""
+    x1, x2, p = args[0], args[1], args[2]
+    o0 = func(cs(x1)[0], cs(x2)[0], *args[2:], **kwargs)
+    return _p_distance(o0, x1.unsqueeze(-2) - x2.unsqueeze(-3), p)
+
+
+def _p_distance(o0: Tensor, diff: Tensor, p: float) -> Tensor:
+    """‖diff‖_p over the last dim, its value o0 torch's own; p = 2 as √(Σ diff²) (``_sqrt_series``)."""
+    if p == 2:
+        s = (diff * diff).sum(-1)
+        return make(o0, *_sqrt_series(o0, *cs(s)[1:]))
+    return make(o0, *cs(torch.linalg.vector_norm(diff, p, -1))[1:])
+
+
+@register(aten._pdist_forward)
+def _pdist(func, args, kwargs):
+    """pdist: the distances ‖x_i − x_j‖_p for i < j (row-major), as cdist."""
+    x, p = args[0], _arg(func, args, kwargs, "p", 2)
+    o0 = func(cs(x)[0], p)
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    return _p_distance(o0, x[i] - x[j], p)
+
+
+# ---------------------------------------------------------------------------------------------- embedding bags
+
+@register(aten._embedding_bag, aten._embedding_bag_forward_only)
+def _embedding_bag(func, args, kwargs):
+    """embedding_bag: sum/mean are linear in the table and bilinear in (table, per_sample_weights); max takes
+    each coefficient at the row that is the maximum at α = 0 (zero for an empty bag)."""
+    args = list(args)
+    names = [a.name for a in func._schema.arguments]
+    pi = names.index("per_sample_weights")
+    psw = _arg(func, args, kwargs, "per_sample_weights")
+    mode = _arg(func, args, kwargs, "mode", 0)
+    _need_const(func, args[1:pi] + args[pi + 1:], kwargs)
+    W, P = cs(args[0]), cs(psw)
+
+    def f(w, p):
+        if len(args) > pi:
+            return func(w, *args[1:pi], p, *args[pi + 1:], **kwargs)
+        return func(w, *args[1:], **{**kwargs, "per_sample_weights": p})
+    res = f(W[0], P[0])
+    if mode == 2:
+        idx, filled = res[3], (res[2] > 0).unsqueeze(-1)
+        outs = [None if w is None else torch.where(filled, w.gather(0, idx), 0) for w in W[1:]]
+    elif is_t(psw):
+        outs = bilinear(lambda w, p: f(w, p)[0], W, P)[1:]
+    else:
+        outs = [None if w is None else f(w, P[0])[0] for w in W[1:]]
+    return (make(res[0], *outs), *res[1:])
 
 
 # ---------------------------------------------------------------------------------------------- metadata in place
