@@ -210,3 +210,30 @@ def test_ranks_agree_on_one_method(tmp_path) -> None:
     assert one["method"] == two["method"] == "taylor" and one["warnings"] == two["warnings"]
     for key in ("loss_t", "grad_corr", "dir_sharpness", "loss_t1"):
         assert rel_close(one[key], two[key], 1e-12), key
+
+
+@pytest.mark.parametrize(("name", "op"), [("bce_logits", "binary_cross_entropy_with_logits"),
+                                          ("nll_weight_of_w", "nll_loss_forward"), ("multi_margin", "multi_margin_loss"),
+                                          ("unique_values", "_unique2"), ("hardsigmoid", "hardsigmoid_backward")])
+def test_torch_gaps_of_real_ops_are_refusals_that_reach_taylor_mode(name: str, op: str) -> None:
+    """Ops of the op-coverage set that torch cannot differentiate twice (or in forward mode): each method
+    that cannot declares a refusal naming the op, and auto's chain ends in Taylor mode's exact numbers."""
+    from test_taylor_ops import OPS, _case, double_backward, finite_differences
+
+    from zeroptim_cli.derivatives.base import Derivatives
+
+    f, w, d = _case(OPS[name])
+    refusals = []
+    for method in AUTO:
+        try:
+            out: Derivatives = METHODS[method](f, w, d)
+        except Refusal as exc:
+            refusals.append(exc.op)
+            continue
+        break
+    assert refusals and all(op in r for r in refusals)
+    try:
+        ref = double_backward(f, w, d)
+    except RuntimeError:
+        ref = finite_differences(f, w, d)
+    assert rel_close(float(out.dir_sharpness), float(ref[2]), 1e-6)

@@ -46,6 +46,8 @@ class NotForThisModel(Refusal):
 _TORCH_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"derivative for '?([\w:.]+)'? is not implemented"), "torch has no derivative of it"),
     (re.compile(r"forward AD with '?([\w:.]+)'? that does not support it"), "torch has no forward-mode AD for it"),
+    (re.compile(r"function '([\w:.]+)' is not differentiable with respect to argument"),
+     "torch does not differentiate it with respect to an argument that depends on w"),
     (re.compile(r"(ZeroTensor)s are immutable"), "torch's forward mode hands out an immutable zero tangent"),
     (re.compile(r"(autograd\.Function) with functorch transforms"),
      "a custom autograd.Function without setup_context cannot be transformed by torch.func"),
