@@ -19,7 +19,7 @@ from test_cli import SPEC, make_pair, run, tree_hash
 
 from zeroptim_cli.io.batches import save_batch
 from zeroptim_cli.io.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
-from zeroptim_cli.io.files import atomic_path, exclusive_lock, read_safetensors
+from zeroptim_cli.io.files import LockedFile, atomic_path, read_safetensors
 from zeroptim_cli.models import MLP
 from zeroptim_cli.training.recorder import Recorder
 
@@ -141,13 +141,18 @@ def test_foreign_files_are_not_replaced_without_force(tmp_path, capsys) -> None:
 
 
 def test_second_sweep_on_one_output_fails_at_once(tmp_path, capsys) -> None:
-    make_pair(tmp_path)
+    """The lock is on the output's identity: through a symlink or a hard link it is the same output."""
+    make_pair(tmp_path / "run")
     out = tmp_path / "r.jsonl"
-    with exclusive_lock(tmp_path / ".r.jsonl.lock", "held by a test"):
-        code, stdout, err = run(capsys, "sweep", tmp_path, "-o", out, "--quiet")
-        assert code == 1 and stdout == "" and str(out) in err and "in use" in err
-    code, _, _ = run(capsys, "sweep", tmp_path, "-o", out, "--quiet")
-    assert code == 0 and not (tmp_path / ".r.jsonl.lock").exists()
+    out.touch()
+    (tmp_path / "link.jsonl").symlink_to(out)
+    os.link(out, tmp_path / "hard.jsonl")
+    with LockedFile(out, "held by a test"):
+        for name in ("r.jsonl", "link.jsonl", "hard.jsonl"):
+            code, stdout, err = run(capsys, "sweep", tmp_path / "run", "-o", tmp_path / name, "--quiet")
+            assert code == 1 and stdout == "" and name in err and "in use" in err, err
+    code, _, _ = run(capsys, "sweep", tmp_path / "run", "-o", tmp_path / "link.jsonl", "--quiet")
+    assert code == 0 and (tmp_path / "link.jsonl").is_symlink() and len(out.read_text().splitlines()) == 1
 
 
 def test_rerun_with_other_settings_keeps_earlier_rows(tmp_path, capsys) -> None:
