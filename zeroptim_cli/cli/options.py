@@ -23,8 +23,9 @@ from zeroptim_cli.io.results import to_json
 from zeroptim_cli.models import REGISTRY
 from zeroptim_cli.runtime import DTYPES
 
-#: Notes, progress and errors go to stderr; stdout carries results only.
-stderr = Console(stderr=True)
+#: Notes, progress and errors go to stderr; stdout carries results only. A line stays one line (a long path
+#: is not folded at the terminal's width), so that each warning or note can be read as one.
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 class ResultsConsole(Console):

@@ -21,6 +21,7 @@ from zeroptim_cli.cli.options import (
     compare_options,
     extras_options,
     force_option,
+    print_warnings,
     progress_bar,
     settings_options,
     stderr,
@@ -113,8 +114,7 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
         return
     if csv_path is not None:
         write_csv(list(read_results([output])), csv_path)
-    for line in summary.warnings:
-        stderr.print(f"warning: {line}", markup=False, highlight=False)
+    print_warnings(summary.warnings)
     if not quiet:
         stderr.print(f"{summary.analysed} analysed, {summary.skipped} already done, {summary.failed} failed "
                      f"→ {output}", markup=False, highlight=False)

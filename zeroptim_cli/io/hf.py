@@ -138,11 +138,12 @@ def model_class(config: dict[str, Any], source: str) -> type:
         raise ZeroptimError(f"'{source}' names no model class in 'architectures'")
     name = architectures[0]
     cls = getattr(transformers, name, None)
-    config_class = getattr(cls, "config_class", None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and isinstance(config_class, type)
-            and issubclass(config_class, transformers.PretrainedConfig) and config_class is not transformers.PretrainedConfig):
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ZeroptimError(f"'{source}' names model class '{name}', which transformers {transformers.__version__} "
                             "does not have (zeroptim never runs code that comes with a model)")
+    if name.endswith("PreTrainedModel"):  # transformers' abstract bases (PreTrainedModel, GPT2PreTrainedModel)
+        raise ZeroptimError(f"'{source}' names model class '{name}', an abstract base that no model is built from; "
+                            "'architectures' names the model's own class (e.g. GPT2LMHeadModel)")
     return cls
 
 
