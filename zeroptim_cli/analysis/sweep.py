@@ -101,11 +101,6 @@ class Plan:
     pairs: list[Pair] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def inputs(self) -> set[Path]:
-        """Every file the plan reads (checkpoints; the recorded batches are found beside them)."""
-        return {p.resolve() for pair in self.pairs for p in (pair.ckpt_t, pair.ckpt_t1)}
-
 
 @dataclass(frozen=True)
 class Found:
