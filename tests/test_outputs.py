@@ -127,6 +127,17 @@ def test_no_output_onto_any_file_read(tmp_path, capsys) -> None:
     assert code == 2 and tree_hash(tmp_path).items() >= before.items()
 
 
+def test_a_spec_file_found_beside_the_checkpoint_is_an_input(tmp_path, capsys, monkeypatch) -> None:
+    a, b = make_pair(tmp_path / "run")
+    (tmp_path / "run" / "helper.py").write_text(HELPER)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # helper.py is not here: it is found beside the checkpoint
+    assert run(capsys, "analyze", a, b, "--model", "helper.py:build", "--quiet")[0] == 0
+    code, _, err = run(capsys, "analyze", a, b, "--model", "helper.py:build", "-o", tmp_path / "run" / "helper.py",
+                       "--force")
+    assert code == 2 and "inputs" in err and (tmp_path / "run" / "helper.py").read_text() == HELPER
+
+
 def test_two_outputs_that_are_one_file_are_refused(tmp_path, capsys) -> None:
     make_pair(tmp_path / "run")
     out = tmp_path / "s.jsonl"

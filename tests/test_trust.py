@@ -546,3 +546,11 @@ def test_python_m_ignores_modules_in_the_working_directory(tmp_path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and json.loads(done.stdout)["checkpoint"], done.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_metadata_kwargs_the_model_does_not_take_name_the_file(tmp_path, capsys) -> None:
+    a, b = make_pair(tmp_path)
+    spec = {"name": "mlp", "kwargs": {**SPEC["kwargs"], "num_clases": 3}}
+    with_meta(a, model=spec), with_meta(b, model=spec)
+    code, out, err = run(capsys, "analyze", a, b)
+    assert code == 1 and out == "" and err.count("\n") == 1 and str(a) in err and "num_clases" in err, err

@@ -80,8 +80,13 @@ def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Set
     source = ckpt_t if ckpt_t.model_spec or ckpt_t1 is None or not ckpt_t1.model_spec else ckpt_t1
 
     def build() -> nn.Module:
-        return build_model(source.model_spec, settings.model, base_dir=source.path.parent, trust=settings.trust,
-                           source=source.path)
+        try:
+            return build_model(source.model_spec, settings.model, base_dir=source.path.parent, trust=settings.trust,
+                               source=source.path)
+        except ZeroptimError as exc:  # kwargs of the metadata that the model does not take: name the file
+            if settings.model is not None or str(source.path) in str(exc):
+                raise
+            raise type(exc)(f"checkpoint '{source.path}': {exc}") from exc
 
     try:  # shapes first, on the meta device: metadata asking for a huge model fails before allocating it
         with torch.device("meta"):
@@ -173,10 +178,11 @@ def command_inputs(checkpoints: Sequence[Path], batch_paths: Sequence[Path] = ()
     checked against): the checkpoints with ``checkpoint_files``, the ``--batch`` files, the files of
     ``--model``, ``--loss`` and ``--direction``, and ``others`` (``--state`` files or folders)."""
     inputs = Inputs([*batch_paths, *others])
-    for spec in (settings.model, settings.loss):
-        found = spec_file(spec) if spec else None
-        if found is not None:
-            inputs.add(found)
+    for spec in (s for s in (settings.model, settings.loss) if s):  # looked up in the working directory, then
+        for base in [None, *(Path(p).parent for p in checkpoints)]:  # beside the checkpoint (``load_callable``)
+            found = spec_file(spec, base)
+            if found is not None:
+                inputs.add(found)
     if settings.direction not in NAMED:
         inputs.add(Path(settings.direction))
     for path in checkpoints:
