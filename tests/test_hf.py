@@ -25,6 +25,7 @@ from zeroptim_cli.derivatives.precision import computed_in  # noqa: E402
 from zeroptim_cli.errors import ZeroptimError  # noqa: E402
 from zeroptim_cli.io.batches import Batch, load_batch  # noqa: E402
 from zeroptim_cli.io.checkpoint import load_checkpoint  # noqa: E402
+from zeroptim_cli.io.files import read_safetensors  # noqa: E402
 
 F64 = Settings(dtype="float64", device="cpu")
 VOCAB = 48
@@ -416,3 +417,88 @@ def test_a_model_built_while_another_thread_loads_stays_tied() -> None:
     model = build_hf_model(config)
     loader.join()
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+# --- weights only from safetensors inside the folder; a folder's files are inputs ---------------------------------
+
+def sharded(folder: Path) -> dict[str, str]:
+    """Turn a folder's model.safetensors into one shard named by an index; the index's weight map."""
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    keys = json.loads((folder / "model-00001-of-00001.safetensors").read_bytes()[8:][
+        :int.from_bytes((folder / "model-00001-of-00001.safetensors").read_bytes()[:8], "little")])
+    weight_map = {k: "model-00001-of-00001.safetensors" for k in keys if k != "__metadata__"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_index_naming_a_pickle_or_a_path_outside_is_refused_before_reading(tmp_path, capsys, monkeypatch) -> None:
+    a, b = save_pair(tiny("gpt2"), tmp_path)
+    batch = lm_batch(tmp_path / "b.safetensors")
+    marker = tmp_path / "unpickled"
+    monkeypatch.setenv("ZEROPTIM_TRAP", str(marker))
+    weight_map = sharded(a)
+    assert run_cli("analyze", a, b, "--batch", batch, "--quiet", capsys=capsys)[0] == 0  # the index itself is fine
+    shutil.copy(a / "model-00001-of-00001.safetensors", tmp_path / "outside.safetensors")
+    (a / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
+    (a / "linked.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    opened = []
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(lambda *a, **k: opened.append(a)))
+    for target, expected in (("pytorch_model.bin", "pickles are never read"), ("../outside.safetensors", "outside"),
+                             ("linked.safetensors", "outside"), (str(tmp_path / "outside.safetensors"), "outside")):
+        first = next(iter(weight_map))
+        (a / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map, first: target}}))
+        status, out, err = run_cli("analyze", a, b, "--batch", batch, capsys=capsys)
+        assert status == 1 and out == "" and err.count("\n") == 1 and str(a) in err and expected in err, err
+        if target.endswith(".bin"):
+            assert "safe_serialization=True" in err
+    assert not marker.exists() and opened == []
+
+
+def test_a_folder_of_pickled_weights_says_how_to_convert(tmp_path, capsys, monkeypatch) -> None:
+    a, b = save_pair(tiny("gpt2"), tmp_path / "out")
+    marker = tmp_path / "unpickled"
+    monkeypatch.setenv("ZEROPTIM_TRAP", str(marker))
+    (a / "model.safetensors").unlink()
+    (a / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
+    batch = lm_batch(tmp_path / "b.safetensors")
+    status, out, err = run_cli("analyze", a, b, "--batch", batch, capsys=capsys)
+    assert status == 1 and out == "" and "pytorch_model.bin" in err and "pickles are never read" in err
+    assert "save_pretrained(..., safe_serialization=True)" in err
+    status, _, err = run_cli("sweep", tmp_path / "out", "--batch", batch, "-o", tmp_path / "r.jsonl", capsys=capsys)
+    assert status == 3 and "pickles are never read" in (tmp_path / "r.jsonl").read_text()  # a failed pair, not a skip
+    assert not marker.exists()
+
+
+def test_an_abstract_architecture_is_a_named_error(tmp_path, capsys) -> None:
+    a, b = save_pair(tiny("gpt2"), tmp_path)
+    batch = lm_batch(tmp_path / "b.safetensors")
+    config = json.loads((a / "config.json").read_text())
+    for name in ("PreTrainedModel", "GPT2PreTrainedModel", "AutoModel", "PretrainedConfig"):
+        (a / "config.json").write_text(json.dumps({**config, "architectures": [name]}))
+        status, out, err = run_cli("analyze", a, b, "--batch", batch, capsys=capsys)
+        assert status == 1 and out == "" and err.count("\n") == 1 and str(a / "config.json") in err and name in err, err
+        assert "AttributeError" not in err
+
+
+def test_transformers_says_nothing_before_our_error(tmp_path, capsys) -> None:
+    a, b = save_pair(tiny("gpt2"), tmp_path)
+    tensors, _ = read_safetensors(a / "model.safetensors", "x")
+    del tensors["transformer.h.0.mlp.c_fc.weight"]  # transformers would initialise it and warn
+    tensors["not.a.weight"] = torch.zeros(2)  # and warn about this one too
+    save_file(tensors, str(a / "model.safetensors"), metadata={"format": "pt"})
+    status, out, err = run_cli("analyze", a, b, "--batch", lm_batch(tmp_path / "b.safetensors"), capsys=capsys)
+    assert status == 1 and out == "" and err.count("\n") == 1 and err.startswith("error:") and "c_fc" in err, err
+
+
+def test_no_output_onto_a_file_of_a_folder(tmp_path, capsys) -> None:
+    a, b = save_pair(tiny("gpt2"), tmp_path / "out")
+    batch = lm_batch(tmp_path / "b.safetensors")
+    (tmp_path / "sym.json").symlink_to(a / "config.json")
+    for target in (a / "config.json", a / "model.safetensors", b / "config.json", tmp_path / "sym.json",
+                   a / ".." / b.name / "model.safetensors"):
+        for args in (["analyze", a, b, "--batch", batch, "-o", target, "--force"],
+                     ["sweep", tmp_path / "out", "--batch", batch, "-o", target, "--force"],
+                     ["sweep", tmp_path / "out", "--batch", batch, "-o", tmp_path / "r.jsonl", "--csv", target,
+                      "--force"]):
+            status, out, err = run_cli(*args, capsys=capsys)
+            assert status == 2 and out == "" and "inputs" in err, (args, err)

@@ -10,6 +10,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from test_cli import SPEC, make_pair, run, tree_hash
 
 from zeroptim_cli.io.batches import save_batch
 from zeroptim_cli.io.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
-from zeroptim_cli.io.files import atomic_path, exclusive_lock, read_safetensors
+from zeroptim_cli.io.files import LockedFile, atomic_path, read_safetensors
 from zeroptim_cli.models import MLP
 from zeroptim_cli.training.recorder import Recorder
 
@@ -141,13 +143,18 @@ def test_foreign_files_are_not_replaced_without_force(tmp_path, capsys) -> None:
 
 
 def test_second_sweep_on_one_output_fails_at_once(tmp_path, capsys) -> None:
-    make_pair(tmp_path)
+    """The lock is on the output's identity: through a symlink or a hard link it is the same output."""
+    make_pair(tmp_path / "run")
     out = tmp_path / "r.jsonl"
-    with exclusive_lock(tmp_path / ".r.jsonl.lock", "held by a test"):
-        code, stdout, err = run(capsys, "sweep", tmp_path, "-o", out, "--quiet")
-        assert code == 1 and stdout == "" and str(out) in err and "in use" in err
-    code, _, _ = run(capsys, "sweep", tmp_path, "-o", out, "--quiet")
-    assert code == 0 and not (tmp_path / ".r.jsonl.lock").exists()
+    out.touch()
+    (tmp_path / "link.jsonl").symlink_to(out)
+    os.link(out, tmp_path / "hard.jsonl")
+    with LockedFile(out, "held by a test"):
+        for name in ("r.jsonl", "link.jsonl", "hard.jsonl"):
+            code, stdout, err = run(capsys, "sweep", tmp_path / "run", "-o", tmp_path / name, "--quiet")
+            assert code == 1 and stdout == "" and name in err and "in use" in err, err
+    code, _, _ = run(capsys, "sweep", tmp_path / "run", "-o", tmp_path / "link.jsonl", "--quiet")
+    assert code == 0 and (tmp_path / "link.jsonl").is_symlink() and len(out.read_text().splitlines()) == 1
 
 
 def test_rerun_with_other_settings_keeps_earlier_rows(tmp_path, capsys) -> None:
@@ -332,3 +339,218 @@ def test_inputs_are_untouched_by_every_command(tmp_path, capsys) -> None:
     run(capsys, "inspect", tmp_path / "run/ckpt_000100.safetensors", tmp_path / "run/ckpt_000101.safetensors")
     run(capsys, "sweep", tmp_path / "run", "-o", tmp_path / "r.jsonl", "--quiet")
     assert tree_hash(tmp_path / "run") == before
+
+
+# --- metadata cannot ask for memory; bounded flags -------------------------------------------------------------
+
+def test_metadata_model_far_larger_than_the_file_fails_before_allocating(tmp_path, capsys, monkeypatch) -> None:
+    from zeroptim_cli import models
+
+    devices = []
+
+    def recording_mlp(**kwargs: object) -> torch.nn.Module:
+        devices.append(torch.empty(0).device.type)  # where the factory's tensors go
+        return MLP(**kwargs)
+
+    monkeypatch.setitem(models.REGISTRY, "mlp", recording_mlp)
+    a, b = make_pair(tmp_path)
+    for hidden in (10**6, 10**12):  # 10¹² units: 2·10¹³ bytes if it were ever allocated
+        spec = {"name": "mlp", "kwargs": {"in_features": 5, "hidden": [hidden], "num_classes": 3}}
+        with_meta(a, model=spec), with_meta(b, model=spec)
+        code, out, err = run(capsys, "analyze", a, b)
+        assert code == 1 and out == "" and str(a) in err and f"({hidden}, 5)" in err, err
+    assert devices == ["meta", "meta"]
+    with_meta(a, model=SPEC), with_meta(b, model=SPEC)
+    assert run(capsys, "analyze", a, b, "--quiet")[0] == 0 and devices[2:] == ["meta", "cpu"]
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--lanczos", "1000000000"], "--lanczos"), (["--lanczos", "40"], "--lanczos"),
+    (["--hutchinson", "1000000000"], "--hutchinson"), (["--line-search", "--alphas", "-1:1:1000000000"], "--alphas"),
+    (["--line-search", "--alphas", "-1:inf:5"], "--alphas"),
+])
+def test_probe_and_grid_counts_are_bounded(tmp_path, capsys, args, flag) -> None:
+    a, b = make_pair(tmp_path)  # 39 parameters: 40 Lanczos steps are too many
+    code, out, err = run(capsys, "analyze", a, b, *args)
+    assert code == 2 and out == "" and flag in err, err
+    if args == ["--lanczos", "40"]:
+        assert "39 parameters" in err and run(capsys, "analyze", a, b, "--lanczos", "39", "--quiet")[0] == 0
+
+
+# --- recorded batches stay in the checkpoint's folder ------------------------------------------------------------
+
+def test_recorded_batch_links_out_of_the_folder_are_refused(tmp_path, capsys) -> None:
+    a, b = make_pair(tmp_path / "run")
+    (tmp_path / "outside").mkdir()
+    shutil.move(tmp_path / "run" / "batch.safetensors", tmp_path / "outside" / "batch.safetensors")
+    (tmp_path / "run" / "batch.safetensors").symlink_to(tmp_path / "outside" / "batch.safetensors")
+    (tmp_path / "run" / "sub").symlink_to(tmp_path / "outside")
+    for name in ("batch.safetensors", "sub/batch.safetensors"):
+        with_meta(a, batch=name)
+        for args in (["analyze", a, b], ["compare", a, b]):
+            code, out, err = run(capsys, *args)
+            assert code == 1 and out == "" and err.count("\n") == 1 and str(a) in err and "leads out" in err, err
+        code, _, _ = run(capsys, "sweep", tmp_path / "run", "-o", tmp_path / f"{len(name)}.jsonl", "--quiet")
+        assert code == 3 and "leads out" in (tmp_path / f"{len(name)}.jsonl").read_text()
+    (tmp_path / "run" / "inner").mkdir()
+    shutil.move(tmp_path / "outside" / "batch.safetensors", tmp_path / "run" / "inner" / "batch.safetensors")
+    (tmp_path / "run" / "batch.safetensors").unlink()
+    (tmp_path / "run" / "batch.safetensors").symlink_to(tmp_path / "run" / "inner" / "batch.safetensors")
+    with_meta(a, batch="batch.safetensors")
+    assert run(capsys, "analyze", a, b, "--quiet")[0] == 0  # a link that stays inside is fine
+
+
+# --- unclear errors, named ---------------------------------------------------------------------------------------
+
+def deep_json(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_is_a_named_error(tmp_path, capsys) -> None:
+    a, b = make_pair(tmp_path)
+    tensors, raw = read_safetensors(a, "checkpoint")
+    save_file(tensors, str(a), metadata={METADATA_KEY: '{"format": 1, "x": ' + deep_json(200_000) + "}"})
+    code, out, err = run(capsys, "analyze", a, b)
+    assert code == 1 and out == "" and err.count("\n") == 1 and str(a) in err and "nested too deeply" in err
+    header = ('{"x": ' + deep_json(200_000) + "}").encode()
+    a.write_bytes(len(header).to_bytes(8, "little") + header)
+    code, out, err = run(capsys, "analyze", a, b)
+    assert code == 1 and str(a) in err and "nested too deeply" in err and "Recursion" not in err
+    out_file = tmp_path / "r.jsonl"
+    out_file.write_text('{"ckpt_t": "x", "ckpt_t1": "y"}\n{"a": ' + deep_json(200_000) + "}\n")
+    code, _, err = run(capsys, "plot", out_file, "-o", tmp_path / "p.png")
+    assert code == 1 and str(out_file) in err and "nested too deeply" in err
+
+
+def adam_copy(tmp_path: Path, **state_meta: object) -> tuple[Path, Path, Path]:
+    """A copy of the Adam sample run, its state at step 100 with metadata keys changed
+    (``optimizer__KEY`` changes a key of the recorded optimizer)."""
+    run_dir = tmp_path / "adam"
+    shutil.copytree(SAMPLES / "mlp_adam", run_dir)
+    state = run_dir / "optim_000100.safetensors"
+    tensors, raw = read_safetensors(state, "state")
+    meta = json.loads(raw[METADATA_KEY])
+    for key, value in state_meta.items():
+        if key.startswith("optimizer__"):
+            meta["optimizer"][key.removeprefix("optimizer__")] = value
+        else:
+            meta[key] = value
+    save_file(tensors, str(state), metadata={METADATA_KEY: json.dumps(meta)})
+    return run_dir / "ckpt_000100.safetensors", run_dir / "ckpt_000101.safetensors", state
+
+
+@pytest.mark.parametrize("change", [{"param_groups": "x"}, {"param_groups": 0}, {"optimizer": "adam"},
+                                    {"optimizer__lr": "0.001"}, {"optimizer__betas": [2.0, 0.999]},
+                                    {"optimizer__betas": "b"}])
+def test_bad_optimizer_state_metadata_is_bad_data_naming_the_file(tmp_path, capsys, change) -> None:
+    a, b, state = adam_copy(tmp_path, **change)
+    for args in (["compare", a, b], ["analyze", a, b, "--direction", "adam"]):
+        code, out, err = run(capsys, *args)
+        assert code == 1 and out == "" and err.count("\n") == 1 and str(state) in err, (args, err)
+        assert "invalid literal" not in err and "Error:" not in err
+
+
+@pytest.mark.parametrize("spec", [".mod:fn", "..mod:fn", "a..b:fn", "mod.:fn"])
+def test_relative_module_specs_are_usage_errors(tmp_path, capsys, spec) -> None:
+    a, b = make_pair(tmp_path)
+    for flag in ("--model", "--loss"):
+        code, out, err = run(capsys, "analyze", a, b, flag, spec)
+        assert code == 2 and out == "" and err.count("\n") == 1 and flag in err and spec in err, err
+
+
+def test_a_module_that_fails_to_import_is_named(tmp_path, capsys, monkeypatch) -> None:
+    a, b = make_pair(tmp_path)
+    (tmp_path / "broken_mod.py").write_text("raise TypeError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run(capsys, "analyze", a, b, "--model", "broken_mod:build")
+    assert code == 1 and err.count("\n") == 1 and "broken_mod" in err and "broken on purpose" in err
+
+
+PRINTING = '''
+from zeroptim_cli.models import MLP
+def build(**kwargs):
+    print("hello from the factory")
+    return MLP(**kwargs)
+'''
+
+
+def test_user_code_printing_cannot_break_json(tmp_path, capsys) -> None:
+    a, b = make_pair(tmp_path)
+    (tmp_path / "printing.py").write_text(PRINTING)
+    code, out, err = run(capsys, "analyze", a, b, "--json", "--model", f"{tmp_path}/printing.py:build")
+    assert code == 0 and json.loads(out)["num_examples"] == 6 and "hello from the factory" in err
+    code, out, err = run(capsys, "compare", a, b, "--json", "--model", f"{tmp_path}/printing.py:build")
+    assert code == 0 and json.loads(out)["directions"] and "hello" in err
+    code, out, err = run(capsys, "sweep", tmp_path, "-o", tmp_path / "r.jsonl", "--model",
+                         f"{tmp_path}/printing.py:build", "--quiet")
+    assert code == 0 and out == "" and "hello" in err
+
+
+# --- interrupts and closed pipes ----------------------------------------------------------------------------------
+
+INTERRUPTING = '''
+import os, pathlib, signal
+from zeroptim_cli.models import MLP
+calls = 0
+def build(**kwargs):
+    global calls
+    calls += 1
+    if calls == 3 and not pathlib.Path(__file__).with_name("calm").exists():  # the second pair's first build
+        os.kill(os.getpid(), signal.SIGINT)
+    return MLP(**kwargs)
+'''
+
+
+def test_sigint_during_a_sweep_exits_130_and_says_it_resumes(tmp_path, capsys) -> None:
+    folder = tmp_path / "run"
+    assert run(capsys, "train", "--out", folder, "--steps", "4", "--batch-size", "8", "--record-every", "1",
+               "--quiet")[0] == 0
+    (tmp_path / "interrupting.py").write_text(INTERRUPTING)
+    args = ["sweep", folder, "-o", tmp_path / "r.jsonl", "--model", f"{tmp_path}/interrupting.py:build", "--quiet"]
+    code, out, err = run(capsys, *args)
+    assert code == 130 and out == "" and err.count("\n") == 1 and err.startswith("error: interrupted")
+    assert "1 pair(s)" in err and str(tmp_path / "r.jsonl") in err and "rerun the same command to resume" in err
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 1
+    (tmp_path / "calm").touch()
+    code, _, err = run(capsys, *args[:-1])
+    assert code == 0 and "3 analysed, 1 already done" in err
+
+
+def test_sigint_elsewhere_exits_130(tmp_path, capsys) -> None:
+    a, b = make_pair(tmp_path)
+    (tmp_path / "calm").unlink(missing_ok=True)
+    (tmp_path / "interrupting.py").write_text(INTERRUPTING.replace("calls == 3", "calls == 1"))
+    code, out, err = run(capsys, "analyze", a, b, "--model", f"{tmp_path}/interrupting.py:build", "-o",
+                         tmp_path / "r.json")
+    assert code == 130 and out == "" and err.count("\n") == 1 and "interrupted" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("args", [["--per-layer"], ["--json"]])
+def test_a_closed_stdout_ends_quietly(tmp_path, args) -> None:
+    a, b = make_pair(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "zeroptim_cli", "analyze", str(a), str(b), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    p.stdout.close()  # as `| head` does once it has its lines
+    err = p.stderr.read()
+    assert p.wait(timeout=120) in (0, 141) and err == b""
+
+
+# --- python -m never imports from the working directory -------------------------------------------------------
+
+def test_python_m_ignores_modules_in_the_working_directory(tmp_path) -> None:
+    a, _ = make_pair(tmp_path)
+    for name in ("dataclasses", "json", "typing", "enum", "contextlib", "torch", "safetensors", "click"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'a').write({name!r})\n")
+    done = subprocess.run([sys.executable, "-m", "zeroptim_cli", "inspect", str(a), "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["checkpoint"], done.stderr
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_metadata_kwargs_the_model_does_not_take_name_the_file(tmp_path, capsys) -> None:
+    a, b = make_pair(tmp_path)
+    spec = {"name": "mlp", "kwargs": {**SPEC["kwargs"], "num_clases": 3}}
+    with_meta(a, model=spec), with_meta(b, model=spec)
+    code, out, err = run(capsys, "analyze", a, b)
+    assert code == 1 and out == "" and err.count("\n") == 1 and str(a) in err and "num_clases" in err, err

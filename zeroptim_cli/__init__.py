@@ -11,7 +11,17 @@ The library works without the CLI::
     print(result.to_dict()["dir_sharpness_normalized"])
 """
 
-from zeroptim_cli._version import __version__
+import os as _os
+import sys as _sys
+
+# ``python -m zeroptim_cli`` (as torchrun runs it) puts the working directory first on sys.path, and it is
+# often a checkpoint folder: a file there named like a module (dataclasses.py, json.py) would run as code
+# the moment anything imports that module. The package is found by now, so the entry goes before any
+# other import does (while Python looks the module up, sys.argv[0] is "-m").
+if _sys.argv[:1] == ["-m"] and _sys.path and _sys.path[0] in ("", _os.getcwd()):
+    del _sys.path[0]
+
+from zeroptim_cli._version import __version__  # noqa: E402
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.pair import analyze_pair

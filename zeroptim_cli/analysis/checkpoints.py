@@ -5,20 +5,32 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
-from zeroptim_cli.analysis.directions import resolve_direction
+from zeroptim_cli.analysis.directions import NAMED, resolve_direction
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.pair import analyze_pair
 from zeroptim_cli.analysis.result import PairAnalysis
 from zeroptim_cli.analysis.sanity import pair_warnings
 from zeroptim_cli.derivatives.losses import Loss, default_loss, resolve_loss, resolve_metadata_loss
-from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
-from zeroptim_cli.io.specs import Trust
+from zeroptim_cli.io.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    load_checkpoint,
+    parse_metadata,
+    recorded_batch_paths,
+    state_for_model,
+)
+from zeroptim_cli.io.files import read_header
+from zeroptim_cli.io.outputs import Inputs
+from zeroptim_cli.io.specs import Trust, spec_file
 from zeroptim_cli.models import build_model
+from zeroptim_cli.optim.state import state_file_name
 from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
 
@@ -60,10 +72,30 @@ def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Set
                    batches: Sequence[Batch]) -> tuple[nn.Module, Loss]:
     """The model (from checkpoint t's metadata, else t1's, unless ``--model``) and the loss (``--loss``,
     else checkpoint t's metadata, else the default for ``batches``: the model's own loss for keyword-argument
-    batches, cross-entropy otherwise), code in metadata run only as ``settings.trust`` allows."""
+    batches, cross-entropy otherwise), code in metadata run only as ``settings.trust`` allows.
+
+    The model is built on the meta device first and its tensors' names and shapes are compared with the
+    checkpoint's, so that metadata asking for a model far larger than the file fails before any memory is
+    taken; only then is it built for real (a factory is called twice: keep it free of side effects)."""
     source = ckpt_t if ckpt_t.model_spec or ckpt_t1 is None or not ckpt_t1.model_spec else ckpt_t1
-    model = build_model(source.model_spec, settings.model, base_dir=source.path.parent, trust=settings.trust,
-                        source=source.path)
+
+    def build() -> nn.Module:
+        try:
+            return build_model(source.model_spec, settings.model, base_dir=source.path.parent, trust=settings.trust,
+                               source=source.path)
+        except ZeroptimError as exc:  # kwargs of the metadata that the model does not take: name the file
+            if settings.model is not None or str(source.path) in str(exc):
+                raise
+            raise type(exc)(f"checkpoint '{source.path}': {exc}") from exc
+
+    try:  # shapes first, on the meta device: metadata asking for a huge model fails before allocating it
+        with torch.device("meta"):
+            probe = build()
+    except ZeroptimError:
+        probe = None  # a factory that cannot build on the meta device: its real build says what is wrong
+    if probe is not None:
+        state_for_model(probe, source)
+    model = build()
     if settings.loss is not None:
         return model, resolve_loss(settings.loss, model)
     spec = ckpt_t.meta.get("loss") or default_loss(batches)
@@ -100,6 +132,8 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
     dtype = resolve_dtype(settings.dtype)
     p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
     assert p.params_t1 is not None
+    if extras is not None:
+        extras.check(sum(t.numel() for t in p.params_t.values()))
     result = analyze_pair(
         p.model, p.params_t, p.params_t1, batches, p.loss,
         buffers=p.buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
@@ -118,3 +152,40 @@ def analyze_files(path_t: str | os.PathLike, path_t1: str | os.PathLike,
     """Analyse a pair of checkpoint files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
     ckpt_t, ckpt_t1 = load_checkpoint(path_t), load_checkpoint(path_t1)
     return analyze_checkpoints(ckpt_t, ckpt_t1, batches_for(ckpt_t, batch_paths), settings, extras=extras)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files reading checkpoint ``path`` may open, from its header alone: the file itself (a folder:
+    every file in it), the batches its metadata records, the optimizer state saved beside it, and the
+    files of the model factory and loss it names. An unreadable header gives the file alone (reading it
+    fails later, naming it)."""
+    if path.is_dir():
+        return [path]
+    try:
+        meta = parse_metadata(read_header(path, "checkpoint")[1], path)
+        files = [path, *recorded_batch_paths(meta, path.parent, path)]
+    except ZeroptimError:
+        return [path]
+    if isinstance(meta.get("step"), int) and meta["step"] >= 0:
+        files.append(path.parent / state_file_name(meta["step"]))
+    specs = [(meta.get("model") or {}).get("factory"), meta.get("loss")]
+    return files + [f for s in specs if isinstance(s, str) for f in [spec_file(s, path.parent)] if f is not None]
+
+
+def command_inputs(checkpoints: Sequence[Path], batch_paths: Sequence[Path] = (), settings: Settings = Settings(),
+                   others: Sequence[Path] = ()) -> Inputs:
+    """Every file a command analysing ``checkpoints`` reads (``io.outputs.Inputs``, which outputs are
+    checked against): the checkpoints with ``checkpoint_files``, the ``--batch`` files, the files of
+    ``--model``, ``--loss`` and ``--direction``, and ``others`` (``--state`` files or folders)."""
+    inputs = Inputs([*batch_paths, *others])
+    for spec in (s for s in (settings.model, settings.loss) if s):  # looked up in the working directory, then
+        for base in [None, *(Path(p).parent for p in checkpoints)]:  # beside the checkpoint (``load_callable``)
+            found = spec_file(spec, base)
+            if found is not None:
+                inputs.add(found)
+    if settings.direction not in NAMED:
+        inputs.add(Path(settings.direction))
+    for path in checkpoints:
+        for f in checkpoint_files(Path(path)):
+            inputs.add(f)
+    return inputs

@@ -21,7 +21,7 @@ from zeroptim_cli.analysis.concentration import FRACTIONS, concentration
 from zeroptim_cli.analysis.result import PairAnalysis, quadratic_model
 from zeroptim_cli.analysis.spectrum import hutchinson, lanczos
 from zeroptim_cli.derivatives import METHODS, Derivatives, Objective
-from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.vectors import Params, clip_threshold, flatten, unflatten
 
 #: Told (probes done, probes in all) after each Lanczos step or Hutchinson probe, e.g. to move a progress bar.
@@ -46,10 +46,23 @@ class Extras:
         """What the extras' numbers depend on, JSON-ready."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "on_probe"}
 
+    def check(self, num_params: int) -> None:
+        """A usage error for more Lanczos steps than the model has parameters (the Krylov space is full
+        after that many: more steps compute nothing new)."""
+        if self.lanczos_steps > num_params:
+            raise ConfigError(f"--lanczos {self.lanczos_steps} is more than the model's {num_params} parameters; "
+                              f"take at most {num_params} steps")
+
     @property
     def any(self) -> bool:
         return bool(self.concentration or self.clip or self.line_search or self.lanczos_steps
                     or self.hutchinson_probes)
+
+
+#: Upper bounds of the probe and grid flags: each probe is a Hessian-vector product and each grid point a
+#: forward pass per batch, so a larger count is a typo that would run for days, not a setting.
+MAX_PROBES = 100_000
+MAX_GRID_POINTS = 10_000
 
 
 def default_alphas(lo: float = -0.5, hi: float = 2.0, points: int = 26) -> list[float]:

@@ -5,9 +5,12 @@ Face ``checkpoint-N`` folders (a Trainer ``output_dir``, whose pairs need ``--ba
 
 Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_t``, ``ckpt_t1``,
 ``batches``, ``sweep_key`` and ``settings_key``), written and flushed as soon as it is computed.
-Re-running with the same output skips the pairs already there, drops a line cut short by a kill, and
-retries pairs that failed, so an interrupted sweep resumes with no duplicate and no loss; results of other
-settings stay in the file. A failing pair (an unreadable checkpoint too) is recorded with an ``error`` key
+Re-running with the same output skips the pairs already there and retries pairs that failed, so an
+interrupted sweep resumes with no duplicate and no loss; results of other settings stay in the file. A
+line that is not a row (cut short by a kill, edited by hand) is moved to ``<output>.rejected`` with one
+warning, and a last row without its newline gets one before anything is appended. A result is keyed by
+its checkpoints (path, size, modification time), the content of every batch it used (the recorded ones
+too) and the settings, so that editing a batch makes its rows stale. A failing pair (an unreadable checkpoint too) is recorded with an ``error`` key
 and the sweep goes on. Each checkpoint file is read once per sweep, the next one while the current pair computes.
 With a fixed ``--batch`` set, pairs run newest first so that f(w_t) of one pair serves as f(w_t1) of
 the pair before it: one forward pass saved per pair.
@@ -32,10 +35,10 @@ from zeroptim_cli.analysis.compare import CompareOptions, compare_checkpoints
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint, parse_metadata
-from zeroptim_cli.io.files import exclusive_lock, read_header, write_text_atomic
+from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint, parse_metadata, recorded_batch_paths
+from zeroptim_cli.io.files import LockedFile, file_digest, read_header, require_regular
 from zeroptim_cli.io.hf import CONFIG, INDEX, TRAINER_STATE, folder_step, is_hf_folder
-from zeroptim_cli.io.results import to_json
+from zeroptim_cli.io.results import sweep_lines, to_json
 
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
@@ -49,6 +52,8 @@ class Pair:
     ckpt_t1: Path
     step_t: int | None
     step_t1: int | None
+    batches: tuple[Path, ...] = ()
+    """The batches ``ckpt_t`` records (used unless the sweep has fixed batches)."""
 
 
 #: The files of a Hugging Face folder besides its weights that a result depends on.
@@ -63,22 +68,29 @@ def _file_id(p: Path) -> list[Any]:
     return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def _batch_id(p: Path) -> list[Any]:
+    return [str(p.resolve()), file_digest(p)]
+
+
 def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
                  compare: CompareOptions | None = None) -> str:
     """What a result depends on besides its two checkpoints: the settings (not the device, nor the trust
-    flag: the same numbers either way), the fixed batches (path, size, modification time), the extras and
+    flag: the same numbers either way), the fixed batches (resolved path, content hash), the extras and
     the comparison options."""
     how = {k: v for k, v in asdict(settings).items() if k not in ("device", "trust_code")}
-    parts = [how, [_file_id(b) for b in batch_paths], extras.settings() if extras is not None else None]
+    parts = [how, [_batch_id(b) for b in batch_paths], extras.settings() if extras is not None else None]
     if compare is not None:  # so that keys of plain sweeps stay what they were
         parts.append(asdict(compare))
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def sweep_key(pair: Pair, how: str) -> str:
-    """A result's identity: both checkpoint files (resolved path, size, modification time) and the
-    ``settings_key`` ``how``. A re-run skips a pair whose key is already in the output."""
+def sweep_key(pair: Pair, how: str, fixed_batches: bool = False) -> str:
+    """A result's identity: both checkpoint files (resolved path, size, modification time), the batches
+    ``ckpt_t`` records unless the sweep has fixed ones (resolved path, content hash: the fixed ones are in
+    ``how``) and the ``settings_key`` ``how``. A re-run skips a pair whose key is already in the output."""
     parts = [_file_id(pair.ckpt_t), _file_id(pair.ckpt_t1), how]
+    if pair.batches and not fixed_batches:
+        parts.append([_batch_id(b) for b in pair.batches])
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -89,11 +101,6 @@ class Plan:
     pairs: list[Pair] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def inputs(self) -> set[Path]:
-        """Every file the plan reads (checkpoints; the recorded batches are found beside them)."""
-        return {p.resolve() for pair in self.pairs for p in (pair.ckpt_t, pair.ckpt_t1)}
-
 
 @dataclass(frozen=True)
 class Found:
@@ -101,7 +108,7 @@ class Found:
 
     path: Path
     step: int | None
-    has_batch: bool = False
+    batches: tuple[Path, ...] = ()
     error: str | None = None
 
 
@@ -125,13 +132,13 @@ def scan(path: Path) -> Found | None:
     try:
         entries, raw = read_header(path, "checkpoint")
         meta = parse_metadata(raw, path)
+        batches = tuple(recorded_batch_paths(meta, path.parent, path))
     except ZeroptimError as exc:
         return Found(path, _number(path), error=str(exc))
     if set(entries) == {"inputs", "targets"}:
         return None
     step = meta.get("step")
-    return Found(path, step if step is not None else _number(path),
-                 has_batch=bool(meta.get("batch") or meta.get("batches")))
+    return Found(path, step if step is not None else _number(path), batches)
 
 
 def expand(patterns: Sequence[str]) -> list[Path]:
@@ -176,8 +183,8 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
         for s, s1 in zip(ordered, ordered[1:]):
             if not successive and s1 != s + 1:
                 gaps += 1
-            elif successive or fixed_batches or steps[s].has_batch or steps[s].error:
-                plan.pairs.append(Pair(run, steps[s].path, steps[s1].path, s, s1))
+            elif successive or fixed_batches or steps[s].batches or steps[s].error:
+                plan.pairs.append(Pair(run, steps[s].path, steps[s1].path, s, s1, steps[s].batches))
             else:
                 unbatched += 1
         if gaps:
@@ -193,48 +200,41 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
     return plan
 
 
-def is_sweep_row(row: Any) -> bool:
-    """Whether a parsed line is one a sweep writes: an object naming its two checkpoints."""
-    return isinstance(row, dict) and isinstance(row.get("ckpt_t"), str) and isinstance(row.get("ckpt_t1"), str)
+def rejected_path(output: Path) -> Path:
+    """Where the lines of ``output`` that are not rows are moved: ``<output>.rejected``."""
+    return output.with_name(output.name + ".rejected")
 
 
-def read_done(output: Path, current: dict[tuple[str, str], str], how: str, replace_stale: bool = False,
-              force: bool = False) -> set[str]:
-    """Sweep keys of the pairs of ``current`` (resolved checkpoint paths → key) already analysed in
-    ``output`` with these settings (``how``). Nothing that is a result is lost: rows of other settings and
-    of other pairs stay as they are. Dropped are only a last line cut short by a kill, repeated lines,
-    and the error rows of pairs that are retried now. A row of these settings whose checkpoints changed
-    since (size or modification time) is replaced only with ``replace_stale``; otherwise the sweep
-    refuses. A file that is not a sweep output is refused unless ``force``, which starts it anew."""
-    if not output.exists() or output.stat().st_size == 0:
-        return set()
+def read_done(locked: LockedFile, current: dict[tuple[str, str], str], how: str, replace_stale: bool = False,
+              force: bool = False) -> tuple[set[str], list[str]]:
+    """(sweep keys of the pairs of ``current`` (resolved checkpoint paths → key) already analysed with these
+    settings ``how`` in the locked output, warnings). Nothing that is a result is lost: rows of other
+    settings and of other pairs stay as they are. Dropped are only repeated lines and the error rows of
+    pairs that are retried now; a line that is not a row is moved to ``rejected_path`` (with one warning),
+    and a last line without its newline gets one. A row of these settings whose checkpoints or batches
+    changed since is replaced only with ``replace_stale``; otherwise the sweep refuses. A file with no row
+    at all is not a sweep output: refused unless ``force`` (its lines are then moved aside too)."""
+    output = locked.path
     try:
-        text = output.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        if force:
-            write_text_atomic(output, "")
-            return set()
-        raise ZeroptimError(f"-o '{output}' exists and is not a zeroptim sweep output ({exc}); "
-                            "choose another file, or pass --force to replace it") from exc
-    lines = text.splitlines()
-    kept, done, seen, stale, changed = [], set(), set(), 0, False
-    for n, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not is_sweep_row(row):
-            if n == len(lines) - 1 and not text.endswith("\n"):
-                changed = True  # a line cut short by a kill: no result in it
-                continue
-            if force:
-                write_text_atomic(output, "")
-                return set()
-            raise ZeroptimError(f"-o '{output}' exists and is not a zeroptim sweep output (line {n + 1}); "
-                                "choose another file, or pass --force to replace it")
+        data = output.read_bytes()
+    except OSError as exc:
+        raise ZeroptimError(f"-o '{output}' cannot be read ({exc.strerror})") from exc
+    lines = list(sweep_lines(data))
+    if lines and all(row is None for _, row in lines) and not force:
+        raise ZeroptimError(f"-o '{output}' exists and is not a zeroptim sweep output (no line of it is a sweep "
+                            "row); choose another file, or pass --force to start it anew (its lines are kept in "
+                            f"'{rejected_path(output)}')")
+    kept: list[bytes] = []
+    rejected: list[bytes] = []
+    done: set[str] = set()
+    stale, changed = 0, bool(data) and not data.endswith(b"\n")
+    for line, row in lines:
+        if row is None:
+            rejected.append(line)
+            continue
         paths = (str(Path(row["ckpt_t"]).resolve()), str(Path(row["ckpt_t1"]).resolve()))
         key, mine = row.get("sweep_key"), row.get("settings_key") == how and paths in current
-        if line in seen or (mine and "error" in row):
+        if line in kept or (mine and "error" in row):
             changed = True  # a repeated line, or a failure retried now
             continue
         if mine and key != current[paths]:
@@ -245,14 +245,23 @@ def read_done(output: Path, current: dict[tuple[str, str], str], how: str, repla
                 continue
         elif mine:
             done.add(key)
-        seen.add(line)
         kept.append(line)
     if stale:
         raise ZeroptimError(f"-o '{output}' holds {stale} result(s) of these settings computed from earlier versions "
-                            "of the checkpoints; pass --replace-stale to recompute and replace them")
-    if changed:
-        write_text_atomic(output, "".join(k + "\n" for k in kept))
-    return done
+                            "of the checkpoints or batches; pass --replace-stale to recompute and replace them")
+    warnings = []
+    if rejected:
+        aside = rejected_path(output)
+        require_regular(aside, "-o (its rejected lines)")
+        try:
+            with aside.open("ab") as f:
+                f.write(b"".join(line + b"\n" for line in rejected))
+        except OSError as exc:
+            raise ZeroptimError(f"cannot write '{aside}' ({exc.strerror})") from exc
+        warnings.append(f"{len(rejected)} line(s) of '{output}' are not sweep rows; moved to '{aside}'")
+    if changed or rejected:
+        locked.replace(b"".join(line + b"\n" for line in kept))
+    return done, warnings
 
 
 class CheckpointCache:
@@ -287,6 +296,7 @@ class SweepSummary:
     skipped: int = 0
     failed: int = 0
     first_error: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths: Sequence[Path] = (),
@@ -295,7 +305,8 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
           compare: CompareOptions | None = None) -> SweepSummary:
     """Analyse ``plan``'s pairs into ``output`` (JSON lines), skipping those already there (see
     ``read_done`` for what happens to the rows already in it, and ``replace_stale`` and ``force``).
-    The output is locked for the whole sweep: a second sweep on it fails at once. With ``compare``, each
+    The output is locked for the whole sweep, on its identity: a second sweep on it, by whatever name (a
+    symlink, a hard link), fails at once. With ``compare``, each
     row is instead the comparison of directions at the pair (``analysis.compare``).
 
     Under torchrun, ``shard="pairs"`` gives each rank a contiguous block of whole pairs, and rank 0
@@ -306,12 +317,16 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
         raise ConfigError(f"--shard '{shard}' is not 'pairs' or 'batches'")
     main = dist.group_rank() == 0
     how = settings_key(settings, batch_paths, extras, compare)
-    keys = {p: sweep_key(p, how) for p in plan.pairs}
+    keys = {p: sweep_key(p, how, bool(batch_paths)) for p in plan.pairs}
     current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()}
-    with exclusive_lock(output.parent / f".{output.name}.lock", f"sweep output '{output}'") if main \
-            else contextlib.nullcontext():
-        done = dist.broadcast_from_main(read_done(output, current, how, replace_stale, force) if main else None)
-        return _run(plan, output, settings, batch_paths, extras, on_pair, shard, keys, how, done, compare)
+    if main:
+        require_regular(output, "-o")  # before opening it: a FIFO would block the open
+    with LockedFile(output, f"sweep output '{output}'") if main else contextlib.nullcontext() as locked:
+        done, warnings = dist.broadcast_from_main(read_done(locked, current, how, replace_stale, force)
+                                                  if main else None)
+        summary = _run(plan, output, settings, batch_paths, extras, on_pair, shard, keys, how, done, compare)
+    summary.warnings = warnings
+    return summary
 
 
 def _run(plan: Plan, output: Path, settings: Settings, batch_paths: Sequence[Path], extras: Extras | None,
@@ -330,7 +345,10 @@ def _run(plan: Plan, output: Path, settings: Settings, batch_paths: Sequence[Pat
     mine = todo[dist.group_rank() * per_rank:(dist.group_rank() + 1) * per_rank] if by_pairs else todo
     losses: dict[Path, float] = {}
     cache = CheckpointCache()
-    out = output.open("a", encoding="utf-8") if main else None
+    try:
+        out = output.open("a", encoding="utf-8") if main else None
+    except OSError as exc:
+        raise ZeroptimError(f"cannot write '{output}' ({exc.strerror})") from exc
     try:
         for i in range(per_rank if by_pairs else len(todo)):
             pair = mine[i] if i < len(mine) else None
@@ -346,9 +364,13 @@ def _run(plan: Plan, output: Path, settings: Settings, batch_paths: Sequence[Pat
             for p, r in rows:
                 if p is None or r is None:
                     continue
-                out.write(to_json(r) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+                try:
+                    out.write(to_json(r) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as exc:  # a full disk, say: the rows before this one are kept
+                    raise ZeroptimError(f"cannot write '{output}' ({exc.strerror or exc}); the rows written "
+                                        "before are kept, and rerunning the same command resumes") from exc
                 if "error" in r:
                     summary.failed += 1
                     if summary.first_error is None:
@@ -359,7 +381,8 @@ def _run(plan: Plan, output: Path, settings: Settings, batch_paths: Sequence[Pat
                     on_pair(p, r)
     finally:
         if out is not None:
-            out.close()
+            with contextlib.suppress(OSError):  # the error that matters was raised above
+                out.close()
         cache.close()
     return summary
 

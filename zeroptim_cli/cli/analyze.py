@@ -7,27 +7,29 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from zeroptim_cli import distributed as dist
-from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files, command_inputs
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.cli.options import (
+    INPUT,
+    ResultsConsole,
     emit,
     extras_options,
     progress_bar,
     result_options,
     settings_options,
     stderr,
+    user_stdout_to_stderr,
 )
-from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
+from zeroptim_cli.io.outputs import check_outputs
 from zeroptim_cli.report.tables import print_report
 
 
 @click.command()
-@click.argument("ckpt_t", type=click.Path(path_type=Path))
-@click.argument("ckpt_t1", type=click.Path(path_type=Path))
-@click.option("--batch", "batches", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+@click.argument("ckpt_t", type=INPUT)
+@click.argument("ckpt_t1", type=INPUT)
+@click.option("--batch", "batches", multiple=True, type=INPUT, metavar="FILE",
               help="Batch file (safetensors with 'inputs' and 'targets', or a model's keyword arguments with "
                    "'labels'); repeat to average several exactly. "
                    "Default: the batch recorded in CKPT_T's metadata.")
@@ -45,8 +47,7 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
       zeroptim analyze sample_ckpts/mlp_sgd/ckpt_000100.safetensors \\
                        sample_ckpts/mlp_sgd/ckpt_000101.safetensors
     """
-    refuse_inputs({"-o": output}, [ckpt_t, ckpt_t1, *batches])
-    check_replaceable(output, "-o", "json", force)
+    check_outputs({"-o": (output, "json")}, command_inputs([ckpt_t, ckpt_t1], batches, Settings(**settings)), force)
     settings["device"] = dist.init(str(settings["device"]))
     silent = quiet or as_json or not dist.is_main()
     probes = extras.lanczos_steps + extras.hutchinson_probes
@@ -54,11 +55,12 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
         if progress is not None:
             task = progress.add_task("analysing pair: Lanczos and Hutchinson probes", total=probes)
             extras = replace(extras, on_probe=lambda done, total: progress.update(task, completed=done, total=total))
-        with stderr.status("analysing pair…") if not (silent or probes) else contextlib.nullcontext():
+        with stderr.status("analysing pair…") if not (silent or probes) else contextlib.nullcontext(), \
+                user_stdout_to_stderr():
             result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
     if not dist.is_main():
         return
     payload = result.to_dict()
     payload.update(ckpt_t=str(ckpt_t), ckpt_t1=str(ckpt_t1))
-    emit(payload, output, as_json, quiet, result.warnings, lambda: print_report(result, Console(), per_layer=per_layer))
+    emit(payload, output, as_json, quiet, result.warnings, lambda: print_report(result, ResultsConsole(), per_layer=per_layer))
 

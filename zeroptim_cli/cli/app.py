@@ -1,7 +1,9 @@
 """The ``zeroptim`` command group and its entry point, which maps every failure to an exit status.
 
-Exit status: 0 success, 1 bad input or data, 2 bad usage, 3 a sweep with failed pairs. Errors are one
-``error:`` line on stderr (a traceback only with ``--debug``); stdout carries results only.
+Exit status: 0 success, 1 bad input or data, 2 bad usage, 3 a sweep with failed pairs, 130 interrupted
+(SIGINT, with a line saying what was kept), 143 terminated (SIGTERM), 141 when whoever read stdout closed
+it (``| head``: quietly). Errors are one ``error:`` line on stderr (a traceback only with ``--debug``);
+stdout carries results only.
 """
 
 from __future__ import annotations
@@ -22,10 +24,22 @@ from zeroptim_cli.cli.inspect import inspect
 from zeroptim_cli.cli.plot import plot
 from zeroptim_cli.cli.sweep import sweep
 from zeroptim_cli.cli.train import train
-from zeroptim_cli.errors import ConfigError, ZeroptimError
+from zeroptim_cli.errors import ConfigError, Interrupted, ZeroptimError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
+class _StdoutClosed(BaseException):
+    """stdout's reader went away (``zeroptim … | head``): raised past click, which would exit 1 for it."""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            raise _StdoutClosed from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
 @click.version_option(__version__, prog_name="zeroptim")
 def cli() -> None:
     """Why did the optimizer move the loss? Second-order analysis of training steps.
@@ -46,12 +60,31 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     # torch's own forward-mode decompositions still call the deprecated torch.jit.script on first use
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGTERM, _terminate),
+                                                                        (signal.SIGINT, _interrupt))}
     try:
-        return _run(args, debug)
+        status = _run(args, debug)
+        sys.stdout.flush()  # a closed pipe shows here when the last results were still buffered
+        return status
+    except (_StdoutClosed, BrokenPipeError):
+        _drop_stdout()
+        return 141
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         dist.shutdown()
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit cannot fail again on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
+        pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
 
 
 class _Terminated(BaseException):
@@ -78,7 +111,10 @@ def _run(args: list[str], debug: bool) -> int:
         if os.environ.get("RANK", "0") == "0":
             exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's own word for a KeyboardInterrupt
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            _say(f"error: interrupted; {Interrupted.kept}")
+            return 130
         _say("error: aborted")
         return 1
     except ZeroptimError as exc:
@@ -86,8 +122,8 @@ def _run(args: list[str], debug: bool) -> int:
             traceback.print_exc()
         _say(f"error: {exc}")
         return 2 if isinstance(exc, ConfigError) else 1
-    except KeyboardInterrupt:
-        _say("error: interrupted")
+    except (KeyboardInterrupt, Interrupted) as exc:
+        _say(f"error: interrupted; {getattr(exc, 'kept', Interrupted.kept)}")
         return 130
     except _Terminated:
         _say("error: terminated")

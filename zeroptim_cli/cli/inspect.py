@@ -5,18 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from zeroptim_cli.analysis.inspection import describe, differences
-from zeroptim_cli.cli.options import DEBUG_HELP
+from zeroptim_cli.cli.options import DEBUG_HELP, INPUT, ResultsConsole
 from zeroptim_cli.io.checkpoint import load_checkpoint
 from zeroptim_cli.io.results import to_json
 from zeroptim_cli.report.tables import print_description, print_differences
 
 
 @click.command()
-@click.argument("ckpt", type=click.Path(path_type=Path))
-@click.argument("ckpt2", required=False, type=click.Path(path_type=Path))
+@click.argument("ckpt", type=INPUT)
+@click.argument("ckpt2", required=False, type=INPUT)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def inspect(ckpt: Path, ckpt2: Path | None, as_json: bool, debug: bool) -> None:
@@ -28,7 +27,7 @@ def inspect(ckpt: Path, ckpt2: Path | None, as_json: bool, debug: bool) -> None:
     if as_json:
         click.echo(to_json({"checkpoint": info, **({"differences": diff} if diff else {})}))
         return
-    console = Console()
+    console = ResultsConsole()
     print_description(info, console)
     if diff is not None:
         print_differences(diff, console)

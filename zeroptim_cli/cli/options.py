@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import math
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -12,7 +15,7 @@ from rich.console import Console
 from rich.progress import Progress, ProgressColumn
 
 from zeroptim_cli.analysis.compare import SCALES, CompareOptions
-from zeroptim_cli.analysis.extras import Extras, default_alphas
+from zeroptim_cli.analysis.extras import MAX_GRID_POINTS, MAX_PROBES, Extras, default_alphas
 from zeroptim_cli.analysis.optimizer_steps import MezoSettings
 from zeroptim_cli.derivatives.methods import method_help, method_names
 from zeroptim_cli.io.files import write_text_atomic
@@ -20,10 +23,35 @@ from zeroptim_cli.io.results import to_json
 from zeroptim_cli.models import REGISTRY
 from zeroptim_cli.runtime import DTYPES
 
-#: Notes, progress and errors go to stderr; stdout carries results only.
-stderr = Console(stderr=True)
+#: Notes, progress and errors go to stderr; stdout carries results only. A line stays one line (a long path
+#: is not folded at the terminal's width), so that each warning or note can be read as one.
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+class ResultsConsole(Console):
+    """The console of a command's table on stdout. When stdout's reader went away (``| head``), rich
+    would exit 1; this raises ``BrokenPipeError`` instead, which the entry point ends quietly on."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
 
 DEBUG_HELP = "Show the full traceback on errors."
+
+#: A file or folder the command reads. Whether it can be read is found out by reading it (bad input, exit 1,
+#: naming the file), not by click beforehand (which would make it a usage error).
+INPUT = click.Path(path_type=Path, readable=False)
+#: A file the command writes; what may be there is ``io.outputs.check_outputs``'s to say.
+OUTPUT = click.Path(path_type=Path, readable=False)
+
+
+@contextlib.contextmanager
+def user_stdout_to_stderr() -> Iterator[None]:
+    """While a command computes, whatever code it runs prints (a user's model factory or loss, a library)
+    goes to stderr: stdout carries the results only (``--json`` stays one JSON object)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
 
 #: Replace an existing output file even if it does not look like one of zeroptim's.
 force_option = click.option("--force", is_flag=True,
@@ -34,7 +62,7 @@ def result_options(output_help: str, quiet_help: str):  # type: ignore[no-untype
     """--json, -o/--output, --force, --quiet and --debug of a command that computes one JSON object."""
     options = [
         click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout, nothing else."),
-        click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help=output_help),
+        click.option("-o", "--output", type=OUTPUT, help=output_help),
         force_option,
         click.option("--quiet", is_flag=True, help=quiet_help),
         click.option("--debug", is_flag=True, help=DEBUG_HELP),
@@ -145,7 +173,7 @@ def compare_options(fn):  # type: ignore[no-untyped-def]
                      help="Comma-separated directions: update, sgd, sign-sgd, normalized-sgd, mezo, the recorded "
                           "optimizer's own step by its name (adam, lion, …) or 'recorded', a --state NAME@RUN; "
                           "each may end in +clip. Default: all at hand, plus sgd+clip and each stateful one +clip."),
-        click.option("--state", "states", multiple=True, type=click.Path(path_type=Path), metavar="FILE|RUN",
+        click.option("--state", "states", multiple=True, type=INPUT, metavar="FILE|RUN",
                      help="Another optimizer's saved state (optim_*.safetensors, e.g. an Adam run's at the same step, or "
                           "a run folder: its state at CKPT_T's step): its step from w_t with this run's gradient "
                           "becomes direction NAME@RUN. Repeatable."),
@@ -189,9 +217,9 @@ def extras_options(fn):  # type: ignore[no-untyped-def]
                           "'zeroptim train --clip'."),
         LINE_SEARCH,
         ALPHAS,
-        click.option("--lanczos", type=click.IntRange(1), metavar="K",
+        click.option("--lanczos", type=click.IntRange(1, MAX_PROBES), metavar="K",
                      help="λ_max and λ_min of H by K Lanczos steps (K Hessian-vector products per batch)."),
-        click.option("--hutchinson", type=click.IntRange(2), metavar="M",
+        click.option("--hutchinson", type=click.IntRange(2, MAX_PROBES), metavar="M",
                      help="tr(H) by M Hutchinson probes, with its standard error."),
         click.option("--deep", is_flag=True, help="Shorthand for --concentration --clip-whatif 0.1 --line-search."),
     ]
@@ -216,12 +244,14 @@ def extras_options(fn):  # type: ignore[no-untyped-def]
 
 
 def alphas_grid(spec: str) -> list[float]:
+    """The grid of ``--alphas LO:HI:N``: finite ends, 2 ≤ N ≤ ``MAX_GRID_POINTS``."""
     try:
         lo, hi, n = spec.split(":")
-        points = int(n)
-        if points < 2:
+        points, ends = int(n), (float(lo), float(hi))
+        if not 2 <= points <= MAX_GRID_POINTS or not all(map(math.isfinite, ends)):
             raise ValueError
-        return default_alphas(float(lo), float(hi), points)
+        return default_alphas(*ends, points)
     except ValueError as exc:
-        raise click.BadParameter(f"'{spec}' is not LO:HI:N with N ≥ 2", param_hint="--alphas") from exc
+        raise click.BadParameter(f"'{spec}' is not LO:HI:N with finite LO and HI and 2 ≤ N ≤ {MAX_GRID_POINTS}",
+                                 param_hint="--alphas") from exc
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from zeroptim_cli.cli.options import DEBUG_HELP, force_option, stderr
-from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
+from zeroptim_cli.cli.options import DEBUG_HELP, INPUT, OUTPUT, force_option, stderr
+from zeroptim_cli.io.outputs import Inputs, check_outputs
 from zeroptim_cli.io.results import read_results
 
 
 @click.command()
-@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.argument("results", nargs=-1, required=True, type=INPUT)
+@click.option("-o", "--output", type=OUTPUT, required=True,
               help="Image file: .png, .svg or .pdf.")
 @click.option("--layers-run", metavar="RUN", help="Sweeps: draw the per-run panels for this run only (default: every run).")
 @click.option("--title", help="Figure title, above the generated one.")
@@ -30,8 +30,7 @@ def plot(results: tuple[Path, ...], output: Path, layers_run: str | None, title:
 
     Comparisons (compare --json, sweep --compare) are drawn as directions side by side: bars of dᵀHd/‖d‖²
     and of the actual loss change at one point, or both per direction over the steps of a sweep."""
-    refuse_inputs({"-o": output}, results)
-    check_replaceable(output, "-o", "figure", force)
+    check_outputs({"-o": (output, "figure")}, Inputs(results), force)
     rows = list(read_results(results))
     kinds = {"directions" in r for r in rows}
     if len(kinds) > 1:

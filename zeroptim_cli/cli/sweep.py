@@ -9,34 +9,39 @@ import click
 from rich.progress import TextColumn
 
 from zeroptim_cli import distributed as dist
-from zeroptim_cli.analysis.checkpoints import Settings
+from zeroptim_cli.analysis.checkpoints import Settings, command_inputs
 from zeroptim_cli.analysis.compare import CompareOptions
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.sweep import expand, find_pairs
 from zeroptim_cli.analysis.sweep import sweep as run_sweep
 from zeroptim_cli.cli.options import (
     DEBUG_HELP,
+    INPUT,
+    OUTPUT,
     compare_options,
     extras_options,
     force_option,
+    print_warnings,
     progress_bar,
     settings_options,
     stderr,
+    user_stdout_to_stderr,
 )
-from zeroptim_cli.io.outputs import check_replaceable, refuse_inputs
+from zeroptim_cli.errors import Interrupted
+from zeroptim_cli.io.outputs import check_outputs
 from zeroptim_cli.io.results import read_results, write_csv
 from zeroptim_cli.report.tables import fmt
 
 
 @click.command()
 @click.argument("runs", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("-o", "--output", type=OUTPUT, required=True,
               help="JSON-lines file, one line per pair; re-running resumes it.")
-@click.option("--batch", "batches", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+@click.option("--batch", "batches", multiple=True, type=INPUT, metavar="FILE",
               help="Analyse every pair on these batches instead of each pair's recorded batch.")
 @click.option("--successive", is_flag=True,
               help="Pair each checkpoint with the next one found, even across gaps in the steps.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--csv", "csv_path", type=OUTPUT,
               help="Also write the scalar columns of all results as CSV.")
 @settings_options
 @extras_options
@@ -70,10 +75,11 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
     settings["device"] = dist.init(str(settings["device"]))
     quiet = quiet or not dist.is_main()
     folders = expand(runs)
-    refuse_inputs({"-o": output, "--csv": csv_path},
-                  [*batches, *(p for folder in folders if folder.is_dir() for p in folder.glob("*.safetensors"))])
-    check_replaceable(csv_path, "--csv", "csv", force)
     plan = find_pairs(folders, successive=successive, fixed_batches=bool(batches))
+    read = [*(p for pair in plan.pairs for p in (pair.ckpt_t, pair.ckpt_t1)),
+            *(p for folder in folders for p in folder.glob("*.safetensors"))]
+    check_outputs({"-o": (output, "sweep"), "--csv": (csv_path, "csv")},
+                  command_inputs(read, batches, Settings(**settings)), force)
     if not quiet:
         for note in plan.notes:
             stderr.print(f"note: {note}", markup=False, highlight=False)
@@ -85,19 +91,30 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
             extras = replace(extras, on_probe=lambda done, total: progress.update(probe_task, completed=done,
                                                                                   total=total))
 
+        written = 0
+
         def advance(pair, row) -> None:  # type: ignore[no-untyped-def]
+            nonlocal written
+            written += 1
             status = "error" if "error" in row else (f"{len(row['directions'])} directions" if "directions" in row
                                                      else f"ΔᵀHΔ/‖Δ‖² = {fmt(row.get('dir_sharpness_normalized'), 4)}")
             progress.update(task, advance=1, last=f"{pair.run} {pair.step_t}→{pair.step_t1} {status}")
 
-        summary = run_sweep(plan, output, Settings(**settings), batches,  # type: ignore[arg-type]
-                            None if compare_with else extras, on_pair=advance, shard=shard,
-                            replace_stale=replace_stale, force=force, compare=compare_with)
+        try:
+            with user_stdout_to_stderr():
+                summary = run_sweep(plan, output, Settings(**settings), batches,  # type: ignore[arg-type]
+                                    None if compare_with else extras, on_pair=advance, shard=shard,
+                                    replace_stale=replace_stale, force=force, compare=compare_with)
+        except Interrupted as exc:
+            exc.kept = (f"the {written} pair(s) analysed in this run are kept in '{output}' with those before; "
+                        "rerun the same command to resume")
+            raise
         progress.update(task, completed=len(plan.pairs))
     if not dist.is_main():
         return
     if csv_path is not None:
         write_csv(list(read_results([output])), csv_path)
+    print_warnings(summary.warnings)
     if not quiet:
         stderr.print(f"{summary.analysed} analysed, {summary.skipped} already done, {summary.failed} failed "
                      f"→ {output}", markup=False, highlight=False)

@@ -29,7 +29,7 @@ from torch import nn
 
 from zeroptim_cli._version import __version__
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import atomic_path, read_safetensors
+from zeroptim_cli.io.files import atomic_path, loads_json, read_safetensors
 from zeroptim_cli.io.hf import CONFIG, INDEX, SPEC_KEY, WEIGHTS, config_difference, is_hf_folder, read_hf_folder
 
 METADATA_KEY = "zeroptim"
@@ -65,8 +65,23 @@ class Checkpoint:
     @property
     def batch_paths(self) -> list[Path]:
         """The recorded batches (metadata ``batches``, else ``batch``), resolved in ``folder``."""
-        names = self.meta.get("batches") or ([self.meta["batch"]] if self.meta.get("batch") else [])
-        return [self.folder / name for name in names]
+        return recorded_batch_paths(self.meta, self.folder, self.path)
+
+
+def recorded_batch_paths(meta: dict[str, Any], folder: Path, source: Path) -> list[Path]:
+    """The batches metadata ``meta`` of checkpoint ``source`` records (``batches``, else ``batch``), in
+    ``folder``; each must still be inside the folder once symlinks are followed (a link, or a linked
+    subfolder, leading elsewhere is refused: the metadata names files beside the checkpoint, nothing else)."""
+    names = meta.get("batches") or ([meta["batch"]] if meta.get("batch") else [])
+    home = Path(os.path.realpath(folder))
+    paths = []
+    for name in names:
+        real = Path(os.path.realpath(folder / name))
+        if not real.is_relative_to(home):
+            raise ZeroptimError(f"checkpoint '{source}': its recorded batch '{name}' leads out of its folder "
+                                f"(to '{real}'); pass the batch with --batch if you mean it")
+        paths.append(folder / name)
+    return paths
 
 
 def _fail(p: Path, what: str) -> ZeroptimError:
@@ -85,8 +100,8 @@ def parse_metadata(raw: dict[str, str], p: Path) -> dict[str, Any]:
     if METADATA_KEY not in raw:
         return {}
     try:
-        meta = json.loads(raw[METADATA_KEY])
-    except json.JSONDecodeError as exc:
+        meta = loads_json(raw[METADATA_KEY])
+    except ValueError as exc:
         raise _fail(p, f"is not valid JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise _fail(p, "must be a JSON object")

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +26,30 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.errors import ConfigError, ZeroptimError
 
 #: Header size limit (as safetensors itself uses): a larger n is a corrupt or hostile file.
 MAX_HEADER_BYTES = 100_000_000
 TEMP_SUFFIX = ".tmp"
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads``, with a structure nested too deeply for Python's parser reported as a ``ValueError``
+    (as a syntax error is, ``json.JSONDecodeError`` being one) instead of a ``RecursionError``: callers
+    catch ``ValueError`` and name the file."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to be read") from None
+
+
+def file_digest(path: Path) -> str | None:
+    """The SHA-256 of a file's content (None when it cannot be read: whoever reads it then says why)."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def _check_file(p: Path, kind: str) -> None:
@@ -51,8 +72,8 @@ def _parse_header(head: bytes, size: int, p: Path, kind: str) -> tuple[dict[str,
     if len(head) < 8 + n:
         raise ZeroptimError(f"{bad} (truncated header)")
     try:
-        header = json.loads(head[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = loads_json(head[8:8 + n].decode("utf-8"))
+    except ValueError as exc:
         raise ZeroptimError(f"{bad} (header is not JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise ZeroptimError(f"{bad} (header is not a JSON object)")
@@ -102,20 +123,22 @@ def read_safetensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torc
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path`` in one step.
 
-    Readers never see a half-written file, and a crash leaves the old file (or none) in place; the
+    Readers never see a half-written file, and a crash leaves the old file (or none) in place (through a
+    symlink, the file it leads to is the one replaced); the
     temporary file is removed whatever happens (a process killed outright leaves it, and the next
     ``remove_stale_temporaries`` of its folder takes it away). A failing write (a full disk, a
     read-only folder) is reported naming ``path``.
     """
     target = Path(path)
+    real = Path(os.path.realpath(target))  # through a symlink, the file it leads to is replaced, not the link
     tmp: str | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=TEMP_SUFFIX, dir=real.parent)
         os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, target)
+        os.replace(tmp, real)
     except OSError as exc:
         raise ZeroptimError(f"cannot write '{target}' ({exc.strerror or exc})") from exc
     finally:
@@ -155,13 +178,7 @@ def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ZeroptimError(f"cannot lock {what} ({exc.strerror})") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ZeroptimError(f"{what} is in use by another zeroptim process (lock '{lock_path}')") from exc
-            raise ZeroptimError(f"cannot lock {what} ({exc.strerror})") from exc
+        _flock(fd, what, f" (lock '{lock_path}')")
         if os.path.exists(lock_path) and os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)  # the file was removed by its previous holder after we opened it: take the new one
@@ -171,3 +188,94 @@ def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock_path)
         os.close(fd)
+
+
+def _flock(fd: int, what: str, where: str = "") -> None:
+    """Take an exclusive, non-blocking ``flock`` on ``fd``; on failure close it and say who holds ``what``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ZeroptimError(f"{what} is in use by another zeroptim process{where}") from exc
+        raise ZeroptimError(f"cannot lock {what} ({exc.strerror})") from exc
+
+
+def require_regular(path: Path, flag: str) -> None:
+    """A usage error when something other than a regular file (a FIFO, a device, a socket, a directory)
+    is at ``path``: only regular files are ever replaced or appended to (writing onto a FIFO would hang,
+    replacing a device node by a file would break it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ZeroptimError(f"{flag} '{path}' cannot be checked ({exc.strerror})") from exc
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{flag} '{path}' is {_kind(mode)}, not a regular file; choose a file path")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def read_regular(path: Path, flag: str) -> bytes:
+    """The bytes of the regular file at ``path``, opened so that a FIFO put there meanwhile cannot block."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ZeroptimError(f"{flag} '{path}' cannot be read ({exc.strerror})") from exc
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{flag} '{path}' is {_kind(os.fstat(fd).st_mode)}, not a regular file; choose a file path")
+        try:
+            return f.read()
+        except OSError as exc:
+            raise ZeroptimError(f"{flag} '{path}' cannot be read ({exc.strerror})") from exc
+
+
+class LockedFile:
+    """A file held under an exclusive ``flock`` on its identity (device and inode), whatever name reaches
+    it: a second holder through a symlink or a hard link fails at once, as through the same name.
+
+    ``replace`` rewrites the file atomically and keeps it locked: the new file is locked before it takes the
+    name, and the old one stays locked until ``close`` (a holder that had opened it fails too).
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path, self.what = path, what
+        self._fds: list[int] = []
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o666)
+        except OSError as exc:
+            raise ZeroptimError(f"cannot open {what} ({exc.strerror})") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            mode = os.fstat(fd).st_mode
+            os.close(fd)
+            raise ConfigError(f"{what} is {_kind(mode)}, not a regular file; choose a file path")
+        self._lock(fd)
+
+    def _lock(self, fd: int) -> None:
+        _flock(fd, self.what)
+        self._fds.append(fd)
+
+    def replace(self, data: bytes) -> None:
+        """Write ``data`` to a new file and rename it over the locked one, locked before it is renamed."""
+        with atomic_path(self.path) as tmp:
+            tmp.write_bytes(data)
+            self._lock(os.open(tmp, os.O_RDONLY))
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> "LockedFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -14,8 +14,11 @@ A folder is one when it holds ``config.json`` and the weights as safetensors: ``
   tables and drift from them. The tensors are then taken from ``state_dict()``, under the names
   ``named_parameters()`` uses. A weight the model has but the folder lacks is an error (transformers
   would initialise it at random and only warn).
-* Pickle files beside them (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
-  ``training_args.bin``, ``pytorch_model.bin``) are never opened.
+* Weights come only from ``.safetensors`` files inside the folder (``check_weights``, before any is
+  opened): an index naming another file (``pytorch_model.bin``) or a path leading out of the folder
+  (``..``, a symlink) is refused, and so is a folder whose weights are only a pickle. Pickle files beside
+  them (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``,
+  ``pytorch_model.bin``) are never opened.
 * The step is ``trainer_state.json``'s ``global_step``, else N of a folder named ``checkpoint-N``.
 
 transformers is an optional extra (``pip install "zeroptim[hf]"``) imported only here and only when a
@@ -26,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -36,10 +41,15 @@ from typing import Any
 import torch
 
 from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.io.files import loads_json
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+#: Weights saved as pickles (``save_pretrained(..., safe_serialization=False)``): never read.
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+CONVERT = ("pickles are never read (unpickling can run code); if you trust the folder, convert it with "
+           "transformers: save_pretrained(..., safe_serialization=True)")
 TRAINER_STATE = "trainer_state.json"
 INSTALL = 'pip install "zeroptim[hf]"'
 #: The model spec key (checkpoint metadata ``model``) holding a transformers config as a JSON object.
@@ -50,8 +60,37 @@ _CHECKPOINT_N = re.compile(r"^checkpoint-(\d+)$")
 
 
 def is_hf_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder with ``config.json`` and safetensors weights (flat or sharded)."""
-    return path.is_dir() and (path / CONFIG).is_file() and ((path / WEIGHTS).is_file() or (path / INDEX).is_file())
+    """Whether ``path`` is a folder with ``config.json`` and weights: safetensors (flat or sharded), or a
+    pickle (which ``check_weights`` refuses with a word on converting it)."""
+    return path.is_dir() and (path / CONFIG).is_file() and any((path / n).is_file() for n in (WEIGHTS, INDEX, *PICKLED))
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse, before any weight file is opened, a folder whose weights are not all ``.safetensors`` files
+    inside it: an index naming another file or a path leading out of the folder (after symlinks), a
+    ``model.safetensors`` that is a link out of it, weights that are only a pickle."""
+    home = Path(os.path.realpath(folder))
+
+    def inside(name: str, source: Path) -> None:
+        real = Path(os.path.realpath(folder / name))
+        if not real.is_relative_to(home) or Path(name).is_absolute():
+            raise ZeroptimError(f"'{source}' names weights '{name}' outside the checkpoint folder (at '{real}'); "
+                                "weights are read only from files inside it")
+
+    if not (folder / WEIGHTS).is_file() and not (folder / INDEX).is_file():
+        pickled = next(n for n in PICKLED if (folder / n).is_file())
+        raise ZeroptimError(f"checkpoint folder '{folder}' holds its weights only as a pickle ('{pickled}'): {CONVERT}")
+    if (folder / WEIGHTS).is_file():
+        inside(WEIGHTS, folder)
+    if (folder / INDEX).is_file():
+        index = _read_json(folder / INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ZeroptimError(f"'{folder / INDEX}' has no 'weight_map' object of file names")
+        for name in sorted(set(weight_map.values())):
+            if not name.endswith(".safetensors"):
+                raise ZeroptimError(f"'{folder / INDEX}' maps weights to '{name}', not a .safetensors file: {CONVERT}")
+            inside(name, folder / INDEX)
 
 
 def transformers_module(what: str) -> ModuleType:
@@ -74,10 +113,14 @@ TRANSFORMERS_LOCK = _TRANSFORMERS
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """One transformers call at a time in this process (``_TRANSFORMERS``), with no progress bars and no
-    warnings from transformers (stderr stays ours; the settings are restored after)."""
-    logging = transformers_module("a Hugging Face model").utils.logging
-    with _TRANSFORMERS:
+    """One transformers call at a time in this process (``_TRANSFORMERS``), with no progress bars, no
+    log messages and no Python warnings from transformers (stderr stays ours: an error is our one line;
+    the settings are restored after)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging = transformers_module("a Hugging Face model").utils.logging
+    with _TRANSFORMERS, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
         logging.set_verbosity_error()
         logging.disable_progress_bar()
@@ -100,6 +143,9 @@ def model_class(config: dict[str, Any], source: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ZeroptimError(f"'{source}' names model class '{name}', which transformers {transformers.__version__} "
                             "does not have (zeroptim never runs code that comes with a model)")
+    if name.endswith("PreTrainedModel"):  # transformers' abstract bases (PreTrainedModel, GPT2PreTrainedModel)
+        raise ZeroptimError(f"'{source}' names model class '{name}', an abstract base that no model is built from; "
+                            "'architectures' names the model's own class (e.g. GPT2LMHeadModel)")
     return cls
 
 
@@ -122,8 +168,8 @@ def config_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        return loads_json(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
         raise ZeroptimError(f"'{path}' is not readable JSON ({exc})") from exc
 
 
@@ -142,14 +188,15 @@ def folder_step(folder: Path) -> int | None:
 def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(the model's state dict as transformers loads the folder, zeroptim metadata for it): the metadata's
     ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says."""
+    check_weights(folder)
     config_path = folder / CONFIG
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
     cls = model_class(config, str(config_path))
-    complete = cls.config_class.from_dict(config).to_dict()
     try:
         with quiet_transformers():
+            complete = cls.config_class.from_dict(config).to_dict()
             model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                               trust_remote_code=False, output_loading_info=True, dtype="auto")
     except Exception as exc:  # transformers raises OSError, ValueError, RuntimeError… for bad folders

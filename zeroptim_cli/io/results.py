@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import write_text_atomic
+from zeroptim_cli.io.files import loads_json, write_text_atomic
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -66,11 +66,34 @@ def read_results(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
                                 "(JSON lines) and analyze --json files") from exc
         stripped = text.strip()
         try:
-            rows = [json.loads(stripped)] if stripped.startswith("{") and "\n{" not in stripped else \
-                [json.loads(line) for line in stripped.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
+            rows = [loads_json(stripped)] if stripped.startswith("{") and "\n{" not in stripped else \
+                [loads_json(line) for line in stripped.splitlines() if line.strip()]
+        except ValueError as exc:
             raise ZeroptimError(f"results file '{path}' is not JSON or JSON lines ({exc})") from exc
         for row in rows:
             if isinstance(row, dict) and "error" not in row:
                 row.setdefault("run", Path(path).stem)
                 yield row
+
+
+def is_sweep_row(row: Any) -> bool:
+    """Whether a parsed line is one a sweep writes: an object naming its two checkpoints."""
+    return isinstance(row, dict) and isinstance(row.get("ckpt_t"), str) and isinstance(row.get("ckpt_t1"), str)
+
+
+def sweep_lines(data: bytes) -> Iterator[tuple[bytes, dict[str, Any] | None]]:
+    """Each line of a sweep output (without its newline; blank lines left out) with its row, or None for a
+    line that is not a sweep row (not UTF-8, not JSON, not a row)."""
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = loads_json(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError too
+            row = None
+        yield line, row if is_sweep_row(row) else None
+
+
+def is_sweep_output(data: bytes) -> bool:
+    """Whether a file's content holds at least one sweep row."""
+    return any(row is not None for _, row in sweep_lines(data))

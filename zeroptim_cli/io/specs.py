@@ -24,9 +24,9 @@ def load_callable(spec: str, what: str, base_dir: Path | None = None) -> Callabl
     A relative file path is looked up in the working directory first, then in ``base_dir``.
     """
     target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
+    if not sep or not target or not attr or (not _is_file(target) and not all(target.split("."))):
         raise ConfigError(f"{what} '{spec}' must look like 'path/to/file.py:function' or 'package.module:function'")
-    if target.endswith(".py") or "/" in target or "\\" in target:
+    if _is_file(target):
         module = _import_file(Path(target), spec, what, base_dir)
     else:
         try:
@@ -34,14 +34,30 @@ def load_callable(spec: str, what: str, base_dir: Path | None = None) -> Callabl
         except ModuleNotFoundError as exc:
             raise ZeroptimError(f"{what} '{spec}': cannot import module '{target}' ({exc}); "
                                 f"{_module_hint(target, attr)}") from exc
-        except ImportError as exc:
-            raise ZeroptimError(f"{what} '{spec}': cannot import module '{target}' ({exc})") from exc
+        except Exception as exc:  # ImportError, or whatever the module raised while it ran
+            raise ZeroptimError(f"{what} '{spec}': cannot import module '{target}' ({type(exc).__name__}: {exc})") from exc
     fn = getattr(module, attr, None)
     if fn is None:
         raise ZeroptimError(f"{what} '{spec}': '{target}' has no attribute '{attr}'")
     if not callable(fn):
         raise ZeroptimError(f"{what} '{spec}': '{attr}' is not callable")
     return fn
+
+
+def _is_file(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def spec_file(spec: str, base_dir: Path | None = None) -> Path | None:
+    """The file a ``path/to/file.py:function`` spec would import (as ``load_callable`` looks it up), None
+    for a module spec, a built-in name or a file that is not there."""
+    target, sep, _ = spec.rpartition(":")
+    return _find_file(Path(target), base_dir) if sep and _is_file(target) else None
+
+
+def _find_file(path: Path, base_dir: Path | None) -> Path | None:
+    candidates = [path] if path.is_absolute() or base_dir is None else [path, base_dir / path]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def _module_hint(target: str, attr: str) -> str:
@@ -52,8 +68,7 @@ def _module_hint(target: str, attr: str) -> str:
 
 
 def _import_file(path: Path, spec: str, what: str, base_dir: Path | None) -> Any:
-    candidates = [path] if path.is_absolute() or base_dir is None else [path, base_dir / path]
-    found = next((c for c in candidates if c.is_file()), None)
+    found = _find_file(path, base_dir)
     if found is None:
         raise ZeroptimError(f"{what} '{spec}': file '{path}' does not exist")
     resolved = found.resolve()

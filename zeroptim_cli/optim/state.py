@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import read_safetensors
+from zeroptim_cli.io.files import loads_json, read_safetensors
 from zeroptim_cli.optim.optimizers import OPTIMIZERS, CoordinateClip, build_optimizer, class_path, optimizer_description
 from zeroptim_cli.vectors import Params
 
@@ -70,14 +70,18 @@ def load_state_file(path: str | os.PathLike) -> SavedState:
     p = Path(path)
     tensors, raw = read_safetensors(p, "optimizer state")
     try:
-        meta = json.loads(raw.get("zeroptim", "{}"))
-    except json.JSONDecodeError as exc:
+        meta = loads_json(raw.get("zeroptim", "{}"))
+    except ValueError as exc:
         raise ZeroptimError(f"optimizer state '{p}': metadata 'zeroptim' is not valid JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise ZeroptimError(f"optimizer state '{p}': metadata 'zeroptim' must be a JSON object")
-    step = meta.get("step")
-    return SavedState(p, tensors, step if isinstance(step, int) else None, meta.get("optimizer"),
-                      int(meta.get("param_groups", 1)), meta)
+    step, groups, optimizer = meta.get("step"), meta.get("param_groups", 1), meta.get("optimizer")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ZeroptimError(f"optimizer state '{p}': metadata key 'param_groups' must be a positive integer, "
+                            f"not {json.dumps(groups)[:40]}")
+    if optimizer is not None and not isinstance(optimizer, dict):
+        raise ZeroptimError(f"optimizer state '{p}': metadata key 'optimizer' must be an object")
+    return SavedState(p, tensors, step if isinstance(step, int) else None, optimizer, groups, meta)
 
 
 def rebuild(description: Mapping[str, Any], params: list[Tensor]) -> torch.optim.Optimizer | CoordinateClip:
@@ -106,7 +110,10 @@ def replay_step(description: Mapping[str, Any], state: Mapping[str, Tensor], w: 
     """d = w_new − w for one step of the described optimizer from ``state`` at ``w`` with gradient ``grad``
     (``loss`` evaluates f at given parameters, for optimizers that need a closure); see the module docstring."""
     params = {k: v.detach().clone() for k, v in w.items()}
-    optimizer = rebuild(description, list(params.values()))
+    try:
+        optimizer = rebuild(description, list(params.values()))
+    except ZeroptimError as exc:  # hyper-parameters of a file are bad data, not a bad flag
+        raise ZeroptimError(f"{source}: the recorded optimizer cannot be rebuilt ({exc})") from exc
     index = {name: i for i, name in enumerate(params)}
     per_param: dict[int, dict[str, Tensor]] = {}
     for key, value in state.items():
@@ -115,7 +122,10 @@ def replay_step(description: Mapping[str, Any], state: Mapping[str, Tensor], w: 
             raise ZeroptimError(f"{source}: '{key}' belongs to no parameter of the model")
         per_param.setdefault(index[name], {})[entry] = value.clone()  # torch steps the loaded state in place
     saved = optimizer.state_dict()
-    optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise ZeroptimError(f"{source}: the saved state does not fit the optimizer ({exc})") from exc
     needs_closure = getattr(optimizer, "needs_closure", False)
     if not needs_closure:
         if grad is None:
@@ -124,5 +134,9 @@ def replay_step(description: Mapping[str, Any], state: Mapping[str, Tensor], w: 
             p.grad = grad[k].detach().clone()
     if needs_closure and loss is None:
         raise ZeroptimError(f"optimizer '{description.get('name')}' needs the loss to step")
-    optimizer.step((lambda: loss(params)) if needs_closure else None)  # type: ignore[misc]
+    try:
+        optimizer.step((lambda: loss(params)) if needs_closure else None)  # type: ignore[misc]
+    except (ValueError, TypeError, RuntimeError) as exc:  # a recorded value of the wrong type or shape
+        raise ZeroptimError(f"{source}: the recorded optimizer cannot take a step ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     return {k: params[k].detach() - w[k] for k in w}

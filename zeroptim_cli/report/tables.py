@@ -142,7 +142,7 @@ def emit(console: Console, renderables: Sequence[RenderableType]) -> None:
     if not console.is_terminal:
         probe = Console(width=_UNLIMITED)
         width = max(Measurement.get(probe, probe.options, r).maximum for r in renderables)
-        console = Console(file=console.file, width=max(width, 1), highlight=False)
+        console = type(console)(file=console.file, width=max(width, 1), highlight=False)  # its own class: its pipe handling
     for r in renderables:
         console.print(r)
 
