@@ -165,11 +165,27 @@ def test_direction_tables_say_what_was_computed(tmp_path, capsys) -> None:
 
 
 def test_help_shows_defaults() -> None:
+    from click.testing import CliRunner
+
+    from zeroptim_cli.cli import cli
+
+    runner = CliRunner()
     for command, default in (("train", "[default: (200)]"), ("analyze", "[default: -0.5:2:26]"),
                              ("sweep", "[default: pairs]")):
-        done = piped(command, "--help", columns=200)
-        assert done.returncode == 0 and default in done.stdout, (command, done.stdout)
-    assert "--clip-whatif, --clip FRACTION" in piped("analyze", "--help", columns=200).stdout
+        done = runner.invoke(cli, [command, "--help"], terminal_width=200)
+        assert done.exit_code == 0 and default in done.output, (command, done.output)
+    assert "--clip-whatif, --clip FRACTION" in runner.invoke(cli, ["analyze", "--help"], terminal_width=200).output
+
+
+def test_group_help_lists_each_commands_own_line_without_importing_torch() -> None:
+    from zeroptim_cli.cli.app import COMMANDS, cli
+
+    for name, line in COMMANDS.items():
+        assert cli.get_command(None, name).get_short_help_str(limit=300) == line  # type: ignore[arg-type, union-attr]
+    code = ("import sys; from zeroptim_cli.cli import main; status = main(['--help']); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch', status)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stdout.splitlines()[-1] == "no torch 0" and "sweep" in done.stdout, done.stdout + done.stderr
 
 
 def test_clip_whatif_and_its_old_name_agree_and_alphas_needs_a_line_search(tmp_path, capsys) -> None:

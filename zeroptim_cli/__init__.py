@@ -22,29 +22,27 @@ if _sys.argv[:1] == ["-m"] and _sys.path and _sys.path[0] in ("", _os.getcwd()):
     del _sys.path[0]
 
 from zeroptim_cli._version import __version__  # noqa: E402
-from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
-from zeroptim_cli.analysis.extras import Extras
-from zeroptim_cli.analysis.pair import analyze_pair
-from zeroptim_cli.analysis.result import PairAnalysis
-from zeroptim_cli.derivatives.losses import resolve_loss
-from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from zeroptim_cli.training.recorder import Recorder
 
-__all__ = [
-    "__version__",
-    "Batch",
-    "Checkpoint",
-    "Extras",
-    "PairAnalysis",
-    "Recorder",
-    "Settings",
-    "ZeroptimError",
-    "analyze_files",
-    "analyze_pair",
-    "load_batch",
-    "load_checkpoint",
-    "resolve_loss",
-    "save_checkpoint",
-]
+#: the public API, each name imported from its module on first use (so that ``zeroptim --help`` and the
+#: errors need no torch)
+_EXPORTS = {
+    "Batch": "zeroptim_cli.io.batches", "load_batch": "zeroptim_cli.io.batches",
+    "Checkpoint": "zeroptim_cli.io.checkpoint", "load_checkpoint": "zeroptim_cli.io.checkpoint",
+    "save_checkpoint": "zeroptim_cli.io.checkpoint",
+    "Extras": "zeroptim_cli.analysis.extras", "PairAnalysis": "zeroptim_cli.analysis.result",
+    "Settings": "zeroptim_cli.analysis.checkpoints", "analyze_files": "zeroptim_cli.analysis.checkpoints",
+    "analyze_pair": "zeroptim_cli.analysis.pair", "resolve_loss": "zeroptim_cli.derivatives.losses",
+    "Recorder": "zeroptim_cli.training.recorder", "ZeroptimError": "zeroptim_cli.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'zeroptim_cli' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -8,6 +8,7 @@ stdout carries results only.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -16,15 +17,20 @@ import warnings
 
 import click
 
-from zeroptim_cli import distributed as dist
 from zeroptim_cli._version import __version__
-from zeroptim_cli.cli.analyze import analyze
-from zeroptim_cli.cli.compare import compare
-from zeroptim_cli.cli.inspect import inspect
-from zeroptim_cli.cli.plot import plot
-from zeroptim_cli.cli.sweep import sweep
-from zeroptim_cli.cli.train import train
 from zeroptim_cli.errors import ConfigError, Interrupted, ZeroptimError
+
+#: each command's module (``zeroptim_cli.cli.<name>``, holding the click command ``<name>``) and its line in
+#: ``zeroptim --help`` (its docstring's first sentence, checked by a test): a module (and torch) is imported only when its command runs or shows its own help
+COMMANDS = {
+    "analyze": "Decompose the loss change from CKPT_T to CKPT_T1 on a batch.",
+    "compare": "Compare, from CKPT_T on a batch, the directions of several optimizers with the update to CKPT_T1.",
+    "train": "Train a built-in model from CONFIG (YAML) and/or flags, recording checkpoint pairs.",
+    "sweep": "Analyse every recorded checkpoint pair of the RUNS folders (globs allowed): a checkpoint of step s "
+             "that records its batch with the checkpoint of step s+1, or, with --batch, every consecutive pair.",
+    "plot": "Plot sweep results (JSON lines) or analyze --json files.",
+    "inspect": "Show a checkpoint's metadata, tensors, shapes, dtypes and sizes; with CKPT2, what differs.",
+}
 
 
 class _StdoutClosed(BaseException):
@@ -32,6 +38,18 @@ class _StdoutClosed(BaseException):
 
 
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return getattr(importlib.import_module(f"zeroptim_cli.cli.{name}"), name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl(list(COMMANDS.items()))
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -49,9 +67,6 @@ def cli() -> None:
     """
 
 
-
-for command in (analyze, compare, train, sweep, plot, inspect):
-    cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        dist.shutdown()
+        if "zeroptim_cli.distributed" in sys.modules:  # a command ran, which may have started torchrun's group
+            sys.modules["zeroptim_cli.distributed"].shutdown()
 
 
 def _drop_stdout() -> None:
