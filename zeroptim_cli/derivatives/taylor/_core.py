@@ -30,7 +30,6 @@ _RESOLVER: list[Callable] = []  # engine.resolve, installed by engine.py
 
 class _State(threading.local):
     depth = 0            # > 0 while a rule (or a decomposition) of ours is running
-    user_grad = True     # grad mode of the model code at the outermost dispatch
 
 
 STATE = _State()

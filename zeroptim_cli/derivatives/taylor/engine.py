@@ -35,10 +35,6 @@ def _refuse(why: str) -> Callable:
     return rule
 
 
-def _has_t(vals) -> bool:
-    return rules._has_t(vals)
-
-
 def _own(r: Tensor, like: Tensor) -> Tensor:
     """A coefficient for an in-place result: self's shape and dtype, its own memory."""
     if r.dtype != like.dtype or r.shape != like.shape or 0 in r.stride():
@@ -140,36 +136,20 @@ def resolve(func) -> Callable:
             functional = getattr(packet, func._overloadname, None) if packet is not None else None
         rule = _inplace(functional) if functional is not None else _refuse(
             "writes into an argument (out= or in-place without a functional form): no Taylor rule")
-        HOW[func] = "in-place" if functional is not None else "refused"
     else:
         from torch._decomp import decomposition_table
         decomp = decomposition_table.get(func)
         if decomp is not None:
             rule = _decomposed(func, decomp, "decomposition")
-            HOW[func] = "decomposition"
         elif torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
             rule = _decomposed(func, func.decompose, "CompositeImplicit kernel")
-            HOW[func] = "CompositeImplicit kernel"
         else:
             rule = _refuse("no Taylor rule and no decomposition")
-            HOW[func] = "refused"
     RULES[func] = rule
     return rule
 
 
 _RESOLVER.append(resolve)
-
-# how each op overload met so far was resolved (for reports and tests): "rule" | "in-place" | "decomposition" |
-# "CompositeImplicit kernel" | "refused"
-HOW: dict = {}
-
-
-def how(func) -> str:
-    r = RULES.get(func)
-    if r is None:
-        return "unseen"
-    return HOW.get(func, "rule")
-
 
 @contextlib.contextmanager
 def _eval_context() -> Iterator[None]:
