@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from zeroptim_cli.analysis.critical import DEFAULT_TOL
 from zeroptim_cli.analysis.directions import resolve_direction
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.pair import analyze_pair
@@ -25,8 +26,11 @@ from zeroptim_cli.runtime import resolve_device, resolve_dtype
 @dataclass(frozen=True)
 class Settings:
     """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed, the
-    examples per evaluation (``chunk_size``: ``auto``, N, or 0 for whole batches), and whether code named
-    in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``)."""
+    examples per evaluation (``chunk_size``: ``auto``, N, or 0 for whole batches), whether code named
+    in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``), whether to search the
+    critical scale along Δ (``critical``, to the relative tolerance ``critical_tol``), and whether to stream
+    the parameters module by module (``stream``, or by itself when the in-memory analysis is estimated to
+    need more than ``max_memory`` bytes; ``analysis.streamed``)."""
 
     model: str | None = None
     loss: str | None = None
@@ -38,10 +42,20 @@ class Settings:
     direction: str = "update"
     trust_code: bool = False
     chunk_size: int | str = "auto"
+    critical: bool = False
+    critical_tol: float = DEFAULT_TOL
+    stream: bool = False
+    max_memory: int | None = None
 
     @property
     def trust(self) -> Trust:
         return Trust(self.trust_code, frozenset(s for s in (self.model, self.loss) if s is not None))
+
+
+def recorded_lr(ckpt: Checkpoint) -> float | None:
+    """The learning rate recorded in the checkpoint's optimizer metadata (``optimizer.lr``), else None."""
+    lr = (ckpt.meta.get("optimizer") or {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
 def batches_for(ckpt_t: Checkpoint, batch_paths: Sequence[str | os.PathLike] = ()) -> list[Batch]:
@@ -105,9 +119,10 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
         buffers=p.buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
         device=resolve_device(settings.device), dtype=dtype, loss_t1=loss_t1,
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
-        chunk_size=settings.chunk_size,
+        chunk_size=settings.chunk_size, critical_tol=settings.critical_tol if settings.critical else None,
     )
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
+    result.learning_rate = recorded_lr(ckpt_t)
     result.warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train) + result.warnings
     return result
 

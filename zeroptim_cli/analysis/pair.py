@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from zeroptim_cli.analysis.critical import critical_search
 from zeroptim_cli.analysis.directions import Direction
 from zeroptim_cli.analysis.extras import Extras, compute_extras
 from zeroptim_cli.analysis.result import LayerStats, PairAnalysis
@@ -49,6 +50,7 @@ def analyze_pair(
     direction_name: str = "update",
     extras: Extras | None = None,
     chunk_size: int | str | None = "auto",
+    critical_tol: float | None = None,
 ) -> PairAnalysis:
     """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``.
 
@@ -62,7 +64,9 @@ def analyze_pair(
     ``direction`` (see ``analysis.directions``) replaces Δ by another direction d from w_t, computed
     from g and Δ; every quantity is then that of d, with f(w_t1) read as f(w_t + d). ``extras`` adds the
     opt-in analyses of ``analysis.extras`` under their own keys. ``chunk_size`` bounds the examples of one
-    evaluation (``derivatives.objective.chunk_length``): the same numbers, less peak memory.
+    evaluation (``derivatives.objective.chunk_length``): the same numbers, less peak memory. ``critical_tol``
+    (None: skip) runs the forward-only critical-scale search along Δ to that relative tolerance
+    (``analysis.critical``).
     """
     if method in ("taylor", "forward-over-forward") and extras is not None and extras.concentration:
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
@@ -82,6 +86,9 @@ def analyze_pair(
         result.num_tokens = objective.num_tokens
         if extras is not None and extras.any:
             result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
+        if critical_tol is not None:
+            result.critical = critical_search(
+                lambda a: float(objective.value({k: w_t[k] + a * delta[k] for k in w_t})), critical_tol)
     result.direction = direction_name
     result.warnings = notes
     return result

@@ -65,10 +65,12 @@ def _file_id(p: Path) -> list[Any]:
 
 def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
                  compare: CompareOptions | None = None) -> str:
-    """What a result depends on besides its two checkpoints: the settings (not the device, nor the trust
-    flag: the same numbers either way), the fixed batches (path, size, modification time), the extras and
-    the comparison options."""
-    how = {k: v for k, v in asdict(settings).items() if k not in ("device", "trust_code")}
+    """What a result depends on besides its two checkpoints: the settings (not the device, the trust flag,
+    streaming or the memory bound: the same numbers either way; the critical search only when asked for, so
+    that keys of other sweeps stay what they were), the fixed batches (path, size, modification time), the
+    extras and the comparison options."""
+    left_out = ("device", "trust_code", "stream", "max_memory") + (() if settings.critical else ("critical", "critical_tol"))
+    how = {k: v for k, v in asdict(settings).items() if k not in left_out}
     parts = [how, [_file_id(b) for b in batch_paths], extras.settings() if extras is not None else None]
     if compare is not None:  # so that keys of plain sweeps stay what they were
         parts.append(asdict(compare))

@@ -20,6 +20,7 @@ from zeroptim_cli.cli.options import (
     extras_options,
     force_option,
     progress_bar,
+    scale_options,
     settings_options,
     stderr,
 )
@@ -39,6 +40,7 @@ from zeroptim_cli.report.tables import fmt
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the scalar columns of all results as CSV.")
 @settings_options
+@scale_options
 @extras_options
 @click.option("--compare", "comparing", is_flag=True,
               help="One comparison of directions per pair (as zeroptim compare) instead of the pair analysis; "
