@@ -112,7 +112,7 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
         raise ConfigError("no batch to evaluate the loss on")
     if method == "forward-over-forward":
         check_forward_over_forward(model, train)
-    model.to(device=device, dtype=dtype)
+    place(model, device, dtype)
     fixed = cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
     was_training = model.training
     model.train(train)
@@ -122,6 +122,16 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
                             chunk_size=chunk_size)
     finally:
         model.train(was_training)
+
+
+def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``model.to(device, dtype)``; a skeleton's parameters (``models.skeleton``: on the meta device, streamed
+    module by module) stay on the meta device, in ``dtype``."""
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device=device, dtype=dtype)
+        return
+    model._apply(lambda t: t.to(device="meta" if t.is_meta else device,
+                                dtype=dtype if t.is_floating_point() else t.dtype))
 
 
 def require_finite(result: PairAnalysis, batches: Sequence[Batch]) -> None:
@@ -145,11 +155,19 @@ def summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int,
     if d.grad is not None and d.hvp is not None:
         rows += [[(d.grad[n] * delta[n]).sum() for n in names], [(delta[n] * d.hvp[n]).sum() for n in names],
                  [d.grad[n].pow(2).sum() for n in names]]
+    return summarize_rows(d, loss_t1, {n: delta[n].numel() for n in names}, rows, num_examples, dtype, device, method)
+
+
+def summarize_rows(d: Derivatives, loss_t1: Tensor, numels: dict[str, int], rows: list[list[Tensor]],
+                   num_examples: int, dtype: torch.dtype, device: torch.device, method: str) -> PairAnalysis:
+    """``summarize`` from the per-tensor rows (‖Δ_l‖², and with g and HΔ g_lᵀΔ_l, Δ_lᵀ(HΔ)_l, ‖g_l‖²) of
+    the tensors ``numels`` names, in that order."""
+    names = list(numels)
     table = torch.stack([torch.stack(r) for r in rows]).double().cpu().tolist()
     scalars = torch.stack([t.double() for t in (d.loss, loss_t1, d.grad_corr, d.dir_sharpness)]).cpu().tolist()
     exact = len(table) > 1
     layers = [
-        LayerStats(name=n, numel=delta[n].numel(), update_norm=math.sqrt(table[0][i]),
+        LayerStats(name=n, numel=numels[n], update_norm=math.sqrt(table[0][i]),
                    grad_corr=table[1][i] if exact else None, dir_sharpness=table[2][i] if exact else None)
         for i, n in enumerate(names)
     ]

@@ -183,16 +183,18 @@ class Objective:
         zero = torch.zeros((), dtype=next(iter(g.values())).dtype, device=self.device)
         return all_reduce(Derivatives(zero, zero, zero, g)).grad  # type: ignore[return-value]
 
-    def derivatives(self, w: Params, v: Params, method: str = "auto") -> tuple[str, Derivatives, list[str]]:
+    def derivatives(self, w: Params, v: Params, method: str = "auto",
+                    fallback: bool = True) -> tuple[str, Derivatives, list[str]]:
         """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``, notes on fallbacks).
 
         ``auto`` and ``taylor`` try their ``FALLBACKS`` on the first batch and keep the first that works
         (Taylor mode refuses ops it has no rule for; some kernels, e.g. cuDNN's RNNs, have no double
         backward; forward-over-reverse in turn can trip on torch's immutable zero tangents, seen for a linear
         model under MSE, whose Hessian is constant). A fallback from ``taylor`` is noted with its reason.
-        A batch that fits no method is reported by the first method's error, the plainest one.
+        A batch that fits no method is reported by the first method's error, the plainest one. With
+        ``fallback=False`` only ``method`` itself runs.
         """
-        candidates = list(FALLBACKS.get(method, (method,)))
+        candidates = list(FALLBACKS.get(method, (method,))) if fallback else [method]
         notes: list[str] = []
 
         def local() -> Derivatives:

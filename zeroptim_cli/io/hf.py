@@ -137,8 +137,8 @@ def folder_step(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(the model's state dict as transformers loads the folder, zeroptim metadata for it): the metadata's
+def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
+    """(the transformers class ``config.json`` names, zeroptim metadata for the folder): the metadata's
     ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says."""
     config_path = folder / CONFIG
     config = _read_json(config_path)
@@ -146,6 +146,30 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
     cls = model_class(config, str(config_path))
     complete = cls.config_class.from_dict(config).to_dict()
+    return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}
+
+
+def shard_files(folder: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file of the folder that holds it: ``model.safetensors``'s own names are
+    left to the caller (an empty map), else the index's ``weight_map``, whose files must lie in the folder."""
+    if (folder / WEIGHTS).is_file():
+        return {}
+    index = _read_json(folder / INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ZeroptimError(f"'{folder / INDEX}' has no 'weight_map' object")
+    files: dict[str, Path] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise ZeroptimError(f"'{folder / INDEX}' names shard {file!r} for '{name}', not a file in the folder")
+        files[name] = folder / file
+    return files
+
+
+def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the model's state dict as transformers loads the folder, zeroptim metadata for it, as
+    ``folder_metadata`` gives it)."""
+    cls, meta = folder_metadata(folder)
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
@@ -159,4 +183,4 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             raise ZeroptimError(f"checkpoint folder '{folder}': '{name}' is {kind.split('_')[0]} "
                                 f"({len(info[kind])} {kind.replace('_', ' ')} in all)")
     tensors = {name: t.detach() for name, t in model.state_dict().items()}
-    return tensors, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}
+    return tensors, meta
