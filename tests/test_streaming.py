@@ -16,6 +16,7 @@ from zeroptim_cli.analysis.checkpoints import Settings, analyze_files, in_memory
 from zeroptim_cli.cli import main
 from zeroptim_cli.derivatives.streaming import StreamingUnsupported, streamed
 from zeroptim_cli.io.checkpoint import save_checkpoint
+from zeroptim_cli.io import lazy
 from zeroptim_cli.io.lazy import open_lazily
 from zeroptim_cli.models import MLP
 from zeroptim_cli.models.skeleton import skeleton
@@ -75,9 +76,11 @@ def test_hf_sharded_pairs_stream_to_the_same_numbers(tmp_path, transformers, kin
         assert "transformer.wte.weight" in names and "lm_head.weight" not in names
 
 
-def test_bf16_shards_are_read_as_saved(tmp_path, transformers) -> None:
+def test_bf16_shards_are_read_as_saved(tmp_path, transformers, monkeypatch) -> None:
+    """bf16 shards, converted slice by slice (a slice of 64 bytes here: several per tensor)."""
     from test_hf import lm_batch, save_pair, tiny
 
+    monkeypatch.setattr(lazy, "SLICE_BYTES", 64)
     a, b = save_pair(tiny("llama").to(torch.bfloat16), tmp_path, scale=5e-2, max_shard_size="20KB")
     batch = lm_batch(tmp_path / "b.safetensors")
     s, m = both(a, b, [batch])
@@ -173,3 +176,44 @@ def test_parameters_are_resident_only_while_their_module_runs() -> None:
     assert all(isinstance(p, nn.Parameter) and p.is_meta for p in model.parameters())
     with streamed(model, load), pytest.raises(StreamingUnsupported, match="'net.1.weight'"):
         model.net[1].weight.sum()
+
+
+def test_sweep_streams_every_pair_to_the_in_memory_rows(tmp_path, capsys) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from zeroptim_cli.cli.app import cli
+
+    run = tmp_path / "sgd"
+    shutil.copytree("sample_ckpts/mlp_sgd", run)
+    rows = {}
+    for name, flags in (("stream", ["--stream"]), ("memory", [])):
+        out = tmp_path / f"{name}.jsonl"
+        res = CliRunner().invoke(cli, ["sweep", str(run), "-o", str(out), "--method", "taylor", "--dtype", "float64",
+                                       "--critical", "--quiet", *flags])
+        assert res.exit_code == 0, res.output
+        rows[name] = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["step_t"])
+    assert len(rows["stream"]) == 2
+    for s, m in zip(rows["stream"], rows["memory"]):
+        assert_same(s, m)
+        assert s["settings_key"] == m["settings_key"]  # streaming changes no number
+    for flags, named in ((["--method", "forward-over-reverse"], "--method"), (["--compare"], "--compare")):
+        assert main(["sweep", str(run), "-o", str(tmp_path / "x.jsonl"), "--stream", *flags]) == 2
+        out, err = capsys.readouterr()
+        assert "--stream" in err and named in err
+
+
+def test_a_non_finite_weight_read_on_demand_is_an_error_naming_it(tmp_path, capsys, monkeypatch) -> None:
+    from zeroptim_cli.io.files import read_safetensors
+
+    monkeypatch.setattr(lazy, "SLICE_BYTES", 64)
+    tensors, meta = read_safetensors(SAMPLE.format(101), "checkpoint")
+    tensors["net.3.weight"][5, 2] = float("nan")
+    from safetensors.torch import save_file
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    batch = "sample_ckpts/mlp_sgd/batch_000100.safetensors"
+    assert main(["analyze", SAMPLE.format(100), str(bad), "--batch", batch, "--stream", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("error:") == 1 and "'net.3.weight'" in err and "NaN" in err and str(bad) in err

@@ -27,22 +27,23 @@ from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.derivatives.streaming import Point, pair_point, streamed
 from zeroptim_cli.io.batches import Batch
 
-#: Reads one parameter (of w_t or of w_t1) on the run's device, in its dtype.
+#: Reads one parameter of w_t on the run's device, in its dtype.
 Read = Callable[[], Tensor]
+#: Reads the same parameter of w_t1, less its argument when one is given (Δ = w_t1 − w_t).
+ReadLess = Callable[[Tensor | None], Tensor]
 
 
 class PairLoader:
     """The parameters at the current ``point`` for ``derivatives.streaming``, read from ``sources``
     (name → (read w_t, read w_t1)); keeps ‖Δ_l‖² of every Δ_l it forms."""
 
-    def __init__(self, sources: Mapping[str, tuple[Read, Read]]) -> None:
+    def __init__(self, sources: Mapping[str, tuple[Read, ReadLess]]) -> None:
         self.sources = sources
         self.point: Point = "taylor"
         self.update_sq: dict[str, Tensor] = {}
 
     def __call__(self, name: str) -> Tensor:
-        read_t, read_t1 = self.sources[name]
-        value, delta = pair_point(read_t(), read_t1, self.point)
+        value, delta = pair_point(*self.sources[name], self.point)
         if delta is not None and name not in self.update_sq:
             self.update_sq[name] = delta.pow(2).sum()
         return value
@@ -51,13 +52,13 @@ class PairLoader:
         """‖Δ_l‖² of every parameter, reading those no forward pass formed Δ_l of."""
         for name, (read_t, read_t1) in self.sources.items():
             if name not in self.update_sq:
-                self.update_sq[name] = (read_t1() - read_t()).pow(2).sum()
+                self.update_sq[name] = read_t1(read_t()).pow(2).sum()
         return {name: self.update_sq[name] for name in self.sources}
 
 
 def analyze_streamed(
     model: nn.Module,
-    sources: Mapping[str, tuple[Read, Read]],
+    sources: Mapping[str, tuple[Read, ReadLess]],
     buffers: Mapping[str, Tensor],
     batches: Sequence[Batch],
     loss: Loss,

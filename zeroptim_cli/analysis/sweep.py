@@ -8,7 +8,8 @@ Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_
 Re-running with the same output skips the pairs already there, drops a line cut short by a kill, and
 retries pairs that failed, so an interrupted sweep resumes with no duplicate and no loss; results of other
 settings stay in the file. A failing pair (an unreadable checkpoint too) is recorded with an ``error`` key
-and the sweep goes on. Each checkpoint file is read once per sweep, the next one while the current pair computes.
+and the sweep goes on. Each checkpoint file is read once per sweep, the next one while the current pair computes
+(streamed pairs, ``--stream`` or ``--max-memory``, read their files tensor by tensor instead).
 With a fixed ``--batch`` set, pairs run newest first so that f(w_t) of one pair serves as f(w_t1) of
 the pair before it: one forward pass saved per pair.
 """
@@ -27,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from zeroptim_cli import distributed as dist
-from zeroptim_cli.analysis.checkpoints import Settings, analyze_checkpoints, recorded_batches
+from zeroptim_cli.analysis.checkpoints import (
+    Settings,
+    analyze_checkpoints,
+    analyze_lazily,
+    open_streamed,
+    recorded_batches,
+    streaming_refusal,
+)
 from zeroptim_cli.analysis.compare import CompareOptions, compare_checkpoints
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.errors import ConfigError, ZeroptimError
@@ -306,6 +314,9 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
     """
     if shard not in ("pairs", "batches"):
         raise ConfigError(f"--shard '{shard}' is not 'pairs' or 'batches'")
+    refusal = streaming_refusal(settings, extras) if settings.stream else None
+    if refusal is not None:
+        raise ConfigError(f"--stream cannot be combined with {refusal}")
     main = dist.group_rank() == 0
     how = settings_key(settings, batch_paths, extras, compare)
     keys = {p: sweep_key(p, how) for p in plan.pairs}
@@ -381,12 +392,18 @@ def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixe
         return ckpt_t, ckpt_t1, fixed or recorded_batches(ckpt_t)
 
     try:
-        ckpt_t, ckpt_t1, batches = dist.guarded(load)
-        row["batches"] = [b.source for b in batches]
-        if compare is not None:
-            return {**compare_checkpoints(ckpt_t, ckpt_t1, batches, settings, compare).to_dict(), **row}
-        result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1),
-                                     extras=extras)
+        lazy = open_streamed(pair.ckpt_t, pair.ckpt_t1, settings, extras) if compare is None else None
+        if lazy is not None:  # streamed: the files are read tensor by tensor, never whole
+            batches = fixed or recorded_batches(lazy[0][0])
+            row["batches"] = [b.source for b in batches]
+            result = analyze_lazily(*lazy, batches, settings, loss_t1=losses.get(pair.ckpt_t1))
+        else:
+            ckpt_t, ckpt_t1, batches = dist.guarded(load)
+            row["batches"] = [b.source for b in batches]
+            if compare is not None:
+                return {**compare_checkpoints(ckpt_t, ckpt_t1, batches, settings, compare).to_dict(), **row}
+            result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1),
+                                         extras=extras)
         if fixed:
             losses[pair.ckpt_t] = result.loss_t
         return {**result.to_dict(), **row}

@@ -69,6 +69,8 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
       zeroptim plot results.jsonl -o results.png
     """
     compare_with = _comparison(comparing, compare, extras)
+    if compare_with is not None and (settings["stream"] or settings["max_memory"] is not None):
+        raise click.UsageError("--stream and --max-memory analyse the update alone; they do not take --compare")
     settings["device"] = dist.init(str(settings["device"]))
     quiet = quiet or not dist.is_main()
     folders = expand(runs)

@@ -117,18 +117,19 @@ def streamed(model: nn.Module, load: Load) -> Iterator[None]:
 Point = str | float
 
 
-def pair_point(w_t: Tensor, w_t1: Callable[[], Tensor] | None, point: Point) -> tuple[Tensor, Tensor | None]:
-    """(the parameter at ``point`` for w_t and w_t1 (read only when needed), Δ = w_t1 − w_t when formed).
+def pair_point(read_t: Callable[[], Tensor], read_t1: Callable[[Tensor | None], Tensor],
+               point: Point) -> tuple[Tensor, Tensor | None]:
+    """(the parameter at ``point``, Δ when the point formed it), from readers of w_t and of w_t1 (less its
+    argument when one is given: Δ = w_t1 − w_t formed while w_t1 is read). Each file is read only when needed.
 
     ``"taylor"``: TaylorTensor(w_t, Δ, 0), as ``taylor.taylor2`` builds it; α = 0: w_t; α = 1: w_t1 as
-    stored; other α: w_t + α·Δ."""
-    if point == 0.0 or w_t1 is None:
-        return w_t, None
-    w1 = w_t1()
+    stored; other α: w_t + α·Δ (formed in Δ's own memory, the same numbers as ``w_t + α * Δ``)."""
+    if point == 0.0:
+        return read_t(), None
     if point == 1.0:
-        return w1, None
-    delta = w1 - w_t
-    del w1
+        return read_t1(None), None
+    w_t = read_t()
+    delta = read_t1(w_t)
     if point == "taylor":
         return TaylorTensor(w_t, delta, None), delta
-    return w_t + float(point) * delta, delta
+    return delta.mul_(float(point)).add_(w_t), None

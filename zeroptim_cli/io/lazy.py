@@ -24,6 +24,8 @@ from zeroptim_cli.io.checkpoint import Checkpoint, parse_metadata
 from zeroptim_cli.io.files import read_header
 from zeroptim_cli.io.hf import CONFIG, INDEX, WEIGHTS, folder_metadata, is_hf_folder, shard_files
 
+#: About the bytes of stored data converted at a time (``TensorFiles.read``).
+SLICE_BYTES = 16 * 2**20
 #: safetensors' dtype names.
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -41,24 +43,44 @@ class TensorFiles:
         """The stored name of one of this checkpoint's meta tensors (tied weights are stored once)."""
         return self._key[id(stored)]
 
-    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The stored tensor ``name``, on ``device``, floating tensors in ``dtype`` (None: as stored); exactly
-        that, also when called inside a model's forward under a torch function mode (no mode sees the read)."""
+    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+             minus: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tensor ``name`` on ``device``, floating tensors in ``dtype`` (None: as stored), less
+        ``minus`` when given (w_t1 − w_t formed as w_t1 is read). Read in slices of about ``SLICE_BYTES`` rows
+        each, so that the conversion holds one slice beside the result, not a second whole tensor; the result is
+        exactly that of converting (and subtracting) the whole tensor. Exactly that also when called inside a
+        model's forward under a torch function mode: no mode sees the read."""
         with torch._C.DisableTorchFunction():
-            return self._read(name, device, dtype)
+            return self._read(name, torch.device(device), dtype, minus)
 
-    def _read(self, name: str, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
+    def _read(self, name: str, device: torch.device, dtype: torch.dtype | None,
+              minus: torch.Tensor | None) -> torch.Tensor:
         file = self.files[name]
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                tensor = f.get_tensor(name)
+                stored = self.tensors[name]
+                floating = stored.is_floating_point()
+                target = (dtype or stored.dtype) if floating else stored.dtype
+                if stored.dim() == 0 or stored.numel() * stored.element_size() <= SLICE_BYTES:
+                    return self._checked(f.get_tensor(name), name, device, target, minus)
+                out = torch.empty(stored.shape, dtype=target, device=device)
+                whole = f.get_slice(name)
+                step = max(1, SLICE_BYTES * stored.shape[0] // (stored.numel() * stored.element_size()))
+                for i in range(0, stored.shape[0], step):
+                    part = minus[i:i + step] if minus is not None else None
+                    out[i:i + step] = self._checked(whole[i:i + step], name, device, target, part)
+                return out
+        except ZeroptimError:
+            raise
         except Exception as exc:  # safetensors raises several types for truncated or rewritten files
             raise ZeroptimError(f"checkpoint file '{file}' cannot be read at tensor '{name}' ({exc})") from exc
-        if tensor.is_floating_point():
-            if not bool(torch.isfinite(tensor).all()):
-                raise ZeroptimError(f"checkpoint '{self.path}': tensor '{name}' contains NaN or Inf")
-            return tensor.to(device=device, dtype=dtype or tensor.dtype)
-        return tensor.to(device=device)
+
+    def _checked(self, tensor: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype,
+                 minus: torch.Tensor | None) -> torch.Tensor:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ZeroptimError(f"checkpoint '{self.path}': tensor '{name}' contains NaN or Inf")
+        tensor = tensor.to(device=device, dtype=dtype)
+        return tensor if minus is None else tensor - minus
 
     def nbytes(self) -> int:
         """The bytes of every stored tensor, as stored."""
