@@ -122,7 +122,7 @@ def main() -> None:
                 results[entry] = json.loads(out)
             print(f"  {entry}: {wall:.1f} s, peak {peak:.2f} GiB", flush=True)
     step = rows.get("train step")
-    print(f"\n| entry | time s | × step | peak GiB | × step | / float32 size |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| entry | time s | × step | peak GiB | × step | / float32 size |\n|---|---:|---:|---:|---:|---:|")
     for entry, (wall, peak) in rows.items():
         ratio_t = f"{wall / step[0]:.2f}" if step else "—"
         ratio_m = f"{peak / step[1]:.2f}" if step else "—"

@@ -15,8 +15,8 @@ from torch import nn
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files, in_memory_bytes
 from zeroptim_cli.cli import main
 from zeroptim_cli.derivatives.streaming import StreamingUnsupported, streamed
-from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io import lazy
+from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io.lazy import open_lazily
 from zeroptim_cli.models import MLP
 from zeroptim_cli.models.skeleton import skeleton

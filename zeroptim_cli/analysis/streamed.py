@@ -33,6 +33,11 @@ Read = Callable[[], Tensor]
 ReadLess = Callable[[Tensor | None], Tensor]
 
 
+def squared_norm(t: Tensor, piece: int = 2**22) -> Tensor:
+    """‖t‖² in float64, summed piece by piece: no temporary the size of ``t`` (an embedding's Δ is large)."""
+    return torch.stack([p.pow(2).sum(dtype=torch.float64) for p in t.reshape(-1).split(piece)]).sum()
+
+
 class PairLoader:
     """The parameters at the current ``point`` for ``derivatives.streaming``, read from ``sources``
     (name → (read w_t, read w_t1)); keeps ‖Δ_l‖² of every Δ_l it forms."""
@@ -45,14 +50,14 @@ class PairLoader:
     def __call__(self, name: str) -> Tensor:
         value, delta = pair_point(*self.sources[name], self.point)
         if delta is not None and name not in self.update_sq:
-            self.update_sq[name] = delta.pow(2).sum()
+            self.update_sq[name] = squared_norm(delta)
         return value
 
     def squared_norms(self) -> dict[str, Tensor]:
         """‖Δ_l‖² of every parameter, reading those no forward pass formed Δ_l of."""
         for name, (read_t, read_t1) in self.sources.items():
             if name not in self.update_sq:
-                self.update_sq[name] = read_t1(read_t()).pow(2).sum()
+                self.update_sq[name] = squared_norm(read_t1(read_t()))
         return {name: self.update_sq[name] for name in self.sources}
 
 

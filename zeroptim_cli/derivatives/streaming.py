@@ -21,6 +21,7 @@ naming the parameter.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Callable, Iterator
 
 import torch
@@ -78,9 +79,27 @@ def owners(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return out
 
 
+#: glibc's mallopt parameter M_MMAP_THRESHOLD, and the size from which allocations are mapped while streaming.
+_M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 2**20
+
+
+def return_freed_memory() -> None:
+    """With glibc, serve every allocation of ``MMAP_THRESHOLD`` bytes or more by its own mapping (for the rest
+    of the process), so that a released weight goes back to the system at once. By default glibc raises this
+    threshold up to 32 MiB as large blocks are freed, and the weights and activations below it (a 2048×2048
+    float32 projection is 16 MiB) then stay in the heap after release, fragmented: measured, a third more
+    peak memory for a streamed 1-layer Llama of width 2048. Elsewhere (no glibc) nothing changes."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def streamed(model: nn.Module, load: Load) -> Iterator[None]:
-    """Inside the block, ``model``'s parameters are loaded module by module (see the module docstring)."""
+    """Inside the block, ``model``'s parameters are loaded module by module (see the module docstring);
+    freed memory is returned to the system as it is freed (``return_freed_memory``)."""
+    return_freed_memory()
     slots: dict[nn.Module, list[tuple[str, str]]] = {}
     original: dict[tuple[int, str], Tensor] = {}
     for module, local, name in owners(model):

@@ -4,8 +4,10 @@
 ``model.safetensors`` or shards (``model.safetensors.index.json``): it returns the same ``Checkpoint`` as
 ``load_checkpoint`` (metadata, step, model spec), whose tensors are *meta* tensors of the stored names,
 shapes and dtypes (enough for every check of the pair and for matching a model), and a ``TensorFiles``
-that reads one stored tensor's data when asked (``safetensors.safe_open``, the file mapped only for that
-read), checks it is finite and converts it to the run's device and dtype.
+that reads one stored tensor's data when asked, checks it is finite and converts it to the run's device and
+dtype. The data is read with plain reads at the offsets the header gives, slice by slice, never memory-mapped:
+a mapped file's pages would count as the process's resident memory while it is mapped (a whole shard's worth),
+and a file rewritten under a mapping turns into a SIGBUS instead of an error.
 
 The names are the stored ones: a Hugging Face folder whose keys transformers renames while loading (legacy
 names) does not match its model here, and says which weight it lacks.
@@ -17,7 +19,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint, parse_metadata
@@ -33,10 +34,10 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 
 class TensorFiles:
-    """Where each stored tensor of one checkpoint lies; ``read`` loads one."""
+    """Where each stored tensor of one checkpoint lies (file, offset of its data); ``read`` loads one."""
 
-    def __init__(self, path: Path, files: dict[str, Path], meta_tensors: dict[str, torch.Tensor]) -> None:
-        self.path, self.files, self.tensors = path, files, meta_tensors
+    def __init__(self, path: Path, where: dict[str, tuple[Path, int]], meta_tensors: dict[str, torch.Tensor]) -> None:
+        self.path, self.where, self.tensors = path, where, meta_tensors
         self._key = {id(t): name for name, t in meta_tensors.items()}
 
     def key(self, stored: torch.Tensor) -> str:
@@ -46,57 +47,72 @@ class TensorFiles:
     def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
              minus: torch.Tensor | None = None) -> torch.Tensor:
         """The stored tensor ``name`` on ``device``, floating tensors in ``dtype`` (None: as stored), less
-        ``minus`` when given (w_t1 − w_t formed as w_t1 is read). Read in slices of about ``SLICE_BYTES`` rows
-        each, so that the conversion holds one slice beside the result, not a second whole tensor; the result is
-        exactly that of converting (and subtracting) the whole tensor. Exactly that also when called inside a
-        model's forward under a torch function mode: no mode sees the read."""
+        ``minus`` when given (w_t1 − w_t formed as w_t1 is read). Read in slices of about ``SLICE_BYTES`` of
+        rows, so that the conversion holds one slice beside the result, not a second whole tensor; the result
+        is exactly that of converting (and subtracting) the whole tensor. Exactly that also when called inside
+        a model's forward under a torch function mode: no mode sees the read."""
         with torch._C.DisableTorchFunction():
             return self._read(name, torch.device(device), dtype, minus)
 
     def _read(self, name: str, device: torch.device, dtype: torch.dtype | None,
               minus: torch.Tensor | None) -> torch.Tensor:
-        file = self.files[name]
+        file, offset = self.where[name]
+        stored = self.tensors[name]
+        target = (dtype or stored.dtype) if stored.is_floating_point() else stored.dtype
+        out = torch.empty(stored.shape, dtype=target, device=device)
+        if stored.numel() == 0:
+            return out
+        rows = stored.shape[0] if stored.dim() else 1
+        row_bytes = stored.numel() * stored.element_size() // rows
+        step = max(1, SLICE_BYTES // row_bytes)
+        flat = out.view(rows, -1) if stored.dim() else out.view(1)
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                stored = self.tensors[name]
-                floating = stored.is_floating_point()
-                target = (dtype or stored.dtype) if floating else stored.dtype
-                if stored.dim() == 0 or stored.numel() * stored.element_size() <= SLICE_BYTES:
-                    return self._checked(f.get_tensor(name), name, device, target, minus)
-                out = torch.empty(stored.shape, dtype=target, device=device)
-                whole = f.get_slice(name)
-                step = max(1, SLICE_BYTES * stored.shape[0] // (stored.numel() * stored.element_size()))
-                for i in range(0, stored.shape[0], step):
-                    part = minus[i:i + step] if minus is not None else None
-                    out[i:i + step] = self._checked(whole[i:i + step], name, device, target, part)
-                return out
-        except ZeroptimError:
-            raise
-        except Exception as exc:  # safetensors raises several types for truncated or rewritten files
-            raise ZeroptimError(f"checkpoint file '{file}' cannot be read at tensor '{name}' ({exc})") from exc
-
-    def _checked(self, tensor: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype,
-                 minus: torch.Tensor | None) -> torch.Tensor:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ZeroptimError(f"checkpoint '{self.path}': tensor '{name}' contains NaN or Inf")
-        tensor = tensor.to(device=device, dtype=dtype)
-        return tensor if minus is None else tensor - minus
+            with file.open("rb") as f:
+                for i in range(0, rows, step):
+                    n = min(step, rows - i)
+                    buf = bytearray(n * row_bytes)
+                    f.seek(offset + i * row_bytes)
+                    if f.readinto(buf) != len(buf):
+                        raise ZeroptimError(f"checkpoint file '{file}' is shorter than its header says at tensor '{name}'")
+                    part = torch.frombuffer(buf, dtype=stored.dtype)
+                    if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                        raise ZeroptimError(f"checkpoint '{self.path}': tensor '{name}' contains NaN or Inf")
+                    part = part.view(n, -1) if stored.dim() else part
+                    part = part.to(device=device, dtype=target)
+                    if minus is not None:
+                        part = part - (minus.reshape(rows, -1)[i:i + n] if stored.dim() else minus.reshape(1))
+                    flat[i:i + n] = part
+        except OSError as exc:
+            raise ZeroptimError(f"checkpoint file '{file}' cannot be read ({exc.strerror})") from exc
+        return out
 
     def nbytes(self) -> int:
         """The bytes of every stored tensor, as stored."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def _entries(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The meta tensors a safetensors file's header describes, and its string metadata."""
+def _entries(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
+    """The meta tensors a safetensors file's header describes, the offset of each one's data in the file,
+    and the file's string metadata; entries whose byte range does not fit their shape or the file are errors."""
     header, metadata = read_header(file, "checkpoint")
+    with file.open("rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+    size = file.stat().st_size
     tensors: dict[str, torch.Tensor] = {}
+    offsets: dict[str, int] = {}
     for name, entry in header.items():
         dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
-        if dtype is None or not isinstance(entry.get("shape"), list):
-            raise ZeroptimError(f"checkpoint file '{file}': tensor '{name}' has an unreadable header entry")
-        tensors[name] = torch.empty(entry["shape"], dtype=dtype, device="meta")
-    return tensors, metadata
+        shape, span = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+        ok = (dtype is not None and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+              and isinstance(span, list) and len(span) == 2 and all(isinstance(o, int) for o in span))
+        if ok:
+            tensor = torch.empty(shape, dtype=dtype, device="meta")
+            ok = span[1] - span[0] == tensor.numel() * tensor.element_size() and 0 <= span[0] and start + span[1] <= size
+        if not ok:
+            raise ZeroptimError(f"checkpoint file '{file}' is not a readable safetensors file "
+                                f"(tensor '{name}' has an unreadable header entry)")
+        tensors[name], offsets[name] = tensor, start + span[0]
+    return tensors, offsets, metadata
 
 
 def open_lazily(path: str | os.PathLike) -> tuple[Checkpoint, TensorFiles]:
@@ -109,18 +125,18 @@ def open_lazily(path: str | os.PathLike) -> tuple[Checkpoint, TensorFiles]:
         _, meta = folder_metadata(p)
         files = shard_files(p)
         tensors: dict[str, torch.Tensor] = {}
-        where: dict[str, Path] = {}
+        where: dict[str, tuple[Path, int]] = {}
         for file in sorted(set(files.values())) or [p / WEIGHTS]:
-            found, _ = _entries(file)
+            found, offsets, _ = _entries(file)
             tensors.update(found)
-            where.update(dict.fromkeys(found, file))
+            where.update({name: (file, offsets[name]) for name in found})
         missing = sorted(set(files) - set(where))
         if missing:
             raise ZeroptimError(f"'{p / INDEX}' names '{missing[0]}', which its shard does not hold")
     else:
-        tensors, raw = _entries(p)
+        tensors, offsets, raw = _entries(p)
         meta = parse_metadata(raw, p)
-        where = dict.fromkeys(tensors, p)
+        where = {name: (p, offsets[name]) for name in tensors}
     if not tensors:
         raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
     return Checkpoint(p, tensors, meta), TensorFiles(p, where, tensors)
