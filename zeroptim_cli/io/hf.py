@@ -54,6 +54,13 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG).is_file() and ((path / WEIGHTS).is_file() or (path / INDEX).is_file())
 
 
+def require_hf_folder(path: Path) -> None:
+    """An error unless the directory ``path`` is a Hugging Face checkpoint folder (``is_hf_folder``)."""
+    if not is_hf_folder(path):
+        raise ZeroptimError(f"checkpoint '{path}' is a directory, but not a Hugging Face checkpoint folder "
+                            f"('{CONFIG}' with '{WEIGHTS}' or '{INDEX}')")
+
+
 def transformers_module(what: str) -> ModuleType:
     """The transformers package, or an error saying that ``what`` needs the ``hf`` extra."""
     try:

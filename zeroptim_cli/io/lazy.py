@@ -23,7 +23,7 @@ import torch
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint, parse_metadata
 from zeroptim_cli.io.files import read_header
-from zeroptim_cli.io.hf import CONFIG, INDEX, WEIGHTS, folder_metadata, is_hf_folder, shard_files
+from zeroptim_cli.io.hf import INDEX, WEIGHTS, folder_metadata, require_hf_folder, shard_files
 
 #: About the bytes of stored data converted at a time (``TensorFiles.read``).
 SLICE_BYTES = 16 * 2**20
@@ -119,9 +119,7 @@ def open_lazily(path: str | os.PathLike) -> tuple[Checkpoint, TensorFiles]:
     """A checkpoint file or Hugging Face folder, its headers read, its data left in the files."""
     p = Path(path)
     if p.is_dir():
-        if not is_hf_folder(p):
-            raise ZeroptimError(f"checkpoint '{p}' is a directory, but not a Hugging Face checkpoint folder "
-                                f"('{CONFIG}' with '{WEIGHTS}' or '{INDEX}')")
+        require_hf_folder(p)
         _, meta = folder_metadata(p)
         files = shard_files(p)
         tensors: dict[str, torch.Tensor] = {}
