@@ -1,7 +1,13 @@
-"""From files to a PairAnalysis: load and check two checkpoints, rebuild the model, load the batches."""
+"""From files to a PairAnalysis: load and check two checkpoints, rebuild the model, load the batches.
+
+A pair is analysed in memory (``analysis.pair``), or streamed (``analysis.streamed``: the checkpoints'
+headers read, the model a skeleton, each tensor read when its module runs) with ``--stream``, or with
+``--max-memory SIZE`` when ``in_memory_bytes`` exceeds SIZE and the settings allow streaming.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,11 +16,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from zeroptim_cli.analysis.critical import DEFAULT_TOL
 from zeroptim_cli.analysis.directions import NAMED, resolve_direction
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.pair import analyze_pair
 from zeroptim_cli.analysis.result import PairAnalysis
 from zeroptim_cli.analysis.sanity import pair_warnings
+from zeroptim_cli.analysis.streamed import analyze_streamed
 from zeroptim_cli.derivatives.losses import Loss, default_loss, resolve_loss, resolve_metadata_loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
@@ -27,9 +35,11 @@ from zeroptim_cli.io.checkpoint import (
     state_for_model,
 )
 from zeroptim_cli.io.files import read_header
+from zeroptim_cli.io.lazy import TensorFiles, open_lazily
 from zeroptim_cli.io.outputs import Inputs
 from zeroptim_cli.io.specs import Trust, spec_file
 from zeroptim_cli.models import build_model
+from zeroptim_cli.models.skeleton import skeleton
 from zeroptim_cli.optim.state import state_file_name
 from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
@@ -37,8 +47,11 @@ from zeroptim_cli.runtime import resolve_device, resolve_dtype
 @dataclass(frozen=True)
 class Settings:
     """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed, the
-    examples per evaluation (``chunk_size``: ``auto``, N, or 0 for whole batches), and whether code named
-    in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``)."""
+    examples per evaluation (``chunk_size``: ``auto``, N, or 0 for whole batches), whether code named
+    in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``), whether to search the
+    critical scale along Δ (``critical``, to the relative tolerance ``critical_tol``), and whether to stream
+    the parameters module by module (``stream``, or by itself when the in-memory analysis is estimated to
+    need more than ``max_memory`` bytes; ``analysis.streamed``)."""
 
     model: str | None = None
     loss: str | None = None
@@ -50,10 +63,20 @@ class Settings:
     direction: str = "update"
     trust_code: bool = False
     chunk_size: int | str = "auto"
+    critical: bool = False
+    critical_tol: float = DEFAULT_TOL
+    stream: bool = False
+    max_memory: int | None = None
 
     @property
     def trust(self) -> Trust:
         return Trust(self.trust_code, frozenset(s for s in (self.model, self.loss) if s is not None))
+
+
+def recorded_lr(ckpt: Checkpoint) -> float | None:
+    """The learning rate recorded in the checkpoint's optimizer metadata (``optimizer.lr``), else None."""
+    lr = (ckpt.meta.get("optimizer") or {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
 def batches_for(ckpt_t: Checkpoint, batch_paths: Sequence[str | os.PathLike] = ()) -> list[Batch]:
@@ -139,17 +162,94 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
         buffers=p.buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
         device=resolve_device(settings.device), dtype=dtype, loss_t1=loss_t1,
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
-        chunk_size=settings.chunk_size,
+        chunk_size=settings.chunk_size, critical_tol=settings.critical_tol if settings.critical else None,
     )
+    return _recorded(result, ckpt_t, ckpt_t1, p.model, settings)
+
+
+def _recorded(result: PairAnalysis, ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module,
+              settings: Settings) -> PairAnalysis:
+    """The result with what the checkpoints record: steps, learning rate, and the pair's warnings first."""
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
-    result.warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train) + result.warnings
+    result.learning_rate = recorded_lr(ckpt_t)
+    result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train) + result.warnings
     return result
+
+
+def streaming_refusal(settings: Settings, extras: Extras | None) -> str | None:
+    """Why the settings cannot be streamed (streaming is Taylor mode along the update), or None."""
+    if settings.method not in ("auto", "taylor"):
+        return f"--method {settings.method} (streaming runs Taylor mode)"
+    if settings.direction != "update":
+        return "--direction (other directions need the gradient, which Taylor mode does not compute)"
+    if extras is not None and extras.any:
+        return "the extras (--concentration, --clip-whatif, --line-search, --lanczos, --hutchinson, --deep)"
+    return None
+
+
+#: Copies of the parameters, in the run's dtype, that the in-memory analysis holds beside both checkpoints as
+#: stored: w_t, w_t1, Δ and the model's own, and for a Hessian-vector product also g and HΔ.
+IN_MEMORY_COPIES = {"taylor": 4, "other": 6}
+
+
+def in_memory_bytes(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, settings: Settings) -> int:
+    """The estimated peak of the in-memory analysis, activations left out:
+
+        bytes of both checkpoints as stored + k · N · (bytes of one value in the run's dtype),
+
+    N the floating-point values of checkpoint t, k = ``IN_MEMORY_COPIES`` (4 for Taylor mode, else 6)."""
+    stored = sum(t.numel() * t.element_size() for c in (ckpt_t, ckpt_t1) for t in c.tensors.values())
+    values = sum(t.numel() for t in ckpt_t.tensors.values() if t.is_floating_point())
+    copies = IN_MEMORY_COPIES["taylor" if settings.method == "taylor" else "other"]
+    return stored + copies * values * resolve_dtype(settings.dtype).itemsize
+
+
+def open_streamed(path_t: str | os.PathLike, path_t1: str | os.PathLike, settings: Settings,
+                  extras: Extras | None = None) -> tuple[tuple[Checkpoint, TensorFiles], tuple[Checkpoint, TensorFiles]] | None:
+    """Both checkpoints opened lazily when the pair is to be streamed (``--stream``, or ``--max-memory`` below
+    ``in_memory_bytes`` and settings that allow it), else None. ``--stream`` with settings that cannot be
+    streamed is a usage error."""
+    if not settings.stream and settings.max_memory is None:
+        return None
+    refusal = streaming_refusal(settings, extras)
+    if settings.stream and refusal is not None:
+        raise ConfigError(f"--stream cannot be combined with {refusal}")
+    lazy_t, lazy_t1 = open_lazily(path_t), open_lazily(path_t1)
+    if settings.stream:
+        return lazy_t, lazy_t1
+    fits = settings.max_memory is not None and in_memory_bytes(lazy_t[0], lazy_t1[0], settings) <= settings.max_memory
+    return None if fits or refusal is not None else (lazy_t, lazy_t1)
+
+
+def analyze_lazily(lazy_t: tuple[Checkpoint, TensorFiles], lazy_t1: tuple[Checkpoint, TensorFiles],
+                   batches: Sequence[Batch], settings: Settings = Settings(),
+                   loss_t1: float | None = None) -> PairAnalysis:
+    """Analyse the step between two lazily opened checkpoints, streamed (``analysis.streamed``)."""
+    (ckpt_t, files_t), (ckpt_t1, files_t1) = lazy_t, lazy_t1
+    device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
+    with skeleton():
+        p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
+    assert p.params_t1 is not None
+
+    def reader(files: TensorFiles, stored: Tensor) -> functools.partial[Tensor]:
+        return functools.partial(files.read, files.key(stored), device, dtype)
+
+    sources = {n: (reader(files_t, t), reader(files_t1, p.params_t1[n])) for n, t in p.params_t.items()}
+    buffers = {n: files_t.read(files_t.key(t)) for n, t in p.buffers_t.items()}
+    result = analyze_streamed(p.model, sources, buffers, batches, p.loss, train=settings.train, seed=settings.seed,
+                              device=device, dtype=dtype, loss_t1=loss_t1, chunk_size=settings.chunk_size,
+                              critical_tol=settings.critical_tol if settings.critical else None)
+    return _recorded(result, ckpt_t, ckpt_t1, p.model, settings)
 
 
 def analyze_files(path_t: str | os.PathLike, path_t1: str | os.PathLike,
                   batch_paths: Sequence[str | os.PathLike] = (), settings: Settings = Settings(),
                   extras: Extras | None = None) -> PairAnalysis:
-    """Analyse a pair of checkpoint files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
+    """Analyse a pair of checkpoint files, on ``batch_paths`` or else the batch recorded in ``path_t``,
+    in memory or streamed (see the module docstring)."""
+    lazy = open_streamed(path_t, path_t1, settings, extras)
+    if lazy is not None:
+        return analyze_lazily(*lazy, batches_for(lazy[0][0], batch_paths), settings)
     ckpt_t, ckpt_t1 = load_checkpoint(path_t), load_checkpoint(path_t1)
     return analyze_checkpoints(ckpt_t, ckpt_t1, batches_for(ckpt_t, batch_paths), settings, extras=extras)
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zeroptim_cli.analysis.checkpoints import Settings, batches_for, prepare_pair
+from zeroptim_cli.analysis.checkpoints import Settings, batches_for, prepare_pair, recorded_lr
 from zeroptim_cli.analysis.extras import line_search
 from zeroptim_cli.analysis.optimizer_steps import (
     MezoSettings,
@@ -167,13 +167,12 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
     metadata and folder), with the update to ``ckpt_t1`` when given."""
     p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
     optimizer = ckpt_t.meta.get("optimizer") or {}
-    lr = optimizer.get("lr")
     recorded = recorded_state(ckpt_t)
     warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train) if ckpt_t1 is not None else []
     if recorded is None and optimizer.get("name") not in (None, "sgd"):
         warnings.append(f"no optimizer state beside '{ckpt_t.path}': the {optimizer.get('name')} step is not compared")
     result = compare_directions(
-        p.model, p.params_t, p.params_t1, batches, p.loss, lr=float(lr) if isinstance(lr, (int, float)) else None,
+        p.model, p.params_t, p.params_t1, batches, p.loss, lr=recorded_lr(ckpt_t),
         recorded=recorded, states=[other_state(s, ckpt_t.step) for s in options.states], options=options,
         buffers=p.buffers_t,
         method=settings.method, train=settings.train, seed=settings.seed, device=resolve_device(settings.device),

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from zeroptim_cli.analysis.critical import critical_search
 from zeroptim_cli.analysis.directions import Direction
 from zeroptim_cli.analysis.extras import Extras, compute_extras
 from zeroptim_cli.analysis.result import LayerStats, PairAnalysis
@@ -48,6 +49,7 @@ def analyze_pair(
     direction_name: str = "update",
     extras: Extras | None = None,
     chunk_size: int | str | None = "auto",
+    critical_tol: float | None = None,
 ) -> PairAnalysis:
     """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``.
 
@@ -61,7 +63,9 @@ def analyze_pair(
     ``direction`` (see ``analysis.directions``) replaces Δ by another direction d from w_t, computed
     from g and Δ; every quantity is then that of d, with f(w_t1) read as f(w_t + d). ``extras`` adds the
     opt-in analyses of ``analysis.extras`` under their own keys. ``chunk_size`` bounds the examples of one
-    evaluation (``derivatives.objective.chunk_length``): the same numbers, less peak memory.
+    evaluation (``derivatives.objective.chunk_length``): the same numbers, less peak memory. ``critical_tol``
+    (None: skip) runs the forward-only critical-scale search along Δ to that relative tolerance
+    (``analysis.critical``).
     """
     if extras is not None and extras.concentration and not methods.first(method).gives_hvp:
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
@@ -82,6 +86,9 @@ def analyze_pair(
         result.warnings = notes
         if extras is not None and extras.any:
             result.extras = compute_extras(objective, w_t, delta, totals, result, extras)
+        if critical_tol is not None:
+            result.critical = critical_search(
+                lambda a: float(objective.value({k: w_t[k] + a * delta[k] for k in w_t})), critical_tol)
     result.direction = direction_name
     return result
 
@@ -103,7 +110,7 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
         raise ConfigError("no batch to evaluate the loss on")
     if record.check is not None:
         record.check(model, train)
-    model.to(device=device, dtype=dtype)
+    place(model, device, dtype)
     fixed = cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
     was_training = model.training
     model.train(train)
@@ -113,6 +120,16 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
                             chunk_size=chunk_size)
     finally:
         model.train(was_training)
+
+
+def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``model.to(device, dtype)``; a skeleton's parameters (``models.skeleton``: on the meta device, streamed
+    module by module) stay on the meta device, in ``dtype``."""
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device=device, dtype=dtype)
+        return
+    model._apply(lambda t: t.to(device="meta" if t.is_meta else device,
+                                dtype=dtype if t.is_floating_point() else t.dtype))
 
 
 def require_finite(result: PairAnalysis, batches: Sequence[Batch]) -> None:
@@ -136,11 +153,19 @@ def summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int,
     if d.grad is not None and d.hvp is not None:
         rows += [[(d.grad[n] * delta[n]).sum() for n in names], [(delta[n] * d.hvp[n]).sum() for n in names],
                  [d.grad[n].pow(2).sum() for n in names]]
+    return summarize_rows(d, loss_t1, {n: delta[n].numel() for n in names}, rows, num_examples, dtype, device, method)
+
+
+def summarize_rows(d: Derivatives, loss_t1: Tensor, numels: dict[str, int], rows: list[list[Tensor]],
+                   num_examples: int, dtype: torch.dtype, device: torch.device, method: str) -> PairAnalysis:
+    """``summarize`` from the per-tensor rows (‖Δ_l‖², and with g and HΔ g_lᵀΔ_l, Δ_lᵀ(HΔ)_l, ‖g_l‖²) of
+    the tensors ``numels`` names, in that order."""
+    names = list(numels)
     table = torch.stack([torch.stack(r) for r in rows]).double().cpu().tolist()
     scalars = torch.stack([t.double() for t in (d.loss, loss_t1, d.grad_corr, d.dir_sharpness)]).cpu().tolist()
     exact = len(table) > 1
     layers = [
-        LayerStats(name=n, numel=delta[n].numel(), update_norm=math.sqrt(table[0][i]),
+        LayerStats(name=n, numel=numels[n], update_norm=math.sqrt(table[0][i]),
                    grad_corr=table[1][i] if exact else None, dir_sharpness=table[2][i] if exact else None)
         for i, n in enumerate(names)
     ]

@@ -6,13 +6,16 @@ q(α) = f(w_t) + α·gᵀΔ + ½α²·ΔᵀHΔ along a direction d of length ‖
     dᵀHd/‖d‖²,   taylor_pred = gᵀd + ½dᵀHd,   α* = −gᵀd / dᵀHd,   q(α*) − f(w_t) = −(gᵀd)² / (2dᵀHd)
 
 (α* and its prediction only when dᵀHd > 0), taylor_residual = Δloss − taylor_pred and
-cos(g, Δ) = gᵀΔ/(‖g‖‖Δ‖), clamped to [−1, 1] against round-off.
+cos(g, Δ) = gᵀΔ/(‖g‖‖Δ‖), clamped to [−1, 1] against round-off. The critical scale and sharpness along Δ:
+``analysis.critical``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from zeroptim_cli.analysis.critical import CriticalSearch, critical_sharpness, quadratic_critical_scale
 
 
 def quadratic_model(grad_corr: float, dir_sharpness: float, norm: float) -> dict[str, float | None]:
@@ -68,6 +71,11 @@ class PairAnalysis:
     direction: str = "update"
     warnings: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the learning rate recorded with checkpoint t, and the measured critical scale (``--critical``)
+    learning_rate: float | None = None
+    critical: CriticalSearch | None = None
+    #: whether the parameters were streamed module by module (``analysis.streamed``)
+    streamed: bool = False
 
     @property
     def delta_loss(self) -> float:
@@ -101,6 +109,23 @@ class PairAnalysis:
     def optimal_pred(self) -> float | None:
         return self._model["optimal_pred"]
 
+    @property
+    def critical_scale_quadratic(self) -> float | None:
+        return quadratic_critical_scale(self.grad_corr, self.dir_sharpness)
+
+    def critical_keys(self) -> dict[str, Any]:
+        """The critical scales α_c (quadratic model and measured search) and λ_c = 2/(η·α_c) for each."""
+        search = self.critical or CriticalSearch(None, None, 0)
+        return {
+            "learning_rate": self.learning_rate,
+            "critical_scale_quadratic": self.critical_scale_quadratic,
+            "critical_scale_search": search.scale,
+            "critical_scale_tol": search.tol,
+            "critical_evaluations": search.evaluations if self.critical is not None else None,
+            "critical_sharpness_quadratic": critical_sharpness(self.learning_rate, self.critical_scale_quadratic),
+            "critical_sharpness_search": critical_sharpness(self.learning_rate, search.scale),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The contract's JSON object (docs/contract.md), keys in its order, then our extensions."""
         return {
@@ -127,5 +152,7 @@ class PairAnalysis:
             "method": self.method,
             "direction": self.direction,
             "warnings": list(self.warnings),
+            **self.critical_keys(),
+            "streamed": self.streamed,
             **self.extras,
         }

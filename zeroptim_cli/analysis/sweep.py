@@ -10,8 +10,10 @@ interrupted sweep resumes with no duplicate and no loss; results of other settin
 line that is not a row (cut short by a kill, edited by hand) is moved to ``<output>.rejected`` with one
 warning, and a last row without its newline gets one before anything is appended. A result is keyed by
 its checkpoints (path, size, modification time), the content of every batch it used (the recorded ones
-too) and the settings, so that editing a batch makes its rows stale. A failing pair (an unreadable checkpoint too) is recorded with an ``error`` key
-and the sweep goes on. Each checkpoint file is read once per sweep, the next one while the current pair computes.
+too) and the settings, so that editing a batch makes its rows stale. A failing pair (an unreadable
+checkpoint too) is recorded with an ``error`` key and the sweep goes on. Each checkpoint file is read once
+per sweep, the next one while the current pair computes (streamed pairs, ``--stream`` or ``--max-memory``,
+read their files tensor by tensor instead).
 With a fixed ``--batch`` set, pairs run newest first so that f(w_t) of one pair serves as f(w_t1) of
 the pair before it: one forward pass saved per pair.
 """
@@ -30,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from zeroptim_cli import distributed as dist
-from zeroptim_cli.analysis.checkpoints import Settings, analyze_checkpoints, recorded_batches
+from zeroptim_cli.analysis.checkpoints import (
+    Settings,
+    analyze_checkpoints,
+    analyze_lazily,
+    open_streamed,
+    recorded_batches,
+    streaming_refusal,
+)
 from zeroptim_cli.analysis.compare import CompareOptions, compare_checkpoints
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.errors import ConfigError, ZeroptimError
@@ -74,10 +83,12 @@ def _batch_id(p: Path) -> list[Any]:
 
 def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
                  compare: CompareOptions | None = None) -> str:
-    """What a result depends on besides its two checkpoints: the settings (not the device, nor the trust
-    flag: the same numbers either way), the fixed batches (resolved path, content hash), the extras and
-    the comparison options."""
-    how = {k: v for k, v in asdict(settings).items() if k not in ("device", "trust_code")}
+    """What a result depends on besides its two checkpoints: the settings (not the device, the trust flag,
+    streaming or the memory bound: the same numbers either way; the critical search only when asked for, so
+    that keys of other sweeps stay what they were), the fixed batches (resolved path, content hash), the
+    extras and the comparison options."""
+    left_out = ("device", "trust_code", "stream", "max_memory") + (() if settings.critical else ("critical", "critical_tol"))
+    how = {k: v for k, v in asdict(settings).items() if k not in left_out}
     parts = [how, [_batch_id(b) for b in batch_paths], extras.settings() if extras is not None else None]
     if compare is not None:  # so that keys of plain sweeps stay what they were
         parts.append(asdict(compare))
@@ -315,6 +326,9 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
     """
     if shard not in ("pairs", "batches"):
         raise ConfigError(f"--shard '{shard}' is not 'pairs' or 'batches'")
+    refusal = streaming_refusal(settings, extras) if settings.stream else None
+    if refusal is not None:
+        raise ConfigError(f"--stream cannot be combined with {refusal}")
     main = dist.group_rank() == 0
     how = settings_key(settings, batch_paths, extras, compare)
     keys = {p: sweep_key(p, how, bool(batch_paths)) for p in plan.pairs}
@@ -402,12 +416,18 @@ def _analyse_one(pair: Pair, upcoming: Pair | None, cache: CheckpointCache, fixe
         return ckpt_t, ckpt_t1, fixed or recorded_batches(ckpt_t)
 
     try:
-        ckpt_t, ckpt_t1, batches = dist.guarded(load)
-        row["batches"] = [b.source for b in batches]
-        if compare is not None:
-            return {**compare_checkpoints(ckpt_t, ckpt_t1, batches, settings, compare).to_dict(), **row}
-        result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1),
-                                     extras=extras)
+        lazy = open_streamed(pair.ckpt_t, pair.ckpt_t1, settings, extras) if compare is None else None
+        if lazy is not None:  # streamed: the files are read tensor by tensor, never whole
+            batches = fixed or recorded_batches(lazy[0][0])
+            row["batches"] = [b.source for b in batches]
+            result = analyze_lazily(*lazy, batches, settings, loss_t1=losses.get(pair.ckpt_t1))
+        else:
+            ckpt_t, ckpt_t1, batches = dist.guarded(load)
+            row["batches"] = [b.source for b in batches]
+            if compare is not None:
+                return {**compare_checkpoints(ckpt_t, ckpt_t1, batches, settings, compare).to_dict(), **row}
+            result = analyze_checkpoints(ckpt_t, ckpt_t1, batches, settings, loss_t1=losses.get(pair.ckpt_t1),
+                                         extras=extras)
         if fixed:
             losses[pair.ckpt_t] = result.loss_t
         return {**result.to_dict(), **row}

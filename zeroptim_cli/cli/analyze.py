@@ -18,6 +18,7 @@ from zeroptim_cli.cli.options import (
     extras_options,
     progress_bar,
     result_options,
+    scale_options,
     settings_options,
     stderr,
     user_stdout_to_stderr,
@@ -34,6 +35,7 @@ from zeroptim_cli.report.tables import print_report
                    "'labels'); repeat to average several exactly. "
                    "Default: the batch recorded in CKPT_T's metadata.")
 @settings_options
+@scale_options
 @extras_options
 @click.option("--per-layer", is_flag=True, help="Also print the per-parameter-tensor split.")
 @result_options("Also write the JSON object to this file (atomically).",

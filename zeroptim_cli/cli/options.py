@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import Progress, ProgressColumn
 
 from zeroptim_cli.analysis.compare import SCALES, CompareOptions
+from zeroptim_cli.analysis.critical import DEFAULT_TOL
 from zeroptim_cli.analysis.extras import MAX_GRID_POINTS, MAX_PROBES, Extras, default_alphas
 from zeroptim_cli.analysis.optimizer_steps import MezoSettings
 from zeroptim_cli.derivatives.methods import method_help, method_names
@@ -116,6 +117,50 @@ class ChunkSize(click.ParamType):
         if n < 0:
             self.fail(f"'{value}' is not 'auto' nor a number of examples (0: whole batches)", param, ctx)
         return n
+
+
+class MemorySize(click.ParamType):
+    """A number of bytes: ``8GB`` (10⁹), ``8GiB`` (2³⁰), ``512MB``, ``1.5T``, or plain bytes."""
+
+    name = "SIZE"
+    UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B")
+        number = text.rstrip("KMGTI")
+        try:
+            size = float(number) * self.UNITS[text[len(number):]]
+        except (KeyError, ValueError):
+            size = -1
+        if size <= 0:
+            self.fail(f"'{value}' is not a memory size such as 8GB, 8GiB or 512MB", param, ctx)
+        return int(size)
+
+
+def scale_options(fn):  # type: ignore[no-untyped-def]
+    """The critical search and streaming, shared by analyze and sweep (they reach the command's settings)."""
+    options = [
+        click.option("--critical", is_flag=True,
+                     help="Also measure the critical scale along Δ forward only: the smallest α > 0 with "
+                          "f(w_t + αΔ) > f(w_t), by an exponential then bisection search (a few forward passes, "
+                          "counted in critical_evaluations), and λ_c = 2/(lr·α) with the recorded lr."),
+        click.option("--critical-tol", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=DEFAULT_TOL, show_default=True,
+                     help="The relative width (hi − lo)/hi at which the critical search's bracket stops."),
+        click.option("--stream", is_flag=True,
+                     help="Taylor mode with the parameters of w_t and Δ read from the checkpoints' files module by "
+                          "module, right before each module runs, and released after it: the same numbers as "
+                          "--method taylor in a fraction of the memory (for models larger than memory)."),
+        click.option("--max-memory", type=MemorySize(), metavar="SIZE",
+                     help="Stream by itself (as --stream) when the in-memory analysis is estimated to need more "
+                          "than SIZE (e.g. 8GB, 16GiB)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
 def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-untyped-def]

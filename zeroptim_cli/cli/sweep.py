@@ -23,6 +23,7 @@ from zeroptim_cli.cli.options import (
     force_option,
     print_warnings,
     progress_bar,
+    scale_options,
     settings_options,
     stderr,
     user_stdout_to_stderr,
@@ -44,6 +45,7 @@ from zeroptim_cli.report.tables import fmt
 @click.option("--csv", "csv_path", type=OUTPUT,
               help="Also write the scalar columns of all results as CSV.")
 @settings_options
+@scale_options
 @extras_options
 @click.option("--compare", "comparing", is_flag=True,
               help="One comparison of directions per pair (as zeroptim compare) instead of the pair analysis; "
@@ -72,6 +74,8 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
       zeroptim plot results.jsonl -o results.png
     """
     compare_with = _comparison(comparing, compare, extras)
+    if compare_with is not None and (settings["stream"] or settings["max_memory"] is not None):
+        raise click.UsageError("--stream and --max-memory analyse the update alone; they do not take --compare")
     settings["device"] = dist.init(str(settings["device"]))
     quiet = quiet or not dist.is_main()
     folders = expand(runs)

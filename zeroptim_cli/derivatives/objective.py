@@ -184,17 +184,18 @@ class Objective:
         zero = torch.zeros((), dtype=next(iter(g.values())).dtype, device=self.device)
         return all_reduce(Derivatives(zero, zero, zero, g)).grad  # type: ignore[return-value]
 
-    def derivatives(self, w: Params, v: Params, method: str = "auto", *,
-                    need_hvp: bool = False) -> tuple[str, Derivatives, list[str]]:
+    def derivatives(self, w: Params, v: Params, method: str = "auto", *, need_hvp: bool = False,
+                    fallback: bool = True) -> tuple[str, Derivatives, list[str]]:
         """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``, notes on fallbacks).
 
-        The methods of ``methods.chain(method)`` (with ``need_hvp``, only those that give HΔ) are tried in
-        turn. A method's declared refusal (``refusals.Refusal``) on any batch of any rank moves every rank on
-        to the next one together, so that all ranks sum the same method's numbers, and is noted. Any other
-        exception is an error: the batch's, if the plain forward pass fails on it too, else the method's.
-        When every method refuses, the error names each one's reason.
+        The methods of ``methods.chain(method)`` (with ``need_hvp``, only those that give HΔ; with
+        ``fallback=False``, ``method`` alone) are tried in turn. A method's declared refusal
+        (``refusals.Refusal``) on any batch of any rank moves every rank on to the next one together, so that
+        all ranks sum the same method's numbers, and is noted. Any other exception is an error: the batch's,
+        if the plain forward pass fails on it too, else the method's. When every method refuses, the error
+        names each one's reason.
         """
-        names = [n for n in chain(method) if not need_hvp or METHODS[n].gives_hvp]
+        names = [n for n in (chain(method) if fallback else (method,)) if not need_hvp or METHODS[n].gives_hvp]
         notes: list[str] = []
         refused: list[str] = []
         for i, name in enumerate(names):

@@ -30,7 +30,7 @@ from torch import nn
 from zeroptim_cli._version import __version__
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.files import atomic_path, loads_json, read_safetensors
-from zeroptim_cli.io.hf import CONFIG, INDEX, SPEC_KEY, WEIGHTS, config_difference, is_hf_folder, read_hf_folder
+from zeroptim_cli.io.hf import SPEC_KEY, config_difference, read_hf_folder, require_hf_folder
 
 METADATA_KEY = "zeroptim"
 FORMAT_VERSION = 1
@@ -133,9 +133,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     non-finite weights."""
     p = Path(path)
     if p.is_dir():
-        if not is_hf_folder(p):
-            raise ZeroptimError(f"checkpoint '{p}' is a directory, but not a Hugging Face checkpoint folder "
-                                f"('{CONFIG}' with '{WEIGHTS}' or '{INDEX}')")
+        require_hf_folder(p)
         tensors, meta = read_hf_folder(p)
         return _checked(Checkpoint(p, tensors, meta))
     tensors, raw_meta = read_safetensors(p, "checkpoint")

@@ -93,6 +93,13 @@ def check_weights(folder: Path) -> None:
             inside(name, folder / INDEX)
 
 
+def require_hf_folder(path: Path) -> None:
+    """An error unless the directory ``path`` is a Hugging Face checkpoint folder (``is_hf_folder``)."""
+    if not is_hf_folder(path):
+        raise ZeroptimError(f"checkpoint '{path}' is a directory, but not a Hugging Face checkpoint folder "
+                            f"('{CONFIG}' with '{WEIGHTS}' or '{INDEX}')")
+
+
 def transformers_module(what: str) -> ModuleType:
     """The transformers package, or an error saying that ``what`` needs the ``hf`` extra."""
     try:
@@ -185,8 +192,8 @@ def folder_step(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(the model's state dict as transformers loads the folder, zeroptim metadata for it): the metadata's
+def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
+    """(the transformers class ``config.json`` names, zeroptim metadata for the folder): the metadata's
     ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says."""
     check_weights(folder)
     config_path = folder / CONFIG
@@ -194,9 +201,34 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
     cls = model_class(config, str(config_path))
+    with quiet_transformers():
+        complete = cls.config_class.from_dict(config).to_dict()
+    return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}
+
+
+def shard_files(folder: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file of the folder that holds it: ``model.safetensors``'s own names are
+    left to the caller (an empty map), else the index's ``weight_map``, whose files must lie in the folder."""
+    if (folder / WEIGHTS).is_file():
+        return {}
+    index = _read_json(folder / INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ZeroptimError(f"'{folder / INDEX}' has no 'weight_map' object")
+    files: dict[str, Path] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise ZeroptimError(f"'{folder / INDEX}' names shard {file!r} for '{name}', not a file in the folder")
+        files[name] = folder / file
+    return files
+
+
+def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the model's state dict as transformers loads the folder, zeroptim metadata for it, as
+    ``folder_metadata`` gives it)."""
+    cls, meta = folder_metadata(folder)
     try:
         with quiet_transformers():
-            complete = cls.config_class.from_dict(config).to_dict()
             model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                               trust_remote_code=False, output_loading_info=True, dtype="auto")
     except Exception as exc:  # transformers raises OSError, ValueError, RuntimeError… for bad folders
@@ -208,4 +240,4 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             raise ZeroptimError(f"checkpoint folder '{folder}': '{name}' is {kind.split('_')[0]} "
                                 f"({len(info[kind])} {kind.replace('_', ' ')} in all)")
     tensors = {name: t.detach() for name, t in model.state_dict().items()}
-    return tensors, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}
+    return tensors, meta

@@ -4,8 +4,9 @@ Top, all runs together: (a) the normalized sharpness ΔᵀHΔ/‖Δ‖² of each
 (symmetric-log axis when some are ≤ 0), with the clipped step's beside it when the rows carry the clipping
 what-if; (b) actual against predicted Δloss, with y = x. Then one row of panels per run: (c) its loss
 change and both Taylor terms over steps, (d) each parameter tensor's share of ΔᵀHΔ over steps, and when the
-rows carry them, (e) the concentration of ΔᵀHΔ in the top coordinates and (f) the line search's best α
-beside the quadratic model's α*. Ticks sit at the recorded steps; legends stand outside the data.
+rows carry them, (e) the concentration of ΔᵀHΔ in the top coordinates, (f) the line search's best α
+beside the quadratic model's α* and (g) the critical sharpness λ_c = 2/(η·α_c), from the quadratic model and
+from the measured search, beside ΔᵀHΔ/‖Δ‖² (for one SGD step Δ = −ηg the quadratic λ_c equals it). Ticks sit at the recorded steps; legends stand outside the data.
 """
 
 from __future__ import annotations
@@ -147,11 +148,31 @@ def panel_alpha(ax: plt.Axes, run: str, group: list[Row]) -> None:
     legend_outside(ax)
 
 
+def panel_critical(ax: plt.Axes, run: str, group: list[Row]) -> None:
+    d = symbol(group[0])
+    x = steps(group)
+    series = [(values(group, "critical_sharpness_quadratic"), "-o", "λ_c from the quadratic model"),
+              (values(group, "critical_sharpness_search"), "--s", "λ_c measured (forward-only search)"),
+              (values(group, "dir_sharpness_normalized"), ":^", f"{d}ᵀH{d} / ‖{d}‖² (exact)")]
+    scale, nonpositive, undefined = sharpness_scale(ax, [y for y, _, _ in series])
+    for y, style, label in series:
+        ax.plot(x, y, style, ms=4, label=label)
+    step_ticks(ax, x)
+    ax.set(title=f"(g) {run}: critical sharpness 2/(η·α_c) along the step", xlabel="step t", ylabel="sharpness")
+    legend_outside(ax)
+    note(ax, sharpness_note("the sharpness", scale, nonpositive, undefined))
+
+
+def _has_critical(row: Row) -> bool:
+    return row.get("critical_sharpness_quadratic") is not None or row.get("critical_sharpness_search") is not None
+
+
 def sweep_figure(runs: dict[str, list[Row]], detail_runs: list[str]) -> plt.Figure:
     """(a), (b) for all runs; a row of per-run panels for each of ``detail_runs``."""
     detail = {run: runs[run] for run in detail_runs}
-    extras = [(panel_concentration, "concentration"), (panel_alpha, "line_search")]
-    extras = [(panel, key) for panel, key in extras if any(r.get(key) for g in detail.values() for r in g)]
+    extras = [(panel_concentration, lambda r: r.get("concentration")), (panel_alpha, lambda r: r.get("line_search")),
+              (panel_critical, _has_critical)]
+    extras = [(panel, has) for panel, has in extras if any(has(r) for g in detail.values() for r in g)]
     columns = 2 + len(extras)
     tensors = max(len(g[0].get("per_layer") or []) for g in detail.values())
     row_height = max(4.2, 0.16 * tensors + 1.5)
@@ -165,8 +186,8 @@ def sweep_figure(runs: dict[str, list[Row]], detail_runs: list[str]) -> plt.Figu
     for i, (run, group) in enumerate(detail.items()):
         panel_decomposition(axes[i, 0], run, group)
         panel_layers(bottom, axes[i, 1], run, group)
-        for j, (panel, key) in enumerate(extras):
-            if any(r.get(key) for r in group):
+        for j, (panel, has) in enumerate(extras):
+            if any(has(r) for r in group):
                 panel(axes[i, 2 + j], run, group)
             else:
                 axes[i, 2 + j].set_axis_off()

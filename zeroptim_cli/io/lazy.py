@@ -1,0 +1,140 @@
+"""Checkpoints read on demand, tensor by tensor: for pairs larger than memory.
+
+``open_lazily`` reads only the headers of a checkpoint file, or of a Hugging Face folder's
+``model.safetensors`` or shards (``model.safetensors.index.json``): it returns the same ``Checkpoint`` as
+``load_checkpoint`` (metadata, step, model spec), whose tensors are *meta* tensors of the stored names,
+shapes and dtypes (enough for every check of the pair and for matching a model), and a ``TensorFiles``
+that reads one stored tensor's data when asked, checks it is finite and converts it to the run's device and
+dtype. The data is read with plain reads at the offsets the header gives, slice by slice, never memory-mapped:
+a mapped file's pages would count as the process's resident memory while it is mapped (a whole shard's worth),
+and a file rewritten under a mapping turns into a SIGBUS instead of an error.
+
+The names are the stored ones: a Hugging Face folder whose keys transformers renames while loading (legacy
+names) does not match its model here, and says which weight it lacks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.io.checkpoint import Checkpoint, parse_metadata
+from zeroptim_cli.io.files import read_header
+from zeroptim_cli.io.hf import INDEX, WEIGHTS, folder_metadata, require_hf_folder, shard_files
+
+#: About the bytes of stored data converted at a time (``TensorFiles.read``).
+SLICE_BYTES = 16 * 2**20
+#: safetensors' dtype names.
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+class TensorFiles:
+    """Where each stored tensor of one checkpoint lies (file, offset of its data); ``read`` loads one."""
+
+    def __init__(self, path: Path, where: dict[str, tuple[Path, int]], meta_tensors: dict[str, torch.Tensor]) -> None:
+        self.path, self.where, self.tensors = path, where, meta_tensors
+        self._key = {id(t): name for name, t in meta_tensors.items()}
+
+    def key(self, stored: torch.Tensor) -> str:
+        """The stored name of one of this checkpoint's meta tensors (tied weights are stored once)."""
+        return self._key[id(stored)]
+
+    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+             minus: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tensor ``name`` on ``device``, floating tensors in ``dtype`` (None: as stored), less
+        ``minus`` when given (w_t1 − w_t formed as w_t1 is read). Read in slices of about ``SLICE_BYTES`` of
+        rows, so that the conversion holds one slice beside the result, not a second whole tensor; the result
+        is exactly that of converting (and subtracting) the whole tensor. Exactly that also when called inside
+        a model's forward under a torch function mode: no mode sees the read."""
+        with torch._C.DisableTorchFunction():
+            return self._read(name, torch.device(device), dtype, minus)
+
+    def _read(self, name: str, device: torch.device, dtype: torch.dtype | None,
+              minus: torch.Tensor | None) -> torch.Tensor:
+        file, offset = self.where[name]
+        stored = self.tensors[name]
+        target = (dtype or stored.dtype) if stored.is_floating_point() else stored.dtype
+        out = torch.empty(stored.shape, dtype=target, device=device)
+        if stored.numel() == 0:
+            return out
+        rows = stored.shape[0] if stored.dim() else 1
+        row_bytes = stored.numel() * stored.element_size() // rows
+        step = max(1, SLICE_BYTES // row_bytes)
+        flat = out.view(rows, -1) if stored.dim() else out.view(1)
+        try:
+            with file.open("rb") as f:
+                for i in range(0, rows, step):
+                    n = min(step, rows - i)
+                    buf = bytearray(n * row_bytes)
+                    f.seek(offset + i * row_bytes)
+                    if f.readinto(buf) != len(buf):
+                        raise ZeroptimError(f"checkpoint file '{file}' is shorter than its header says at tensor '{name}'")
+                    part = torch.frombuffer(buf, dtype=stored.dtype)
+                    if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                        raise ZeroptimError(f"checkpoint '{self.path}': tensor '{name}' contains NaN or Inf")
+                    part = part.view(n, -1) if stored.dim() else part
+                    part = part.to(device=device, dtype=target)
+                    if minus is not None:
+                        part = part - (minus.reshape(rows, -1)[i:i + n] if stored.dim() else minus.reshape(1))
+                    flat[i:i + n] = part
+        except OSError as exc:
+            raise ZeroptimError(f"checkpoint file '{file}' cannot be read ({exc.strerror})") from exc
+        return out
+
+    def nbytes(self) -> int:
+        """The bytes of every stored tensor, as stored."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _entries(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
+    """The meta tensors a safetensors file's header describes, the offset of each one's data in the file,
+    and the file's string metadata; entries whose byte range does not fit their shape or the file are errors."""
+    header, metadata = read_header(file, "checkpoint")
+    with file.open("rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+    size = file.stat().st_size
+    tensors: dict[str, torch.Tensor] = {}
+    offsets: dict[str, int] = {}
+    for name, entry in header.items():
+        dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        shape, span = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+        ok = (dtype is not None and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+              and isinstance(span, list) and len(span) == 2 and all(isinstance(o, int) for o in span))
+        if ok:
+            tensor = torch.empty(shape, dtype=dtype, device="meta")
+            ok = span[1] - span[0] == tensor.numel() * tensor.element_size() and 0 <= span[0] and start + span[1] <= size
+        if not ok:
+            raise ZeroptimError(f"checkpoint file '{file}' is not a readable safetensors file "
+                                f"(tensor '{name}' has an unreadable header entry)")
+        tensors[name], offsets[name] = tensor, start + span[0]
+    return tensors, offsets, metadata
+
+
+def open_lazily(path: str | os.PathLike) -> tuple[Checkpoint, TensorFiles]:
+    """A checkpoint file or Hugging Face folder, its headers read, its data left in the files."""
+    p = Path(path)
+    if p.is_dir():
+        require_hf_folder(p)
+        _, meta = folder_metadata(p)
+        files = shard_files(p)
+        tensors: dict[str, torch.Tensor] = {}
+        where: dict[str, tuple[Path, int]] = {}
+        for file in sorted(set(files.values())) or [p / WEIGHTS]:
+            found, offsets, _ = _entries(file)
+            tensors.update(found)
+            where.update({name: (file, offsets[name]) for name in found})
+        missing = sorted(set(files) - set(where))
+        if missing:
+            raise ZeroptimError(f"'{p / INDEX}' names '{missing[0]}', which its shard does not hold")
+    else:
+        tensors, offsets, raw = _entries(p)
+        meta = parse_metadata(raw, p)
+        where = {name: (p, offsets[name]) for name in tensors}
+    if not tensors:
+        raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
+    return Checkpoint(p, tensors, meta), TensorFiles(p, where, tensors)
