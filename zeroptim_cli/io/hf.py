@@ -201,8 +201,12 @@ def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
     cls = model_class(config, str(config_path))
-    with quiet_transformers():
-        complete = cls.config_class.from_dict(config).to_dict()
+    try:
+        with quiet_transformers():
+            complete = cls.config_class.from_dict(config).to_dict()
+    except Exception as exc:  # transformers validates config fields with its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ZeroptimError(f"'{config_path}' is not a valid {cls.__name__} config ({first})") from exc
     return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}
 
 
