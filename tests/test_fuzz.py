@@ -289,5 +289,5 @@ def test_sweep_outputs_survive_line_edits(capsys, edits: list[tuple[str, int, by
             row = json.loads(line)  # not kept, not aside: a row of this sweep, recomputed
             assert row["settings_key"] == mine
         # a row whose own key an edit garbled is kept as it is (rows are never dropped), under no settings
-    keys = {json.loads(k).get("settings_key") for k in kept if k.strip()} - {None}
-    assert out.read_bytes().endswith(b"\n") and len(keys) <= 2
+        keys = {json.loads(k).get("settings_key") for k in kept if k.strip()} - {None}
+        assert out.read_bytes().endswith(b"\n") and len(keys) <= 2
