@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import pytest
+from hypothesis import settings
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -13,6 +15,11 @@ from torch.func import functional_call
 from zeroptim_cli import Batch, resolve_loss
 
 torch.set_num_threads(1)
+
+# fuzz tests draw the same examples on every CI run (fixed seeds, as everywhere else); locally they explore
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def flat(params: dict[str, Tensor]) -> Tensor:
