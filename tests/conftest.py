@@ -7,8 +7,8 @@ import os
 from collections.abc import Callable
 
 import pytest
-from hypothesis import settings
 import torch
+from hypothesis import settings
 from torch import Tensor, nn
 from torch.func import functional_call
 
