@@ -18,7 +18,9 @@ counted labels of all of them (after the causal shift). The micro-batches are ca
 pre-hook on the model that lives only while a recorded step accumulates (training-mode calls only, so
 evaluation is never recorded): it is removed when the step is saved, when training ends, when the model's
 forward raises, and, should training stop between a forward and the optimizer step, by the first call
-beyond the step's gradient-accumulation count. Training with label smoothing or a ``compute_loss_func`` minimises another loss than
+beyond the step's gradient-accumulation count. An encoder-decoder (T5, BART) is recorded the same way, its
+batches as Trainer passes them (the decoder inputs are made from the labels when analysed); with gradient
+accumulation Trainer steps it along the sum of the micro-batch means instead (a warning says so). Training with label smoothing or a ``compute_loss_func`` minimises another loss than
 the model's own, and is refused rather than recorded under a wrong name.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from zeroptim_cli.derivatives.losses import MODEL_LOSS
 from zeroptim_cli.io.batches import LABELS, save_batch
 from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
+from zeroptim_cli.models.hf import is_seq2seq_lm
 from zeroptim_cli.optim.optimizers import optimizer_description
 
 
@@ -79,6 +83,11 @@ class ZeroptimCallback(TrainerCallback):
             self.folder = Path(args.output_dir) / "zeroptim"
         self.folder.mkdir(parents=True, exist_ok=True)
         self._accumulation = args.gradient_accumulation_steps
+        if self._accumulation > 1 and is_seq2seq_lm(model):
+            warnings.warn(f"ZeroptimCallback: with gradient accumulation Trainer steps {type(model).__name__} along "
+                          "the sum of its micro-batches' mean losses (the model takes num_items_in_batch but its "
+                          "loss does not use it), not along the token-weighted mean over all of them that the "
+                          "recorded steps are analysed with", stacklevel=2)
         self._stop()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
