@@ -10,7 +10,10 @@ step (``on_pre_optimizer_step``); ``ckpt_{s+1:06d}.safetensors``, the weights ju
 accumulated over, as the model received them (keyword arguments with ``labels``). Checkpoint s's
 metadata names them (``batch`` for one, ``batches`` for several), its model as ``{"hf_config": config}``
 (rebuilt by transformers' own classes, no code of the run's) and its loss as ``model``, the model's own.
-So ``zeroptim sweep FOLDER`` analyses every recorded step with no flag.
+Beside it, ``optim_{s:06d}.safetensors``: the optimizer's state before the step (``optim.state``'s format,
+its description with Trainer's ``max_grad_norm``, the learning rate the schedule gives the step), so that
+``zeroptim compare`` and ``--direction adam`` take the step again. So ``zeroptim sweep FOLDER`` analyses
+every recorded step with no flag.
 
 The step's batch is all its micro-batches, and f their exact token-weighted mean: what Trainer itself
 minimises, since it divides the summed token losses of all micro-batches by ``num_items_in_batch``, the
@@ -43,6 +46,7 @@ from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
 from zeroptim_cli.models.hf import is_seq2seq_lm
 from zeroptim_cli.optim.optimizers import optimizer_description
+from zeroptim_cli.optim.state import save_state, state_file_name
 
 
 def ckpt_name(step: int) -> str:
@@ -139,9 +143,12 @@ class ZeroptimCallback(TrainerCallback):
         for name, micro in zip(names, self._micro):
             labels = micro.pop(LABELS)
             save_batch(self.folder / name, micro, labels)
-        meta = self._meta(model, step, optimizer)
+        meta = self._meta(model, step, optimizer, args)
         meta.update({"batch": names[0]} if len(names) == 1 else {"batches": names})
         save_checkpoint(self.folder / ckpt_name(step), model, meta)
+        if optimizer is not None:
+            save_state(self.folder / state_file_name(step), model, getattr(optimizer, "optimizer", optimizer), step,
+                       meta["optimizer"])
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -150,15 +157,18 @@ class ZeroptimCallback(TrainerCallback):
             return
         step = state.global_step
         # If step s+1 is recorded too, its own "before" checkpoint rewrites this file with its batches.
-        save_checkpoint(self.folder / ckpt_name(step + 1), model, self._meta(model, step + 1, optimizer))
+        save_checkpoint(self.folder / ckpt_name(step + 1), model, self._meta(model, step + 1, optimizer, args))
         self.recorded.append(step)
         self._stop()
 
     @staticmethod
-    def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,
+              args: TrainingArguments) -> dict[str, Any]:
         # a live config names no architecture until save_pretrained writes one: name the model's class
         config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
         meta: dict[str, Any] = {"step": step, "model": {SPEC_KEY: comparable_config(config)}, "loss": MODEL_LOSS}
         if optimizer is not None:  # Trainer's is accelerate's wrapper around the torch optimizer
             meta["optimizer"] = optimizer_description(getattr(optimizer, "optimizer", optimizer))
+            if args.max_grad_norm and args.max_grad_norm > 0:  # Trainer clips g by global norm before the step
+                meta["optimizer"]["max_grad_norm"] = args.max_grad_norm
         return meta
