@@ -441,3 +441,14 @@ def test_the_hf_extra_holds_what_trainer_needs() -> None:
     hf = next(line for line in text.splitlines() if line.startswith("hf = "))
     assert "transformers" in hf and "accelerate" in hf
     assert 'pip install -e ".[hf]"' in (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_sweep_of_an_output_dir_without_pairs_points_to_the_callbacks_folder(tmp_path, capsys) -> None:
+    model = tiny("gpt2")
+    for step in (5, 7):  # a gap: no pair without --successive
+        model.save_pretrained(tmp_path / f"checkpoint-{step}")
+    err = "".join(run_cli("sweep", tmp_path, "-o", tmp_path / "r.jsonl", capsys=capsys)[2].split())  # unwrapped
+    assert "nopairamongsteps[5,7]" in err and "zeroptim'" not in err
+    (tmp_path / "zeroptim").mkdir()
+    err = "".join(run_cli("sweep", tmp_path, "-o", tmp_path / "r2.jsonl", capsys=capsys)[2].split())
+    assert "nopairamongsteps[5,7]" in err and f"recordedwiththeirbatchesarein'{tmp_path / 'zeroptim'}'" in err
