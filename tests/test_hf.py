@@ -299,6 +299,14 @@ def test_folder_errors_and_pickles_never_opened(tmp_path, capsys, monkeypatch) -
     status, _, err = run_cli("analyze", tmp_path / "plain", b, "--batch", batch, capsys=capsys)
     assert status == 1 and "config.json" in err
 
+    pickled = tmp_path / "pickled"  # only pytorch_model.bin: said so, and still never opened
+    pickled.mkdir()
+    shutil.copy(a / "config.json", pickled)
+    shutil.copy(a / "pytorch_model.bin", pickled)
+    status, out, err = run_cli("analyze", pickled, b, "--batch", batch, capsys=capsys)
+    assert status == 1 and out == "" and "only as a pickle" in err and "safetensors" in err and str(pickled) in err
+    assert not marker.exists()
+
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as without the extra
     status, out, err = run_cli("analyze", a, b, "--batch", batch, capsys=capsys)
     assert status == 1 and out == "" and 'pip install -e ".[hf]"' in err

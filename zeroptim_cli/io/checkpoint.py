@@ -30,7 +30,16 @@ from torch import nn
 from zeroptim_cli._version import __version__
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.files import atomic_path, read_safetensors
-from zeroptim_cli.io.hf import CONFIG, INDEX, SPEC_KEY, WEIGHTS, config_difference, is_hf_folder, read_hf_folder
+from zeroptim_cli.io.hf import (
+    CONFIG,
+    INDEX,
+    PICKLED_WEIGHTS,
+    SPEC_KEY,
+    WEIGHTS,
+    config_difference,
+    is_hf_folder,
+    read_hf_folder,
+)
 
 METADATA_KEY = "zeroptim"
 FORMAT_VERSION = 1
@@ -119,6 +128,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     p = Path(path)
     if p.is_dir():
         if not is_hf_folder(p):
+            if (p / CONFIG).is_file() and any((p / name).is_file() for name in PICKLED_WEIGHTS):
+                raise ZeroptimError(f"checkpoint folder '{p}' holds its weights only as a pickle, which zeroptim never "
+                                    "reads (it would run code): save them with safetensors "
+                                    "(save_pretrained(..., safe_serialization=True), the default)")
             raise ZeroptimError(f"checkpoint '{p}' is a directory, but not a Hugging Face checkpoint folder "
                                 f"('{CONFIG}' with '{WEIGHTS}' or '{INDEX}')")
         tensors, meta = read_hf_folder(p)

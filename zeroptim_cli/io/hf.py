@@ -41,6 +41,8 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TRAINER_STATE = "trainer_state.json"
+#: Weights saved as pickles (``torch.save``): never opened, named in the error for a folder with only them.
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 INSTALL = 'pip install -e ".[hf]"'
 #: The model spec key (checkpoint metadata ``model``) holding a transformers config as a JSON object.
 SPEC_KEY = "hf_config"
