@@ -163,3 +163,20 @@ def test_trainer_adamw_step_is_taken_again_from_the_recorded_state(tmp_path, cap
     adam = analyze_files(a, b, settings=Settings(dtype="float64", device="cpu", direction="adam")).to_dict()
     real = analyze_files(a, b, settings=settings).to_dict()
     assert math.isclose(adam["grad_corr"], real["grad_corr"], rel_tol=1e-5)
+
+
+def test_a_zero_step_under_warmup_is_warned_of(tmp_path) -> None:
+    """Trainer's linear warmup gives step 0 a learning rate of 0: the recorded pair 0 → 1 is Δ = 0, said so;
+    step 1's (a real step) is not."""
+    args = transformers.TrainingArguments(
+        str(tmp_path), use_cpu=True, report_to=[], optim="sgd", learning_rate=LR, lr_scheduler_type="linear",
+        warmup_steps=2, max_grad_norm=0.0, per_device_train_batch_size=2, max_steps=2, save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    transformers.Trainer(model=tiny("llama"), args=args, train_dataset=examples(),
+                         callbacks=[ZeroptimCallback(every=1)]).train()
+    folder, f64 = tmp_path / "zeroptim", Settings(dtype="float64", device="cpu")
+    zero = analyze_files(folder / "ckpt_000000.safetensors", folder / "ckpt_000001.safetensors", settings=f64)
+    assert zero.update_norm == 0.0
+    assert any("step is zero" in w and "learning rate is 0" in w for w in zero.warnings), zero.warnings
+    real = analyze_files(folder / "ckpt_000001.safetensors", folder / "ckpt_000002.safetensors", settings=f64)
+    assert real.update_norm > 0 and not any("step is zero" in w for w in real.warnings)
