@@ -180,3 +180,16 @@ def test_a_zero_step_under_warmup_is_warned_of(tmp_path) -> None:
     assert any("step is zero" in w and "learning rate is 0" in w for w in zero.warnings), zero.warnings
     real = analyze_files(folder / "ckpt_000001.safetensors", folder / "ckpt_000002.safetensors", settings=f64)
     assert real.update_norm > 0 and not any("step is zero" in w for w in real.warnings)
+
+
+def test_callback_checkpoints_store_tied_weights_under_trainers_names(tmp_path) -> None:
+    """GPT-2's tied embedding is stored once, as transformer.wte.weight, in the callback's files as in
+    Trainer's folders, and its values are the same."""
+    from safetensors.torch import load_file
+
+    train(tmp_path, 1, ZeroptimCallback(every=1), steps=1, kind="gpt2")
+    ours = load_file(str(tmp_path / "zeroptim" / "ckpt_000001.safetensors"))
+    theirs = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
+    assert "transformer.wte.weight" in ours and "lm_head.weight" not in ours
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
