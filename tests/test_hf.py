@@ -300,9 +300,17 @@ def test_folder_errors_and_pickles_never_opened(tmp_path, capsys, monkeypatch) -
     status, _, err = run_cli("analyze", tmp_path / "plain", b, "--batch", batch, capsys=capsys)
     assert status == 1 and "config.json" in err
 
+    pickled = tmp_path / "pickled"  # only pytorch_model.bin: said so, and still never opened
+    pickled.mkdir()
+    shutil.copy(a / "config.json", pickled)
+    shutil.copy(a / "pytorch_model.bin", pickled)
+    status, out, err = run_cli("analyze", pickled, b, "--batch", batch, capsys=capsys)
+    assert status == 1 and out == "" and "only as a pickle" in err and "safe_serialization=True" in err and str(pickled) in err
+    assert not marker.exists()
+
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as without the extra
     status, out, err = run_cli("analyze", a, b, "--batch", batch, capsys=capsys)
-    assert status == 1 and out == "" and 'pip install "zeroptim[hf]"' in err
+    assert status == 1 and out == "" and 'pip install -e ".[hf]"' in err
 
 
 def test_sweep_of_a_trainer_output_dir_and_inspect(tmp_path, capsys) -> None:
@@ -502,3 +510,38 @@ def test_no_output_onto_a_file_of_a_folder(tmp_path, capsys) -> None:
                       "--force"]):
             status, out, err = run_cli(*args, capsys=capsys)
             assert status == 2 and out == "" and "inputs" in err, (args, err)
+
+def test_a_live_config_and_a_folders_compare_by_value(tmp_path) -> None:
+    """A config taken from a live model (id2label with int keys), saved in a checkpoint's JSON metadata, and
+    the same model's folder are one model; a config differing in a value is still different."""
+    from zeroptim_cli.io.checkpoint import check_compatible, save_checkpoint
+    from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
+
+    model = tiny("bert")
+    model.save_pretrained(tmp_path / "folder")
+    config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+    assert 0 in config["id2label"]  # int keys in the live config
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, {"model": {SPEC_KEY: comparable_config(config)}})
+    check_compatible(load_checkpoint(tmp_path / "ckpt.safetensors"), load_checkpoint(tmp_path / "folder"))
+    config["id2label"] = {**config["id2label"], 0: "OTHER"}
+    save_checkpoint(tmp_path / "other.safetensors", model, {"model": {SPEC_KEY: comparable_config(config)}})
+    with pytest.raises(ZeroptimError, match="'id2label'"):
+        check_compatible(load_checkpoint(tmp_path / "other.safetensors"), load_checkpoint(tmp_path / "folder"))
+
+
+def test_the_hf_extra_holds_what_trainer_needs() -> None:
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    hf = next(line for line in text.splitlines() if line.startswith("hf = "))
+    assert "transformers" in hf and "accelerate" in hf
+    assert 'pip install -e ".[hf]"' in (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_sweep_of_an_output_dir_without_pairs_points_to_the_callbacks_folder(tmp_path, capsys) -> None:
+    model = tiny("gpt2")
+    for step in (5, 7):  # a gap: no pair without --successive
+        model.save_pretrained(tmp_path / f"checkpoint-{step}")
+    err = "".join(run_cli("sweep", tmp_path, "-o", tmp_path / "r.jsonl", capsys=capsys)[2].split())  # unwrapped
+    assert "nopairamongsteps[5,7]" in err and "zeroptim'" not in err
+    (tmp_path / "zeroptim").mkdir()
+    err = "".join(run_cli("sweep", tmp_path, "-o", tmp_path / "r2.jsonl", capsys=capsys)[2].split())
+    assert "nopairamongsteps[5,7]" in err and f"recordedwiththeirbatchesarein'{tmp_path / 'zeroptim'}'" in err

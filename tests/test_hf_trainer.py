@@ -136,3 +136,60 @@ def test_callback_hooks_live_only_while_a_recorded_step_accumulates(tmp_path) ->
     batch = {k: torch.stack([e[k] for e in examples(2)]) for k in ("input_ids", "attention_mask", "labels")}
     model(**batch)  # the user's own call afterwards is not recorded, and ends the recording
     assert our_hooks(model) == 0 and callback._micro is None
+
+
+def test_trainer_adamw_step_is_taken_again_from_the_recorded_state(tmp_path, capsys) -> None:
+    """AdamW with warmup and a linear schedule, g clipped to norm 0.05 (active: ‖g‖ is larger): the state file
+    beside the recorded checkpoint lets compare take the step again, and it is the recorded Δ (cos = 1).
+    Without weight decay Trainer's two groups (decay, no decay) are alike and step as one."""
+    from zeroptim_cli.analysis.compare import CompareOptions, compare_files
+
+    out, clip = tmp_path / "out", 0.05
+    args = transformers.TrainingArguments(
+        str(out), use_cpu=True, report_to=[], optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear",
+        warmup_steps=2, weight_decay=0.0, max_grad_norm=clip, per_device_train_batch_size=2, max_steps=4,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    callback = ZeroptimCallback(steps=[2])
+    transformers.Trainer(model=tiny("llama"), args=args, train_dataset=examples(), callbacks=[callback]).train()
+    folder = out / "zeroptim"
+    a, b = folder / "ckpt_000002.safetensors", folder / "ckpt_000003.safetensors"
+    meta = load_checkpoint(a).meta["optimizer"]
+    assert meta["name"] == "adamw" and meta["max_grad_norm"] == clip and math.isclose(meta["lr"], 1e-2 * 2 / 2)
+    settings = Settings(dtype="float64", device="cpu")
+    c = compare_files(a, b, settings=settings, options=CompareOptions(directions=("update", "recorded"))).to_dict()
+    assert c["grad_norm"] > 5 * clip
+    recorded = {d["name"]: d for d in c["directions"]}["recorded"]
+    assert abs(recorded["cos_with_update"] - 1.0) < 1e-6, recorded
+    adam = analyze_files(a, b, settings=Settings(dtype="float64", device="cpu", direction="adam")).to_dict()
+    real = analyze_files(a, b, settings=settings).to_dict()
+    assert math.isclose(adam["grad_corr"], real["grad_corr"], rel_tol=1e-5)
+
+
+def test_a_zero_step_under_warmup_is_warned_of(tmp_path) -> None:
+    """Trainer's linear warmup gives step 0 a learning rate of 0: the recorded pair 0 → 1 is Δ = 0, said so;
+    step 1's (a real step) is not."""
+    args = transformers.TrainingArguments(
+        str(tmp_path), use_cpu=True, report_to=[], optim="sgd", learning_rate=LR, lr_scheduler_type="linear",
+        warmup_steps=2, max_grad_norm=0.0, per_device_train_batch_size=2, max_steps=2, save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    transformers.Trainer(model=tiny("llama"), args=args, train_dataset=examples(),
+                         callbacks=[ZeroptimCallback(every=1)]).train()
+    folder, f64 = tmp_path / "zeroptim", Settings(dtype="float64", device="cpu")
+    zero = analyze_files(folder / "ckpt_000000.safetensors", folder / "ckpt_000001.safetensors", settings=f64)
+    assert zero.update_norm == 0.0
+    assert any("step is zero" in w and "learning rate is 0" in w for w in zero.warnings), zero.warnings
+    real = analyze_files(folder / "ckpt_000001.safetensors", folder / "ckpt_000002.safetensors", settings=f64)
+    assert real.update_norm > 0 and not any("step is zero" in w for w in real.warnings)
+
+
+def test_callback_checkpoints_store_tied_weights_under_trainers_names(tmp_path) -> None:
+    """GPT-2's tied embedding is stored once, as transformer.wte.weight, in the callback's files as in
+    Trainer's folders, and its values are the same."""
+    from safetensors.torch import load_file
+
+    train(tmp_path, 1, ZeroptimCallback(every=1), steps=1, kind="gpt2")
+    ours = load_file(str(tmp_path / "zeroptim" / "ckpt_000001.safetensors"))
+    theirs = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
+    assert "transformer.wte.weight" in ours and "lm_head.weight" not in ours
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

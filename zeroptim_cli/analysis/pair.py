@@ -28,6 +28,7 @@ from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch
+from zeroptim_cli.models.hf import with_decoder_inputs
 from zeroptim_cli.vectors import Params
 
 
@@ -104,10 +105,12 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
              chunk_size: int | str | None = "auto") -> Iterator[Objective]:
     """Prepare: check ``method``, move the model to ``device`` and ``dtype``, and yield the objective f on
     ``batches`` with ``buffers`` (default: the model's own) fixed; for the block the model is in train or
-    eval mode (its own mode restored after) and attention uses twice-differentiable kernels."""
+    eval mode (its own mode restored after) and attention uses twice-differentiable kernels. An
+    encoder-decoder's batches get the decoder inputs it would make from their labels (``with_decoder_inputs``)."""
     record = methods.first(method)  # an unknown name is a usage error
     if not batches:
         raise ConfigError("no batch to evaluate the loss on")
+    batches = [with_decoder_inputs(model, b) for b in batches]  # an encoder-decoder's, from the labels
     if record.check is not None:
         record.check(model, train)
     place(model, device, dtype)

@@ -2,11 +2,13 @@
 
 Each finding is one line for the result's ``warnings`` list: the steps out of order or not consecutive,
 two different runs (recorded run ids or optimizers differ), parameters stored in different dtypes in the
-two files, and a BatchNorm model analysed in eval mode whose checkpoints were recorded in train mode.
+two files, a zero step (Δ = 0: both hold the same weights; at a recorded learning rate of 0, as at the start
+of a warmup, that is said), and a BatchNorm model analysed in eval mode whose checkpoints were recorded in train mode.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from zeroptim_cli.io.checkpoint import Checkpoint
@@ -34,6 +36,12 @@ def pair_warnings(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module, tra
         n = mixed[0]
         out.append(f"parameters are stored in different dtypes in the two files ('{n}': "
                    f"{str(ckpt_t.tensors[n].dtype)[6:]} and {str(ckpt_t1.tensors[n].dtype)[6:]})")
+    shared = params & set(ckpt_t.tensors) & set(ckpt_t1.tensors)
+    if shared and all(torch.equal(ckpt_t.tensors[n], ckpt_t1.tensors[n]) for n in shared):
+        lr = (ckpt_t.meta.get("optimizer") or {}).get("lr")
+        out.append("the step is zero (Δ = 0: both checkpoints hold the same weights), so gᵀΔ, ΔᵀHΔ and every ratio to "
+                   "‖Δ‖ say nothing" + ("; the recorded learning rate is 0, as at the start of a learning-rate "
+                                         "warmup" if lr == 0 else ""))
     recorded_train = ckpt_t.meta.get("train_mode")
     if (not train and recorded_train
             and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())):

@@ -201,13 +201,13 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
         if gaps:
             plan.notes.append(f"run '{run}': {gaps} gap(s) between recorded steps, no pair across them "
                               "(--successive pairs across gaps)")
+        recorded = (f"; the steps recorded with their batches are in '{folder / 'zeroptim'}'"
+                    if (folder / "zeroptim").is_dir() else "")
         if unbatched:
             plan.notes.append(f"run '{run}': {unbatched} consecutive pair(s) whose first checkpoint records no batch "
-                              "were not paired (--batch FILE analyses every consecutive pair on that batch"
-                              + (f"; the steps recorded with their batches are in '{folder / 'zeroptim'}'"
-                                 if (folder / "zeroptim").is_dir() else "") + ")")
+                              f"were not paired (--batch FILE analyses every consecutive pair on that batch{recorded})")
         if not any(p.run == run for p in plan.pairs):
-            plan.notes.append(f"run '{run}': no pair among steps {ordered} (try --successive or --batch)")
+            plan.notes.append(f"run '{run}': no pair among steps {ordered} (try --successive or --batch{recorded})")
     return plan
 
 

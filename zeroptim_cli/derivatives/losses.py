@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import IGNORE_INDEX, Batch
 from zeroptim_cli.io.specs import Trust, load_callable, metadata_callable
-from zeroptim_cli.models.hf import loss_kind
+from zeroptim_cli.models.hf import is_seq2seq_lm, loss_kind
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -214,22 +214,25 @@ def model_loss(model: nn.Module) -> Loss:
 
     * ``ForCausalLM``: ``causal_lm`` (labels shifted inside the model, −100 ignored);
     * ``ForMaskedLM``, ``ForTokenClassification``: ``cross_entropy`` over every position, −100 ignored;
-    * ``For{Sequence,Image,Video,Audio}Classification``: by ``config.problem_type`` (``classification``).
+    * ``For{Sequence,Image,Video,Audio}Classification``: by ``config.problem_type`` (``classification``);
+    * an encoder-decoder language model (``models.hf.is_seq2seq_lm``: T5, BART, … ``ForConditionalGeneration``):
+      ``cross_entropy`` of the decoder's logits against the labels, every position, −100 ignored, as
+      their ``CrossEntropyLoss`` does; the decoder reads the labels shifted right
+      (``models.hf.with_decoder_inputs``, applied to every batch the objective is built on).
 
-    Other kinds, encoder-decoders and models that add a router loss are refused rather than approximated.
+    Other kinds and models that add a router loss are refused rather than approximated.
     """
     kind, config, cls = loss_kind(model), getattr(model, "config", None), type(model).__name__
     if config is None or kind is None:
         raise ZeroptimError(f"the model's own loss ('{MODEL_LOSS}', the default for a batch with labels) needs a "
                             f"transformers model with a known loss; {cls} is none: pass --loss")
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "output_router_logits", False):
-        extra = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "a router auxiliary loss"
-        raise ZeroptimError(f"the own loss of {cls} involves {extra}, which zeroptim does not reproduce; "
-                            "pass --loss (causal_lm for the language-model loss alone)")
+    if getattr(config, "output_router_logits", False):
+        raise ZeroptimError(f"the own loss of {cls} adds a router auxiliary loss, which zeroptim does not reproduce; "
+                            "pass --loss (causal_lm for a causal language model's loss alone)")
+    if is_seq2seq_lm(model) or kind in ("ForMaskedLM", "ForTokenClassification"):
+        return Loss(f"{MODEL_LOSS} ({cls}: cross_entropy)", cross_entropy, counted, _always)
     if kind == "ForCausalLM":
         return replace(CAUSAL_LM, name=f"{MODEL_LOSS} ({cls}: causal_lm)")
-    if kind in ("ForMaskedLM", "ForTokenClassification"):
-        return Loss(f"{MODEL_LOSS} ({cls}: cross_entropy)", cross_entropy, counted, _always)
     if kind in _CLASSIFIERS:
         num_labels, problem = int(config.num_labels), config.problem_type
         return Loss(f"{MODEL_LOSS} ({cls})", lambda outputs, targets: classification(outputs, targets, num_labels, problem),

@@ -10,7 +10,10 @@ step (``on_pre_optimizer_step``); ``ckpt_{s+1:06d}.safetensors``, the weights ju
 accumulated over, as the model received them (keyword arguments with ``labels``). Checkpoint s's
 metadata names them (``batch`` for one, ``batches`` for several), its model as ``{"hf_config": config}``
 (rebuilt by transformers' own classes, no code of the run's) and its loss as ``model``, the model's own.
-So ``zeroptim sweep FOLDER`` analyses every recorded step with no flag.
+Beside it, ``optim_{s:06d}.safetensors``: the optimizer's state before the step (``optim.state``'s format,
+its description with Trainer's ``max_grad_norm``, the learning rate the schedule gives the step), so that
+``zeroptim compare`` and ``--direction adam`` take the step again. So ``zeroptim sweep FOLDER`` analyses
+every recorded step with no flag.
 
 The step's batch is all its micro-batches, and f their exact token-weighted mean: what Trainer itself
 minimises, since it divides the summed token losses of all micro-batches by ``num_items_in_batch``, the
@@ -18,7 +21,9 @@ counted labels of all of them (after the causal shift). The micro-batches are ca
 pre-hook on the model that lives only while a recorded step accumulates (training-mode calls only, so
 evaluation is never recorded): it is removed when the step is saved, when training ends, when the model's
 forward raises, and, should training stop between a forward and the optimizer step, by the first call
-beyond the step's gradient-accumulation count. Training with label smoothing or a ``compute_loss_func`` minimises another loss than
+beyond the step's gradient-accumulation count. An encoder-decoder (T5, BART) is recorded the same way, its
+batches as Trainer passes them (the decoder inputs are made from the labels when analysed); with gradient
+accumulation Trainer steps it along the sum of the micro-batch means instead (a warning says so). Training with label smoothing or a ``compute_loss_func`` minimises another loss than
 the model's own, and is refused rather than recorded under a wrong name.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,9 @@ from zeroptim_cli.derivatives.losses import MODEL_LOSS
 from zeroptim_cli.io.batches import LABELS, save_batch
 from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
+from zeroptim_cli.models.hf import is_seq2seq_lm
 from zeroptim_cli.optim.optimizers import optimizer_description
+from zeroptim_cli.optim.state import save_state, state_file_name
 
 
 def ckpt_name(step: int) -> str:
@@ -79,6 +87,11 @@ class ZeroptimCallback(TrainerCallback):
             self.folder = Path(args.output_dir) / "zeroptim"
         self.folder.mkdir(parents=True, exist_ok=True)
         self._accumulation = args.gradient_accumulation_steps
+        if self._accumulation > 1 and is_seq2seq_lm(model):
+            warnings.warn(f"ZeroptimCallback: with gradient accumulation Trainer steps {type(model).__name__} along "
+                          "the sum of its micro-batches' mean losses (the model takes num_items_in_batch but its "
+                          "loss does not use it), not along the token-weighted mean over all of them that the "
+                          "recorded steps are analysed with", stacklevel=2)
         self._stop()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -130,9 +143,12 @@ class ZeroptimCallback(TrainerCallback):
         for name, micro in zip(names, self._micro):
             labels = micro.pop(LABELS)
             save_batch(self.folder / name, micro, labels)
-        meta = self._meta(model, step, optimizer)
+        meta = self._meta(model, step, optimizer, args)
         meta.update({"batch": names[0]} if len(names) == 1 else {"batches": names})
         save_checkpoint(self.folder / ckpt_name(step), model, meta)
+        if optimizer is not None:
+            save_state(self.folder / state_file_name(step), model, getattr(optimizer, "optimizer", optimizer), step,
+                       meta["optimizer"])
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -141,15 +157,18 @@ class ZeroptimCallback(TrainerCallback):
             return
         step = state.global_step
         # If step s+1 is recorded too, its own "before" checkpoint rewrites this file with its batches.
-        save_checkpoint(self.folder / ckpt_name(step + 1), model, self._meta(model, step + 1, optimizer))
+        save_checkpoint(self.folder / ckpt_name(step + 1), model, self._meta(model, step + 1, optimizer, args))
         self.recorded.append(step)
         self._stop()
 
     @staticmethod
-    def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,
+              args: TrainingArguments) -> dict[str, Any]:
         # a live config names no architecture until save_pretrained writes one: name the model's class
         config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
         meta: dict[str, Any] = {"step": step, "model": {SPEC_KEY: comparable_config(config)}, "loss": MODEL_LOSS}
         if optimizer is not None:  # Trainer's is accelerate's wrapper around the torch optimizer
             meta["optimizer"] = optimizer_description(getattr(optimizer, "optimizer", optimizer))
+            if args.max_grad_norm and args.max_grad_norm > 0:  # Trainer clips g by global norm before the step
+                meta["optimizer"]["max_grad_norm"] = args.max_grad_norm
         return meta

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from torch import nn
 
 from zeroptim_cli._version import __version__
@@ -150,11 +150,29 @@ def _checked(ckpt: Checkpoint) -> Checkpoint:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
-    """Save ``model``'s state dict (tied weights once) with ``zeroptim`` metadata, atomically."""
+    """Save ``model``'s state dict (tied weights once, ``unique_state``) with ``zeroptim`` metadata, atomically."""
     full_meta = {"format": FORMAT_VERSION, **(meta or {}), "versions": versions()}
     with atomic_path(path) as tmp:
-        save_model(model, str(tmp), metadata={METADATA_KEY: json.dumps(full_meta)})
+        save_file(unique_state(model), str(tmp), metadata={METADATA_KEY: json.dumps(full_meta)})
     return Path(path)
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under the name ``named_parameters()`` gives it (the first
+    registered: GPT-2's embedding ``transformer.wte.weight``, not ``lm_head.weight``, as transformers'
+    ``save_pretrained`` stores it too), contiguous."""
+    state = model.state_dict()
+    order = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()] + list(state)
+    kept: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...], torch.dtype]] = set()
+    for name in dict.fromkeys(n for n in order if n in state):
+        tensor = state[name]
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        kept[name] = tensor.detach().contiguous()
+    return kept
 
 
 def check_compatible(a: Checkpoint, b: Checkpoint) -> None:

@@ -21,7 +21,7 @@ A folder is one when it holds ``config.json`` and the weights as safetensors: ``
   ``pytorch_model.bin``) are never opened.
 * The step is ``trainer_state.json``'s ``global_step``, else N of a folder named ``checkpoint-N``.
 
-transformers is an optional extra (``pip install "zeroptim[hf]"``) imported only here and only when a
+transformers is an optional extra (``pip install -e ".[hf]"`` in a clone) imported only here and only when a
 folder or an ``hf_config`` model spec is met.
 """
 
@@ -51,7 +51,9 @@ PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 CONVERT = ("pickles are never read (unpickling can run code); if you trust the folder, convert it with "
            "transformers: save_pretrained(..., safe_serialization=True)")
 TRAINER_STATE = "trainer_state.json"
-INSTALL = 'pip install "zeroptim[hf]"'
+#: Weights saved as pickles (``torch.save``): never opened, named in the error for a folder with only them.
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+INSTALL = 'pip install -e ".[hf]"'
 #: The model spec key (checkpoint metadata ``model``) holding a transformers config as a JSON object.
 SPEC_KEY = "hf_config"
 #: Config keys that say how a config was written, not which model it is: left out when two are compared.
@@ -157,12 +159,15 @@ def model_class(config: dict[str, Any], source: str) -> type:
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without the keys that only say how it was written (``_VOLATILE``, private ``_…``).
+    """The config without the keys that only say how it was written (``_VOLATILE``, private ``_…``), as JSON
+    reads it back (``id2label``'s int keys as strings, tuples as lists), so that a config taken from a live
+    model and one read from a checkpoint's JSON metadata compare by value.
 
     Pass a full ``PretrainedConfig.to_dict()``: ``config.json`` holds only what differs from the defaults,
     so a folder's config and a live model's compare equal only once both are complete.
     """
-    return {k: v for k, v in config.items() if k not in _VOLATILE and not k.startswith("_")}
+    kept = {k: v for k, v in config.items() if k not in _VOLATILE and not k.startswith("_")}
+    return json.loads(json.dumps(kept, default=str))  # type: ignore[no-any-return]
 
 
 def config_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:

@@ -13,7 +13,11 @@ from typing import Any
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
+from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.io.hf import model_class, quiet_transformers
+
+#: Keyword arguments that already give an encoder-decoder's decoder its inputs.
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 
 def build_hf_model(config: dict[str, Any], source: str = "checkpoint metadata 'hf_config'") -> nn.Module:
@@ -36,3 +40,25 @@ def loss_kind(model: nn.Module) -> str | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return "ForCausalLM" if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else None
+
+
+def is_seq2seq_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers encoder-decoder language model (T5, BART, Marian, …
+    ``ForConditionalGeneration``): ``config.is_encoder_decoder`` and a ``prepare_decoder_input_ids_from_labels``,
+    the decoder reading the labels shifted right. (Their classifiers make decoder inputs from
+    ``input_ids`` instead, and have a classifier's loss.)"""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "is_encoder_decoder", False)) and hasattr(model, "prepare_decoder_input_ids_from_labels")
+
+
+def with_decoder_inputs(model: nn.Module, batch: Batch) -> Batch:
+    """The batch as an encoder-decoder language model is called with it: a keyword batch without decoder
+    inputs gets ``decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)``, the labels
+    shifted one position right behind ``decoder_start_token_id`` with −100 read as the pad token, which is
+    what the model builds for itself when it is called with ``labels`` (our batches never pass them to the
+    model). Any other model or batch is returned as it is."""
+    if not (batch.keyword and is_seq2seq_lm(model)) or any(k in batch.inputs for k in _DECODER_INPUTS):
+        return batch
+    with quiet_transformers():
+        decoder = model.prepare_decoder_input_ids_from_labels(labels=batch.targets)
+    return Batch({**batch.inputs, "decoder_input_ids": decoder}, batch.targets, batch.source)

@@ -9,7 +9,9 @@ registry (never from a class named in a file), the saved state is loaded through
 ``load_state_dict`` (which casts moments to the parameters' dtype and device and keeps ``step`` as torch
 keeps it), p.grad = g is set on a copy of w, and ``step`` is called — with a closure evaluating the loss
 for optimizers that need one (MeZO). The step is d = w_new − w: the same code on the same numbers, so every
-optimizer of the registry is reproduced exactly, clipping wrapper included.
+optimizer of the registry is reproduced exactly, clipping wrapper included. A description with
+``max_grad_norm`` c (a training loop's clipping by global norm, as Trainer's) clips g first with torch's
+``clip_grad_norm_``: g ← g · min(1, c / (‖g‖ + 1e−6)).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import loads_json, read_safetensors
+from zeroptim_cli.io.checkpoint import FORMAT_VERSION, versions
+from zeroptim_cli.io.files import atomic_path, loads_json, read_safetensors
 from zeroptim_cli.optim.optimizers import OPTIMIZERS, CoordinateClip, build_optimizer, class_path, optimizer_description
 from zeroptim_cli.vectors import Params
 
@@ -47,9 +51,25 @@ def state_tensors(model: nn.Module, optimizer: Any) -> dict[str, Tensor]:
     return out
 
 
-def state_metadata(step: int, optimizer: Any) -> dict[str, Any]:
-    """The ``zeroptim`` metadata of a state file, but its format (see the module docstring)."""
-    return {"step": step, "optimizer": optimizer_description(optimizer), "param_groups": len(optimizer.param_groups)}
+def state_metadata(step: int, optimizer: Any, description: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``zeroptim`` metadata of a state file, but its format (see the module docstring); ``description``
+    replaces ``optimizer_description(optimizer)`` (e.g. with the loop's ``max_grad_norm`` added)."""
+    return {"step": step, "optimizer": description or optimizer_description(optimizer),
+            "param_groups": distinct_groups(optimizer)}
+
+
+def distinct_groups(optimizer: Any) -> int:
+    """The parameter groups that differ in a hyper-parameter: groups alike but for their parameters (as
+    Trainer's decay and no-decay groups are without weight decay) step as one."""
+    return len({repr(sorted((k, v) for k, v in g.items() if k != "params")) for g in optimizer.param_groups})
+
+
+def save_state(path: Path, model: nn.Module, optimizer: Any, step: int,
+               description: dict[str, Any] | None = None) -> None:
+    """Write the state file of ``optimizer`` (over ``model``'s parameters) before step ``step``, atomically."""
+    meta = {"format": FORMAT_VERSION, **state_metadata(step, optimizer, description), "versions": versions()}
+    with atomic_path(path) as tmp:
+        save_file(state_tensors(model, optimizer), str(tmp), metadata={"zeroptim": json.dumps(meta)})
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,9 @@ def replay_step(description: Mapping[str, Any], state: Mapping[str, Tensor], w: 
             raise ZeroptimError(f"optimizer '{description.get('name')}' needs the gradient")
         for k, p in params.items():
             p.grad = grad[k].detach().clone()
+        max_norm = description.get("max_grad_norm")
+        if max_norm:  # the loop's clipping by global norm (Trainer's max_grad_norm), torch's own function
+            torch.nn.utils.clip_grad_norm_(list(params.values()), float(max_norm))
     if needs_closure and loss is None:
         raise ZeroptimError(f"optimizer '{description.get('name')}' needs the loss to step")
     try:

@@ -31,15 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.batches import save_batch
 from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint, versions
-from zeroptim_cli.io.files import atomic_path, exclusive_lock, remove_stale_temporaries, write_text_atomic
+from zeroptim_cli.io.files import exclusive_lock, remove_stale_temporaries, write_text_atomic
 from zeroptim_cli.optim.optimizers import optimizer_description
-from zeroptim_cli.optim.state import state_file_name, state_metadata, state_tensors
+from zeroptim_cli.optim.state import save_state, state_file_name
 
 
 def ckpt_name(step: int) -> str:
@@ -118,9 +117,7 @@ class Recorder:
         save_batch(self.folder / batch_name(step), inputs, targets)
         save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, batch_name(step)))
         if self.save_optimizer_state:
-            meta = {"format": FORMAT_VERSION, **state_metadata(step, self.optimizer), "versions": versions()}
-            with atomic_path(self.folder / state_file_name(step)) as tmp:
-                save_file(state_tensors(self.model, self.optimizer), str(tmp), metadata={"zeroptim": json.dumps(meta)})
+            save_state(self.folder / state_file_name(step), self.model, self.optimizer, step)
         yield
         # If step t+1 is recorded too, its own "before" checkpoint rewrites this file with its batch.
         save_checkpoint(self.folder / ckpt_name(step + 1), self.model, self._meta(step + 1, None))
