@@ -172,7 +172,7 @@ def _recorded(result: PairAnalysis, ckpt_t: Checkpoint, ckpt_t1: Checkpoint, mod
     """The result with what the checkpoints record: steps, learning rate, and the pair's warnings first."""
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
     result.learning_rate = recorded_lr(ckpt_t)
-    result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train) + result.warnings
+    result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train, result.update_norm) + result.warnings
     return result
 
 

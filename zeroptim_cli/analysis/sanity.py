@@ -14,8 +14,11 @@ from torch import nn
 from zeroptim_cli.io.checkpoint import Checkpoint
 
 
-def pair_warnings(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module, train: bool) -> list[str]:
-    """The warnings of the module docstring for the pair ``ckpt_t`` → ``ckpt_t1`` of ``model``."""
+def pair_warnings(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module, train: bool,
+                  update_norm: float | None = None) -> list[str]:
+    """The warnings of the module docstring for the pair ``ckpt_t`` → ``ckpt_t1`` of ``model``; ``update_norm``
+    (‖Δ‖, where an analysis has it: a streamed pair's checkpoints hold no tensor data) tells a zero step
+    without comparing the tensors."""
     out: list[str] = []
     s, s1 = ckpt_t.step, ckpt_t1.step
     if s is not None and s1 is not None:
@@ -37,7 +40,8 @@ def pair_warnings(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module, tra
         out.append(f"parameters are stored in different dtypes in the two files ('{n}': "
                    f"{str(ckpt_t.tensors[n].dtype)[6:]} and {str(ckpt_t1.tensors[n].dtype)[6:]})")
     shared = params & set(ckpt_t.tensors) & set(ckpt_t1.tensors)
-    if shared and all(torch.equal(ckpt_t.tensors[n], ckpt_t1.tensors[n]) for n in shared):
+    if update_norm == 0 if update_norm is not None else (
+            shared and all(torch.equal(ckpt_t.tensors[n], ckpt_t1.tensors[n]) for n in shared)):
         lr = (ckpt_t.meta.get("optimizer") or {}).get("lr")
         out.append("the step is zero (Δ = 0: both checkpoints hold the same weights), so gᵀΔ, ΔᵀHΔ and every ratio to "
                    "‖Δ‖ say nothing" + ("; the recorded learning rate is 0, as at the start of a learning-rate "
