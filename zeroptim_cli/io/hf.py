@@ -67,10 +67,11 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG).is_file() and any((path / n).is_file() for n in (WEIGHTS, INDEX, *PICKLED))
 
 
-def check_weights(folder: Path) -> None:
+def check_weights(folder: Path) -> dict[str, Path]:
     """Refuse, before any weight file is opened, a folder whose weights are not all ``.safetensors`` files
     inside it: an index naming another file or a path leading out of the folder (after symlinks), a
-    ``model.safetensors`` that is a link out of it, weights that are only a pickle."""
+    ``model.safetensors`` that is a link out of it, weights that are only a pickle. Returns the index's map,
+    tensor name → the shard that holds it (empty for a flat ``model.safetensors``)."""
     home = Path(os.path.realpath(folder))
 
     def inside(name: str, source: Path) -> None:
@@ -84,15 +85,16 @@ def check_weights(folder: Path) -> None:
         raise ZeroptimError(f"checkpoint folder '{folder}' holds its weights only as a pickle ('{pickled}'): {CONVERT}")
     if (folder / WEIGHTS).is_file():
         inside(WEIGHTS, folder)
-    if (folder / INDEX).is_file():
-        index = _read_json(folder / INDEX)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ZeroptimError(f"'{folder / INDEX}' has no 'weight_map' object of file names")
-        for name in sorted(set(weight_map.values())):
-            if not name.endswith(".safetensors"):
-                raise ZeroptimError(f"'{folder / INDEX}' maps weights to '{name}', not a .safetensors file: {CONVERT}")
-            inside(name, folder / INDEX)
+        return {}
+    index = _read_json(folder / INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ZeroptimError(f"'{folder / INDEX}' has no 'weight_map' object of file names")
+    for name in sorted(set(weight_map.values())):
+        if not name.endswith(".safetensors"):
+            raise ZeroptimError(f"'{folder / INDEX}' maps weights to '{name}', not a .safetensors file: {CONVERT}")
+        inside(name, folder / INDEX)
+    return {name: folder / file for name, file in weight_map.items()}
 
 
 def require_hf_folder(path: Path) -> None:
@@ -213,23 +215,6 @@ def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ZeroptimError(f"'{config_path}' is not a valid {cls.__name__} config ({first})") from exc
     return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}
-
-
-def shard_files(folder: Path) -> dict[str, Path]:
-    """Tensor name → the safetensors file of the folder that holds it: ``model.safetensors``'s own names are
-    left to the caller (an empty map), else the index's ``weight_map``, whose files must lie in the folder."""
-    if (folder / WEIGHTS).is_file():
-        return {}
-    index = _read_json(folder / INDEX)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ZeroptimError(f"'{folder / INDEX}' has no 'weight_map' object")
-    files: dict[str, Path] = {}
-    for name, file in weight_map.items():
-        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
-            raise ZeroptimError(f"'{folder / INDEX}' names shard {file!r} for '{name}', not a file in the folder")
-        files[name] = folder / file
-    return files
 
 
 def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

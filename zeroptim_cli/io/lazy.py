@@ -23,7 +23,7 @@ import torch
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint, parse_metadata
 from zeroptim_cli.io.files import read_header
-from zeroptim_cli.io.hf import INDEX, WEIGHTS, folder_metadata, require_hf_folder, shard_files
+from zeroptim_cli.io.hf import INDEX, WEIGHTS, check_weights, folder_metadata, require_hf_folder
 
 #: About the bytes of stored data converted at a time (``TensorFiles.read``).
 SLICE_BYTES = 16 * 2**20
@@ -121,7 +121,7 @@ def open_lazily(path: str | os.PathLike) -> tuple[Checkpoint, TensorFiles]:
     if p.is_dir():
         require_hf_folder(p)
         _, meta = folder_metadata(p)
-        files = shard_files(p)
+        files = check_weights(p)  # tensor → shard (folder_metadata has refused bad weights already)
         tensors: dict[str, torch.Tensor] = {}
         where: dict[str, tuple[Path, int]] = {}
         for file in sorted(set(files.values())) or [p / WEIGHTS]:
