@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from zeroptim_cli.analysis.pair import analyze_pair
 from zeroptim_cli.analysis.result import PairAnalysis
 from zeroptim_cli.analysis.sanity import pair_warnings
 from zeroptim_cli.analysis.streamed import analyze_streamed
+from zeroptim_cli.analysis.trainable import split_trainable
 from zeroptim_cli.derivatives.losses import Loss, default_loss, resolve_loss, resolve_metadata_loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
@@ -30,6 +32,7 @@ from zeroptim_cli.io.checkpoint import (
     Checkpoint,
     check_compatible,
     load_checkpoint,
+    needs_base,
     parse_metadata,
     recorded_batch_paths,
     state_for_model,
@@ -51,7 +54,8 @@ class Settings:
     in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``), whether to search the
     critical scale along Δ (``critical``, to the relative tolerance ``critical_tol``), and whether to stream
     the parameters module by module (``stream``, or by itself when the in-memory analysis is estimated to
-    need more than ``max_memory`` bytes; ``analysis.streamed``)."""
+    need more than ``max_memory`` bytes; ``analysis.streamed``), and the base model folder of peft adapter
+    checkpoints (``base``, else the one each adapter's config names: ``io.peft``)."""
 
     model: str | None = None
     loss: str | None = None
@@ -67,10 +71,15 @@ class Settings:
     critical_tol: float = DEFAULT_TOL
     stream: bool = False
     max_memory: int | None = None
+    base: str | None = None
 
     @property
     def trust(self) -> Trust:
         return Trust(self.trust_code, frozenset(s for s in (self.model, self.loss) if s is not None))
+
+    @property
+    def base_folder(self) -> Path | None:
+        return Path(self.base) if self.base is not None else None
 
 
 def recorded_lr(ckpt: Checkpoint) -> float | None:
@@ -135,17 +144,23 @@ class PreparedPair:
     params_t: dict[str, Tensor]
     buffers_t: dict[str, Tensor]
     params_t1: dict[str, Tensor] | None
+    #: the result's keys saying which parameters are analysed (``analysis.trainable.subset_keys``)
+    subset: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_pair(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Settings,
-                 batches: Sequence[Batch]) -> PreparedPair:
-    """Check the two checkpoints against each other, build the model and the loss, and match the tensors."""
+def prepare_pair(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Settings, batches: Sequence[Batch],
+                 unchanged: Callable[[Tensor, Tensor], bool] | None = None) -> PreparedPair:
+    """Check the two checkpoints against each other, build the model and the loss, and match the tensors;
+    the model's frozen parameters are held fixed with the buffers (``analysis.trainable``, whose check that
+    they did not change ``unchanged`` replaces for tensors that are not in memory)."""
     if ckpt_t1 is not None:
         check_compatible(ckpt_t, ckpt_t1)
     model, loss = model_and_loss(ckpt_t, ckpt_t1, settings, batches)
     params_t, buffers_t = state_for_model(model, ckpt_t)
     params_t1 = state_for_model(model, ckpt_t1)[0] if ckpt_t1 is not None else None
-    return PreparedPair(model, loss, params_t, buffers_t, params_t1)
+    source = f"checkpoints '{ckpt_t.path}' and '{ckpt_t1.path}'" if ckpt_t1 is not None else f"checkpoint '{ckpt_t.path}'"
+    split = split_trainable(model, params_t, buffers_t, params_t1, source, unchanged)
+    return PreparedPair(model, loss, split.params_t, split.fixed_t, split.params_t1, split.keys)
 
 
 def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequence[Batch],
@@ -164,15 +179,17 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
         chunk_size=settings.chunk_size, critical_tol=settings.critical_tol if settings.critical else None,
     )
-    return _recorded(result, ckpt_t, ckpt_t1, p.model, settings)
+    return _recorded(result, ckpt_t, ckpt_t1, p, settings)
 
 
-def _recorded(result: PairAnalysis, ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module,
+def _recorded(result: PairAnalysis, ckpt_t: Checkpoint, ckpt_t1: Checkpoint, p: PreparedPair,
               settings: Settings) -> PairAnalysis:
-    """The result with what the checkpoints record: steps, learning rate, and the pair's warnings first."""
+    """The result with what the checkpoints record: steps, learning rate, the pair's warnings first, and
+    which parameters were analysed."""
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
     result.learning_rate = recorded_lr(ckpt_t)
-    result.warnings = pair_warnings(ckpt_t, ckpt_t1, model, settings.train, result.update_norm) + result.warnings
+    result.warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train, result.update_norm) + result.warnings
+    result.subset = dict(p.subset)
     return result
 
 
@@ -211,7 +228,9 @@ def open_streamed(path_t: str | os.PathLike, path_t1: str | os.PathLike, setting
     streamed is a usage error."""
     if not settings.stream and settings.max_memory is None:
         return None
-    refusal = streaming_refusal(settings, extras)
+    refusal = streaming_refusal(settings, extras) or next(
+        (f"'{p}', a peft adapter checkpoint (read in memory, on its base)" for p in map(Path, (path_t, path_t1))
+         if needs_base(p)), None)
     if settings.stream and refusal is not None:
         raise ConfigError(f"--stream cannot be combined with {refusal}")
     lazy_t, lazy_t1 = open_lazily(path_t), open_lazily(path_t1)
@@ -228,7 +247,8 @@ def analyze_lazily(lazy_t: tuple[Checkpoint, TensorFiles], lazy_t1: tuple[Checkp
     (ckpt_t, files_t), (ckpt_t1, files_t1) = lazy_t, lazy_t1
     device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
     with skeleton():
-        p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
+        p = prepare_pair(ckpt_t, ckpt_t1, settings, batches, unchanged=lambda a, b: bool(
+            torch.equal(files_t.read(files_t.key(a)), files_t1.read(files_t1.key(b)))))
     assert p.params_t1 is not None
 
     def reader(files: TensorFiles, stored: Tensor) -> functools.partial[Tensor]:
@@ -239,7 +259,7 @@ def analyze_lazily(lazy_t: tuple[Checkpoint, TensorFiles], lazy_t1: tuple[Checkp
     result = analyze_streamed(p.model, sources, buffers, batches, p.loss, train=settings.train, seed=settings.seed,
                               device=device, dtype=dtype, loss_t1=loss_t1, chunk_size=settings.chunk_size,
                               critical_tol=settings.critical_tol if settings.critical else None)
-    return _recorded(result, ckpt_t, ckpt_t1, p.model, settings)
+    return _recorded(result, ckpt_t, ckpt_t1, p, settings)
 
 
 def analyze_files(path_t: str | os.PathLike, path_t1: str | os.PathLike,
@@ -250,7 +270,7 @@ def analyze_files(path_t: str | os.PathLike, path_t1: str | os.PathLike,
     lazy = open_streamed(path_t, path_t1, settings, extras)
     if lazy is not None:
         return analyze_lazily(*lazy, batches_for(lazy[0][0], batch_paths), settings)
-    ckpt_t, ckpt_t1 = load_checkpoint(path_t), load_checkpoint(path_t1)
+    ckpt_t, ckpt_t1 = load_checkpoint(path_t, settings.base_folder), load_checkpoint(path_t1, settings.base_folder)
     return analyze_checkpoints(ckpt_t, ckpt_t1, batches_for(ckpt_t, batch_paths), settings, extras=extras)
 
 
@@ -266,6 +286,8 @@ def checkpoint_files(path: Path) -> list[Path]:
         files = [path, *recorded_batch_paths(meta, path.parent, path)]
     except ZeroptimError:
         return [path]
+    if isinstance(meta.get("base"), str):
+        files.append(path.parent / meta["base"])
     if isinstance(meta.get("step"), int) and meta["step"] >= 0:
         files.append(path.parent / state_file_name(meta["step"]))
     specs = [(meta.get("model") or {}).get("factory"), meta.get("loss")]
@@ -277,7 +299,7 @@ def command_inputs(checkpoints: Sequence[Path], batch_paths: Sequence[Path] = ()
     """Every file a command analysing ``checkpoints`` reads (``io.outputs.Inputs``, which outputs are
     checked against): the checkpoints with ``checkpoint_files``, the ``--batch`` files, the files of
     ``--model``, ``--loss`` and ``--direction``, and ``others`` (``--state`` files or folders)."""
-    inputs = Inputs([*batch_paths, *others])
+    inputs = Inputs([*batch_paths, *others, *([settings.base_folder] if settings.base_folder else [])])
     for spec in (s for s in (settings.model, settings.loss) if s):  # looked up in the working directory, then
         for base in [None, *(Path(p).parent for p in checkpoints)]:  # beside the checkpoint (``load_callable``)
             found = spec_file(spec, base)

@@ -83,9 +83,12 @@ class Comparison:
     step_t: int | None = None
     step_t1: int | None = None
     warnings: list[str] = field(default_factory=list)
+    #: which parameters were analysed when frozen ones were left out (``analysis.trainable.subset_keys``)
+    subset: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        return {**out, **out.pop("subset")}
 
 
 def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_t1: Mapping[str, Tensor] | None,
@@ -180,6 +183,7 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
     result.step_t = ckpt_t.step
     result.step_t1 = ckpt_t1.step if ckpt_t1 is not None else None
     result.warnings = warnings + result.warnings
+    result.subset = dict(p.subset)
     return result
 
 
@@ -187,6 +191,6 @@ def compare_files(path_t: str | os.PathLike, path_t1: str | os.PathLike | None =
                   batch_paths: Sequence[str | os.PathLike] = (), settings: Settings = Settings(),
                   options: CompareOptions = CompareOptions()) -> Comparison:
     """``compare_checkpoints`` on files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
-    ckpt_t = load_checkpoint(path_t)
-    ckpt_t1 = load_checkpoint(path_t1) if path_t1 is not None else None
+    ckpt_t = load_checkpoint(path_t, settings.base_folder)
+    ckpt_t1 = load_checkpoint(path_t1, settings.base_folder) if path_t1 is not None else None
     return compare_checkpoints(ckpt_t, ckpt_t1, batches_for(ckpt_t, batch_paths), settings, options)

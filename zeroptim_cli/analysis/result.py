@@ -76,6 +76,8 @@ class PairAnalysis:
     critical: CriticalSearch | None = None
     #: whether the parameters were streamed module by module (``analysis.streamed``)
     streamed: bool = False
+    #: which parameters were analysed when frozen ones were left out (``analysis.trainable.subset_keys``)
+    subset: dict[str, Any] = field(default_factory=dict)
 
     @property
     def delta_loss(self) -> float:
@@ -154,5 +156,6 @@ class PairAnalysis:
             "warnings": list(self.warnings),
             **self.critical_keys(),
             "streamed": self.streamed,
+            **self.subset,
             **self.extras,
         }

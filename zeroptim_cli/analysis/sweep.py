@@ -1,7 +1,8 @@
 """Sweeps: analyse every recorded checkpoint pair of one or more run folders, resumably.
 
 A run folder holds checkpoint files (``zeroptim train``, the ``Recorder``, the Trainer callback) or Hugging
-Face ``checkpoint-N`` folders (a Trainer ``output_dir``, whose pairs need ``--batch``), or both.
+Face ``checkpoint-N`` folders (a Trainer ``output_dir``, whose pairs need ``--batch``; a peft model's are
+adapter folders, read on their base model: ``io.peft``), or both.
 
 Each pair's result is one JSON line (the contract's object plus ``run``, ``ckpt_t``, ``ckpt_t1``,
 ``batches``, ``sweep_key`` and ``settings_key``), written and flushed as soon as it is computed.
@@ -44,9 +45,10 @@ from zeroptim_cli.analysis.compare import CompareOptions, compare_checkpoints
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint, parse_metadata, recorded_batch_paths
+from zeroptim_cli.io.checkpoint import BASE_ROLE, Checkpoint, load_checkpoint, parse_metadata, recorded_batch_paths
 from zeroptim_cli.io.files import LockedFile, file_digest, read_header, require_regular
 from zeroptim_cli.io.hf import CONFIG, INDEX, TRAINER_STATE, folder_step, is_hf_folder
+from zeroptim_cli.io.peft import ADAPTER_CONFIG, is_adapter_folder
 from zeroptim_cli.io.results import sweep_lines, to_json
 
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
@@ -65,8 +67,13 @@ class Pair:
     """The batches ``ckpt_t`` records (used unless the sweep has fixed batches)."""
 
 
-#: The files of a Hugging Face folder besides its weights that a result depends on.
-HF_FILES = (CONFIG, INDEX, TRAINER_STATE)
+#: The files of a Hugging Face or adapter folder besides its weights that a result depends on.
+HF_FILES = (CONFIG, INDEX, TRAINER_STATE, ADAPTER_CONFIG)
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face checkpoint folder or a peft adapter folder."""
+    return is_hf_folder(path) or is_adapter_folder(path)
 
 
 def _file_id(p: Path) -> list[Any]:
@@ -146,7 +153,7 @@ def scan(path: Path) -> Found | None:
         batches = tuple(recorded_batch_paths(meta, path.parent, path))
     except ZeroptimError as exc:
         return Found(path, _number(path), error=str(exc))
-    if set(entries) == {"inputs", "targets"}:
+    if set(entries) == {"inputs", "targets"} or meta.get("role") == BASE_ROLE:
         return None
     step = meta.get("step")
     return Found(path, step if step is not None else _number(path), batches)
@@ -175,7 +182,7 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
             raise ZeroptimError(f"run folder '{folder}' is not a directory")
         run = folder.name if names.count(folder.name) == 1 else str(folder)
         steps: dict[int, Found] = {}
-        for path in sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if is_hf_folder(p)):
+        for path in sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if is_checkpoint_folder(p)):
             found = scan(path)
             if found is None:
                 continue
@@ -188,7 +195,7 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
             steps[found.step] = found
         if not steps:
             raise ZeroptimError(f"run folder '{folder}' holds no checkpoints (*.safetensors with a step, or "
-                                "Hugging Face checkpoint-N folders)")
+                                "Hugging Face or peft adapter checkpoint-N folders)")
         ordered = sorted(steps)
         gaps = unbatched = 0
         for s, s1 in zip(ordered, ordered[1:]):
@@ -278,13 +285,14 @@ def read_done(locked: LockedFile, current: dict[tuple[str, str], str], how: str,
 class CheckpointCache:
     """Loads each checkpoint once, the next pair's in a background thread while the current pair computes."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: Path | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._futures: dict[Path, Future[Checkpoint]] = {}
+        self._base = base
 
     def prefetch(self, path: Path) -> None:
         if path not in self._futures:
-            self._futures[path] = self._pool.submit(load_checkpoint, path)
+            self._futures[path] = self._pool.submit(load_checkpoint, path, self._base)
 
     def get(self, path: Path) -> Checkpoint:
         self.prefetch(path)
@@ -358,7 +366,7 @@ def _run(plan: Plan, output: Path, settings: Settings, batch_paths: Sequence[Pat
     per_rank = -(-len(todo) // ranks) if todo else 0
     mine = todo[dist.group_rank() * per_rank:(dist.group_rank() + 1) * per_rank] if by_pairs else todo
     losses: dict[Path, float] = {}
-    cache = CheckpointCache()
+    cache = CheckpointCache(settings.base_folder)
     try:
         out = output.open("a", encoding="utf-8") if main else None
     except OSError as exc:

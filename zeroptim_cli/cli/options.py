@@ -196,6 +196,10 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                      help="Let a model factory or loss named in the checkpoints' metadata run (it is code from the "
                           "file's author, as transformers' trust_remote_code). Not needed for built-in models and "
                           "losses, nor for a --model / --loss you name yourself."),
+        click.option("--base", metavar="DIR",
+                     help="The base model's Hugging Face folder for peft adapter checkpoints (adapter_config.json "
+                          "with adapter_model.safetensors). Default: the local folder the adapter config names; a "
+                          "hub id is never downloaded."),
         click.option("--direction", default="update", show_default=True, metavar="update|neg-grad|neg-sign-grad|adam|FILE",
                      help="Analyse another direction from w_t instead of the update: −g or −sign(g) rescaled to ‖Δ‖, "
                           "the step Adam would take from its saved moments, or a safetensors file of a Δ."),

@@ -15,6 +15,11 @@ its description with Trainer's ``max_grad_norm``, the learning rate the schedule
 ``zeroptim compare`` and ``--direction adam`` take the step again. So ``zeroptim sweep FOLDER`` analyses
 every recorded step with no flag.
 
+A peft model (LoRA) is recorded as its base's ``hf_config`` with the adapter's config under ``peft``; its
+frozen base weights are saved once, in ``base.safetensors`` (``base_name``), which each checkpoint names
+(metadata ``base``) and leaves out: a checkpoint holds the adapter's weights (and the buffers). The
+analysis is then over the adapter's parameters, the base held fixed (``analysis.trainable``).
+
 The step's batch is all its micro-batches, and f their exact token-weighted mean: what Trainer itself
 minimises, since it divides the summed token losses of all micro-batches by ``num_items_in_batch``, the
 counted labels of all of them (after the causal shift). The micro-batches are caught by a forward
@@ -42,8 +47,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from zeroptim_cli.derivatives.losses import MODEL_LOSS
 from zeroptim_cli.io.batches import LABELS, save_batch
-from zeroptim_cli.io.checkpoint import save_checkpoint
+from zeroptim_cli.io.checkpoint import frozen_parameters, save_base, save_checkpoint
 from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
+from zeroptim_cli.io.peft import PEFT_KEY, adapter_spec
 from zeroptim_cli.models.hf import is_seq2seq_lm
 from zeroptim_cli.optim.optimizers import optimizer_description
 from zeroptim_cli.optim.state import save_state, state_file_name
@@ -55,6 +61,11 @@ def ckpt_name(step: int) -> str:
 
 def batch_name(step: int, index: int) -> str:
     return f"batch_{step:06d}_{index}.safetensors"
+
+
+def base_name() -> str:
+    """The recorded base of a peft model: its frozen weights, saved once for all its checkpoints."""
+    return "base.safetensors"
 
 
 class ZeroptimCallback(TrainerCallback):
@@ -71,6 +82,7 @@ class ZeroptimCallback(TrainerCallback):
         self._micro: list[dict[str, torch.Tensor]] | None = None
         self._hooks: list[Any] = []
         self._accumulation = 1
+        self._base_saved = False
 
     def wants(self, step: int) -> bool:
         """Whether optimizer step ``step`` (from weights after ``step`` steps) is one to record."""
@@ -87,6 +99,7 @@ class ZeroptimCallback(TrainerCallback):
             self.folder = Path(args.output_dir) / "zeroptim"
         self.folder.mkdir(parents=True, exist_ok=True)
         self._accumulation = args.gradient_accumulation_steps
+        self._base_saved = False
         if self._accumulation > 1 and is_seq2seq_lm(model):
             warnings.warn(f"ZeroptimCallback: with gradient accumulation Trainer steps {type(model).__name__} along "
                           "the sum of its micro-batches' mean losses (the model takes num_items_in_batch but its "
@@ -145,7 +158,10 @@ class ZeroptimCallback(TrainerCallback):
             save_batch(self.folder / name, micro, labels)
         meta = self._meta(model, step, optimizer, args)
         meta.update({"batch": names[0]} if len(names) == 1 else {"batches": names})
-        save_checkpoint(self.folder / ckpt_name(step), model, meta)
+        if "base" in meta and not self._base_saved:
+            save_base(self.folder / base_name(), model, {"model": meta["model"]})
+            self._base_saved = True
+        save_checkpoint(self.folder / ckpt_name(step), model, meta, leave_out=self._frozen(meta, model))
         if optimizer is not None:
             save_state(self.folder / state_file_name(step), model, getattr(optimizer, "optimizer", optimizer), step,
                        meta["optimizer"])
@@ -157,16 +173,28 @@ class ZeroptimCallback(TrainerCallback):
             return
         step = state.global_step
         # If step s+1 is recorded too, its own "before" checkpoint rewrites this file with its batches.
-        save_checkpoint(self.folder / ckpt_name(step + 1), model, self._meta(model, step + 1, optimizer, args))
+        meta = self._meta(model, step + 1, optimizer, args)
+        save_checkpoint(self.folder / ckpt_name(step + 1), model, meta, leave_out=self._frozen(meta, model))
         self.recorded.append(step)
         self._stop()
 
     @staticmethod
+    def _frozen(meta: dict[str, Any], model: nn.Module) -> list[str]:
+        """The tensors a checkpoint leaves to the recorded base: a peft model's frozen ones, else none."""
+        return frozen_parameters(model) if "base" in meta else []
+
+    @staticmethod
     def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,
               args: TrainingArguments) -> dict[str, Any]:
+        adapter = adapter_spec(model)
+        base = model.get_base_model() if adapter is not None else model  # type: ignore[operator]
         # a live config names no architecture until save_pretrained writes one: name the model's class
-        config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
-        meta: dict[str, Any] = {"step": step, "model": {SPEC_KEY: comparable_config(config)}, "loss": MODEL_LOSS}
+        config = {**base.config.to_dict(), "architectures": [type(base).__name__]}
+        spec: dict[str, Any] = {SPEC_KEY: comparable_config(config)}
+        meta: dict[str, Any] = {"step": step, "model": spec, "loss": MODEL_LOSS}
+        if adapter is not None:  # the base's frozen weights are saved once (base_name), each checkpoint the rest
+            spec[PEFT_KEY] = adapter
+            meta["base"] = base_name()
         if optimizer is not None:  # Trainer's is accelerate's wrapper around the torch optimizer
             meta["optimizer"] = optimizer_description(getattr(optimizer, "optimizer", optimizer))
             if args.max_grad_norm and args.max_grad_norm > 0:  # Trainer clips g by global norm before the step

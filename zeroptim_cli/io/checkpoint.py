@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,9 @@ from torch import nn
 
 from zeroptim_cli._version import __version__
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import atomic_path, loads_json, read_safetensors
-from zeroptim_cli.io.hf import SPEC_KEY, config_difference, read_hf_folder, require_hf_folder
+from zeroptim_cli.io.files import atomic_path, loads_json, read_header, read_safetensors
+from zeroptim_cli.io.hf import SPEC_KEY, config_difference, is_hf_folder, read_hf_folder
+from zeroptim_cli.io.peft import ADAPTER_CONFIG, PEFT_KEY, is_adapter_folder, read_adapter_folder
 
 METADATA_KEY = "zeroptim"
 FORMAT_VERSION = 1
@@ -90,7 +93,9 @@ def _fail(p: Path, what: str) -> ZeroptimError:
 
 #: Metadata keys whose values must have these types (absent or null is fine for each).
 _TYPES: dict[str, tuple[type, ...]] = {"step": (int,), "loss": (str,), "optimizer": (dict,), "batch": (str,),
-                                        "run_id": (str,), "train_mode": (bool,), "model": (dict,)}
+                                        "run_id": (str,), "train_mode": (bool,), "model": (dict,), "base": (str,)}
+#: The ``role`` in the metadata of a recorded base (``save_base``): frozen weights, not a checkpoint.
+BASE_ROLE = "base"
 
 
 def parse_metadata(raw: dict[str, str], p: Path) -> dict[str, Any]:
@@ -119,27 +124,89 @@ def parse_metadata(raw: dict[str, str], p: Path) -> dict[str, Any]:
             raise _fail(p, f"key 'model' must hold a string 'name', a string 'factory' or an object '{SPEC_KEY}'")
         if not isinstance(model.get("kwargs") or {}, dict):
             raise _fail(p, "key 'model.kwargs' must be an object")
+        if PEFT_KEY in model and not (isinstance(model[PEFT_KEY], dict) and SPEC_KEY in model):
+            raise _fail(p, f"key 'model.{PEFT_KEY}' must be an object (an adapter config) beside '{SPEC_KEY}'")
     batches = meta.get("batches")
     if batches is not None and (not isinstance(batches, list) or not batches):
         raise _fail(p, "key 'batches' must be a non-empty list of file names")
     for batch in ([meta["batch"]] if meta.get("batch") is not None else []) + (batches or []):
-        if not isinstance(batch, str) or not batch or Path(batch).is_absolute() or ".." in Path(batch).parts:
+        if not _local_name(batch):
             raise _fail(p, f"key 'batch' or 'batches' must name files in the checkpoint's folder, not {batch!r}")
+    if meta.get("base") is not None and not _local_name(meta["base"]):
+        raise _fail(p, f"key 'base' must name a file in the checkpoint's folder, not {meta['base']!r}")
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load a checkpoint file or Hugging Face folder, rejecting unreadable files, malformed metadata and
-    non-finite weights."""
+def _local_name(name: object) -> bool:
+    """Whether ``name`` names a file in a checkpoint's folder: a relative path without '..'."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def load_checkpoint(path: str | os.PathLike, base: Path | None = None) -> Checkpoint:
+    """Load a checkpoint file, Hugging Face folder or peft adapter folder (on the base model folder
+    ``base``, else the one its config names: ``io.peft``), rejecting unreadable files, malformed metadata and
+    non-finite weights. A file whose metadata names a ``base`` (a recorded peft model: its frozen weights
+    saved once, ``save_base``) holds those weights too."""
     p = Path(path)
     if p.is_dir():
-        require_hf_folder(p)
-        tensors, meta = read_hf_folder(p)
+        if is_adapter_folder(p):
+            tensors, meta = read_adapter_folder(p, base)
+        elif is_hf_folder(p):
+            tensors, meta = read_hf_folder(p)
+        else:
+            raise ZeroptimError(f"checkpoint '{p}' is a directory, but neither a Hugging Face checkpoint folder "
+                                f"('config.json' with 'model.safetensors' or its index) nor a peft adapter folder "
+                                f"('{ADAPTER_CONFIG}' with 'adapter_model.safetensors')")
         return _checked(Checkpoint(p, tensors, meta))
     tensors, raw_meta = read_safetensors(p, "checkpoint")
     if not tensors:
         raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
-    return _checked(Checkpoint(p, tensors, parse_metadata(raw_meta, p)))
+    meta = parse_metadata(raw_meta, p)
+    if meta.get("base") is not None:
+        tensors = _with_base(p, meta["base"], tensors)
+    return _checked(Checkpoint(p, tensors, meta))
+
+
+def needs_base(path: Path) -> bool:
+    """Whether the checkpoint ``path`` is read with a base model's weights: a peft adapter folder, or a
+    file whose header names a recorded ``base`` (an unreadable header: False, reading it says why)."""
+    if path.is_dir():
+        return is_adapter_folder(path)
+    try:
+        return parse_metadata(read_header(path, "checkpoint")[1], path).get("base") is not None
+    except ZeroptimError:
+        return False
+
+
+#: The last recorded base read, by (resolved path, size, modification time): the checkpoints of one run
+#: share its tensors, so that the frozen weights are held once and Δ of them is zero by construction.
+_BASES: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
+_BASES_LOCK = threading.Lock()
+
+
+def _with_base(p: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint ``p`` with those of the recorded base ``name`` beside it."""
+    base = p.parent / name
+    real = Path(os.path.realpath(base))
+    if not real.is_relative_to(Path(os.path.realpath(p.parent))):
+        raise ZeroptimError(f"checkpoint '{p}': its recorded base '{name}' leads out of its folder (to '{real}')")
+    try:
+        st = real.stat()
+    except OSError as exc:
+        raise ZeroptimError(f"checkpoint '{p}': its recorded base '{base}' cannot be read ({exc.strerror})") from exc
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    with _BASES_LOCK:
+        frozen = _BASES.get(key)
+        if frozen is None:
+            frozen, raw = read_safetensors(base, "base")
+            if parse_metadata(raw, base).get("role") != BASE_ROLE:
+                raise ZeroptimError(f"checkpoint '{p}': '{base}', which it names as its base, is not a recorded base")
+            _BASES.clear()
+            _BASES[key] = frozen
+    both = sorted(set(frozen) & set(tensors))
+    if both:
+        raise ZeroptimError(f"checkpoint '{p}' and its base '{base}' both hold '{both[0]}'")
+    return {**frozen, **tensors}
 
 
 def _checked(ckpt: Checkpoint) -> Checkpoint:
@@ -149,12 +216,30 @@ def _checked(ckpt: Checkpoint) -> Checkpoint:
     return ckpt
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
-    """Save ``model``'s state dict (tied weights once, ``unique_state``) with ``zeroptim`` metadata, atomically."""
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None,
+                    leave_out: Collection[str] = ()) -> Path:
+    """Save ``model``'s state dict (tied weights once, ``unique_state``) but the tensors ``leave_out`` names
+    with ``zeroptim`` metadata, atomically."""
     full_meta = {"format": FORMAT_VERSION, **(meta or {}), "versions": versions()}
+    state = {k: v for k, v in unique_state(model).items() if k not in leave_out}
     with atomic_path(path) as tmp:
-        save_file(unique_state(model), str(tmp), metadata={METADATA_KEY: json.dumps(full_meta)})
+        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(full_meta)})
     return Path(path)
+
+
+def frozen_parameters(model: nn.Module) -> list[str]:
+    """The names (``unique_state``'s) of the parameters of ``model`` that training does not change
+    (``requires_grad`` False: a peft model's base)."""
+    state = unique_state(model)
+    return [n for n, p in model.named_parameters() if not p.requires_grad and n in state]
+
+
+def save_base(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
+    """Save the frozen parameters of ``model`` (``frozen_parameters``) once, as the recorded base that its
+    checkpoints name (metadata ``base``) and leave out; ``role`` ``base`` in its metadata."""
+    frozen = set(frozen_parameters(model))
+    return save_checkpoint(path, model, {**(meta or {}), "role": BASE_ROLE},
+                           leave_out=[n for n in unique_state(model) if n not in frozen])
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -144,18 +144,23 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def model_class(config: dict[str, Any], source: str) -> type:
-    """The transformers class ``config["architectures"][0]`` names (``source`` names the config in errors)."""
+    """The transformers class ``config["architectures"][0]`` names (``source`` names the config in errors, as
+    it is written there: a file's name in quotes, or words such as "checkpoint metadata 'hf_config'")."""
     transformers = transformers_module(f"Hugging Face model '{source}'")
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
-        raise ZeroptimError(f"'{source}' names no model class in 'architectures'")
+        raise ZeroptimError(f"{source} names no model class in 'architectures'")
     name = architectures[0]
     cls = getattr(transformers, name, None)
+    if name.startswith("PeftModel"):  # peft's wrapper, as an earlier ZeroptimCallback recorded a peft model
+        raise ZeroptimError(f"{source} names model class '{name}', peft's wrapper, not a transformers model: "
+                            "the base model and its adapter are not recorded apart; record the run again "
+                            "(ZeroptimCallback records a peft model's base config and its adapter config)")
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ZeroptimError(f"'{source}' names model class '{name}', which transformers {transformers.__version__} "
+        raise ZeroptimError(f"{source} names model class '{name}', which transformers {transformers.__version__} "
                             "does not have (zeroptim never runs code that comes with a model)")
     if name.endswith("PreTrainedModel"):  # transformers' abstract bases (PreTrainedModel, GPT2PreTrainedModel)
-        raise ZeroptimError(f"'{source}' names model class '{name}', an abstract base that no model is built from; "
+        raise ZeroptimError(f"{source} names model class '{name}', an abstract base that no model is built from; "
                             "'architectures' names the model's own class (e.g. GPT2LMHeadModel)")
     return cls
 
@@ -207,7 +212,7 @@ def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
-    cls = model_class(config, str(config_path))
+    cls = model_class(config, f"'{config_path}'")
     try:
         with quiet_transformers():
             complete = cls.config_class.from_dict(config).to_dict()
@@ -220,6 +225,12 @@ def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
 def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(the model's state dict as transformers loads the folder, zeroptim metadata for it, as
     ``folder_metadata`` gives it)."""
+    model, meta = load_hf_model(folder)
+    return {name: t.detach() for name, t in model.state_dict().items()}, meta
+
+
+def load_hf_model(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """(the model as transformers loads the folder, zeroptim metadata for it, as ``folder_metadata`` gives it)."""
     cls, meta = folder_metadata(folder)
     try:
         with quiet_transformers():
@@ -233,5 +244,4 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             name = sorted(str(k) for k in info[kind])[0]
             raise ZeroptimError(f"checkpoint folder '{folder}': '{name}' is {kind.split('_')[0]} "
                                 f"({len(info[kind])} {kind.replace('_', ' ')} in all)")
-    tensors = {name: t.detach() for name, t in model.state_dict().items()}
-    return tensors, meta
+    return model, meta

@@ -2,7 +2,8 @@
 
 A model spec is ``{"name": "mlp", "kwargs": {...}}`` (a built-in), ``{"factory": "pkg.mod:fn",
 "kwargs": {...}}`` (a function returning an ``nn.Module``) or ``{"hf_config": {...}}`` (a transformers
-config, built by transformers' own classes: ``models.hf``).
+config, built by transformers' own classes: ``models.hf``; with ``"peft": {...}`` beside it, a LoRA adapter
+on that model).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.hf import SPEC_KEY, TRANSFORMERS_LOCK
+from zeroptim_cli.io.peft import PEFT_KEY
 from zeroptim_cli.io.specs import Trust, load_callable, metadata_callable
 from zeroptim_cli.models.cnn import CNN
 from zeroptim_cli.models.hf import build_hf_model
@@ -66,7 +68,7 @@ def build_model(spec: dict[str, Any] | None, override: str | None = None, base_d
                                 f"(known: {', '.join(REGISTRY)})")
         fn, what = REGISTRY[spec["name"]], f"model '{spec['name']}'"
     elif SPEC_KEY in spec:
-        fn, what = functools.partial(build_hf_model, spec[SPEC_KEY]), f"the '{SPEC_KEY}' model spec"
+        fn, what = functools.partial(build_hf_model, spec[SPEC_KEY], spec.get(PEFT_KEY)), f"the '{SPEC_KEY}' model spec"
     elif "factory" in spec:
         fn = metadata_callable(spec["factory"], "model factory", "--model", source or Path("checkpoint"), trust, base_dir)
         what = f"factory '{spec['factory']}' named in '{source}'"
