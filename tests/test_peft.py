@@ -92,6 +92,10 @@ def test_adapter_folders_analysed_over_the_adapter(tmp_path, kind: str, capsys) 
     assert not (a / "config.json").exists() and (a / "adapter_model.safetensors").is_file()
     batch = lm_batch(tmp_path / "b.safetensors", pad_from=6)
     ref = reference(kind, base, a, b, batch)
+    ckpt_a, ckpt_b = load_checkpoint(a), load_checkpoint(b, base)
+    frozen = [n for n in ckpt_a.tensors if "lora_" not in n]
+    assert frozen and all(ckpt_a.tensors[n] is ckpt_b.tensors[n] for n in frozen)  # the base held once
+    assert ckpt_a.model_spec["peft"]["target_modules"] == sorted(TARGETS[kind])
     # the base as the adapter config records it (a local folder), and as --base names it
     result = analyze_files(a, b, [batch], F64).to_dict()
     status, text, err = run_cli("analyze", a, b, "--batch", batch, "--dtype", "float64", "--base", base, "--json",
@@ -231,6 +235,8 @@ def test_lora_fine_tune_with_trainer_records_and_sweeps_with_no_flag(tmp_path, k
     with safe_open(str(folder / "ckpt_000002.safetensors"), "pt") as f:  # the base is recorded once, not here
         assert trainable <= set(f.keys()) and not any("base_layer" in k for k in f.keys())
 
+    recorded = [load_checkpoint(folder / f"ckpt_{s:06d}.safetensors") for s in (0, 1)]
+    assert all(recorded[0].tensors[n] is recorded[1].tensors[n] for n in recorded[0].tensors if "base_layer" in n)
     status, _, err = run_cli("sweep", folder, "-o", tmp_path / "r.jsonl", "--dtype", "float64", "--quiet",
                              capsys=capsys)
     assert status == 0, err

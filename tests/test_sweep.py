@@ -88,9 +88,9 @@ def test_each_checkpoint_is_read_once(tmp_path, monkeypatch) -> None:
     reads: list[Path] = []
     original = sweep_module.load_checkpoint
 
-    def counting(path):
+    def counting(path, base=None):
         reads.append(Path(path))
-        return original(path)
+        return original(path, base)
 
     monkeypatch.setattr(sweep_module, "load_checkpoint", counting)
     sweep(find_pairs([run]), tmp_path / "r.jsonl")

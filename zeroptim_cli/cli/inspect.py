@@ -17,11 +17,14 @@ from zeroptim_cli.report.tables import print_description, print_differences
 @click.argument("ckpt", type=INPUT)
 @click.argument("ckpt2", required=False, type=INPUT)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--base", type=click.Path(path_type=Path), metavar="DIR",
+              help="The base model's Hugging Face folder for peft adapter checkpoints (default: the local folder "
+                   "the adapter config names).")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
-def inspect(ckpt: Path, ckpt2: Path | None, as_json: bool, debug: bool) -> None:
+def inspect(ckpt: Path, ckpt2: Path | None, as_json: bool, base: Path | None, debug: bool) -> None:
     """Show a checkpoint's metadata, tensors, shapes, dtypes and sizes; with CKPT2, what differs."""
-    a = load_checkpoint(ckpt)
-    b = load_checkpoint(ckpt2) if ckpt2 is not None else None
+    a = load_checkpoint(ckpt, base)
+    b = load_checkpoint(ckpt2, base) if ckpt2 is not None else None
     info = describe(a)
     diff = differences(a, b) if b is not None else None
     if as_json:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -203,5 +204,34 @@ def read_adapter_folder(folder: Path, base: Path | None = None) -> tuple[dict[st
     home = base_folder(folder, config, base)
     model, meta = load_hf_model(home)
     peft_model = load_adapter(model, folder, spec, weights)
-    tensors = {name: t.detach() for name, t in peft_model.state_dict().items()}
-    return tensors, {"model": {**meta["model"], PEFT_KEY: spec}, "step": folder_step(folder)}
+    frozen = {id(p) for p in peft_model.parameters() if not p.requires_grad}
+    tensors = peft_model.state_dict(keep_vars=True)
+    shared = _shared_base(home, {n: t for n, t in tensors.items() if id(t) in frozen})
+    return {n: shared.get(n, t.detach()) for n, t in tensors.items()}, \
+        {"model": {**meta["model"], PEFT_KEY: spec}, "step": folder_step(folder)}
+
+
+#: The frozen base weights of the last adapter read, by its base folder's identity (``_folder_id``): the
+#: adapters of one run share those tensors (held once, Δ of them zero by construction).
+_BASES: dict[str, dict[str, torch.Tensor]] = {}
+_BASES_LOCK = threading.Lock()
+
+
+def _folder_id(folder: Path) -> str:
+    """The base folder's resolved path and the name, size and modification time of each file in it."""
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()]
+    return json.dumps([os.path.realpath(folder), files])
+
+
+def _shared_base(home: Path, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``frozen`` (name → the base's weight, as just loaded from ``home``), or the same tensors of the last
+    adapter read on the same, unchanged base folder with the same names, which are then shared."""
+    key = _folder_id(home)
+    with _BASES_LOCK:
+        cached = _BASES.get(key)
+        if cached is not None and cached.keys() == frozen.keys() and all(
+                cached[n].shape == t.shape and cached[n].dtype == t.dtype for n, t in frozen.items()):
+            return cached
+        _BASES.clear()
+        _BASES[key] = {n: t.detach() for n, t in frozen.items()}
+        return _BASES[key]
