@@ -51,7 +51,9 @@ def headline(r: PairAnalysis) -> str:
         start = f"step {fmt(r.step_t)}" if r.step_t is not None else "checkpoint t"
         what = f"direction {r.direction} from {start}, a step not taken"
     tokens = f" ({r.num_tokens} tokens)" if r.num_tokens is not None else ""
-    return f"{what} · {r.num_examples} examples{tokens} · {r.dtype} on {r.device} · {r.method}"
+    subset = (f" · over the {r.subset['num_trainable']:,} trainable parameters ({r.subset['num_frozen']:,} frozen)"
+              if r.subset else "")
+    return f"{what} · {r.num_examples} examples{tokens} · {r.dtype} on {r.device} · {r.method}{subset}"
 
 
 def decomposition_table(r: PairAnalysis) -> Table:
