@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -181,10 +182,17 @@ def test_a_factory_model_with_frozen_parameters_is_analysed_over_the_trainable_o
     assert math.isclose(row["dir_sharpness"], float(delta @ hessian @ delta), rel_tol=1e-10)
     assert [p["name"] for p in row["per_layer"]] == ["2.weight", "2.bias"]
     assert (row["parameters"], row["num_trainable"], row["num_frozen"]) == ("trainable", 10, 16)
+    streamed = analyze_files(tmp_path / "t.safetensors", tmp_path / "t1.safetensors", [tmp_path / "b.safetensors"],
+                             replace(settings, stream=True)).to_dict()
+    assert streamed["streamed"] and streamed["num_frozen"] == 16
+    assert [p["name"] for p in streamed["per_layer"]] == ["2.weight", "2.bias"]
+    assert math.isclose(streamed["update_norm"], float(delta.norm()), rel_tol=1e-12)
+    assert math.isclose(streamed["dir_sharpness"], float(delta @ hessian @ delta), rel_tol=1e-10)
     w1["0.bias"] = w1["0.bias"] + 1.0
     save_file(w1, str(tmp_path / "t1.safetensors"))
-    with pytest.raises(ZeroptimError, match="'0.bias' is frozen in the model"):
-        analyze_files(tmp_path / "t.safetensors", tmp_path / "t1.safetensors", [tmp_path / "b.safetensors"], settings)
+    for how in (settings, replace(settings, stream=True)):
+        with pytest.raises(ZeroptimError, match="'0.bias' is frozen in the model"):
+            analyze_files(tmp_path / "t.safetensors", tmp_path / "t1.safetensors", [tmp_path / "b.safetensors"], how)
 
 
 def test_a_recorded_peft_wrapper_class_is_named_plainly(tmp_path, capsys) -> None:

@@ -146,6 +146,8 @@ class PreparedPair:
     params_t1: dict[str, Tensor] | None
     #: the result's keys saying which parameters are analysed (``analysis.trainable.subset_keys``)
     subset: dict[str, Any] = field(default_factory=dict)
+    #: the names of the frozen parameters, held fixed among ``buffers_t``
+    frozen: tuple[str, ...] = ()
 
 
 def prepare_pair(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Settings, batches: Sequence[Batch],
@@ -160,7 +162,7 @@ def prepare_pair(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Setti
     params_t1 = state_for_model(model, ckpt_t1)[0] if ckpt_t1 is not None else None
     source = f"checkpoints '{ckpt_t.path}' and '{ckpt_t1.path}'" if ckpt_t1 is not None else f"checkpoint '{ckpt_t.path}'"
     split = split_trainable(model, params_t, buffers_t, params_t1, source, unchanged)
-    return PreparedPair(model, loss, split.params_t, split.fixed_t, split.params_t1, split.keys)
+    return PreparedPair(model, loss, split.params_t, split.fixed_t, split.params_t1, split.keys, split.frozen)
 
 
 def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequence[Batch],
@@ -255,10 +257,13 @@ def analyze_lazily(lazy_t: tuple[Checkpoint, TensorFiles], lazy_t1: tuple[Checkp
         return functools.partial(files.read, files.key(stored), device, dtype)
 
     sources = {n: (reader(files_t, t), reader(files_t1, p.params_t1[n])) for n, t in p.params_t.items()}
-    buffers = {n: files_t.read(files_t.key(t)) for n, t in p.buffers_t.items()}
+    # a frozen parameter is streamed as the others are, read from checkpoint t for both ends (Δ = 0)
+    sources.update({n: (reader(files_t, p.buffers_t[n]), reader(files_t, p.buffers_t[n])) for n in p.frozen})
+    buffers = {n: files_t.read(files_t.key(t)) for n, t in p.buffers_t.items() if n not in p.frozen}
     result = analyze_streamed(p.model, sources, buffers, batches, p.loss, train=settings.train, seed=settings.seed,
                               device=device, dtype=dtype, loss_t1=loss_t1, chunk_size=settings.chunk_size,
-                              critical_tol=settings.critical_tol if settings.critical else None)
+                              critical_tol=settings.critical_tol if settings.critical else None,
+                              analysed=set(p.params_t))
     return _recorded(result, ckpt_t, ckpt_t1, p, settings)
 
 

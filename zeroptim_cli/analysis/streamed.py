@@ -15,7 +15,7 @@ No g and no HΔ, as for in-memory Taylor mode: no extras and no direction other 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -75,14 +75,17 @@ def analyze_streamed(
     loss_t1: float | None = None,
     chunk_size: int | str | None = "auto",
     critical_tol: float | None = None,
+    analysed: Collection[str] | None = None,
 ) -> PairAnalysis:
     """``analysis.pair.analyze_pair(..., method="taylor")`` for a skeleton ``model`` whose parameters
     ``sources`` reads (name as in ``named_parameters()`` → readers of w_t and w_t1, on ``device`` in
     ``dtype``); ``buffers`` are checkpoint t's. ``chunk_size="auto"`` evaluates whole batches (measuring
-    activations would need the parameters resident); a number cuts them as in memory."""
+    activations would need the parameters resident); a number cuts them as in memory. ``analysed`` (default:
+    all) names the parameters the per-layer split is over (the trainable ones: ``analysis.trainable``; the
+    others' Δ is zero)."""
     device = torch.device(device)
     loader = PairLoader(sources)
-    numels = {name: p.numel() for name, p in model.named_parameters()}
+    numels = {name: p.numel() for name, p in model.named_parameters() if analysed is None or name in analysed}
     with prepared(model, batches, loss, buffers=buffers, method="taylor", train=train, seed=seed, device=device,
                   dtype=dtype, chunk_size=0 if chunk_size == "auto" else chunk_size) as objective, \
             streamed(model, loader):

@@ -31,6 +31,8 @@ class Trainable:
     fixed_t: dict[str, Tensor]
     params_t1: dict[str, Tensor] | None
     keys: dict[str, Any] = field(default_factory=dict)
+    #: the frozen parameters' names (now among ``fixed_t``)
+    frozen: tuple[str, ...] = ()
 
 
 def _identical(a: Tensor, b: Tensor) -> bool:
@@ -66,4 +68,4 @@ def split_trainable(model: nn.Module, params_t: dict[str, Tensor], buffers_t: di
     fixed = {**buffers_t, **{n: params_t[n] for n in frozen}}
     later = {n: t for n, t in params_t1.items() if n not in frozen} if params_t1 is not None else None
     return Trainable(trainable, fixed, later, subset_keys(sum(t.numel() for t in trainable.values()),
-                                                          sum(params_t[n].numel() for n in frozen)))
+                                                          sum(params_t[n].numel() for n in frozen)), tuple(frozen))
