@@ -132,6 +132,10 @@ def test_base_is_never_downloaded_and_pickles_never_read(tmp_path, capsys) -> No
     status, _, err = run_cli("analyze", a, b, "--batch", batch, "--base", base, capsys=capsys)
     assert status == 1 and "only as a pickle" in err
     config = json.loads((b / "adapter_config.json").read_text())
+    (b / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
+    (a / "adapter_model.bin").rename(a / "adapter_model.safetensors")
+    status, _, err = run_cli("analyze", a, b, "--batch", batch, "--base", base, capsys=capsys)
+    assert status == 1 and "different adapter configs: 'lora_alpha' is 8 against 16" in err
     (b / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ZeroptimError, match='type "IA3"'):
         load_checkpoint(b, base)

@@ -273,10 +273,11 @@ def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
                 f"{tuple(b.tensors[name].shape)} in '{b.path}'"
             )
     if a.model_spec and b.model_spec and a.model_spec != b.model_spec:
-        configs = [spec.get(SPEC_KEY) for spec in (a.model_spec, b.model_spec)]
-        if all(isinstance(c, dict) for c in configs):
-            raise ZeroptimError(f"checkpoints hold different model configs: {config_difference(*configs)} "
-                                f"in '{a.path}' and '{b.path}'")
+        for key, what in ((SPEC_KEY, "model configs"), (PEFT_KEY, "adapter configs")):
+            configs = [spec.get(key) or {} for spec in (a.model_spec, b.model_spec)]
+            difference = config_difference(*configs) if all(isinstance(c, dict) for c in configs) else None
+            if difference is not None:
+                raise ZeroptimError(f"checkpoints hold different {what}: {difference} in '{a.path}' and '{b.path}'")
         raise ZeroptimError(f"checkpoints name different models: '{a.path}' and '{b.path}'")
 
 
