@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -23,6 +24,7 @@ from zeroptim_cli.derivatives.precision import computed_in  # noqa: E402
 from zeroptim_cli.errors import ZeroptimError  # noqa: E402
 from zeroptim_cli.io.batches import load_batch  # noqa: E402
 from zeroptim_cli.io.checkpoint import load_checkpoint  # noqa: E402
+from zeroptim_cli.io.files import read_safetensors  # noqa: E402
 
 F64 = Settings(dtype="float64")
 #: the attention projections LoRA is put on
@@ -142,6 +144,15 @@ def test_base_is_never_downloaded_and_pickles_never_read(tmp_path, capsys) -> No
     (b / "adapter_config.json").write_text(json.dumps({**config, "megatron_config": {"x": 1}}))
     with pytest.raises(ZeroptimError, match="megatron_config"):
         load_checkpoint(b, base)
+    (b / "adapter_config.json").write_text(json.dumps(config))
+    weights, _ = read_safetensors(b / "adapter_model.safetensors", "adapter")
+    lost = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != lost}, str(b / "adapter_model.safetensors"))
+    with pytest.raises(ZeroptimError, match="which the model has but the adapter lacks"):
+        load_checkpoint(b, base)
+    save_file({**weights, "base_model.model.extra.lora_A.weight": torch.zeros(2)}, str(b / "adapter_model.safetensors"))
+    with pytest.raises(ZeroptimError, match="'base_model.model.extra.lora_A.weight', which the model does not have"):
+        load_checkpoint(b, base)
     status, _, err = run_cli("analyze", b, b, "--batch", batch, "--base", base, "--stream", capsys=capsys)
     assert status == 2 and "peft adapter" in err
 
@@ -150,8 +161,6 @@ def test_a_factory_model_with_frozen_parameters_is_analysed_over_the_trainable_o
     """A plain model (an MLP) whose first layer a --model factory freezes: the result is that of the
     second layer alone (its explicit gradient and Hessian), the first layer held at checkpoint t; a frozen
     parameter that changed between the checkpoints is an error."""
-    from safetensors.torch import save_file
-
     from zeroptim_cli.io.batches import save_batch
 
     (tmp_path / "factory.py").write_text(
