@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from test_cli import SPEC, make_pair, run, tree_hash
 
 from zeroptim_cli.io.batches import save_batch
-from zeroptim_cli.io.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
+from zeroptim_cli.io.checkpoint import load_checkpoint, save_checkpoint
 from zeroptim_cli.io.files import LockedFile, atomic_path, read_safetensors
+from zeroptim_cli.io.layout import METADATA_KEY
 from zeroptim_cli.models import MLP
 from zeroptim_cli.training.recorder import Recorder
 

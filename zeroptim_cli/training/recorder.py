@@ -13,7 +13,7 @@ Files, all written atomically: ``ckpt_{step:06d}.safetensors`` (metadata per doc
 ``train_mode`` the model's mode during the step), ``batch_{step:06d}.safetensors``,
 ``optim_{step:06d}.safetensors`` (the optimizer state before the step, format in ``optim.state``; by
 default, so that ``zeroptim compare`` can take the recorded optimizer's step again; nearly empty for plain
-SGD), and ``run.json``.
+SGD), and ``run.json`` (names and metadata: ``io.layout``).
 
 A folder that already holds a run's files is refused (two runs in one folder would mix), unless
 ``overwrite=True``, which first removes those files (and only those). The folder is locked while the
@@ -35,24 +35,20 @@ from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.batches import save_batch
-from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint, versions
+from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io.files import exclusive_lock, remove_stale_temporaries, write_text_atomic
+from zeroptim_cli.io.layout import (
+    FORMAT_VERSION,
+    RUN_FILE,
+    batch_entry,
+    batch_name,
+    ckpt_name,
+    run_files,
+    state_name,
+    versions,
+)
 from zeroptim_cli.optim.optimizers import optimizer_description
-from zeroptim_cli.optim.state import save_state, state_file_name
-
-
-def ckpt_name(step: int) -> str:
-    return f"ckpt_{step:06d}.safetensors"
-
-
-def batch_name(step: int) -> str:
-    return f"batch_{step:06d}.safetensors"
-
-
-def run_files(folder: Path) -> list[Path]:
-    """The files of a recorded run in ``folder``: what a Recorder writes there."""
-    names = ("ckpt_*.safetensors", "batch_*.safetensors", "optim_*.safetensors", "run.json")
-    return sorted(p for pattern in names for p in folder.glob(pattern))
+from zeroptim_cli.optim.state import save_state
 
 
 class Recorder:
@@ -99,14 +95,12 @@ class Recorder:
         """Whether ``step`` is one to record."""
         return step in self.steps or (self.every is not None and step % self.every == 0)
 
-    def _meta(self, step: int, batch: str | None) -> dict[str, Any]:
+    def _meta(self, step: int, batches: list[str]) -> dict[str, Any]:
         meta: dict[str, Any] = {"step": step, "loss": self.loss, "optimizer": optimizer_description(self.optimizer),
                                 "run_id": self.run_id, "train_mode": self.model.training}
         if self.model_spec is not None:
             meta["model"] = self.model_spec
-        if batch is not None:
-            meta["batch"] = batch
-        return meta
+        return {**meta, **batch_entry(batches)}
 
     @contextlib.contextmanager
     def step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> Iterator[None]:
@@ -115,12 +109,12 @@ class Recorder:
             yield
             return
         save_batch(self.folder / batch_name(step), inputs, targets)
-        save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, batch_name(step)))
+        save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, [batch_name(step)]))
         if self.save_optimizer_state:
-            save_state(self.folder / state_file_name(step), self.model, self.optimizer, step)
+            save_state(self.folder / state_name(step), self.model, self.optimizer, step)
         yield
         # If step t+1 is recorded too, its own "before" checkpoint rewrites this file with its batch.
-        save_checkpoint(self.folder / ckpt_name(step + 1), self.model, self._meta(step + 1, None))
+        save_checkpoint(self.folder / ckpt_name(step + 1), self.model, self._meta(step + 1, []))
         self.recorded.append(step)
         self._write_run()
 
@@ -128,4 +122,4 @@ class Recorder:
         run = {"format": FORMAT_VERSION, "run_id": self.run_id, "model": self.model_spec, "loss": self.loss,
                "optimizer": optimizer_description(self.optimizer), "recorded_steps": self.recorded,
                "versions": versions(), **self.extra}
-        write_text_atomic(self.folder / "run.json", json.dumps(run, indent=2) + "\n")
+        write_text_atomic(self.folder / RUN_FILE, json.dumps(run, indent=2) + "\n")
