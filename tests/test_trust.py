@@ -440,7 +440,7 @@ def adam_copy(tmp_path: Path, **state_meta: object) -> tuple[Path, Path, Path]:
     return run_dir / "ckpt_000100.safetensors", run_dir / "ckpt_000101.safetensors", state
 
 
-@pytest.mark.parametrize("change", [{"param_groups": "x"}, {"param_groups": 0}, {"optimizer": "adam"},
+@pytest.mark.parametrize("change", [{"param_groups": "x"}, {"format": 2}, {"param_groups": 0}, {"optimizer": "adam"},
                                     {"optimizer__lr": "0.001"}, {"optimizer__betas": [2.0, 0.999]},
                                     {"optimizer__betas": "b"}])
 def test_bad_optimizer_state_metadata_is_bad_data_naming_the_file(tmp_path, capsys, change) -> None:
