@@ -59,7 +59,7 @@ class Kind:
 
     def name(self, step: int, index: int | None = None) -> str:
         if index is not None and not self.indexed:
-            raise ValueError(f"a {self.what} file has no index")
+            raise ValueError(f"{self.what} files have no index")
         return f"{self.prefix}_{step:06d}{'' if index is None else f'_{index}'}{SUFFIX}"
 
     @property
