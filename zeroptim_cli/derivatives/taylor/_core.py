@@ -23,7 +23,7 @@ class TaylorUnsupported(Exception):
     """Taylor mode cannot evaluate this f exactly; the message names the op and why, on one line."""
 
 
-# op (OpOverload) -> rule(func, args, kwargs). Filled by rules.py; resolved lazily by engine.resolve.
+# op (OpOverload) -> rule(func, args, kwargs). Filled by the rules package; resolved lazily by engine.resolve.
 RULES: dict[Any, Callable] = {}
 _RESOLVER: list[Callable] = []  # engine.resolve, installed by engine.py
 

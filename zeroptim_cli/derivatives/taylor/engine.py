@@ -25,6 +25,7 @@ from torch import Tensor
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.taylor import rules  # noqa: F401  (fills RULES)
 from zeroptim_cli.derivatives.taylor._core import _RESOLVER, RULES, TaylorTensor, TaylorUnsupported, cs, is_t
+from zeroptim_cli.derivatives.taylor.rules.registry import _is_dense, replay, root_of
 
 __all__ = ["taylor2", "resolve", "TaylorUnsupported"]
 
@@ -47,7 +48,7 @@ def _refresh(root: TaylorTensor, k: int) -> None:
     for ref in root.views or ():
         v = ref()
         if v is not None:
-            vk = None if c is None else rules.replay(c, v.chain)
+            vk = None if c is None else replay(c, v.chain)
             if k == 1:
                 v.c1 = vk
             else:
@@ -57,7 +58,7 @@ def _refresh(root: TaylorTensor, k: int) -> None:
 def _prepare_family(self: TaylorTensor, need: tuple[bool, bool]) -> None:
     """Before writing into a view family in place: give the root its own coefficients (copying any it shares
     with another tensor) and a zero coefficient for each order the write needs, then re-derive every view's."""
-    root = rules.root_of(self)
+    root = root_of(self)
     for k, needed in ((1, need[0]), (2, need[1])):
         c = root.c1 if k == 1 else root.c2
         if c is None and not needed:
@@ -65,7 +66,7 @@ def _prepare_family(self: TaylorTensor, need: tuple[bool, bool]) -> None:
         if c is None:
             c = torch.zeros_like(root.c0)
         elif root.shared:
-            c = torch.empty_like(root.c0).copy_(c) if rules._is_dense(root.c0) else c.clone()
+            c = torch.empty_like(root.c0).copy_(c) if _is_dense(root.c0) else c.clone()
         else:
             continue
         if k == 1:

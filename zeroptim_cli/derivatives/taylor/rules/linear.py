@@ -1,0 +1,239 @@
+"""Linear ops: rules for ops linear (or affine) in their α-dependent arguments, views included."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from numbers import Number
+
+import torch
+from torch import Tensor
+
+from zeroptim_cli.derivatives.taylor._core import cs, is_t, make
+from zeroptim_cli.derivatives.taylor.rules.constant import constant_if
+from zeroptim_cli.derivatives.taylor.rules.registry import (
+    _dense_like,
+    _need_const,
+    _ops,
+    _wrap_out,
+    mark_shared,
+    register,
+    root_of,
+)
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+def _lin(func, args, kwargs):
+    x, rest = args[0], args[1:]
+    _need_const(func, rest, kwargs)
+    if not is_t(x):
+        return func(x, *rest, **kwargs)
+    o0 = func(x.c0, *rest, **kwargs)
+    o1 = None if x.c1 is None else func(x.c1, *rest, **kwargs)
+    o2 = None if x.c2 is None else func(x.c2, *rest, **kwargs)
+    return _wrap_out(o0, o1, o2)
+
+
+def _lin_view(func, args, kwargs):
+    return _view_rule(func, args, kwargs)
+
+
+# Linear in their first argument, every other argument constant (ints, shapes, indices, masks).
+LINEAR = _ops(
+    "clone lift_fresh_copy neg sum mean cumsum nansum embedding index index_select gather flip roll repeat "
+    "tril triu reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d "
+    "replication_pad3d upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_linear1d upsample_bilinear2d "
+    "upsample_trilinear3d upsample_bicubic2d _upsample_nearest_exact1d _upsample_nearest_exact2d im2col col2im "
+    "pixel_shuffle pixel_unshuffle avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d "
+    "_adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool3d diag_embed masked_select take narrow_copy "
+    "_unsafe_index trace diag channel_shuffle _reshape_copy expand_copy permute_copy view_copy "
+    "_unsafe_view mvlgamma_placeholder _upsample_bilinear2d_aa _upsample_bicubic2d_aa _fft_r2c _fft_c2r _fft_c2c")
+VIEWS = _ops(
+    "view reshape expand permute t transpose slice select unsqueeze squeeze as_strided diagonal unfold split "
+    "split_with_sizes unbind alias narrow _reshape_alias movedim view_as_real view_as_complex unflatten "
+    "tensor_split chunk numpy_T mT mH matrix_H hsplit vsplit resolve_conj resolve_neg")
+register(*LINEAR)(_lin)
+
+
+@register(aten._conj, aten._neg_view, aten.conj_physical)
+def _conj(func, args, kwargs):
+    """Conjugation / negation, materialised: a lazy conj or neg bit on a coefficient would be ignored by the rules'
+    own ops (inside ``__torch_dispatch__`` the Conjugate and Negative keys are already passed; a plain argument's
+    bits are resolved by their fallbacks before it gets here)."""
+    physical = aten.neg.default if func is aten._neg_view.default else aten.conj_physical.default
+    return _lin(physical, args, kwargs)
+register(*VIEWS)(_lin_view)
+register(prims.neg, prims.view_of, prims.squeeze, prims.broadcast_in_dim, prims.reshape,
+         prims.transpose, prims.collapse_view, prims.sum)(_lin)
+
+
+
+def _to_integral(func, args, kwargs) -> bool:
+    """A conversion to an integer or bool dtype rounds: piecewise constant (autograd: not differentiable)."""
+    dtype = args[1] if func is prims.convert_element_type.default else kwargs.get("dtype")
+    return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+
+
+# real and complex dtype conversions are linear over the reals (complex → real keeps the real part)
+register(aten._to_copy, prims.convert_element_type)(constant_if(_to_integral, _lin))
+
+
+def _zero_like_arg(v):
+    if isinstance(v, Tensor):
+        return torch.zeros_like(v)
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, Number):
+        return 0
+    return v
+
+
+def _coef(v, k):
+    return cs(v)[k] if is_t(v) else None
+
+
+def affine(*slots: int) -> Callable:
+    """Jointly linear in the arguments at ``slots`` (tensors, scalars or lists of tensors), affine overall: at
+    orders ≥ 1 a constant in a slot contributes zero; arguments outside the slots must be constant."""
+
+    def rule(func, args, kwargs):
+        args = list(args)
+        rest = [a for i, a in enumerate(args) if i not in slots]
+        _need_const(func, rest, kwargs)
+        base = list(args)
+        for i in slots:
+            if i < len(args):
+                v = args[i]
+                base[i] = [cs(u)[0] for u in v] if isinstance(v, (list, tuple)) else cs(v)[0]
+        outs = [func(*base, **kwargs)]
+        for k in (1, 2):
+            a = list(base)
+            present = False
+            for i in slots:
+                if i >= len(args):
+                    continue
+                v = args[i]
+                if isinstance(v, (list, tuple)):
+                    new = []
+                    for u, u0 in zip(v, base[i]):
+                        ck = _coef(u, k)
+                        present |= ck is not None
+                        new.append(ck if ck is not None else _zero_like_arg(u0))
+                    a[i] = new
+                else:
+                    ck = _coef(v, k)
+                    present |= ck is not None
+                    a[i] = ck if ck is not None else _zero_like_arg(base[i])
+            outs.append(func(*a, **kwargs) if present else None)
+        return _wrap_out(*outs)
+
+    return rule
+
+
+register(aten.cat, aten.stack, aten.hstack, aten.vstack, aten.dstack)(affine(0))
+register(aten.where.self)(affine(1, 2))
+register(aten.where.ScalarOther)(affine(1, 2))
+register(aten.where.ScalarSelf)(affine(1, 2))
+register(aten.index_put, aten._unsafe_index_put, aten.masked_scatter)(affine(0, 2))
+register(aten.scatter.src, aten.scatter_add, aten.index_add, aten.index_copy)(affine(0, 3))
+register(aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter, aten.as_strided_scatter)(affine(0, 1))
+# a filled-in constant value is zero at orders >= 1: the same slots rule treats it so
+register(aten.masked_fill, aten.constant_pad_nd)(affine(0, 2))
+register(aten.index_fill)(affine(0, 3))
+register(aten.fill.Tensor)(affine(1))
+register(aten.scatter.value)(affine(0, 3))
+
+
+@register(aten.copy)
+def _copy(func, args, kwargs):  # copy(self, src): self only supplies shape, dtype and layout
+    self, src = args[0], args[1]
+    c0 = cs(self)[0]
+    return affine(1)(func, (c0, src, *args[2:]), kwargs)
+register(prims.where)(affine(1, 2))
+
+
+def _fit(t: Tensor, ref: Tensor) -> Tensor:
+    if t.dtype != ref.dtype:
+        t = t.to(ref.dtype)
+    if t.shape != ref.shape:
+        t = t.expand(ref.shape)
+    return t
+
+
+def _add_like(a, b, alpha, o0, src_a, src_b):
+    out = []
+    for k in (1, 2):
+        ak, bk = _coef(a, k), _coef(b, k)
+        if ak is not None and bk is not None:
+            out.append(torch.add(ak, bk, alpha=alpha) if alpha != 1 else torch.add(ak, bk))
+        elif ak is not None:
+            out.append(_fit(ak, o0))
+            mark_shared(src_a)
+        elif bk is not None:
+            out.append(_fit(bk * alpha, o0) if alpha != 1 else _fit(bk, o0))
+            if alpha == 1:
+                mark_shared(src_b)
+        else:
+            out.append(None)
+    r = make(o0, out[0], out[1])
+    if is_t(r):
+        r.shared = True
+    return r
+
+
+@register(aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor)
+def _add(func, args, kwargs):
+    a, b = args[0], args[1]
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    o0 = func(cs(a)[0], cs(b)[0], alpha=alpha)
+    if func is aten.sub.Tensor:
+        alpha = -alpha
+    elif func is aten.rsub.Tensor:  # b - alpha*a
+        a, b, alpha = b, a, -alpha
+    return _add_like(a, b, alpha, o0, a, b)
+
+
+@register(aten.add.Scalar, aten.sub.Scalar)
+def _add_scalar(func, args, kwargs):
+    x = args[0]
+    r = make(func(x.c0, *args[1:], **kwargs), x.c1, x.c2)
+    if is_t(r):
+        r.shared = True
+        mark_shared(x)
+    return r
+
+
+@register(aten.rsub.Scalar)
+def _rsub_scalar(func, args, kwargs):
+    x = args[0]
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    o0 = func(x.c0, *args[1:], **kwargs)
+    return make(o0, None if x.c1 is None else x.c1 * -alpha, None if x.c2 is None else x.c2 * -alpha)
+
+
+
+
+def _view_rule(func, args, kwargs):
+    x = args[0]
+    if not is_t(x):
+        return _lin(func, args, kwargs)
+    if x.root is None:  # x becomes (or is) a root: its coefficients must be laid out like c0
+        if x.c1 is not None:
+            x.c1 = _dense_like(x.c1, x.c0)
+        if x.c2 is not None:
+            x.c2 = _dense_like(x.c2, x.c0)
+    out = _lin(func, args, kwargs)
+    root = root_of(x)
+    if root.views is None:
+        root.views = []
+    elif len(root.views) > 256:
+        root.views = [r for r in root.views if r() is not None]
+    single = isinstance(out, Tensor)
+    for i, o in enumerate((out,) if single else out):
+        if is_t(o):
+            o.root = root
+            o.chain = x.chain + ((func, args[1:], kwargs, None if single else i),)
+            root.views.append(weakref.ref(o))
+    return out
