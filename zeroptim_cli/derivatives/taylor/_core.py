@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TaylorUnsupported", "TaylorTensor", "RULES", "cs", "make", "is_t"]
+__all__ = ["TaylorUnsupported", "TaylorTensor", "RULES", "coeffs", "from_coeffs", "is_taylor"]
 
 
 class TaylorUnsupported(Exception):
@@ -43,19 +43,12 @@ class TaylorTensor(Tensor):
         r = Tensor._make_wrapper_subclass(cls, c0.size(), strides=c0.stride(), storage_offset=c0.storage_offset(),
                                           dtype=c0.dtype, device=c0.device, requires_grad=False)
         r.c0, r.c1, r.c2 = c0, c1, c2
-        # View families (see engine._inplace): a view records its root and the view ops that lead from the root's
-        # coefficients to its own; a root lists its views. ``shared``: a root coefficient may be the very object
-        # of another tensor's coefficient (some rules pass a coefficient through), so it is copied before the
-        # family is written in place.
+        # The view-family fields: what they mean and who sets them is described in ``views.py``.
         r.root = None
         r.chain = ()
         r.views = None
         r.shared = False
         return r
-
-    @property
-    def fam(self) -> bool:
-        return self.root is not None or bool(self.views)
 
     def __init__(self, *a, **k):
         pass
@@ -91,30 +84,30 @@ class TaylorTensor(Tensor):
             st.depth -= 1
 
 
-def is_t(x: Any) -> bool:
+def is_taylor(x: Any) -> bool:
     return type(x) is TaylorTensor
 
 
-def cs(x: Any) -> tuple[Any, Tensor | None, Tensor | None]:
+def coeffs(x: Any) -> tuple[Any, Tensor | None, Tensor | None]:
     if type(x) is TaylorTensor:
         return x.c0, x.c1, x.c2
     return x, None, None
 
 
-def make(c0: Tensor, c1: Tensor | None, c2: Tensor | None) -> Tensor:
+def from_coeffs(c0: Tensor, c1: Tensor | None, c2: Tensor | None) -> Tensor:
     if c1 is None and c2 is None:
         return c0
     return TaylorTensor(c0, c1, c2)
 
 
-def _x0(a: Any) -> Any:
+def _values_at_zero(a: Any) -> Any:
     if type(a) is TaylorTensor:
         return a.c0
     if isinstance(a, (list, tuple)):
-        return type(a)(_x0(b) for b in a)
+        return type(a)(_values_at_zero(b) for b in a)
     return a
 
 
 def _constant(func, args, kwargs):
     """Evaluate on the c0s only: the result does not depend on α (or is treated as not, like autograd does)."""
-    return func(*_x0(args), **{k: _x0(v) for k, v in kwargs.items()})
+    return func(*_values_at_zero(args), **{k: _values_at_zero(v) for k, v in kwargs.items()})

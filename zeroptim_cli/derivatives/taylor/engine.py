@@ -24,8 +24,8 @@ from torch import Tensor
 
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.taylor import rules  # noqa: F401  (fills RULES)
-from zeroptim_cli.derivatives.taylor._core import _RESOLVER, RULES, TaylorTensor, TaylorUnsupported, cs, is_t
-from zeroptim_cli.derivatives.taylor.rules.registry import _is_dense, replay, root_of
+from zeroptim_cli.derivatives.taylor._core import _RESOLVER, RULES, TaylorTensor, TaylorUnsupported, coeffs, is_taylor
+from zeroptim_cli.derivatives.taylor.views import in_family, prepare_family
 
 __all__ = ["taylor2", "resolve", "TaylorUnsupported"]
 
@@ -43,57 +43,23 @@ def _own(r: Tensor, like: Tensor) -> Tensor:
     return r
 
 
-def _refresh(root: TaylorTensor, k: int) -> None:
-    c = root.c1 if k == 1 else root.c2
-    for ref in root.views or ():
-        v = ref()
-        if v is not None:
-            vk = None if c is None else replay(c, v.chain)
-            if k == 1:
-                v.c1 = vk
-            else:
-                v.c2 = vk
-
-
-def _prepare_family(self: TaylorTensor, need: tuple[bool, bool]) -> None:
-    """Before writing into a view family in place: give the root its own coefficients (copying any it shares
-    with another tensor) and a zero coefficient for each order the write needs, then re-derive every view's."""
-    root = root_of(self)
-    for k, needed in ((1, need[0]), (2, need[1])):
-        c = root.c1 if k == 1 else root.c2
-        if c is None and not needed:
-            continue
-        if c is None:
-            c = torch.zeros_like(root.c0)
-        elif root.shared:
-            c = torch.empty_like(root.c0).copy_(c) if _is_dense(root.c0) else c.clone()
-        else:
-            continue
-        if k == 1:
-            root.c1 = c
-        else:
-            root.c2 = c
-        _refresh(root, k)
-    root.shared = False
-
-
 def _inplace(functional) -> Callable:
     def rule(func, args, kwargs):
         self = args[0]
-        if not is_t(self):
+        if not is_taylor(self):
             raise TaylorUnsupported(f"{func}: in-place write of an α-dependent value into a tensor that does not "
                                     "depend on α (a plain tensor cannot become a Taylor tensor in place)")
         r = functional(*args, **kwargs)
-        r0, r1, r2 = cs(r)
-        if self.fam:
-            _prepare_family(self, (r1 is not None, r2 is not None))
+        r0, r1, r2 = coeffs(r)
+        if in_family(self):
+            prepare_family(self, (r1 is not None, r2 is not None))
             for ck, rk in ((self.c1, r1), (self.c2, r2)):
                 if ck is not None:
                     ck.copy_(rk) if rk is not None else ck.zero_()
         else:
             self.c1 = None if r1 is None else _own(r1, self.c0)
             self.c2 = None if r2 is None else _own(r2, self.c0)
-            self.shared = is_t(r) and r.shared
+            self.shared = is_taylor(r) and r.shared
         self.c0.copy_(r0)
         return self
     return rule
@@ -180,7 +146,7 @@ def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
     if not isinstance(out, Tensor) or out.numel() != 1:
         raise ValueError(f"f must return a scalar tensor, got {type(out).__name__}"
                          + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""))
-    c0, c1, c2 = cs(out)
+    c0, c1, c2 = coeffs(out)
     c0 = c0.detach().reshape(())
     d1 = torch.zeros_like(c0) if c1 is None else c1.reshape(()).clone()
     d2 = torch.zeros_like(c0) if c2 is None else 2 * c2.reshape(())

@@ -29,6 +29,6 @@ from zeroptim_cli.derivatives.taylor.rules import (  # noqa: F401  (each module 
 )
 from zeroptim_cli.derivatives.taylor.rules.constant import CONSTANT, DETACHED, constant_if
 from zeroptim_cli.derivatives.taylor.rules.linear import LINEAR
-from zeroptim_cli.derivatives.taylor.rules.registry import _overloads, register  # noqa: F401  (tests read _overloads)
+from zeroptim_cli.derivatives.taylor.rules.registry import functional_overloads, register
 
-__all__ = ["register", "LINEAR", "CONSTANT", "DETACHED", "constant_if"]
+__all__ = ["register", "functional_overloads", "LINEAR", "CONSTANT", "DETACHED", "constant_if"]

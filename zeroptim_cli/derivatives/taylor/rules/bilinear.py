@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from zeroptim_cli.derivatives.taylor._core import cs, is_t, make
+from zeroptim_cli.derivatives.taylor._core import coeffs, from_coeffs, is_taylor
 from zeroptim_cli.derivatives.taylor.rules.constant import constant_if
-from zeroptim_cli.derivatives.taylor.rules.linear import _fit, _lin
-from zeroptim_cli.derivatives.taylor.rules.registry import _need_const, register
+from zeroptim_cli.derivatives.taylor.rules.linear import fit_to, linear_rule
+from zeroptim_cli.derivatives.taylor.rules.registry import need_constant, register
 
 aten = torch.ops.aten
 
@@ -36,29 +36,29 @@ def bilinear(f: Callable, A: Sequence, B: Sequence, acc: Callable | None = None,
 @register(aten.mul.Tensor, aten.mul.Scalar)
 def _mul(func, args, kwargs):
     a, b = args[0], args[1]
-    if not is_t(b):
-        return _lin(func, args, kwargs)
-    if not is_t(a):
-        return _lin(func, (b, a), kwargs)
-    return make(*bilinear(torch.mul, cs(a), cs(b), acc=lambda r, x, y: r.addcmul_(x, y)))
+    if not is_taylor(b):
+        return linear_rule(func, args, kwargs)
+    if not is_taylor(a):
+        return linear_rule(func, (b, a), kwargs)
+    return from_coeffs(*bilinear(torch.mul, coeffs(a), coeffs(b), acc=lambda r, x, y: r.addcmul_(x, y)))
 
 
 @register(aten.mm)
 def _mm(func, args, kwargs):
-    return make(*bilinear(torch.mm, cs(args[0]), cs(args[1]), acc=lambda r, x, y: r.addmm_(x, y)))
+    return from_coeffs(*bilinear(torch.mm, coeffs(args[0]), coeffs(args[1]), acc=lambda r, x, y: r.addmm_(x, y)))
 
 
 @register(aten.bmm)
 def _bmm(func, args, kwargs):
-    return make(*bilinear(torch.bmm, cs(args[0]), cs(args[1]), acc=lambda r, x, y: r.baddbmm_(x, y)))
+    return from_coeffs(*bilinear(torch.bmm, coeffs(args[0]), coeffs(args[1]), acc=lambda r, x, y: r.baddbmm_(x, y)))
 
 
 @register(aten._trilinear)
 def _trilinear(func, args, kwargs):
     """_trilinear (nn.Bilinear): linear in each of its three tensors: c_k = Σ_{i+j+l=k} f(x_i, y_j, z_l)."""
-    S = [cs(a) for a in args[:3]]
+    S = [coeffs(a) for a in args[:3]]
     rest = args[3:]
-    _need_const(func, rest, kwargs)
+    need_constant(func, rest, kwargs)
     outs = [func(S[0][0], S[1][0], S[2][0], *rest, **kwargs)]
     for k in (1, 2):
         acc = None
@@ -69,12 +69,12 @@ def _trilinear(func, args, kwargs):
                     r = func(*t, *rest, **kwargs)
                     acc = r if acc is None else acc.add_(r)
         outs.append(acc)
-    return make(*outs)
+    return from_coeffs(*outs)
 
 
 @register(aten.mv, aten.dot, aten.vdot, aten.outer, aten.ger, aten.kron, aten._int_mm)
-def _bil_generic(func, args, kwargs):
-    return make(*bilinear(lambda x, y: func(x, y, **kwargs), cs(args[0]), cs(args[1])))
+def _bilinear_op(func, args, kwargs):
+    return from_coeffs(*bilinear(lambda x, y: func(x, y, **kwargs), coeffs(args[0]), coeffs(args[1])))
 
 
 def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
@@ -82,14 +82,14 @@ def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
         bias, m1, m2 = args[:3]
         beta = kwargs.get("beta", 1)
         alpha = kwargs.get("alpha", 1)
-        B, A1, A2 = cs(bias), cs(m1), cs(m2)
+        B, A1, A2 = coeffs(bias), coeffs(m1), coeffs(m2)
         o0 = func(B[0], A1[0], A2[0], beta=beta, alpha=alpha)
         outs = [o0]
         for k in (1, 2):
             terms = [(A1[i], A2[k - i]) for i in range(k + 1) if A1[i] is not None and A2[k - i] is not None]
             bk = B[k]
             if not terms:
-                outs.append(None if bk is None else _fit(bk * beta, o0).clone())
+                outs.append(None if bk is None else fit_to(bk * beta, o0).clone())
                 continue
             x, y = terms[0]
             if bk is not None:
@@ -101,7 +101,7 @@ def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
             for x, y in terms[1:]:
                 getattr(r, mm_acc)(x, y, alpha=alpha)
             outs.append(r)
-        return make(*outs)
+        return from_coeffs(*outs)
     return rule
 
 
@@ -113,8 +113,8 @@ register(aten.baddbmm)(_addmm_like(torch.bmm, "baddbmm_", torch.baddbmm))
 def _conv(func, args, kwargs):
     x, w, b = args[:3]
     rest = args[3:]
-    _need_const(func, rest, kwargs)
-    X, W, Bc = cs(x), cs(w), cs(b)
+    need_constant(func, rest, kwargs)
+    X, W, Bc = coeffs(x), coeffs(w), coeffs(b)
 
     def f(u, v, bias=None):
         return func(u, v, bias, *rest, **kwargs)
@@ -126,17 +126,17 @@ def _conv(func, args, kwargs):
             shape = [1] * outs[0].dim()
             shape[1] = -1
             bk = Bc[k].view(shape)
-            outs[k] = _fit(bk, outs[0]).clone() if outs[k] is None else outs[k].add_(bk)
-    return make(*outs)
+            outs[k] = fit_to(bk, outs[0]).clone() if outs[k] is None else outs[k].add_(bk)
+    return from_coeffs(*outs)
 
 
 @register(aten.div.Tensor, aten.div.Scalar)
 def _div(func, args, kwargs):
     """q = a / b: q_k = (a_k − Σ_{j≥1} q_{k−j} b_j) / b0 (from a = q·b)."""
     a, b = args[0], args[1]
-    if not is_t(b):
-        return _lin(func, args, kwargs)
-    A, Bc = cs(a), cs(b)
+    if not is_taylor(b):
+        return linear_rule(func, args, kwargs)
+    A, Bc = coeffs(a), coeffs(b)
     b0 = Bc[0]
     q = [torch.div(A[0], b0)]
     for k in (1, 2):  # a = q·b  ⇒  q_k = (a_k − Σ_{j≥1} q_{k−j} b_j) / b0
@@ -146,7 +146,7 @@ def _div(func, args, kwargs):
                 t = q[k - j] * Bc[j]
                 num = -t if num is None else num - t
         q.append(None if num is None else num / b0)
-    return make(*q)
+    return from_coeffs(*q)
 
 
 def _rounds(func, args, kwargs) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from zeroptim_cli.derivatives.taylor._core import _constant
-from zeroptim_cli.derivatives.taylor.rules.registry import _ops, register
+from zeroptim_cli.derivatives.taylor.rules.registry import op_packets, register
 
-CONSTANT = _ops(
+CONSTANT = op_packets(
     "eq ne lt le gt ge logical_and logical_or logical_not logical_xor isnan isinf isfinite isneginf isposinf "
     "sign signbit floor ceil round trunc argmax argmin argsort bucketize searchsorted any all nonzero "
     "count_nonzero is_nonzero equal isclose bitwise_and bitwise_or bitwise_xor bitwise_not "
@@ -16,7 +16,7 @@ CONSTANT = _ops(
     "_has_compatible_shallow_copy_type histc fill one_hot "
     "_assert_async _assert_tensor_metadata sym_constrain_range_for_size")
 # Not constant, but autograd passes no derivative through them (detach, .item()); neither does Taylor mode.
-DETACHED = _ops("detach _local_scalar_dense")
+DETACHED = op_packets("detach _local_scalar_dense")
 register(*CONSTANT, *DETACHED)(_constant)
 
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.taylor._core import RULES, cs, is_t, make
-from zeroptim_cli.derivatives.taylor.rules.registry import _arg, _need_const, register
+from zeroptim_cli.derivatives.taylor._core import RULES, coeffs, from_coeffs, is_taylor
+from zeroptim_cli.derivatives.taylor.rules.registry import arg_value, need_constant, register
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -21,8 +21,8 @@ def smooth(deriv: Callable) -> Callable:
 
     def rule(func, args, kwargs):
         x, rest = args[0], args[1:]
-        _need_const(func, rest, kwargs)
-        x0, x1, x2 = cs(x)
+        need_constant(func, rest, kwargs)
+        x0, x1, x2 = coeffs(x)
         u0 = func(x0, *rest, **kwargs)
         d1, d2h = deriv(x0, u0, x1 is not None, *rest, **kwargs)
         u1 = None if x1 is None else d1 * x1
@@ -33,7 +33,7 @@ def smooth(deriv: Callable) -> Callable:
                 u2 = t.mul_(x1) if u2 is None else u2.addcmul_(t, x1)
             else:
                 u2 = (x1 * x1).mul_(d2h) if u2 is None else u2.addcmul_(x1, x1, value=d2h)
-        return make(u0, u1, u2)
+        return from_coeffs(u0, u1, u2)
 
     return rule
 
@@ -43,11 +43,11 @@ def piecewise_linear(slope: Callable) -> Callable:
 
     def rule(func, args, kwargs):
         x, rest = args[0], args[1:]
-        _need_const(func, rest, kwargs)
-        x0, x1, x2 = cs(x)
+        need_constant(func, rest, kwargs)
+        x0, x1, x2 = coeffs(x)
         u0 = func(x0, *rest, **kwargs)
         s = slope(x0, *rest, **kwargs)
-        return make(u0, None if x1 is None else x1 * s, None if x2 is None else x2 * s)
+        return from_coeffs(u0, None if x1 is None else x1 * s, None if x2 is None else x2 * s)
 
     return rule
 
@@ -253,11 +253,11 @@ def _polygamma(func, args, kwargs):
 def _fmod(func, args, kwargs):
     """fmod(a, b) = a − b·trunc(a/b), remainder(a, b) = a − b·floor(a/b): the quotient is piecewise constant."""
     a, b = args
-    a0, b0 = cs(a)[0], cs(b)[0]
+    a0, b0 = coeffs(a)[0], coeffs(b)[0]
     o0 = func(a0, b0)
     rounding = "trunc" if func._schema.name.endswith("fmod") else "floor"
     q = torch.div(torch.as_tensor(a0, dtype=o0.dtype), b0, rounding_mode=rounding)
-    return make(o0, *cs(a - q * b)[1:])
+    return from_coeffs(o0, *coeffs(a - q * b)[1:])
 
 
 def _scan_prod(x: Tensor, dim: int) -> Tensor:
@@ -275,54 +275,54 @@ def _scan_prod(x: Tensor, dim: int) -> Tensor:
 def _cumprod(func, args, kwargs):
     """cumprod: y_i = Π_{j≤i} x_j, the series by ``_scan_prod``; y0 is torch's own."""
     x = args[0]
-    dim = _arg(func, args, kwargs, "dim")
-    dtype = _arg(func, args, kwargs, "dtype")
-    o0 = func(cs(x)[0], dim, dtype=dtype)
+    dim = arg_value(func, args, kwargs, "dim")
+    dtype = arg_value(func, args, kwargs, "dtype")
+    o0 = func(coeffs(x)[0], dim, dtype=dtype)
     if dtype is not None:
         x = x.to(dtype)
     if x.dim() == 0:
-        return make(o0, *cs(x)[1:])
-    return make(o0, *cs(_scan_prod(x, dim % x.dim()))[1:])
+        return from_coeffs(o0, *coeffs(x)[1:])
+    return from_coeffs(o0, *coeffs(_scan_prod(x, dim % x.dim()))[1:])
 
 
 @register(aten.prod)
 def _prod(func, args, kwargs):
     """prod over dim (or all): the last entry of the cumulative product (``_scan_prod``); 1 over an empty dim."""
     x = args[0]
-    dim = _arg(func, args, kwargs, "dim", None)
-    dtype = _arg(func, args, kwargs, "dtype")
-    o0 = func(cs(x)[0], *args[1:], **kwargs)
+    dim = arg_value(func, args, kwargs, "dim", None)
+    dtype = arg_value(func, args, kwargs, "dtype")
+    o0 = func(coeffs(x)[0], *args[1:], **kwargs)
     if dtype is not None:
         x = x.to(dtype)
     if dim is None:
         x, dim = x.reshape(-1), 0
     elif x.dim() == 0:
-        return make(o0, *cs(x)[1:])
+        return from_coeffs(o0, *coeffs(x)[1:])
     dim %= x.dim()
     n = x.shape[dim]
     if n == 0:
         return o0
     y = _scan_prod(x, dim).narrow(dim, n - 1, 1)
-    return make(o0, *(None if c is None else c.reshape(o0.shape) for c in cs(y)[1:]))
+    return from_coeffs(o0, *(None if c is None else c.reshape(o0.shape) for c in coeffs(y)[1:]))
 
 
 @register(aten.logcumsumexp)
 def _logcumsumexp(func, args, kwargs):
     """logcumsumexp(x) = m + log cumsum exp(x − m), m = max over dim of x0 (a constant shift)."""
     x, dim = args
-    x0 = cs(x)[0]
+    x0 = coeffs(x)[0]
     o0 = func(x0, dim)
     if x0.dim() == 0:
-        return make(o0, *cs(x)[1:])
+        return from_coeffs(o0, *coeffs(x)[1:])
     m = x0.amax(dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0)
-    return make(o0, *cs(torch.log(torch.cumsum(torch.exp(x - m), dim)))[1:])
+    return from_coeffs(o0, *coeffs(torch.log(torch.cumsum(torch.exp(x - m), dim)))[1:])
 
 
 @register(aten.pow.Tensor_Tensor)
 def _pow_tt(func, args, kwargs):
     base, ex = args
-    if not is_t(ex):
+    if not is_taylor(ex):
         return smooth(lambda x, u, s, p: (p * torch.pow(x, p - 1), 0.5 * p * (p - 1) * torch.pow(x, p - 2)))(
             func, args, kwargs)
     return torch.exp(ex * torch.log(base))
@@ -337,7 +337,7 @@ def _pow_scalar_base(func, args, kwargs):
 
 @register(aten.log_sigmoid_forward)
 def _log_sigmoid(func, args, kwargs):
-    x0, x1, x2 = cs(args[0])
+    x0, x1, x2 = coeffs(args[0])
     out0, buf = func(x0)
     s = torch.sigmoid(x0)
     d1, d2h = 1 - s, -0.5 * s * (1 - s)
@@ -345,7 +345,7 @@ def _log_sigmoid(func, args, kwargs):
     u2 = None if x2 is None else d1 * x2
     if x1 is not None:
         u2 = d2h * x1 * x1 if u2 is None else u2 + d2h * x1 * x1
-    return make(out0, u1, u2), buf
+    return from_coeffs(out0, u1, u2), buf
 
 
 def _mask_between(x, lo=None, hi=None, strict=False):
@@ -366,16 +366,16 @@ def _rrelu(func, args, kwargs):
     """rrelu_with_noise: training: slope = the noise it draws (1 where x0 ≥ 0); eval: leaky_relu with slope
     (lower + upper)/2, read off the op at −1 (torch rounds it to float32)."""
     x, noise = args[0], args[1]
-    lower, upper, training, gen = (_arg(func, args, kwargs, n) for n in ("lower", "upper", "training", "generator"))
-    _need_const(func, args[1:], kwargs)
-    x0 = cs(x)[0]
+    lower, upper, training, gen = (arg_value(func, args, kwargs, n) for n in ("lower", "upper", "training", "generator"))
+    need_constant(func, args[1:], kwargs)
+    x0 = coeffs(x)[0]
     o0 = func(x0, noise, lower, upper, training, gen)
     if training:
         slope = noise
     else:
         one = torch.ones(1, dtype=x0.dtype, device=x0.device)
         slope = torch.where(x0 > 0, 1.0, -func(-one, one, lower, upper, False, None)).to(x0.dtype)
-    return make(o0, *(None if c is None else c * slope for c in cs(x)[1:]))
+    return from_coeffs(o0, *(None if c is None else c * slope for c in coeffs(x)[1:]))
 
 
 RULES[aten.rrelu_with_noise.default] = _rrelu  # writes its noise argument, so not through register()
@@ -384,7 +384,7 @@ register(aten.hardsigmoid)(piecewise_linear(lambda x: _mask_between(x, -3, 3, st
 _abs_real = piecewise_linear(lambda x: torch.sgn(x))
 
 
-def _sqrt_series(r0: Tensor, s1, s2):
+def sqrt_series(r0: Tensor, s1, s2):
     """r = √s given r0 = √s0: r1 = s1/(2r0), r2 = s2/(2r0) − s1²/(8r0³); zero where r0 = 0 (autograd's
     convention for a norm or distance at 0)."""
     zero = r0 == 0
@@ -400,11 +400,11 @@ def _sqrt_series(r0: Tensor, s1, s2):
 @register(aten.abs, prims.abs)
 def _abs(func, args, kwargs):
     """abs: real x: every coefficient times sgn(x0); complex z: r = √s, s = |z|², s1 = 2Re(z̄0 z1),
-    s2 = |z1|² + 2Re(z̄0 z2) (``_sqrt_series``)."""
+    s2 = |z1|² + 2Re(z̄0 z2) (``sqrt_series``)."""
     z = args[0]
     if not z.is_complex():
         return _abs_real(func, args, kwargs)
-    z0, z1, z2 = cs(z)
+    z0, z1, z2 = coeffs(z)
     r0 = func(z0)
 
     def re_dot(a, b):  # Re(ā b), written without a lazy conj (rules run past the Conjugate key)
@@ -414,7 +414,7 @@ def _abs(func, args, kwargs):
     if z1 is not None:
         t = re_dot(z1, z1)
         s2 = t if s2 is None else s2 + t
-    return make(r0, *_sqrt_series(r0, s1, s2))
+    return from_coeffs(r0, *sqrt_series(r0, s1, s2))
 register(aten.clamp.default)(piecewise_linear(lambda x, min=None, max=None: _mask_between(x, min, max)))
 register(aten.clamp_min.default)(piecewise_linear(lambda x, min: x >= min))
 register(aten.clamp_max.default)(piecewise_linear(lambda x, max: x <= max))
@@ -423,7 +423,7 @@ register(aten.clamp_max.default)(piecewise_linear(lambda x, max: x <= max))
 @register(aten.maximum, aten.minimum, aten.fmax, aten.fmin)
 def _max_min(func, args, kwargs):
     a, b = args
-    A, Bc = cs(a), cs(b)
+    A, Bc = coeffs(a), coeffs(b)
     o0 = func(A[0], Bc[0])
     gt = (A[0] > Bc[0]) if func in (aten.maximum.default, aten.fmax.default) else (A[0] < Bc[0])
     wa = gt.to(o0.dtype) + 0.5 * (A[0] == Bc[0]).to(o0.dtype)  # autograd splits ties evenly
@@ -439,4 +439,4 @@ def _max_min(func, args, kwargs):
         if bk is not None:
             r = r + (1 - wa) * bk
         outs.append(r)
-    return make(*outs)
+    return from_coeffs(*outs)

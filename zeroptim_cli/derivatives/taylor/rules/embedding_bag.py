@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from zeroptim_cli.derivatives.taylor._core import cs, is_t, make
+from zeroptim_cli.derivatives.taylor._core import coeffs, from_coeffs, is_taylor
 from zeroptim_cli.derivatives.taylor.rules.bilinear import bilinear
-from zeroptim_cli.derivatives.taylor.rules.registry import _arg, _need_const, register
+from zeroptim_cli.derivatives.taylor.rules.registry import arg_value, need_constant, register
 
 aten = torch.ops.aten
 
@@ -18,10 +18,10 @@ def _embedding_bag(func, args, kwargs):
     args = list(args)
     names = [a.name for a in func._schema.arguments]
     pi = names.index("per_sample_weights")
-    psw = _arg(func, args, kwargs, "per_sample_weights")
-    mode = _arg(func, args, kwargs, "mode", 0)
-    _need_const(func, args[1:pi] + args[pi + 1:], kwargs)
-    W, P = cs(args[0]), cs(psw)
+    psw = arg_value(func, args, kwargs, "per_sample_weights")
+    mode = arg_value(func, args, kwargs, "mode", 0)
+    need_constant(func, args[1:pi] + args[pi + 1:], kwargs)
+    W, P = coeffs(args[0]), coeffs(psw)
 
     def f(w, p):
         if len(args) > pi:
@@ -31,8 +31,8 @@ def _embedding_bag(func, args, kwargs):
     if mode == 2:
         idx, filled = res[3], (res[2] > 0).unsqueeze(-1)
         outs = [None if w is None else torch.where(filled, w.gather(0, idx), 0) for w in W[1:]]
-    elif is_t(psw):
+    elif is_taylor(psw):
         outs = bilinear(lambda w, p: f(w, p)[0], W, P)[1:]
     else:
         outs = [None if w is None else f(w, P[0])[0] for w in W[1:]]
-    return (make(res[0], *outs), *res[1:])
+    return (from_coeffs(res[0], *outs), *res[1:])

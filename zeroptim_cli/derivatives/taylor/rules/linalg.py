@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.taylor._core import TaylorUnsupported, cs, make
-from zeroptim_cli.derivatives.taylor.rules.elementwise import _sqrt_series
-from zeroptim_cli.derivatives.taylor.rules.registry import _arg, _need_const, register
+from zeroptim_cli.derivatives.taylor._core import TaylorUnsupported, coeffs, from_coeffs
+from zeroptim_cli.derivatives.taylor.rules.elementwise import sqrt_series
+from zeroptim_cli.derivatives.taylor.rules.registry import arg_value, need_constant, register
 
 aten = torch.ops.aten
 
@@ -36,8 +36,8 @@ def _solve_series(A, B, X0: Tensor, solve: Callable, apply: Callable):
 def _linalg_solve(func, args, kwargs):
     """linalg.solve: A X = B (X A = B with left=False): X_k = A0⁻¹(B_k − A1 X_{k−1} − A2 X_{k−2}); a vector B
     (X of one dimension less than A) is solved as one column (row for left=False)."""
-    A, B = cs(args[0]), cs(args[1])
-    left = _arg(func, args, kwargs, "left", True)
+    A, B = coeffs(args[0]), coeffs(args[1])
+    left = arg_value(func, args, kwargs, "left", True)
     X0, LU, piv, info = func(A[0], B[0], *args[2:], **kwargs)
     vec = X0.dim() == A[0].dim() - 1
     ax = -1 if left else -2
@@ -48,33 +48,33 @@ def _linalg_solve(func, args, kwargs):
     X1, X2 = _solve_series(A, [None, mat(B[1]), mat(B[2])], mat(X0),
                            lambda r: torch.linalg.lu_solve(lu, pv, r, left=left),
                            lambda a, x: a @ x if left else x @ a)
-    return make(X0, *(None if t is None else (t.squeeze(ax) if vec else t) for t in (X1, X2))), LU, piv, info
+    return from_coeffs(X0, *(None if t is None else (t.squeeze(ax) if vec else t) for t in (X1, X2))), LU, piv, info
 
 
 @register(aten.linalg_solve_triangular)
 def _solve_triangular(func, args, kwargs):
     """solve_triangular: as linalg.solve with A's coefficients cut to the triangle the op reads (strictly, with
     unitriangular=True)."""
-    A, B = cs(args[0]), cs(args[1])
-    upper = _arg(func, args, kwargs, "upper")
-    left = _arg(func, args, kwargs, "left", True)
-    unit = _arg(func, args, kwargs, "unitriangular", False)
+    A, B = coeffs(args[0]), coeffs(args[1])
+    upper = arg_value(func, args, kwargs, "upper")
+    left = arg_value(func, args, kwargs, "left", True)
+    unit = arg_value(func, args, kwargs, "unitriangular", False)
     X0 = func(A[0], B[0], *args[2:], **kwargs)
     band = (lambda t: torch.triu(t, int(unit))) if upper else (lambda t: torch.tril(t, -int(unit)))
     At = [A[0]] + [None if t is None else band(t) for t in A[1:]]
     X1, X2 = _solve_series(At, B, X0, lambda r: func(A[0], r, *args[2:], **kwargs),
                            lambda a, x: a @ x if left else x @ a)
-    return make(X0, X1, X2)
+    return from_coeffs(X0, X1, X2)
 
 
 @register(aten.linalg_cholesky_ex)
 def _cholesky(func, args, kwargs):
     """cholesky (real, A = L Lᵀ, A_k symmetrised as autograd does): L_k = L0 Φ(L0⁻¹ R_k L0⁻ᵀ), R1 = A1,
     R2 = A2 − L1 L1ᵀ, Φ = lower triangle with the diagonal halved."""
-    A = cs(args[0])
+    A = coeffs(args[0])
     if A[0].is_complex():
         raise TaylorUnsupported(f"{func}: complex input has no Taylor rule")
-    upper = _arg(func, args, kwargs, "upper", False)
+    upper = arg_value(func, args, kwargs, "upper", False)
     L0, info = func(A[0], *args[1:], **kwargs)
     lo = L0.mT if upper else L0
 
@@ -88,16 +88,16 @@ def _cholesky(func, args, kwargs):
         t = L1 @ L1.mT
         r2 = -t if r2 is None else r2 - t
     L2 = None if r2 is None else step(r2)
-    return make(L0, *(None if t is None else (t.mT if upper else t) for t in (L1, L2))), info
+    return from_coeffs(L0, *(None if t is None else (t.mT if upper else t) for t in (L1, L2))), info
 
 
 @register(aten.linalg_inv_ex)
 def _linalg_inv(func, args, kwargs):
     """inv: X = A⁻¹: X1 = −X0 A1 X0, X2 = −X0 (A1 X1 + A2 X0)."""
-    A = cs(args[0])
+    A = coeffs(args[0])
     X0, info = func(A[0], *args[1:], **kwargs)
     X1, X2 = _solve_series(A, [None, None, None], X0, lambda r: X0 @ r, lambda a, x: a @ x)
-    return make(X0, X1, X2), info
+    return from_coeffs(X0, X1, X2), info
 
 
 def _lu_quotients(func, A, d0):
@@ -122,37 +122,37 @@ def _logdet_series(M1, M2):
 def _matrix_exp(func, args, kwargs):
     """matrix_exp: exp of the block-Toeplitz matrix [[A0, A1, A2], [0, A0, A1], [0, 0, A0]] has the series
     E0, E1, E2 of exp(A(α)) in its first block row (a truncated series of matrices is an algebra)."""
-    A = cs(args[0])
+    A = coeffs(args[0])
     n = A[0].shape[-1]
     z = torch.zeros_like(A[0])
     a1 = z if A[1] is None else A[1]
     a2 = z if A[2] is None else A[2]
     T = torch.cat([torch.cat(r, -1) for r in ((A[0], a1, a2), (z, A[0], a1), (z, z, A[0]))], -2)
     E = func(T)[..., :n, :]
-    return make(func(A[0]), E[..., n:2 * n], E[..., 2 * n:])
+    return from_coeffs(func(A[0]), E[..., n:2 * n], E[..., 2 * n:])
 
 
 @register(aten._linalg_det)
 def _linalg_det(func, args, kwargs):
     """det: d1 = d0 l1, d2 = d0 (l2 + ½ l1²) with (l1, l2) the log-det series (``_logdet_series``)."""
-    A = cs(args[0])
+    A = coeffs(args[0])
     d0, LU, piv = func(A[0])
     l1, l2 = _logdet_series(*_lu_quotients(func, A, d0))
     d2 = l2
     if l1 is not None:
         t = 0.5 * l1 * l1
         d2 = t if d2 is None else d2 + t
-    return make(d0, None if l1 is None else d0 * l1, None if d2 is None else d0 * d2), LU, piv
+    return from_coeffs(d0, None if l1 is None else d0 * l1, None if d2 is None else d0 * d2), LU, piv
 
 
 @register(aten._linalg_slogdet)
 def _linalg_slogdet(func, args, kwargs):
     """slogdet (real): sign is piecewise constant; log|det| = the log-det series (``_logdet_series``)."""
-    A = cs(args[0])
+    A = coeffs(args[0])
     if A[0].is_complex():
         raise TaylorUnsupported(f"{func}: complex input (its sign depends on α); no Taylor rule")
     sign, logabs, LU, piv = func(A[0])
-    return sign, make(logabs, *_logdet_series(*_lu_quotients(func, A, sign))), LU, piv
+    return sign, from_coeffs(logabs, *_logdet_series(*_lu_quotients(func, A, sign))), LU, piv
 
 
 def _sym_eig_series(func, lam0: Tensor, B1, B2):
@@ -184,29 +184,29 @@ def _sym_eig_series(func, lam0: Tensor, B1, B2):
 def _linalg_eigh(func, args, kwargs):
     """eigh (real symmetric; A_k symmetrised, as autograd does): B_k = V0ᵀ A_k V0 through ``_sym_eig_series``;
     eigenvectors V_k = V0 C_k."""
-    A = cs(args[0])
+    A = coeffs(args[0])
     if A[0].is_complex():
         raise TaylorUnsupported(f"{func}: complex (Hermitian) input has no Taylor rule")
-    uplo = _arg(func, args, kwargs, "UPLO", "L")
-    compute_v = _arg(func, args, kwargs, "compute_v", True)
+    uplo = arg_value(func, args, kwargs, "UPLO", "L")
+    compute_v = arg_value(func, args, kwargs, "compute_v", True)
     lam0, V0 = func(A[0], uplo, True)
     B = [None if a is None else V0.mT @ (0.5 * (a + a.mT)) @ V0 for a in A[1:]]
     lam1, lam2, C1, C2 = _sym_eig_series(func, lam0, *B)
-    vals = make(lam0, lam1, lam2)
+    vals = from_coeffs(lam0, lam1, lam2)
     if not compute_v:
         return vals, func(A[0], uplo, False)[1]
-    return vals, make(V0, *(None if c is None else V0 @ c for c in (C1, C2)))
+    return vals, from_coeffs(V0, *(None if c is None else V0 @ c for c in (C1, C2)))
 
 
 @register(aten._linalg_svd)
 def _linalg_svd(func, args, kwargs):
     """svd (real; tall, else of Aᵀ): σ² are the eigenvalues of AᵀA, whose series in A0's right singular basis
     is B1 = ΣP1 + P1ᵀΣ, B2 = ΣP2 + P2ᵀΣ + (A1V0)ᵀ(A1V0), P_k = U0ᵀ A_k V0 (``_sym_eig_series``); σ = √λ
-    (``_sqrt_series``); V_k = V0 C_k and U = A V Σ⁻¹. Full U or Vh of a non-square matrix is refused."""
-    A = cs(args[0])
-    full = _arg(func, args, kwargs, "full_matrices", False)
-    compute_uv = _arg(func, args, kwargs, "compute_uv", True)
-    driver = _arg(func, args, kwargs, "driver")
+    (``sqrt_series``); V_k = V0 C_k and U = A V Σ⁻¹. Full U or Vh of a non-square matrix is refused."""
+    A = coeffs(args[0])
+    full = arg_value(func, args, kwargs, "full_matrices", False)
+    compute_uv = arg_value(func, args, kwargs, "compute_uv", True)
+    driver = arg_value(func, args, kwargs, "driver")
     m, n = A[0].shape[-2:]
     if A[0].is_complex() or (compute_uv and full and m != n):
         raise TaylorUnsupported(f"{func}: complex input or full singular vectors of a non-square matrix: no Taylor "
@@ -223,13 +223,13 @@ def _linalg_svd(func, args, kwargs):
         av = A[1] @ right
         B[1] = av.mT @ av if B[1] is None else B[1] + av.mT @ av
     lam1, lam2, C1, C2 = _sym_eig_series(func, S0 * S0, *B)
-    S = make(S0, *_sqrt_series(S0, lam1, lam2))
+    S = from_coeffs(S0, *sqrt_series(S0, lam1, lam2))
     if not compute_uv:
-        return out[0], make(out[1], *cs(S)[1:]), out[2]
-    R = make(right, *(None if c is None else right @ c for c in (C1, C2)))
-    L = make(left, *cs((make(*A) @ R) / S.unsqueeze(-2))[1:])
+        return out[0], from_coeffs(out[1], *coeffs(S)[1:]), out[2]
+    R = from_coeffs(right, *(None if c is None else right @ c for c in (C1, C2)))
+    L = from_coeffs(left, *coeffs((from_coeffs(*A) @ R) / S.unsqueeze(-2))[1:])
     U, V = (R, L) if wide else (L, R)
-    return U, S, make(Vh0, *(None if c is None else c.mT for c in cs(V)[1:]))
+    return U, S, from_coeffs(Vh0, *(None if c is None else c.mT for c in coeffs(V)[1:]))
 
 
 @register(aten.linalg_pinv.atol_rtol_tensor)
@@ -237,39 +237,39 @@ def _linalg_pinv(func, args, kwargs):
     """pinv = V_r Σ_r⁻¹ U_rᵀ over the r singular values above the op's cutoff at α = 0 (a rank that does not change
     near α = 0), through the svd rule."""
     x = args[0]
-    _need_const(func, (), kwargs)
+    need_constant(func, (), kwargs)
     atol, rtol, herm = (kwargs.get(k) for k in ("atol", "rtol", "hermitian"))
-    x0 = cs(x)[0]
+    x0 = coeffs(x)[0]
     ranks = torch.linalg.matrix_rank(x0, atol=atol, rtol=rtol, hermitian=bool(herm))
     r = int(ranks.reshape(-1)[0]) if ranks.numel() else 0
     if bool((ranks != r).any()):
         raise TaylorUnsupported(f"{func}: the matrices of the batch have different ranks")
     U, S, Vh = torch.linalg.svd(x, full_matrices=False)
     p = (Vh[..., :r, :].mT / S[..., None, :r]) @ U[..., :, :r].mT
-    return make(func(x0, **kwargs), *cs(p)[1:])
+    return from_coeffs(func(x0, **kwargs), *coeffs(p)[1:])
 
 
 @register(aten._cdist_forward)
 def _cdist(func, args, kwargs):
     """cdist: d_ij = ‖x_i − y_j‖_p over the differences as Taylor tensors; p = 2 as √(Σ diff²) with zero
-    coefficients at distance 0 (autograd's convention, ``_sqrt_series``)."""
+    coefficients at distance 0 (autograd's convention, ``sqrt_series``)."""
     x1, x2, p = args[0], args[1], args[2]
-    o0 = func(cs(x1)[0], cs(x2)[0], *args[2:], **kwargs)
+    o0 = func(coeffs(x1)[0], coeffs(x2)[0], *args[2:], **kwargs)
     return _p_distance(o0, x1.unsqueeze(-2) - x2.unsqueeze(-3), p)
 
 
 def _p_distance(o0: Tensor, diff: Tensor, p: float) -> Tensor:
-    """‖diff‖_p over the last dim, its value o0 torch's own; p = 2 as √(Σ diff²) (``_sqrt_series``)."""
+    """‖diff‖_p over the last dim, its value o0 torch's own; p = 2 as √(Σ diff²) (``sqrt_series``)."""
     if p == 2:
         s = (diff * diff).sum(-1)
-        return make(o0, *_sqrt_series(o0, *cs(s)[1:]))
-    return make(o0, *cs(torch.linalg.vector_norm(diff, p, -1))[1:])
+        return from_coeffs(o0, *sqrt_series(o0, *coeffs(s)[1:]))
+    return from_coeffs(o0, *coeffs(torch.linalg.vector_norm(diff, p, -1))[1:])
 
 
 @register(aten._pdist_forward)
 def _pdist(func, args, kwargs):
     """pdist: the distances ‖x_i − x_j‖_p for i < j (row-major), as cdist."""
-    x, p = args[0], _arg(func, args, kwargs, "p", 2)
-    o0 = func(cs(x)[0], p)
+    x, p = args[0], arg_value(func, args, kwargs, "p", 2)
+    o0 = func(coeffs(x)[0], p)
     i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
     return _p_distance(o0, x[i] - x[j], p)

@@ -2,46 +2,55 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from numbers import Number
 
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.taylor._core import cs, is_t, make
+from zeroptim_cli.derivatives.taylor._core import coeffs, from_coeffs, is_taylor
 from zeroptim_cli.derivatives.taylor.rules.constant import constant_if
 from zeroptim_cli.derivatives.taylor.rules.registry import (
-    _dense_like,
-    _need_const,
-    _ops,
-    _wrap_out,
-    mark_shared,
+    need_constant,
+    op_packets,
     register,
-    root_of,
+    wrap_outputs,
 )
+from zeroptim_cli.derivatives.taylor.views import dense_like, mark_shared, record_views
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 
-def _lin(func, args, kwargs):
+def linear_rule(func, args, kwargs):
     x, rest = args[0], args[1:]
-    _need_const(func, rest, kwargs)
-    if not is_t(x):
+    need_constant(func, rest, kwargs)
+    if not is_taylor(x):
         return func(x, *rest, **kwargs)
     o0 = func(x.c0, *rest, **kwargs)
     o1 = None if x.c1 is None else func(x.c1, *rest, **kwargs)
     o2 = None if x.c2 is None else func(x.c2, *rest, **kwargs)
-    return _wrap_out(o0, o1, o2)
+    return wrap_outputs(o0, o1, o2)
 
 
-def _lin_view(func, args, kwargs):
-    return _view_rule(func, args, kwargs)
+def view_rule(func, args, kwargs):
+    """view ops (view, reshape, permute, split, …): linear, each coefficient viewed as c0 is, and the outputs
+    made members of x's view family (see ``views``)."""
+    x = args[0]
+    if not is_taylor(x):
+        return linear_rule(func, args, kwargs)
+    if x.root is None:  # x becomes (or is) a root: its coefficients must be laid out like c0
+        if x.c1 is not None:
+            x.c1 = dense_like(x.c1, x.c0)
+        if x.c2 is not None:
+            x.c2 = dense_like(x.c2, x.c0)
+    out = linear_rule(func, args, kwargs)
+    record_views(x, out, func, args[1:], kwargs)
+    return out
 
 
 # Linear in their first argument, every other argument constant (ints, shapes, indices, masks).
-LINEAR = _ops(
+LINEAR = op_packets(
     "clone lift_fresh_copy neg sum mean cumsum nansum embedding index index_select gather flip roll repeat "
     "tril triu reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d "
     "replication_pad3d upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_linear1d upsample_bilinear2d "
@@ -50,11 +59,11 @@ LINEAR = _ops(
     "_adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool3d diag_embed masked_select take narrow_copy "
     "_unsafe_index trace diag channel_shuffle _reshape_copy expand_copy permute_copy view_copy "
     "_unsafe_view mvlgamma_placeholder _upsample_bilinear2d_aa _upsample_bicubic2d_aa _fft_r2c _fft_c2r _fft_c2c")
-VIEWS = _ops(
+VIEWS = op_packets(
     "view reshape expand permute t transpose slice select unsqueeze squeeze as_strided diagonal unfold split "
     "split_with_sizes unbind alias narrow _reshape_alias movedim view_as_real view_as_complex unflatten "
     "tensor_split chunk numpy_T mT mH matrix_H hsplit vsplit resolve_conj resolve_neg")
-register(*LINEAR)(_lin)
+register(*LINEAR)(linear_rule)
 
 
 @register(aten._conj, aten._neg_view, aten.conj_physical)
@@ -63,10 +72,10 @@ def _conj(func, args, kwargs):
     own ops (inside ``__torch_dispatch__`` the Conjugate and Negative keys are already passed; a plain argument's
     bits are resolved by their fallbacks before it gets here)."""
     physical = aten.neg.default if func is aten._neg_view.default else aten.conj_physical.default
-    return _lin(physical, args, kwargs)
-register(*VIEWS)(_lin_view)
+    return linear_rule(physical, args, kwargs)
+register(*VIEWS)(view_rule)
 register(prims.neg, prims.view_of, prims.squeeze, prims.broadcast_in_dim, prims.reshape,
-         prims.transpose, prims.collapse_view, prims.sum)(_lin)
+         prims.transpose, prims.collapse_view, prims.sum)(linear_rule)
 
 
 
@@ -77,7 +86,7 @@ def _to_integral(func, args, kwargs) -> bool:
 
 
 # real and complex dtype conversions are linear over the reals (complex → real keeps the real part)
-register(aten._to_copy, prims.convert_element_type)(constant_if(_to_integral, _lin))
+register(aten._to_copy, prims.convert_element_type)(constant_if(_to_integral, linear_rule))
 
 
 def _zero_like_arg(v):
@@ -91,7 +100,7 @@ def _zero_like_arg(v):
 
 
 def _coef(v, k):
-    return cs(v)[k] if is_t(v) else None
+    return coeffs(v)[k] if is_taylor(v) else None
 
 
 def affine(*slots: int) -> Callable:
@@ -101,12 +110,12 @@ def affine(*slots: int) -> Callable:
     def rule(func, args, kwargs):
         args = list(args)
         rest = [a for i, a in enumerate(args) if i not in slots]
-        _need_const(func, rest, kwargs)
+        need_constant(func, rest, kwargs)
         base = list(args)
         for i in slots:
             if i < len(args):
                 v = args[i]
-                base[i] = [cs(u)[0] for u in v] if isinstance(v, (list, tuple)) else cs(v)[0]
+                base[i] = [coeffs(u)[0] for u in v] if isinstance(v, (list, tuple)) else coeffs(v)[0]
         outs = [func(*base, **kwargs)]
         for k in (1, 2):
             a = list(base)
@@ -127,7 +136,7 @@ def affine(*slots: int) -> Callable:
                     present |= ck is not None
                     a[i] = ck if ck is not None else _zero_like_arg(base[i])
             outs.append(func(*a, **kwargs) if present else None)
-        return _wrap_out(*outs)
+        return wrap_outputs(*outs)
 
     return rule
 
@@ -149,12 +158,12 @@ register(aten.scatter.value)(affine(0, 3))
 @register(aten.copy)
 def _copy(func, args, kwargs):  # copy(self, src): self only supplies shape, dtype and layout
     self, src = args[0], args[1]
-    c0 = cs(self)[0]
+    c0 = coeffs(self)[0]
     return affine(1)(func, (c0, src, *args[2:]), kwargs)
 register(prims.where)(affine(1, 2))
 
 
-def _fit(t: Tensor, ref: Tensor) -> Tensor:
+def fit_to(t: Tensor, ref: Tensor) -> Tensor:
     if t.dtype != ref.dtype:
         t = t.to(ref.dtype)
     if t.shape != ref.shape:
@@ -169,16 +178,16 @@ def _add_like(a, b, alpha, o0, src_a, src_b):
         if ak is not None and bk is not None:
             out.append(torch.add(ak, bk, alpha=alpha) if alpha != 1 else torch.add(ak, bk))
         elif ak is not None:
-            out.append(_fit(ak, o0))
+            out.append(fit_to(ak, o0))
             mark_shared(src_a)
         elif bk is not None:
-            out.append(_fit(bk * alpha, o0) if alpha != 1 else _fit(bk, o0))
+            out.append(fit_to(bk * alpha, o0) if alpha != 1 else fit_to(bk, o0))
             if alpha == 1:
                 mark_shared(src_b)
         else:
             out.append(None)
-    r = make(o0, out[0], out[1])
-    if is_t(r):
+    r = from_coeffs(o0, out[0], out[1])
+    if is_taylor(r):
         r.shared = True
     return r
 
@@ -187,7 +196,7 @@ def _add_like(a, b, alpha, o0, src_a, src_b):
 def _add(func, args, kwargs):
     a, b = args[0], args[1]
     alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
-    o0 = func(cs(a)[0], cs(b)[0], alpha=alpha)
+    o0 = func(coeffs(a)[0], coeffs(b)[0], alpha=alpha)
     if func is aten.sub.Tensor:
         alpha = -alpha
     elif func is aten.rsub.Tensor:  # b - alpha*a
@@ -198,8 +207,8 @@ def _add(func, args, kwargs):
 @register(aten.add.Scalar, aten.sub.Scalar)
 def _add_scalar(func, args, kwargs):
     x = args[0]
-    r = make(func(x.c0, *args[1:], **kwargs), x.c1, x.c2)
-    if is_t(r):
+    r = from_coeffs(func(x.c0, *args[1:], **kwargs), x.c1, x.c2)
+    if is_taylor(r):
         r.shared = True
         mark_shared(x)
     return r
@@ -210,30 +219,4 @@ def _rsub_scalar(func, args, kwargs):
     x = args[0]
     alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
     o0 = func(x.c0, *args[1:], **kwargs)
-    return make(o0, None if x.c1 is None else x.c1 * -alpha, None if x.c2 is None else x.c2 * -alpha)
-
-
-
-
-def _view_rule(func, args, kwargs):
-    x = args[0]
-    if not is_t(x):
-        return _lin(func, args, kwargs)
-    if x.root is None:  # x becomes (or is) a root: its coefficients must be laid out like c0
-        if x.c1 is not None:
-            x.c1 = _dense_like(x.c1, x.c0)
-        if x.c2 is not None:
-            x.c2 = _dense_like(x.c2, x.c0)
-    out = _lin(func, args, kwargs)
-    root = root_of(x)
-    if root.views is None:
-        root.views = []
-    elif len(root.views) > 256:
-        root.views = [r for r in root.views if r() is not None]
-    single = isinstance(out, Tensor)
-    for i, o in enumerate((out,) if single else out):
-        if is_t(o):
-            o.root = root
-            o.chain = x.chain + ((func, args[1:], kwargs, None if single else i),)
-            root.views.append(weakref.ref(o))
-    return out
+    return from_coeffs(o0, None if x.c1 is None else x.c1 * -alpha, None if x.c2 is None else x.c2 * -alpha)

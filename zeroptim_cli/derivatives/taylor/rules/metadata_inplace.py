@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from zeroptim_cli.derivatives.taylor._core import RULES, TaylorUnsupported, is_t
-from zeroptim_cli.derivatives.taylor.rules.registry import _need_const
+from zeroptim_cli.derivatives.taylor._core import RULES, TaylorUnsupported, is_taylor
+from zeroptim_cli.derivatives.taylor.rules.registry import need_constant
 
 aten = torch.ops.aten
 
@@ -18,8 +18,8 @@ def _meta_inplace(functional):
 
     def rule(func, args, kwargs):
         x, rest = args[0], args[1:]
-        _need_const(func, rest, kwargs)
-        if not is_t(x):
+        need_constant(func, rest, kwargs)
+        if not is_taylor(x):
             return func(x, *rest, **kwargs)
         if x.views and any(r() is not None for r in x.views):
             raise TaylorUnsupported(f"{func}: in-place metadata change of a tensor that has live views")

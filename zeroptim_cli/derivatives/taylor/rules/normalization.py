@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.taylor._core import _constant, cs, make
-from zeroptim_cli.derivatives.taylor.rules.linear import _fit
-from zeroptim_cli.derivatives.taylor.rules.registry import _need_const, register
+from zeroptim_cli.derivatives.taylor._core import _constant, coeffs, from_coeffs
+from zeroptim_cli.derivatives.taylor.rules.linear import fit_to
+from zeroptim_cli.derivatives.taylor.rules.registry import need_constant, register
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -71,7 +71,7 @@ def _affine_out(o0: Tensor, Y, Wt, Bt, shape):
     outs = [o0, o1, o2]
     for k in (1, 2):
         if Bv is not None and Bv[k] is not None:
-            outs[k] = _fit(Bv[k], o0).clone() if outs[k] is None else outs[k].add_(Bv[k])
+            outs[k] = fit_to(Bv[k], o0).clone() if outs[k] is None else outs[k].add_(Bv[k])
         if outs[k] is not None and outs[k].dtype != o0.dtype:
             outs[k] = outs[k].to(o0.dtype)
     return outs
@@ -80,36 +80,36 @@ def _affine_out(o0: Tensor, Y, Wt, Bt, shape):
 @register(aten.native_layer_norm)
 def _layer_norm(func, args, kwargs):
     x, shape, w, b, eps = args
-    _need_const(func, (shape, eps), kwargs)
-    o0, mean0, rstd0 = func(cs(x)[0], shape, cs(w)[0], cs(b)[0], eps)
-    x0, x1, x2 = cs(x)
+    need_constant(func, (shape, eps), kwargs)
+    o0, mean0, rstd0 = func(coeffs(x)[0], shape, coeffs(w)[0], coeffs(b)[0], eps)
+    x0, x1, x2 = coeffs(x)
     dims = list(range(x0.dim() - len(shape), x0.dim()))
     Y, (r1, r2), (m1, m2) = _normalize(x0, x1, x2, dims, mean0, rstd0)
-    outs = _affine_out(o0, Y, cs(w) if w is not None else None, cs(b) if b is not None else None, list(shape))
-    return make(*outs), make(mean0, m1, m2), make(rstd0, r1, r2)
+    outs = _affine_out(o0, Y, coeffs(w) if w is not None else None, coeffs(b) if b is not None else None, list(shape))
+    return from_coeffs(*outs), from_coeffs(mean0, m1, m2), from_coeffs(rstd0, r1, r2)
 
 
 @register(aten.native_group_norm)
 def _group_norm(func, args, kwargs):
     x, w, b, N, C, HxW, G, eps = args
-    x0, x1, x2 = cs(x)
-    o0, mean0, rstd0 = func(x0, cs(w)[0], cs(b)[0], N, C, HxW, G, eps)
+    x0, x1, x2 = coeffs(x)
+    o0, mean0, rstd0 = func(x0, coeffs(w)[0], coeffs(b)[0], N, C, HxW, G, eps)
     g = [None if t is None else t.reshape(N, G, -1) for t in (x0, x1, x2)]
     Y, (r1, r2), (m1, m2) = _normalize(g[0], g[1], g[2], [2], mean0.view(N, G, 1), rstd0.view(N, G, 1))
     Y = [None if t is None else t.view(x0.shape) for t in Y]
     m1, m2 = (None if m is None else m.view(N, G) for m in (m1, m2))
     shape = [1, C] + [1] * (x0.dim() - 2)
-    outs = _affine_out(o0, Y, cs(w) if w is not None else None, cs(b) if b is not None else None, shape)
-    return (make(*outs), make(mean0, m1, m2),
-            make(rstd0, *(None if r is None else r.view(N, G) for r in (r1, r2))))
+    outs = _affine_out(o0, Y, coeffs(w) if w is not None else None, coeffs(b) if b is not None else None, shape)
+    return (from_coeffs(*outs), from_coeffs(mean0, m1, m2),
+            from_coeffs(rstd0, *(None if r is None else r.view(N, G) for r in (r1, r2))))
 
 
 def _bn_core(x, w, b, rm, rv, training, momentum, eps, call):
     """Shared by the batch-norm overloads. ``call(x0, w0, b0)`` runs the op itself (so f(w) and the running
     statistics update are torch's own); returns (out, save_mean, save_invstd)."""
-    _need_const("batch_norm", (rm, rv), {})
-    x0, x1, x2 = cs(x)
-    res = call(x0, cs(w)[0], cs(b)[0])
+    need_constant("batch_norm", (rm, rv), {})
+    x0, x1, x2 = coeffs(x)
+    res = call(x0, coeffs(w)[0], coeffs(b)[0])
     o0 = res[0]
     C = x0.shape[1]
     shape = [1, C] + [1] * (x0.dim() - 2)
@@ -118,13 +118,13 @@ def _bn_core(x, w, b, rm, rv, training, momentum, eps, call):
         sm, sr = res[1], res[2]
         Y, (r1, r2), (m1, m2) = _normalize(x0, x1, x2, dims, sm.view(shape), sr.view(shape))
         m1, m2 = (None if m is None else m.view(C) for m in (m1, m2))
-        extra = [make(sm, m1, m2), make(sr, *(None if r is None else r.view(C) for r in (r1, r2)))]
+        extra = [from_coeffs(sm, m1, m2), from_coeffs(sr, *(None if r is None else r.view(C) for r in (r1, r2)))]
     else:
         rinv = torch.rsqrt(rv + eps).view(shape)
         Y = [(x0 - rm.view(shape)) * rinv, None if x1 is None else x1 * rinv, None if x2 is None else x2 * rinv]
         extra = [res[1], res[2]]
-    outs = _affine_out(o0, Y, cs(w) if w is not None else None, cs(b) if b is not None else None, shape)
-    return (make(*outs), *extra, *res[3:])
+    outs = _affine_out(o0, Y, coeffs(w) if w is not None else None, coeffs(b) if b is not None else None, shape)
+    return (from_coeffs(*outs), *extra, *res[3:])
 
 
 @register(aten._native_batch_norm_legit_no_training)
@@ -168,7 +168,7 @@ def _bn_no_update(func, args, kwargs):
 
 
 def _var_coeffs(x, dims, correction, keepdim, v0):
-    x0, x1, x2 = cs(x)
+    x0, x1, x2 = coeffs(x)
     n = 1
     for d in dims:
         n *= x0.shape[d]
@@ -181,7 +181,7 @@ def _var_coeffs(x, dims, correction, keepdim, v0):
     if xc1 is not None:
         t = (xc1 * xc1).sum(dims, keepdim=keepdim) / denom
         v2 = t if v2 is None else v2 + t
-    return make(v0, v1, v2)
+    return from_coeffs(v0, v1, v2)
 
 
 def _var_args(x0, args, kwargs):
@@ -206,7 +206,7 @@ def _var_mean(func, args, kwargs):
     x = args[0]
     dims, corr, keepdim = _var_args(x.c0, args, kwargs)
     v0, m0 = func(x.c0, *args[1:], **kwargs)
-    m = make(m0, *(None if xk is None else xk.mean(dims, keepdim=keepdim) for xk in (x.c1, x.c2)))
+    m = from_coeffs(m0, *(None if xk is None else xk.mean(dims, keepdim=keepdim) for xk in (x.c1, x.c2)))
     return _var_coeffs(x, dims, corr, keepdim, v0), m
 
 
@@ -242,10 +242,10 @@ def _atan2(func, args, kwargs):
     """atan2(y, x) = u0 + atan(z), z = (x0·y − y0·x)/(x0·x + y0·y): the angle from (x0, y0), exact for any
     quadrant; z0 = 0 so atan(z) = z to second order."""
     y, x = args
-    y0, x0 = cs(y)[0], cs(x)[0]
+    y0, x0 = coeffs(y)[0], coeffs(x)[0]
     u0 = func(y0, x0)
     z = (x0 * y - y0 * x) / (x0 * x + y0 * y)
-    return make(u0, *cs(z)[1:])
+    return from_coeffs(u0, *coeffs(z)[1:])
 
 
 @register(aten.angle)
@@ -254,11 +254,11 @@ def _angle(func, args, kwargs):
     z = args[0]
     if not z.is_complex():
         return _constant(func, args, kwargs)
-    return make(func(z.c0), *cs(torch.atan2(z.imag, z.real))[1:])
+    return from_coeffs(func(z.c0), *coeffs(torch.atan2(z.imag, z.real))[1:])
 
 
 @register(aten.hypot, prims.hypot)
 def _hypot(func, args, kwargs):
     a, b = args
     r = torch.sqrt(a * a + b * b)
-    return make(func(cs(a)[0], cs(b)[0]), *cs(r)[1:])
+    return from_coeffs(func(coeffs(a)[0], coeffs(b)[0]), *coeffs(r)[1:])

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.taylor._core import TaylorUnsupported, cs, make
+from zeroptim_cli.derivatives.taylor._core import TaylorUnsupported, coeffs, from_coeffs
 from zeroptim_cli.derivatives.taylor.rules.linear import affine
-from zeroptim_cli.derivatives.taylor.rules.registry import _arg, _need_const, register
+from zeroptim_cli.derivatives.taylor.rules.registry import arg_value, need_constant, register
 
 aten = torch.ops.aten
 
@@ -17,14 +17,14 @@ aten = torch.ops.aten
 def _select_by_index(x: Any, idx: Tensor, dim: int, keepdim: bool, o0: Tensor):
     outs = [o0]
     for k in (1, 2):
-        xk = cs(x)[k]
+        xk = coeffs(x)[k]
         if xk is None:
             outs.append(None)
             continue
         ik = idx if keepdim or xk.dim() == 0 else idx.unsqueeze(dim)
         r = xk.gather(dim, ik) if xk.dim() else xk.clone()
         outs.append(r if keepdim or xk.dim() == 0 else r.squeeze(dim))
-    return make(*outs)
+    return from_coeffs(*outs)
 
 
 @register(aten.max.dim, aten.min.dim)
@@ -39,10 +39,10 @@ def _max_dim(func, args, kwargs):
           aten.cummin)
 def _sort_like(func, args, kwargs):
     x = args[0]
-    _need_const(func, args[1:], kwargs)
+    need_constant(func, args[1:], kwargs)
     v0, idx = func(x.c0, *args[1:], **kwargs)
-    dim = _arg(func, args, kwargs, "dim", -1)
-    keepdim = _arg(func, args, kwargs, "keepdim", True)  # sort/topk/cummax keep every dim
+    dim = arg_value(func, args, kwargs, "dim", -1)
+    keepdim = arg_value(func, args, kwargs, "keepdim", True)  # sort/topk/cummax keep every dim
     if keepdim is None:
         keepdim = True
     return _select_by_index(x, idx, dim, keepdim, v0), idx
@@ -56,14 +56,14 @@ def _even_ties(func, x, o0, dims, keepdim):
     m = m / m.sum(dims, keepdim=True) if dims else m / m.sum()
     outs = [o0]
     for k in (1, 2):
-        xk = cs(x)[k]
+        xk = coeffs(x)[k]
         if xk is None:
             outs.append(None)
         elif dims:
             outs.append((xk * m).sum(dims, keepdim=keepdim))
         else:
             outs.append((xk * m).sum())
-    return make(*outs)
+    return from_coeffs(*outs)
 
 
 @register(aten.amax, aten.amin)
@@ -86,16 +86,16 @@ def _max_all(func, args, kwargs):
 def _pool_with_indices(nd: int):
     def rule(func, args, kwargs):
         x = args[0]
-        _need_const(func, args[1:], kwargs)
+        need_constant(func, args[1:], kwargs)
         o0, idx = func(x.c0, *args[1:], **kwargs)
         outs = [o0]
         for k in (1, 2):
-            xk = cs(x)[k]
+            xk = coeffs(x)[k]
             if xk is None:
                 outs.append(None)
             else:
                 outs.append(xk.flatten(-nd).gather(-1, idx.flatten(-nd)).view_as(o0))
-        return make(*outs), idx
+        return from_coeffs(*outs), idx
     return rule
 
 
@@ -112,7 +112,7 @@ def _unique(func, args, kwargs):
     its coefficients are the input's copied through the inverse index (equal entries are a non-smooth point)."""
     x = args[0]
     name = func._schema.name
-    dim = _arg(func, args, kwargs, "dim") if name != "aten::_unique2" else None
+    dim = arg_value(func, args, kwargs, "dim") if name != "aten::_unique2" else None
     params = func._schema.arguments
     full = [x.c0] + [kwargs.get(a.name, args[i] if i < len(args) else a.default_value) for i, a in
                      enumerate(params) if i > 0]
@@ -127,7 +127,7 @@ def _unique(func, args, kwargs):
             outs.append(torch.zeros_like(vals).index_copy_(0, inv.reshape(-1), xk.reshape(-1)))
         else:
             outs.append(torch.zeros_like(vals).index_copy_(dim, inv, xk))
-    return make(user[0], *outs), user[1], user[2]
+    return from_coeffs(user[0], *outs), user[1], user[2]
 
 
 @register(aten.median.default, aten.nanmedian.default)
@@ -142,13 +142,13 @@ def _scatter_reduce(func, args, kwargs):
     """scatter_reduce: sum and mean are jointly linear in (self, src); amax/amin take each coefficient at the
     entries equal to the result at α = 0, ties split evenly (autograd's rule); prod is refused."""
     self, dim, index, src, reduce = args[:5]
-    include_self = _arg(func, args, kwargs, "include_self", True)
+    include_self = arg_value(func, args, kwargs, "include_self", True)
     if reduce in ("sum", "mean"):
         return affine(0, 3)(func, args, kwargs)
     if reduce not in ("amax", "amin"):
         raise TaylorUnsupported(f"{func}: reduce={reduce!r} has no Taylor rule")
-    _need_const(func, (dim, index, reduce), kwargs)
-    S, R = cs(self), cs(src)
+    need_constant(func, (dim, index, reduce), kwargs)
+    S, R = coeffs(self), coeffs(src)
     o0 = func(S[0], dim, index, R[0], reduce, **kwargs)
     ms = (R[0] == o0.gather(dim, index)).to(o0.dtype)
     mself = S[0] == o0
@@ -165,7 +165,7 @@ def _scatter_reduce(func, args, kwargs):
         if R[k] is not None:
             t = t.scatter_add(dim, index, R[k] * ms)
         outs.append(t / count)
-    return make(o0, *outs)
+    return from_coeffs(o0, *outs)
 
 
 @register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.taylor._core import make
+from zeroptim_cli.derivatives.taylor._core import from_coeffs
 from zeroptim_cli.derivatives.taylor.rules.registry import register
 
 aten = torch.ops.aten
@@ -54,7 +54,7 @@ def _softmax(func, args, kwargs):
         else:
             s2 = torch.addcmul(-m, l1, l1, value=0.5)
         s2.mul_(sd)
-    return make(s, *(None if t is None else t.to(s.dtype) for t in (s1, s2)))
+    return from_coeffs(s, *(None if t is None else t.to(s.dtype) for t in (s1, s2)))
 
 
 @register(aten._log_softmax)
@@ -64,7 +64,7 @@ def _log_softmax(func, args, kwargs):
     o0 = func(x.c0, *args[1:], **kwargs)
     s = torch.exp(o0 if o0.dtype == x.c0.dtype else o0.to(x.c0.dtype))
     l1, l2 = _log_softmax_coeffs(s, x.c1, x.c2, dim)
-    return make(o0, *(None if t is None else t.to(o0.dtype) for t in (l1, l2)))
+    return from_coeffs(o0, *(None if t is None else t.to(o0.dtype) for t in (l1, l2)))
 
 
 @register(aten.logsumexp)
@@ -85,4 +85,4 @@ def _logsumexp(func, args, kwargs):
         m2 = v if m2 is None else m2 + v
     for m in (m1, m2):
         outs.append(None if m is None else (m if keepdim else m.squeeze(dim) if dim else m))
-    return make(*outs)
+    return from_coeffs(*outs)
