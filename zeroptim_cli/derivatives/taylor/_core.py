@@ -5,6 +5,13 @@ carries the truncated polynomial x(α) = c0 + c1·α + c2·α² (``None`` for a 
 that receives one lands in ``TaylorTensor.__torch_dispatch__`` and is sent to exactly one of: a rule in
 ``RULES``, an in-place wrapper around the functional rule, a decomposition (torch's table or the op's own
 CompositeImplicit kernel) whose pieces dispatch here again, or ``TaylorUnsupported``.
+
+The view-family fields every Taylor tensor carries (``root``, ``chain``, ``views``, ``shared``) are described in
+``views.py``.
+
+Private torch APIs used here: ``Tensor._make_wrapper_subclass`` (a tensor with metadata and no storage of its
+own), ``torch._C._disabled_torch_function_impl`` (no ``__torch_function__`` layer), ``torch._C._is_fwd_grad_enabled``
+(to detect a custom ``autograd.Function`` forward) and ``torch._C._set_grad_enabled``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class TaylorTensor(Tensor):
 
     @staticmethod
     def __new__(cls, c0: Tensor, c1: Tensor | None, c2: Tensor | None):
+        """A wrapper with c0's metadata around the coefficients (c0, c1, c2); no view family yet."""
         r = Tensor._make_wrapper_subclass(cls, c0.size(), strides=c0.stride(), storage_offset=c0.storage_offset(),
                                           dtype=c0.dtype, device=c0.device, requires_grad=False)
         r.c0, r.c1, r.c2 = c0, c1, c2
@@ -60,6 +68,8 @@ class TaylorTensor(Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        """Send an op on Taylor tensors to its rule (``RULES``, else ``engine.resolve``), with grad mode off
+        while the rule runs; refuse inside a custom autograd.Function forward; a no_grad block gives constants."""
         kwargs = kwargs or {}
         st = STATE
         if st.depth == 0:
@@ -85,22 +95,26 @@ class TaylorTensor(Tensor):
 
 
 def is_taylor(x: Any) -> bool:
+    """Whether x is a Taylor tensor (exact type: rules never see subclasses of it)."""
     return type(x) is TaylorTensor
 
 
 def coeffs(x: Any) -> tuple[Any, Tensor | None, Tensor | None]:
+    """(c0, c1, c2) of x; a plain value is (x, None, None)."""
     if type(x) is TaylorTensor:
         return x.c0, x.c1, x.c2
     return x, None, None
 
 
 def from_coeffs(c0: Tensor, c1: Tensor | None, c2: Tensor | None) -> Tensor:
+    """The tensor with coefficients (c0, c1, c2): plain c0 where c1 = c2 = 0 (None), else a Taylor tensor."""
     if c1 is None and c2 is None:
         return c0
     return TaylorTensor(c0, c1, c2)
 
 
 def _values_at_zero(a: Any) -> Any:
+    """a with every Taylor tensor replaced by its c0 (through lists and tuples)."""
     if type(a) is TaylorTensor:
         return a.c0
     if isinstance(a, (list, tuple)):

@@ -11,6 +11,10 @@ Resolution of an op without a rule of its own (done once per op overload, then c
    tensors, its pieces dispatch to their own rules;
 4. the op's own CompositeImplicitAutograd kernel (``OpOverload.decompose``);
 5. otherwise ``TaylorUnsupported`` naming the op.
+
+Private torch APIs used here: ``OpOverload._schema`` and ``._overloadname`` (alias information and the functional
+overload of an in-place op), ``torch._decomp.decomposition_table`` and ``torch._C._dispatch_has_kernel_for_dispatch_key``
+(whether an op has a CompositeImplicitAutograd kernel).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = ["taylor2", "resolve", "TaylorUnsupported"]
 
 
 def _refuse(why: str) -> Callable:
+    """A rule that raises ``TaylorUnsupported`` naming the op and ``why``."""
     def rule(func, args, kwargs):
         raise TaylorUnsupported(f"{func}: {why}")
     return rule
@@ -44,6 +49,8 @@ def _own(r: Tensor, like: Tensor) -> Tensor:
 
 
 def _inplace(functional) -> Callable:
+    """The rule of an in-place ``op_`` from the functional ``op``'s: r = op(self, …), then r's coefficients
+    written into self (into the whole view family where self is in one: ``views.prepare_family``)."""
     def rule(func, args, kwargs):
         self = args[0]
         if not is_taylor(self):
@@ -74,6 +81,8 @@ _ACTIVE = _Active()
 
 
 def _decomposed(func, decomp: Callable, how: str) -> Callable:
+    """A rule that runs ``decomp`` (a decomposition or CompositeImplicit kernel, named by ``how``) on the
+    Taylor tensors, refusing where it calls the same op again or does not apply."""
     def rule(f, args, kwargs):
         if func in _ACTIVE.ops:
             raise TaylorUnsupported(f"{func}: its {how} calls itself again")
@@ -89,6 +98,7 @@ def _decomposed(func, decomp: Callable, how: str) -> Callable:
 
 
 def resolve(func) -> Callable:
+    """The rule of an op that has none registered (steps 1–5 of this module's docstring), cached in ``RULES``."""
     rule = RULES.get(func)
     if rule is not None:
         return rule

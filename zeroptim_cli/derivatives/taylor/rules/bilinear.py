@@ -1,4 +1,8 @@
-"""Bilinear ops: products (mul, matmuls, convolution) as Cauchy products, and division."""
+"""Bilinear ops: products (mul, matmuls, convolution) as Cauchy products, and division.
+
+For f bilinear, f(a, b)_k = Σ_{i+j=k} f(a_i, b_j): f(a, b)₁ = f(a₁, b₀) + f(a₀, b₁), f(a, b)₂ = f(a₂, b₀) + f(a₁, b₁)
++ f(a₀, b₂) (``bilinear``, zero terms skipped). Division solves a = q·b order by order.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ def bilinear(f: Callable, A: Sequence, B: Sequence, acc: Callable | None = None,
 
 @register(aten.mul.Tensor, aten.mul.Scalar)
 def _mul(func, args, kwargs):
+    """mul: (a·b)₁ = a₁b₀ + a₀b₁, (a·b)₂ = a₂b₀ + a₁b₁ + a₀b₂ (linear when one side is constant)."""
     a, b = args[0], args[1]
     if not is_taylor(b):
         return linear_rule(func, args, kwargs)
@@ -45,11 +50,13 @@ def _mul(func, args, kwargs):
 
 @register(aten.mm)
 def _mm(func, args, kwargs):
+    """mm: (AB)₁ = A₁B₀ + A₀B₁, (AB)₂ = A₂B₀ + A₁B₁ + A₀B₂ (``bilinear``, accumulated with addmm_)."""
     return from_coeffs(*bilinear(torch.mm, coeffs(args[0]), coeffs(args[1]), acc=lambda r, x, y: r.addmm_(x, y)))
 
 
 @register(aten.bmm)
 def _bmm(func, args, kwargs):
+    """bmm: (AB)_k = Σ_{i+j=k} A_i B_j per batch (``bilinear``, accumulated with baddbmm_)."""
     return from_coeffs(*bilinear(torch.bmm, coeffs(args[0]), coeffs(args[1]), acc=lambda r, x, y: r.baddbmm_(x, y)))
 
 
@@ -74,10 +81,13 @@ def _trilinear(func, args, kwargs):
 
 @register(aten.mv, aten.dot, aten.vdot, aten.outer, aten.ger, aten.kron, aten._int_mm)
 def _bilinear_op(func, args, kwargs):
+    """mv, dot, vdot, outer, ger, kron, _int_mm: f(a, b)_k = Σ_{i+j=k} f(a_i, b_j) (``bilinear``)."""
     return from_coeffs(*bilinear(lambda x, y: func(x, y, **kwargs), coeffs(args[0]), coeffs(args[1])))
 
 
 def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
+    """The rule of addmm / baddbmm, β·C + α·A B: out_k = β·C_k + α·Σ_{i+j=k} A_i B_j, each order one addmm call
+    with the first product and accumulated in place (``mm_acc``) for the others."""
     def rule(func, args, kwargs):
         bias, m1, m2 = args[:3]
         beta = kwargs.get("beta", 1)
@@ -111,6 +121,8 @@ register(aten.baddbmm)(_addmm_like(torch.bmm, "baddbmm_", torch.baddbmm))
 
 @register(aten.convolution)
 def _conv(func, args, kwargs):
+    """convolution(x, w, b): conv_k = Σ_{i+j=k} conv(x_i, w_j) + b_k broadcast over the channel dim (bilinear in
+    (x, w), linear in b)."""
     x, w, b = args[:3]
     rest = args[3:]
     need_constant(func, rest, kwargs)
@@ -139,7 +151,7 @@ def _div(func, args, kwargs):
     A, Bc = coeffs(a), coeffs(b)
     b0 = Bc[0]
     q = [torch.div(A[0], b0)]
-    for k in (1, 2):  # a = q·b  ⇒  q_k = (a_k − Σ_{j≥1} q_{k−j} b_j) / b0
+    for k in (1, 2):
         num = A[k]
         for j in range(1, k + 1):
             if Bc[j] is not None and q[k - j] is not None:
@@ -150,6 +162,7 @@ def _div(func, args, kwargs):
 
 
 def _rounds(func, args, kwargs) -> bool:
+    """Whether div is called with a rounding_mode (floor or trunc: piecewise constant)."""
     return kwargs.get("rounding_mode", args[2] if len(args) > 2 else None) is not None
 
 

@@ -1,4 +1,12 @@
-"""Elementwise ops: smooth, piecewise-linear and other elementwise functions."""
+"""Elementwise ops: smooth, piecewise-linear and other elementwise functions.
+
+A smooth u = h(x): u1 = h'(x0)·x1, u2 = h'(x0)·x2 + ½h''(x0)·x1² (``smooth``, one ``deriv`` per op giving h' and
+½h''); a piecewise-linear one multiplies every coefficient by its slope (``piecewise_linear``). Products along a dim
+(cumprod, prod) are scans of truncated-series products; two-argument functions (atan2, hypot, fmod) are written
+with the other rules.
+
+Private torch API used here: ``OpOverload._schema`` (the name of the op, to tell fmod from remainder).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.taylor._core import RULES, coeffs, from_coeffs, is_taylor
+from zeroptim_cli.derivatives.taylor._core import RULES, _constant, coeffs, from_coeffs, is_taylor
 from zeroptim_cli.derivatives.taylor.rules.registry import arg_value, need_constant, register
 
 aten = torch.ops.aten
@@ -17,7 +25,8 @@ prims = torch.ops.prims
 
 def smooth(deriv: Callable) -> Callable:
     """u = h(x) elementwise: u1 = h'·x1, u2 = h'·x2 + ½h''·x1². ``deriv(x0, u0, second, *args)`` returns
-    (h'(x0), ½h''(x0) or None); it is asked for the second only when x1 ≠ 0."""
+    (h'(x0), ½h''(x0) or None); it is asked for the second only when x1 ≠ 0. (The ``_d_`` functions below give
+    h' and h'' in their docstrings and return (h', ½h'').)"""
 
     def rule(func, args, kwargs):
         x, rest = args[0], args[1:]
@@ -58,6 +67,9 @@ _C_TANH = 0.044715
 
 
 def _d_gelu(x, u, second, approximate="none"):
+    """gelu: h = xΦ(x): h' = Φ + xφ, h'' = φ(2 − x²) (φ, Φ: the normal density and distribution); tanh
+    approximation h = ½x(1 + t), t = tanh(v), v = k(x + cx³): h' = ½(1 + t) + ½x(1 − t²)v',
+    h'' = (1 − t²)(v' − x t v'² + ½x v'')."""
     if approximate == "tanh":
         x2 = x * x
         inner = _K_TANH * (x + _C_TANH * x2 * x)
@@ -80,12 +92,15 @@ def _d_gelu(x, u, second, approximate="none"):
 
 
 def _d_silu(x, u, second):
+    """silu: h = xσ(x): h' = σ(1 + x(1 − σ)), h'' = σ(1 − σ)(2 + x(1 − 2σ))."""
     s = torch.sigmoid(x)
     d1 = s * (1 + x * (1 - s))
     return d1, (None if not second else 0.5 * s * (1 - s) * (2 + x * (1 - 2 * s)))
 
 
 def _d_softplus(x, u, second, beta=1, threshold=20):
+    """softplus: h = log(1 + e^{βx})/β: h' = σ(βx), h'' = βσ(1 − σ); h' = 1, h'' = 0 where βx > threshold
+    (torch's linear branch)."""
     z = x * beta
     s = torch.sigmoid(z)
     lin = z > threshold
@@ -94,6 +109,7 @@ def _d_softplus(x, u, second, beta=1, threshold=20):
 
 
 def _d_pow_scalar(x, u, second, p):
+    """x^p for a number p: h' = p x^{p−1}, h'' = p(p − 1) x^{p−2} (x²: h' = 2x, h'' = 2)."""
     if p == 2:
         return 2 * x, 1
     d1 = p * torch.pow(x, p - 1)
@@ -101,11 +117,14 @@ def _d_pow_scalar(x, u, second, p):
 
 
 def _d_hardswish(x, u, second):
+    """hardswish: h = x·relu6(x + 3)/6: h' = 0, x/3 + ½, 1 below −3, on [−3, 3], above 3; h'' = 1/3 on (−3, 3)."""
     d1 = torch.where(x < -3, 0.0, torch.where(x <= 3, x / 3 + 0.5, 1.0))
     return d1, (None if not second else ((x > -3) & (x < 3)).to(x.dtype) / 6)
 
 
 def _d_elu(x, u, second, alpha=1, scale=1, input_scale=1):
+    """elu (scale s, input scale i): h = s·x for x > 0, s·α(e^{ix} − 1) else: h' = s or sαi e^{ix},
+    h'' = 0 or sαi² e^{ix}."""
     e = scale * alpha * input_scale * torch.exp(x * input_scale)
     pos = x > 0
     d1 = torch.where(pos, float(scale), e)
@@ -193,6 +212,7 @@ def _d_i0(x, u, second):
     return i1, 0.5 * torch.where(zero, 0.5, u - i1 / torch.where(zero, 1.0, x))
 
 
+# op → deriv(x, u, second) = (h'(x), ½h''(x)) with u = h(x) (``smooth``); each one-line entry is its formula.
 SMOOTH = {
     aten.exp: lambda x, u, s: (u, 0.5 * u),
     aten.log: lambda x, u, s: (1 / x, -0.5 / (x * x) if s else None),
@@ -321,6 +341,8 @@ def _logcumsumexp(func, args, kwargs):
 
 @register(aten.pow.Tensor_Tensor)
 def _pow_tt(func, args, kwargs):
+    """pow(b, e), tensor exponent: e constant: x^e as ``_d_pow_scalar`` elementwise; e α-dependent:
+    exp(e·log b), through the exp, log and mul rules."""
     base, ex = args
     if not is_taylor(ex):
         return smooth(lambda x, u, s, p: (p * torch.pow(x, p - 1), 0.5 * p * (p - 1) * torch.pow(x, p - 2)))(
@@ -330,6 +352,7 @@ def _pow_tt(func, args, kwargs):
 
 @register(aten.pow.Scalar)
 def _pow_scalar_base(func, args, kwargs):
+    """c^x for a number c: h' = u log c, h'' = u log² c (u = c^x)."""
     base, x = args
     L = math.log(base)
     return smooth(lambda x0, u, s: (u * L, 0.5 * u * L * L))(lambda t: func(base, t), (x,), {})
@@ -337,6 +360,7 @@ def _pow_scalar_base(func, args, kwargs):
 
 @register(aten.log_sigmoid_forward)
 def _log_sigmoid(func, args, kwargs):
+    """log_sigmoid: h = log σ(x): h' = 1 − σ, h'' = −σ(1 − σ); u1 = h'x1, u2 = h'x2 + ½h''x1²."""
     x0, x1, x2 = coeffs(args[0])
     out0, buf = func(x0)
     s = torch.sigmoid(x0)
@@ -349,6 +373,7 @@ def _log_sigmoid(func, args, kwargs):
 
 
 def _mask_between(x, lo=None, hi=None, strict=False):
+    """The mask lo ≤ x ≤ hi (strict: lo < x < hi); a missing bound is no bound."""
     m = None
     if lo is not None:
         m = (x > lo) if strict else (x >= lo)
@@ -358,10 +383,19 @@ def _mask_between(x, lo=None, hi=None, strict=False):
     return m if m is not None else torch.ones_like(x, dtype=torch.bool)
 
 
+# piecewise linear: each entry is its slope h'(x0) (relu' = 0 at 0, clamp's mask inclusive: autograd's conventions)
 register(aten.relu)(piecewise_linear(lambda x: x > 0))
 register(aten.leaky_relu)(piecewise_linear(
     lambda x, slope=0.01: torch.where(x > 0, torch.ones((), dtype=x.dtype), torch.full((), float(slope), dtype=x.dtype))))
 register(aten.hardtanh)(piecewise_linear(lambda x, lo=-1, hi=1: _mask_between(x, lo, hi, strict=True)))
+register(aten.threshold)(piecewise_linear(lambda x, th, value: x > th))
+register(aten.hardsigmoid)(piecewise_linear(lambda x: _mask_between(x, -3, 3, strict=True).to(x.dtype) / 6))
+register(aten.clamp.default)(piecewise_linear(lambda x, min=None, max=None: _mask_between(x, min, max)))
+register(aten.clamp_min.default)(piecewise_linear(lambda x, min: x >= min))
+register(aten.clamp_max.default)(piecewise_linear(lambda x, max: x <= max))
+_abs_real = piecewise_linear(lambda x: torch.sgn(x))
+
+
 def _rrelu(func, args, kwargs):
     """rrelu_with_noise: training: slope = the noise it draws (1 where x0 ≥ 0); eval: leaky_relu with slope
     (lower + upper)/2, read off the op at −1 (torch rounds it to float32)."""
@@ -379,9 +413,6 @@ def _rrelu(func, args, kwargs):
 
 
 RULES[aten.rrelu_with_noise.default] = _rrelu  # writes its noise argument, so not through register()
-register(aten.threshold)(piecewise_linear(lambda x, th, value: x > th))
-register(aten.hardsigmoid)(piecewise_linear(lambda x: _mask_between(x, -3, 3, strict=True).to(x.dtype) / 6))
-_abs_real = piecewise_linear(lambda x: torch.sgn(x))
 
 
 def sqrt_series(r0: Tensor, s1, s2):
@@ -415,13 +446,12 @@ def _abs(func, args, kwargs):
         t = re_dot(z1, z1)
         s2 = t if s2 is None else s2 + t
     return from_coeffs(r0, *sqrt_series(r0, s1, s2))
-register(aten.clamp.default)(piecewise_linear(lambda x, min=None, max=None: _mask_between(x, min, max)))
-register(aten.clamp_min.default)(piecewise_linear(lambda x, min: x >= min))
-register(aten.clamp_max.default)(piecewise_linear(lambda x, max: x <= max))
 
 
 @register(aten.maximum, aten.minimum, aten.fmax, aten.fmin)
 def _max_min(func, args, kwargs):
+    """maximum, minimum, fmax, fmin: (max(a, b))_k = w a_k + (1 − w) b_k, w = 1 where a0 wins, ½ at a tie
+    (autograd's even split), 0 else."""
     a, b = args
     A, Bc = coeffs(a), coeffs(b)
     o0 = func(A[0], Bc[0])
@@ -440,3 +470,31 @@ def _max_min(func, args, kwargs):
             r = r + (1 - wa) * bk
         outs.append(r)
     return from_coeffs(*outs)
+
+
+@register(aten.atan2, prims.atan2)
+def _atan2(func, args, kwargs):
+    """atan2(y, x) = u0 + atan(z), z = (x0·y − y0·x)/(x0·x + y0·y): the angle from (x0, y0), exact for any
+    quadrant; z0 = 0 so atan(z) = z to second order."""
+    y, x = args
+    y0, x0 = coeffs(y)[0], coeffs(x)[0]
+    u0 = func(y0, x0)
+    z = (x0 * y - y0 * x) / (x0 * x + y0 * y)
+    return from_coeffs(u0, *coeffs(z)[1:])
+
+
+@register(aten.angle)
+def _angle(func, args, kwargs):
+    """angle: complex z: atan2(Im z, Re z); real x: 0 or π, piecewise constant."""
+    z = args[0]
+    if not z.is_complex():
+        return _constant(func, args, kwargs)
+    return from_coeffs(func(z.c0), *coeffs(torch.atan2(z.imag, z.real))[1:])
+
+
+@register(aten.hypot, prims.hypot)
+def _hypot(func, args, kwargs):
+    """hypot(a, b) = √(a² + b²) through the mul, add and sqrt rules; the value is torch's own."""
+    a, b = args
+    r = torch.sqrt(a * a + b * b)
+    return from_coeffs(func(coeffs(a)[0], coeffs(b)[0]), *coeffs(r)[1:])

@@ -1,4 +1,7 @@
-"""Embedding bags."""
+"""Embedding bags: sum and mean linear in the table (bilinear with per-sample weights), max a selection.
+
+Private torch API used here: ``OpOverload._schema`` (the position of ``per_sample_weights``).
+"""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ aten = torch.ops.aten
 
 
 def _tr(m: Tensor) -> Tensor:
+    """The trace over the last two dims."""
     return m.diagonal(0, -2, -1).sum(-1)
 
 

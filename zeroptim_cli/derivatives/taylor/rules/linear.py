@@ -1,4 +1,11 @@
-"""Linear ops: rules for ops linear (or affine) in their α-dependent arguments, views included."""
+"""Linear ops: rules for ops linear (or affine) in their α-dependent arguments, views included.
+
+For an op L linear in x, L(x0 + x1 α + x2 α²) = L(x0) + L(x1) α + L(x2) α²: the op is applied to each coefficient
+(``linear_rule``). View ops do the same and make the outputs members of x's view family (``view_rule``; the
+protocol is described in ``views.py``). Ops jointly linear in several arguments (cat, where, index_put, scatter)
+apply the op to the order-k coefficients of all of them at once, a constant argument contributing zero
+(``affine``). Sums pass coefficients through without a copy, which is why they mark them shared.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ prims = torch.ops.prims
 
 
 def linear_rule(func, args, kwargs):
+    """L linear in x (every other argument constant): (L x)_k = L(x_k) for k = 0, 1, 2."""
     x, rest = args[0], args[1:]
     need_constant(func, rest, kwargs)
     if not is_taylor(x):
@@ -64,6 +72,9 @@ VIEWS = op_packets(
     "split_with_sizes unbind alias narrow _reshape_alias movedim view_as_real view_as_complex unflatten "
     "tensor_split chunk numpy_T mT mH matrix_H hsplit vsplit resolve_conj resolve_neg")
 register(*LINEAR)(linear_rule)
+register(*VIEWS)(view_rule)
+register(prims.neg, prims.view_of, prims.squeeze, prims.broadcast_in_dim, prims.reshape,
+         prims.transpose, prims.collapse_view, prims.sum)(linear_rule)
 
 
 @register(aten._conj, aten._neg_view, aten.conj_physical)
@@ -73,10 +84,6 @@ def _conj(func, args, kwargs):
     bits are resolved by their fallbacks before it gets here)."""
     physical = aten.neg.default if func is aten._neg_view.default else aten.conj_physical.default
     return linear_rule(physical, args, kwargs)
-register(*VIEWS)(view_rule)
-register(prims.neg, prims.view_of, prims.squeeze, prims.broadcast_in_dim, prims.reshape,
-         prims.transpose, prims.collapse_view, prims.sum)(linear_rule)
-
 
 
 def _to_integral(func, args, kwargs) -> bool:
@@ -90,6 +97,8 @@ register(aten._to_copy, prims.convert_element_type)(constant_if(_to_integral, li
 
 
 def _zero_like_arg(v):
+    """The zero of an argument's kind (a tensor of zeros, False, 0), for a constant in an affine slot; other
+    values (None, shapes) as they are."""
     if isinstance(v, Tensor):
         return torch.zeros_like(v)
     if isinstance(v, bool):
@@ -100,6 +109,7 @@ def _zero_like_arg(v):
 
 
 def _coef(v, k):
+    """The order-k coefficient of v, None where v is constant."""
     return coeffs(v)[k] if is_taylor(v) else None
 
 
@@ -145,6 +155,7 @@ register(aten.cat, aten.stack, aten.hstack, aten.vstack, aten.dstack)(affine(0))
 register(aten.where.self)(affine(1, 2))
 register(aten.where.ScalarOther)(affine(1, 2))
 register(aten.where.ScalarSelf)(affine(1, 2))
+register(prims.where)(affine(1, 2))
 register(aten.index_put, aten._unsafe_index_put, aten.masked_scatter)(affine(0, 2))
 register(aten.scatter.src, aten.scatter_add, aten.index_add, aten.index_copy)(affine(0, 3))
 register(aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter, aten.as_strided_scatter)(affine(0, 1))
@@ -156,14 +167,15 @@ register(aten.scatter.value)(affine(0, 3))
 
 
 @register(aten.copy)
-def _copy(func, args, kwargs):  # copy(self, src): self only supplies shape, dtype and layout
+def _copy(func, args, kwargs):
+    """copy(self, src): (copy)_k = src_k cast to self's dtype; self only supplies shape, dtype and layout."""
     self, src = args[0], args[1]
     c0 = coeffs(self)[0]
     return affine(1)(func, (c0, src, *args[2:]), kwargs)
-register(prims.where)(affine(1, 2))
 
 
 def fit_to(t: Tensor, ref: Tensor) -> Tensor:
+    """t cast to ref's dtype and broadcast (expanded, not copied) to ref's shape, as an op's output would be."""
     if t.dtype != ref.dtype:
         t = t.to(ref.dtype)
     if t.shape != ref.shape:
@@ -171,7 +183,9 @@ def fit_to(t: Tensor, ref: Tensor) -> Tensor:
     return t
 
 
-def _add_like(a, b, alpha, o0, src_a, src_b):
+def _add_like(a, b, alpha, o0):
+    """s = a + alpha·b with s0 = o0: s_k = a_k + alpha·b_k. A coefficient passed through unchanged (the other side
+    constant) is the very object of a's or b's, so both families are marked shared."""
     out = []
     for k in (1, 2):
         ak, bk = _coef(a, k), _coef(b, k)
@@ -179,11 +193,11 @@ def _add_like(a, b, alpha, o0, src_a, src_b):
             out.append(torch.add(ak, bk, alpha=alpha) if alpha != 1 else torch.add(ak, bk))
         elif ak is not None:
             out.append(fit_to(ak, o0))
-            mark_shared(src_a)
+            mark_shared(a)
         elif bk is not None:
             out.append(fit_to(bk * alpha, o0) if alpha != 1 else fit_to(bk, o0))
             if alpha == 1:
-                mark_shared(src_b)
+                mark_shared(b)
         else:
             out.append(None)
     r = from_coeffs(o0, out[0], out[1])
@@ -194,6 +208,7 @@ def _add_like(a, b, alpha, o0, src_a, src_b):
 
 @register(aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor)
 def _add(func, args, kwargs):
+    """add, sub, rsub: (a ± alpha·b)_k = a_k ± alpha·b_k (rsub: b − alpha·a)."""
     a, b = args[0], args[1]
     alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
     o0 = func(coeffs(a)[0], coeffs(b)[0], alpha=alpha)
@@ -201,11 +216,12 @@ def _add(func, args, kwargs):
         alpha = -alpha
     elif func is aten.rsub.Tensor:  # b - alpha*a
         a, b, alpha = b, a, -alpha
-    return _add_like(a, b, alpha, o0, a, b)
+    return _add_like(a, b, alpha, o0)
 
 
 @register(aten.add.Scalar, aten.sub.Scalar)
 def _add_scalar(func, args, kwargs):
+    """x ± c for a number c: (x ± c)_k = x_k for k ≥ 1 (the coefficients passed through, marked shared)."""
     x = args[0]
     r = from_coeffs(func(x.c0, *args[1:], **kwargs), x.c1, x.c2)
     if is_taylor(r):
@@ -216,6 +232,7 @@ def _add_scalar(func, args, kwargs):
 
 @register(aten.rsub.Scalar)
 def _rsub_scalar(func, args, kwargs):
+    """rsub(x, c) = c − alpha·x: (c − alpha·x)_k = −alpha·x_k for k ≥ 1."""
     x = args[0]
     alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
     o0 = func(x.c0, *args[1:], **kwargs)

@@ -1,4 +1,4 @@
-"""Losses and dropout."""
+"""Losses and dropout: nll, mse and native_dropout (cross_entropy decomposes into log_softmax and nll)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def _nll(func, args, kwargs):
 
 @register(aten.mse_loss)
 def _mse(func, args, kwargs):
+    """mse_loss(a, b) = reduce((a − b)²), through the sub, mul and sum/mean rules: (d²)₁ = 2d₀d₁,
+    (d²)₂ = 2d₀d₂ + d₁²."""
     a, b = args[0], args[1]
     reduction = kwargs.get("reduction", args[2] if len(args) > 2 else 1)
     d = a - b
@@ -39,6 +41,8 @@ def _mse(func, args, kwargs):
 
 @register(aten.native_dropout)
 def _native_dropout(func, args, kwargs):
+    """native_dropout: out_k = x_k·mask/(1 − p) with the mask drawn at α = 0 (the same RNG calls as a plain
+    forward); out_k = x_k when not training or p = 0."""
     x, p, train = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("train")
     o0, mask = func(x.c0, p, train)
     if not train or p == 0:

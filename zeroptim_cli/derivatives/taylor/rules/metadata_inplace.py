@@ -1,4 +1,8 @@
-"""Metadata in place: transpose_, squeeze_, … on Taylor tensors."""
+"""Metadata in place: transpose_, squeeze_, … on Taylor tensors (how they keep a view family right: ``views.py``).
+
+Private torch API used here: ``torch.utils._mode_utils.no_dispatch`` (to change the wrapper's own sizes and strides
+without dispatching to the rules again).
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
-"""Normalization: layer, group and batch norm, variance, norms."""
+"""Normalization and statistics: layer, group and batch norm, variance and standard deviation, the 2-norm.
+
+Private torch API used here: ``torch._decomp.decomposition_table`` (vector norms other than the 2-norm).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.taylor._core import _constant, coeffs, from_coeffs
+from zeroptim_cli.derivatives.taylor._core import coeffs, from_coeffs
 from zeroptim_cli.derivatives.taylor.rules.linear import fit_to
 from zeroptim_cli.derivatives.taylor.rules.registry import need_constant, register
 
@@ -79,6 +82,8 @@ def _affine_out(o0: Tensor, Y, Wt, Bt, shape):
 
 @register(aten.native_layer_norm)
 def _layer_norm(func, args, kwargs):
+    """native_layer_norm: y over the last len(shape) dims by ``_normalize``, then y·w + b (``_affine_out``);
+    the saved mean and rstd get their series too (mean_k = μ_k, rstd: r1 = −r a, r2 = r c)."""
     x, shape, w, b, eps = args
     need_constant(func, (shape, eps), kwargs)
     o0, mean0, rstd0 = func(coeffs(x)[0], shape, coeffs(w)[0], coeffs(b)[0], eps)
@@ -91,6 +96,7 @@ def _layer_norm(func, args, kwargs):
 
 @register(aten.native_group_norm)
 def _group_norm(func, args, kwargs):
+    """native_group_norm: x as (N, G, rest), normalized over rest by ``_normalize``, then y·w + b per channel."""
     x, w, b, N, C, HxW, G, eps = args
     x0, x1, x2 = coeffs(x)
     o0, mean0, rstd0 = func(x0, coeffs(w)[0], coeffs(b)[0], N, C, HxW, G, eps)
@@ -129,12 +135,14 @@ def _bn_core(x, w, b, rm, rv, training, momentum, eps, call):
 
 @register(aten._native_batch_norm_legit_no_training)
 def _bn_no_training(func, args, kwargs):
+    """_native_batch_norm_legit_no_training: the eval-mode batch norm of ``_bn_core``."""
     x, w, b, rm, rv, momentum, eps = args
     return _bn_core(x, w, b, rm, rv, False, momentum, eps, lambda x0, w0, b0: func(x0, w0, b0, rm, rv, momentum, eps))
 
 
 @register(aten._native_batch_norm_legit.default)
 def _bn_legit(func, args, kwargs):
+    """_native_batch_norm_legit: batch norm (``_bn_core``), batch statistics when training."""
     x, w, b, rm, rv, training, momentum, eps = args
     return _bn_core(x, w, b, rm, rv, training, momentum, eps,
                     lambda x0, w0, b0: func(x0, w0, b0, rm, rv, training, momentum, eps))
@@ -142,6 +150,7 @@ def _bn_legit(func, args, kwargs):
 
 @register(aten._native_batch_norm_legit.no_stats)
 def _bn_legit_no_stats(func, args, kwargs):
+    """_native_batch_norm_legit.no_stats: batch norm without running statistics (``_bn_core``)."""
     x, w, b, training, momentum, eps = args
     return _bn_core(x, w, b, None, None, training, momentum, eps,
                     lambda x0, w0, b0: func(x0, w0, b0, training, momentum, eps))
@@ -149,6 +158,7 @@ def _bn_legit_no_stats(func, args, kwargs):
 
 @register(aten.native_batch_norm)
 def _bn_native(func, args, kwargs):
+    """native_batch_norm: batch norm (``_bn_core``), batch statistics when training."""
     x, w, b, rm, rv, training, momentum, eps = args
     return _bn_core(x, w, b, rm, rv, training, momentum, eps,
                     lambda x0, w0, b0: func(x0, w0, b0, rm, rv, training, momentum, eps))
@@ -156,18 +166,22 @@ def _bn_native(func, args, kwargs):
 
 @register(aten._batch_norm_with_update)
 def _bn_with_update(func, args, kwargs):
+    """_batch_norm_with_update: training-mode batch norm (``_bn_core``), running statistics updated by torch."""
     x, w, b, rm, rv, momentum, eps = args
     return _bn_core(x, w, b, rm, rv, True, momentum, eps, lambda x0, w0, b0: func(x0, w0, b0, rm, rv, momentum, eps))
 
 
 @register(aten._batch_norm_no_update)
 def _bn_no_update(func, args, kwargs):
+    """_batch_norm_no_update: batch norm (``_bn_core``), training mode exactly when there are no running stats."""
     x, w, b, rm, rv, momentum, eps = args
     training = rm is None
     return _bn_core(x, w, b, rm, rv, training, momentum, eps, lambda x0, w0, b0: func(x0, w0, b0, rm, rv, momentum, eps))
 
 
 def _var_coeffs(x, dims, correction, keepdim, v0):
+    """var with a correction c over dims (n entries), x̃ = x − mean x: v1 = 2Σx̃0x̃1/(n − c),
+    v2 = (2Σx̃0x̃2 + Σx̃1²)/(n − c)."""
     x0, x1, x2 = coeffs(x)
     n = 1
     for d in dims:
@@ -185,6 +199,7 @@ def _var_coeffs(x, dims, correction, keepdim, v0):
 
 
 def _var_args(x0, args, kwargs):
+    """(dims, correction, keepdim) of a var/var_mean call, dims normalized to non-negative ints."""
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     correction = kwargs.get("correction", 1)
     if correction is None:
@@ -196,6 +211,7 @@ def _var_args(x0, args, kwargs):
 
 @register(aten.var.correction)
 def _var(func, args, kwargs):
+    """var.correction: the series of ``_var_coeffs``; the value is torch's own."""
     x = args[0]
     dims, corr, keepdim = _var_args(x.c0, args, kwargs)
     return _var_coeffs(x, dims, corr, keepdim, func(x.c0, *args[1:], **kwargs))
@@ -203,6 +219,7 @@ def _var(func, args, kwargs):
 
 @register(aten.var_mean.correction)
 def _var_mean(func, args, kwargs):
+    """var_mean.correction: var by ``_var_coeffs``, mean_k = mean x_k."""
     x = args[0]
     dims, corr, keepdim = _var_args(x.c0, args, kwargs)
     v0, m0 = func(x.c0, *args[1:], **kwargs)
@@ -212,17 +229,21 @@ def _var_mean(func, args, kwargs):
 
 @register(aten.std.correction)
 def _std(func, args, kwargs):
+    """std = √var: through the var and sqrt rules."""
     return torch.sqrt(aten.var.correction(*args, **kwargs))
 
 
 @register(aten.std_mean.correction)
 def _std_mean(func, args, kwargs):
+    """std_mean: (√var, mean) through the var_mean and sqrt rules."""
     v, m = aten.var_mean.correction(*args, **kwargs)
     return torch.sqrt(v), m
 
 
 @register(aten.linalg_vector_norm)
 def _vector_norm(func, args, kwargs):
+    """linalg_vector_norm, ord 2: √(Σ x²) (|x| first for complex x) through the mul, sum and sqrt rules; other
+    ords and a dtype: torch's decomposition."""
     x = args[0]
     ord_ = kwargs.get("ord", args[1] if len(args) > 1 else 2)
     dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
@@ -235,30 +256,3 @@ def _vector_norm(func, args, kwargs):
     sq = x * x
     s = sq.sum(dim, keepdim=keepdim) if dim is not None else sq.sum()
     return torch.sqrt(s)
-
-
-@register(aten.atan2, prims.atan2)
-def _atan2(func, args, kwargs):
-    """atan2(y, x) = u0 + atan(z), z = (x0·y − y0·x)/(x0·x + y0·y): the angle from (x0, y0), exact for any
-    quadrant; z0 = 0 so atan(z) = z to second order."""
-    y, x = args
-    y0, x0 = coeffs(y)[0], coeffs(x)[0]
-    u0 = func(y0, x0)
-    z = (x0 * y - y0 * x) / (x0 * x + y0 * y)
-    return from_coeffs(u0, *coeffs(z)[1:])
-
-
-@register(aten.angle)
-def _angle(func, args, kwargs):
-    """angle: complex z: atan2(Im z, Re z); real x: 0 or π, piecewise constant."""
-    z = args[0]
-    if not z.is_complex():
-        return _constant(func, args, kwargs)
-    return from_coeffs(func(z.c0), *coeffs(torch.atan2(z.imag, z.real))[1:])
-
-
-@register(aten.hypot, prims.hypot)
-def _hypot(func, args, kwargs):
-    a, b = args
-    r = torch.sqrt(a * a + b * b)
-    return from_coeffs(func(coeffs(a)[0], coeffs(b)[0]), *coeffs(r)[1:])

@@ -1,4 +1,11 @@
-"""Selections: max/min, sort-like ops, pooling with indices, unique, scatter_reduce."""
+"""Selections: max/min, sort-like ops, pooling with indices, unique, scatter_reduce.
+
+A selection picks entries of x by a choice made at α = 0 (an index, a maximum), a choice that does not change near
+α = 0 where there is no tie: out_k = x_k at the chosen entries. At a tie autograd splits the derivative evenly
+over the tied entries, and so do these rules.
+
+Private torch API used here: ``OpOverload._schema`` (argument names of the unique overloads).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ aten = torch.ops.aten
 
 
 def _select_by_index(x: Any, idx: Tensor, dim: int, keepdim: bool, o0: Tensor):
+    """A selection's series: out_k = x_k gathered at the indices ``idx`` that the op chose at α = 0 (a choice
+    that does not change near α = 0 where there is no tie)."""
     outs = [o0]
     for k in (1, 2):
         xk = coeffs(x)[k]
@@ -29,6 +38,7 @@ def _select_by_index(x: Any, idx: Tensor, dim: int, keepdim: bool, o0: Tensor):
 
 @register(aten.max.dim, aten.min.dim)
 def _max_dim(func, args, kwargs):
+    """max.dim, min.dim: values_k = x_k at the index of the extreme at α = 0; the indices are constant."""
     x, dim = args[0], args[1]
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
     v0, idx = func(x.c0, dim, keepdim)
@@ -38,6 +48,7 @@ def _max_dim(func, args, kwargs):
 @register(aten.sort, aten.topk, aten.kthvalue, aten.median.dim, aten.nanmedian.dim, aten.mode, aten.cummax,
           aten.cummin)
 def _sort_like(func, args, kwargs):
+    """sort, topk, kthvalue, median.dim, mode, cummax, cummin: values_k = x_k gathered at the returned indices."""
     x = args[0]
     need_constant(func, args[1:], kwargs)
     v0, idx = func(x.c0, *args[1:], **kwargs)
@@ -68,6 +79,7 @@ def _even_ties(func, x, o0, dims, keepdim):
 
 @register(aten.amax, aten.amin)
 def _amax(func, args, kwargs):
+    """amax, amin over dims: out_k = Σ x_k·m / Σ m, m = the entries equal to the extreme at α = 0 (``_even_ties``)."""
     x = args[0]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else [])
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
@@ -78,12 +90,14 @@ def _amax(func, args, kwargs):
 
 @register(aten.max.default, aten.min.default)
 def _max_all(func, args, kwargs):
+    """max(), min() of all entries: out_k = the mean of x_k over the entries tied at the extreme (``_even_ties``)."""
     x = args[0]
     o0 = func(x.c0)
     return _even_ties(func, x, o0, list(range(x.c0.dim())), False)
 
 
 def _pool_with_indices(nd: int):
+    """max pooling with indices (nd spatial dims): out_k = x_k at the returned indices, per channel."""
     def rule(func, args, kwargs):
         x = args[0]
         need_constant(func, args[1:], kwargs)
@@ -170,6 +184,7 @@ def _scatter_reduce(func, args, kwargs):
 
 @register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
 def _max_pool_plain(func, args, kwargs):
+    """max_pool1d/2d/3d without indices: the with-indices op (its rule), values only."""
     name = {aten.max_pool1d.default: aten.max_pool1d_with_indices, aten.max_pool2d.default: aten.max_pool2d_with_indices,
             aten.max_pool3d.default: aten.max_pool3d_with_indices}[func]
     return name(*args, **kwargs)[0]

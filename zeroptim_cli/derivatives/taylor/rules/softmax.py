@@ -12,6 +12,7 @@ aten = torch.ops.aten
 
 
 def _dot(s: Tensor, y: Tensor, dim) -> Tensor:
+    """⟨s, y⟩ along dim, kept: Σ_dim s·y."""
     return (s * y).sum(dim, keepdim=True)
 
 
@@ -59,6 +60,7 @@ def _softmax(func, args, kwargs):
 
 @register(aten._log_softmax)
 def _log_softmax(func, args, kwargs):
+    """log_softmax: l = x − logsumexp(x): l1 = x1 − ⟨s,x1⟩, l2 = x2 − ⟨s,x2⟩ − ½⟨s,l1²⟩ (s = softmax(x0))."""
     x = args[0]
     dim = args[1]
     o0 = func(x.c0, *args[1:], **kwargs)
@@ -69,6 +71,7 @@ def _log_softmax(func, args, kwargs):
 
 @register(aten.logsumexp)
 def _logsumexp(func, args, kwargs):
+    """logsumexp over dims: m1 = ⟨s,x1⟩, m2 = ⟨s,x2⟩ + ½⟨s,(x1 − m1)²⟩ (s = softmax(x0) over dims)."""
     x = args[0]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else list(range(x.c0.dim())))
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
