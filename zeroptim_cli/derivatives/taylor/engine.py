@@ -138,10 +138,32 @@ def _eval_context() -> Iterator[None]:
 
 def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
             delta: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(f(w), φ'(0) = ∇f(w)ᵀΔ, φ''(0) = Δᵀ∇²f(w)Δ) for φ(α) = f(w + αΔ); f maps a dict of parameters
-    (same keys as w) to a scalar tensor. Exact; forward only; no autograd graph.
+    """(f(w), φ'(0) = ∇f(w)ᵀΔ, φ''(0) = Δᵀ∇²f(w)Δ) for φ(α) = f(w + αΔ), exact, forward only, with no
+    autograd graph: f runs once on Taylor tensors x0 + x1·α + x2·α² (parameters enter as (w, Δ, 0)) and the
+    result's coefficients give φ(0) = x0, φ'(0) = x1, φ''(0) = 2·x2.
 
-    Raises ``TaylorUnsupported`` (one line: which op, why) where f holds an op with no exact Taylor rule."""
+    Args:
+        f: maps a dict of parameters (the keys of ``w``) to a scalar tensor.
+        w: the point, name → tensor.
+        delta: the direction Δ, name → tensor of the same shape as ``w``'s (cast to its dtype).
+
+    Returns:
+        ``(value, slope, curvature)``: 0-dim tensors f(w), ∇f(w)ᵀΔ and Δᵀ∇²f(w)Δ, in w's dtype.
+
+    Raises:
+        TaylorUnsupported: f holds an op with no exact Taylor rule (one line: which op, why).
+        ValueError: the keys or shapes of ``w`` and ``delta`` differ, or f does not return a scalar.
+
+    Example (f = Σ a³: ∇f = 3a², ∇²f = diag(6a)):
+
+    >>> import torch
+    >>> from zeroptim_cli.derivatives.taylor import taylor2
+    >>> w = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    >>> delta = {"a": torch.tensor([0.5, -1.0], dtype=torch.float64)}
+    >>> value, slope, curvature = taylor2(lambda p: (p["a"] ** 3).sum(), w, delta)
+    >>> [round(t.item(), 12) for t in (value, slope, curvature)]  # 1 + 8, 3·0.5 − 12·1, 6·0.25 + 12·1
+    [9.0, -10.5, 13.5]
+    """
     if set(w) != set(delta):
         raise ValueError(f"w and delta have different keys: {sorted(set(w) ^ set(delta))}")
     params = {}
