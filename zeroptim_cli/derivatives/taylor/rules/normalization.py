@@ -13,7 +13,6 @@ from zeroptim_cli.derivatives.taylor.rules.linear import fit_to
 from zeroptim_cli.derivatives.taylor.rules.registry import need_constant, register
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 
 def _normalize(x0: Tensor, x1, x2, dims, mean0: Tensor, rstd0: Tensor):

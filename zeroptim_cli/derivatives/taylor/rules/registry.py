@@ -17,7 +17,6 @@ from torch import Tensor
 from zeroptim_cli.derivatives.taylor._core import RULES, TaylorTensor, TaylorUnsupported, from_coeffs
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 
 def _writes_an_argument(op) -> bool:
