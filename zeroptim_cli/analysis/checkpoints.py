@@ -39,12 +39,15 @@ from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
 @dataclass(frozen=True)
 class Settings:
-    """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed, the
-    examples per evaluation (``chunk_size``: ``auto``, N, or 0 for whole batches), whether code named
-    in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``), whether to search the
-    critical scale along Δ (``critical``, to the relative tolerance ``critical_tol``), and whether to stream
-    the parameters module by module (``stream``, or by itself when the in-memory analysis is estimated to
-    need more than ``max_memory`` bytes; ``analysis.streamed``)."""
+    """How to analyse, one field per flag of ``zeroptim analyze``: the ``model`` and ``loss`` overrides (specs,
+    None: the metadata's), ``device``, ``dtype``, the differentiation ``method`` (``auto`` or a name of
+    ``derivatives.METHODS``), ``train`` mode and its ``seed``, the ``direction`` analysed (``update``: Δ
+    itself, another name of ``analysis.directions.NAMED``, or a .safetensors file), the examples per evaluation
+    (``chunk_size``: ``auto``, N, or 0 for whole batches), whether code named in the checkpoints' metadata
+    may run (``trust_code``, see ``io.specs.Trust``), whether to search the critical scale along Δ
+    (``critical``, to the relative tolerance ``critical_tol``), and whether to stream the parameters module by
+    module (``stream``, or by itself when the in-memory analysis is estimated to need more than ``max_memory``
+    bytes; ``analysis.streamed``)."""
 
     model: str | None = None
     loss: str | None = None

@@ -8,10 +8,13 @@ The metadata (string key ``zeroptim``, a JSON object) follows docs/contract.md::
      "optimizer": {"name": "sgd", "lr": 0.1}, "batch": "batch_000120.safetensors",
      "versions": {"zeroptim": "0.1.0", "torch": "2.13.0", "python": "3.12.3"}}
 
-``versions`` (what wrote the file) is added by ``save_checkpoint``; readers never need it. ``model`` may
-also be ``{"hf_config": {...}}``, a transformers config built by transformers' own classes
-(``models.hf``). ``batches`` (a list of paths) may stand for ``batch`` when the step used several
-batches, e.g. the micro-batches of gradient accumulation; f is then their exact mean. The
+``versions`` (what wrote the file) is added by ``save_checkpoint``; readers never need it. ``model`` names
+exactly one of: a built-in ``{"name": "mlp", "kwargs": {...}}`` (``models.REGISTRY``), a factory
+``{"factory": "pkg.mod:fn", "kwargs": {...}}`` (code named by the file, so it is run only with the user's
+explicit opt-in, ``--trust-code``: docs/contract.md), or ``{"hf_config": {...}}``, a transformers config built by transformers' own
+classes (``models.hf``). ``run_id`` (a string) and ``train_mode`` (a bool) are optional. ``batches`` (a list of
+paths) may stand for ``batch`` when the step used several batches, e.g. the micro-batches of gradient
+accumulation; f is then their exact mean. The
 metadata is written and checked by ``io.layout``, with the names of a run's files.
 """
 

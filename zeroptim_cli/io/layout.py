@@ -172,7 +172,8 @@ _TYPES: dict[str, tuple[type, ...]] = {"step": (int,), "loss": (str,), "optimize
 
 def parse_metadata(raw: Mapping[str, str], p: Path) -> dict[str, Any]:
     """The ``zeroptim`` metadata of checkpoint ``p``, checked: a JSON object of format 1 whose known keys
-    have their types, whose model names a ``name`` or a ``factory`` (with ``kwargs`` an object), and whose
+    have their types, whose model names one of a ``name``, a ``factory`` or an ``hf_config`` (with ``kwargs`` an
+    object), and whose
     ``batch`` is a file inside the checkpoint's folder (a relative path without '..'). Unknown keys pass."""
     meta = decode_metadata(raw, p, CHECKPOINT)
     for key, types in _TYPES.items():

@@ -54,10 +54,54 @@ from zeroptim_cli.optim.state import save_state
 class Recorder:
     """Saves (checkpoint t, batch, checkpoint t+1) around chosen optimizer steps of a training loop.
 
-    ``every`` records steps 0, every, 2·every, …; ``steps`` adds chosen ones; ``model_spec`` (e.g.
-    ``{"name": "mlp", "kwargs": {...}}`` or ``{"factory": "pkg.mod:fn"}``) lets ``zeroptim analyze``
-    rebuild the model with no flags. ``save_optimizer_state=False`` skips the state files. An optimizer
-    whose ``step`` needs a closure (MeZO) is stepped inside the ``with`` as usual: ``optimizer.step(closure)``.
+    An optimizer whose ``step`` needs a closure (MeZO) is stepped inside the ``with`` as usual:
+    ``optimizer.step(closure)``.
+
+    Args:
+        folder: the run folder (created if missing; locked while the Recorder is open).
+        model, optimizer: what the loop trains and steps.
+        every: record steps 0, every, 2·every, … (None: only ``steps``).
+        steps: further steps to record.
+        model_spec: how ``zeroptim analyze`` rebuilds the model with no flags, e.g.
+            ``{"name": "mlp", "kwargs": {...}}`` or ``{"factory": "pkg.mod:fn"}``.
+        loss: the loss the metadata names (``cross_entropy``, ``mse``, … or ``MODULE:FN``).
+        save_optimizer_state: write ``optim_*.safetensors`` (the state before each recorded step).
+        extra: more keys for ``run.json``.
+        overwrite: remove the files of a run already in the folder instead of refusing it.
+
+    Raises:
+        ZeroptimError: the folder already holds a run (and ``overwrite`` is False), or another process records
+            into it.
+
+    Example (one recorded step: checkpoints t and t+1, the batch, the optimizer state, run.json):
+
+    >>> import os, tempfile
+    >>> import torch
+    >>> from torch import nn
+    >>> from zeroptim_cli import Recorder, load_checkpoint
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Linear(2, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> x, y = torch.randn(4, 2), torch.randn(4, 1)
+    >>> with tempfile.TemporaryDirectory() as run:
+    ...     rec = Recorder(run, model, optimizer, steps=[0])
+    ...     for step in range(2):
+    ...         optimizer.zero_grad()
+    ...         nn.functional.mse_loss(model(x), y).backward()
+    ...         with rec.step(step, x, y):
+    ...             optimizer.step()
+    ...     rec.close()
+    ...     files = sorted(os.listdir(run))
+    ...     ckpt = load_checkpoint(os.path.join(run, "ckpt_000000.safetensors"))
+    >>> for name in files:
+    ...     print(name)
+    batch_000000.safetensors
+    ckpt_000000.safetensors
+    ckpt_000001.safetensors
+    optim_000000.safetensors
+    run.json
+    >>> rec.recorded, ckpt.step, ckpt.meta["batch"], ckpt.meta["optimizer"]["lr"]
+    ([0], 0, 'batch_000000.safetensors', 0.1)
     """
 
     def __init__(self, folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
