@@ -61,8 +61,8 @@ class MezoSettings:
 
 @dataclass(frozen=True)
 class OptimizerState:
-    """An optimizer ready to step: its description (``optim.optimizers.optimizer_description``) and the
-    tensors of its saved state."""
+    """An optimizer ready to step: its description (``optim.optimizers.optimizer_description``, with the
+    state file's parameter ``groups`` when it records several) and the tensors of its saved state."""
 
     name: str
     description: dict[str, Any]
@@ -106,9 +106,11 @@ def _state(saved: SavedState, description: dict[str, Any] | None, name: str) -> 
     description = saved.optimizer or description
     if not description:
         raise ZeroptimError(f"optimizer state '{saved.path}' records no optimizer, nor does its checkpoint")
-    if saved.param_groups != 1:
-        raise ZeroptimError(f"optimizer state '{saved.path}' has {saved.param_groups} parameter groups; "
-                            "only one can be stepped again")
+    if saved.param_groups != 1 and saved.groups is None:
+        raise ZeroptimError(f"optimizer state '{saved.path}' has {saved.param_groups} parameter groups but records "
+                            "not which parameters each holds; only one can be stepped again")
+    if saved.groups is not None:  # replay_step rebuilds the optimizer with its groups
+        description = {**description, "groups": saved.groups}
     return OptimizerState(name or recorded_name(description), description, saved.tensors, str(saved.path))
 
 
