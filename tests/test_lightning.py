@@ -66,20 +66,23 @@ def fit(module: L.LightningModule, callbacks: list, data: torch.utils.data.DataL
 
 
 class Updates(L.Callback):
-    """The model's parameters just before and just after every optimizer step, cloned (an independent record)."""
+    """The model's parameters at the start of every accumulation window and at its end, after the step, cloned
+    (an independent record, by Lightning's batch hooks; accumulation 2, an even number of batches an epoch)."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[dict, dict]] = []
 
-    def on_fit_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
-        model = pl_module.model
-        opt = trainer.optimizers[0]
+    @staticmethod
+    def grab(pl_module: L.LightningModule) -> dict:
+        return {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
 
-        def grab() -> dict:
-            return {n: p.detach().clone() for n, p in model.named_parameters()}
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if batch_idx % 2 == 0:
+            self.steps.append((self.grab(pl_module), {}))
 
-        opt.register_step_pre_hook(lambda *a: self.steps.append((grab(), {})))
-        opt.register_step_post_hook(lambda *a: self.steps[-1][1].update(grab()))
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if batch_idx % 2 == 1:
+            self.steps[-1][1].update(self.grab(pl_module))
 
 
 @pytest.mark.parametrize(("precision", "rtol"), [("32-true", 1e-5), ("64-true", 1e-12)])
