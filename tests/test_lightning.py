@@ -139,6 +139,13 @@ def test_the_callback_leaves_training_as_it_was(tmp_path) -> None:
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_the_loss_check_runs_in_the_fits_precision(tmp_path) -> None:
+    """bf16 autocast: training_step's loss is bf16-rounded, and so is the check's, which passes."""
+    callback = ZeroptimCallback(tmp_path, every=1, module="model")
+    fit(Classifier(), [callback], steps=2, precision="bf16-mixed")
+    assert callback.recorded == [0, 1]
+
+
 def test_adamw_groups_and_norm_clipping_are_taken_again(tmp_path) -> None:
     """AdamW in two groups (decay, no decay) and Lightning's gradient_clip_val (active): compare takes the
     recorded step again from the saved state, cos = 1."""

@@ -12,7 +12,7 @@ split_batch(batch)`` (default: a pair ``(x, y)``, or a dict whose ``labels`` are
 hold ``module``'s parameters under its own names, so ``model_spec`` rebuilds it alone. The assumption is
 checked (``check_loss``): on every micro-batch of a recorded step the callback evaluates that loss itself
 (without gradient, on copies of the buffers, with the random state ``training_step`` then starts from, so
-that dropout draws the same masks) and raises if it differs from what ``training_step`` returned by more
+that dropout draws the same masks, in the precision plugin's forward context, autocast included) and raises if it differs from what ``training_step`` returned by more
 than 1e-4 relatively. Every optimizer parameter must be one of ``module``'s.
 
 For each recorded step s (steps 0, K, 2K, … of ``every=K``, plus any of ``steps``), in ``folder``
@@ -102,10 +102,6 @@ class ZeroptimCallback(Callback):
         """The steps recorded so far."""
         return self.recorder.recorded if self.recorder is not None else []
 
-    def wants(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (from the weights after ``step`` steps) is one to record."""
-        return step in self.steps or (self.every is not None and step % self.every == 0)
-
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.world_size > 1:
             raise ValueError(f"ZeroptimCallback records a single process; this fit runs {trainer.world_size}, whose "
@@ -146,13 +142,14 @@ class ZeroptimCallback(Callback):
             self.recorder.close()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.recorder is None or not self.wants(trainer.global_step):
+        if self.recorder is None or not self.recorder.wants(trainer.global_step):
             return
         micro = self.split_batch(batch)
         self._micro.append(_detached(micro))
         self._micro_step = trainer.global_step
         if self.check_loss:
-            self._expected = self._loss_of(micro)
+            with trainer.precision_plugin.forward_context():  # autocast, as training_step runs under it
+                self._expected = self._loss_of(micro)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
