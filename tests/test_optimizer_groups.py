@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from zeroptim_cli.analysis.checkpoints import Settings
+from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
 from zeroptim_cli.analysis.compare import CompareOptions, compare_files
 from zeroptim_cli.analysis.optimizer_steps import recorded_state
 from zeroptim_cli.io.batches import load_batch
@@ -87,7 +87,8 @@ def test_recorder_two_groups_with_weight_decay_replay_to_the_recorded_step(tmp_p
 
 def test_trainer_decay_and_no_decay_groups_replay_to_the_recorded_step(tmp_path) -> None:
     """Trainer's AdamW with weight decay 0.1: biases and norm weights in a group without decay. The state's
-    two groups give Trainer's step back, elementwise (g by transformers' own loss in float32, as Trainer's)."""
+    two groups give Trainer's step back, elementwise (g by transformers' own loss in float32, as Trainer's),
+    in compare and as --direction adam."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from test_hf import tiny
@@ -118,3 +119,7 @@ def test_trainer_decay_and_no_decay_groups_replay_to_the_recorded_step(tmp_path)
     c = compare_files(a, b, settings=F64, options=CompareOptions(directions=("update", "recorded"))).to_dict()
     recorded = {r["name"]: r for r in c["directions"]}["recorded"]
     assert math.isclose(recorded["cos_with_update"], 1.0, abs_tol=1e-6), recorded
+    adam = analyze_files(a, b, settings=Settings(dtype="float64", device="cpu", direction="adam")).to_dict()
+    real = analyze_files(a, b, settings=F64).to_dict()
+    assert math.isclose(adam["grad_corr"], real["grad_corr"], rel_tol=1e-5)
+    assert math.isclose(adam["dir_sharpness"], real["dir_sharpness"], rel_tol=1e-4)
