@@ -152,7 +152,7 @@ def test_adamw_groups_and_norm_clipping_are_taken_again(tmp_path) -> None:
     folder = tmp_path / "z"
     fit(Classifier(optimizer="adamw"), [ZeroptimCallback(folder, steps=[2], module="model", model_spec=SPEC)],
         gradient_clip_val=0.05)
-    saved = load_state_file(folder / "optim_000002.safetensors")
+    saved = load_state_file(folder / "optim_000002.safetensors").metadata
     assert saved.optimizer["max_grad_norm"] == 0.05 and [g["weight_decay"] for g in saved.groups] == [0.1, 0.0]
     c = compare_files(folder / "ckpt_000002.safetensors", folder / "ckpt_000003.safetensors",
                       settings=Settings(dtype="float64", device="cpu"),

@@ -64,7 +64,7 @@ def test_recorder_two_groups_with_weight_decay_replay_to_the_recorded_step(tmp_p
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     a, b = tmp_path / "ckpt_000003.safetensors", tmp_path / "ckpt_000004.safetensors"
-    groups = load_state_file(tmp_path / "optim_000003.safetensors").groups
+    groups = load_state_file(tmp_path / "optim_000003.safetensors").metadata.groups
     assert groups is not None and [g["weight_decay"] for g in groups] == [decay["weight_decay"], 0.0]
     assert [g["lr"] for g in groups] == [decay["lr"], no_decay["lr"]]
     # g at w_t on the recorded batch, by autograd on the model itself (the state is that of the same run)
@@ -105,7 +105,7 @@ def test_trainer_decay_and_no_decay_groups_replay_to_the_recorded_step(tmp_path)
                          callbacks=[ZeroptimCallback(steps=[2])]).train()
     folder = out / "zeroptim"
     a, b = folder / "ckpt_000002.safetensors", folder / "ckpt_000003.safetensors"
-    groups = load_state_file(folder / "optim_000002.safetensors").groups
+    groups = load_state_file(folder / "optim_000002.safetensors").metadata.groups
     assert groups is not None and sorted(g["weight_decay"] for g in groups) == [0.0, 0.1]
     assert any(n.endswith("norm.weight") for g in groups if g["weight_decay"] == 0.0 for n in g["params"])
     model = tiny("llama")

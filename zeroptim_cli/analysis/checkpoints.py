@@ -26,21 +26,14 @@ from zeroptim_cli.analysis.streamed import analyze_streamed
 from zeroptim_cli.derivatives.losses import Loss, default_loss, resolve_loss, resolve_metadata_loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import (
-    Checkpoint,
-    check_compatible,
-    load_checkpoint,
-    parse_metadata,
-    recorded_batch_paths,
-    state_for_model,
-)
+from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, state_for_model
 from zeroptim_cli.io.files import read_header
+from zeroptim_cli.io.layout import parse_metadata, recorded_batch_paths, state_name
 from zeroptim_cli.io.lazy import TensorFiles, open_lazily
 from zeroptim_cli.io.outputs import Inputs
 from zeroptim_cli.io.specs import Trust, spec_file
 from zeroptim_cli.models import build_model
 from zeroptim_cli.models.skeleton import skeleton
-from zeroptim_cli.optim.state import state_file_name
 from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
 
@@ -267,7 +260,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     except ZeroptimError:
         return [path]
     if isinstance(meta.get("step"), int) and meta["step"] >= 0:
-        files.append(path.parent / state_file_name(meta["step"]))
+        files.append(path.parent / state_name(meta["step"]))
     specs = [(meta.get("model") or {}).get("factory"), meta.get("loss")]
     return files + [f for s in specs if isinstance(s, str) for f in [spec_file(s, path.parent)] if f is not None]
 

@@ -44,17 +44,10 @@ from zeroptim_cli.derivatives.losses import MODEL_LOSS
 from zeroptim_cli.io.batches import LABELS, save_batch
 from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
+from zeroptim_cli.io.layout import TRAINER_RUN_FOLDER, batch_entry, batch_name, ckpt_name, state_name
 from zeroptim_cli.models.hf import is_seq2seq_lm
 from zeroptim_cli.optim.optimizers import optimizer_description
-from zeroptim_cli.optim.state import save_state, state_file_name
-
-
-def ckpt_name(step: int) -> str:
-    return f"ckpt_{step:06d}.safetensors"
-
-
-def batch_name(step: int, index: int) -> str:
-    return f"batch_{step:06d}_{index}.safetensors"
+from zeroptim_cli.optim.state import save_state
 
 
 class ZeroptimCallback(TrainerCallback):
@@ -84,7 +77,7 @@ class ZeroptimCallback(TrainerCallback):
         if model is None:
             raise ValueError("ZeroptimCallback: Trainer passed no model to the callback")
         if self.folder is None:
-            self.folder = Path(args.output_dir) / "zeroptim"
+            self.folder = Path(args.output_dir) / TRAINER_RUN_FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         self._accumulation = args.gradient_accumulation_steps
         if self._accumulation > 1 and is_seq2seq_lm(model):
@@ -144,10 +137,10 @@ class ZeroptimCallback(TrainerCallback):
             labels = micro.pop(LABELS)
             save_batch(self.folder / name, micro, labels)
         meta = self._meta(model, step, optimizer, args)
-        meta.update({"batch": names[0]} if len(names) == 1 else {"batches": names})
+        meta.update(batch_entry(names))
         save_checkpoint(self.folder / ckpt_name(step), model, meta)
         if optimizer is not None:
-            save_state(self.folder / state_file_name(step), model, getattr(optimizer, "optimizer", optimizer), step,
+            save_state(self.folder / state_name(step), model, getattr(optimizer, "optimizer", optimizer), step,
                        meta["optimizer"])
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

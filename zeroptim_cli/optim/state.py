@@ -5,7 +5,8 @@ File ``optim_{step:06d}.safetensors`` (the state just before step t): tensors na
 ``zeroptim`` = ``{"format": 1, "step": t, "optimizer": <description>, "param_groups": n}``, n the groups
 that differ in a hyper-parameter; when n > 1 also ``"groups"``: for every group of the optimizer, its
 parameters' names (``"params"``) and its hyper-parameters (as Trainer's no-decay group for biases and
-LayerNorm weights beside a group with weight decay, or a scheduler's per-group learning rates).
+LayerNorm weights beside a group with weight decay, or a scheduler's per-group learning rates). Its name
+and metadata are ``io.layout``'s.
 
 Taking the step again (``replay_step``): the optimizer is rebuilt from its description by the built-in
 registry (never from a class named in a file), the saved state is loaded through torch's own
@@ -23,10 +24,9 @@ optimizer did not step it. A description with
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.checkpoint import FORMAT_VERSION, versions
-from zeroptim_cli.io.files import atomic_path, loads_json, read_safetensors
+from zeroptim_cli.io.files import atomic_path, read_safetensors
+from zeroptim_cli.io.layout import StateMetadata, encode_metadata, parse_state_metadata, state_metadata
 from zeroptim_cli.optim.optimizers import (
     OPTIMIZERS,
     CoordinateClip,
@@ -46,11 +46,6 @@ from zeroptim_cli.optim.optimizers import (
     optimizer_description,
 )
 from zeroptim_cli.vectors import Params
-
-
-def state_file_name(step: int) -> str:
-    """The state file recorded beside checkpoint ``step``."""
-    return f"optim_{step:06d}.safetensors"
 
 
 def _names(model: nn.Module) -> Callable[[Tensor], str]:
@@ -76,17 +71,6 @@ def group_descriptions(model: nn.Module, optimizer: Any) -> list[dict[str, Any]]
     return [{"params": [name(p) for p in g["params"]], **group_hyperparameters(g)} for g in optimizer.param_groups]
 
 
-def state_metadata(step: int, model: nn.Module, optimizer: Any,
-                   description: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``zeroptim`` metadata of a state file, but its format (see the module docstring); ``description``
-    replaces ``optimizer_description(optimizer)`` (e.g. with the loop's ``max_grad_norm`` added)."""
-    groups = distinct_groups(optimizer)
-    meta = {"step": step, "optimizer": description or optimizer_description(optimizer), "param_groups": groups}
-    if groups > 1:
-        meta["groups"] = group_descriptions(model, optimizer)
-    return meta
-
-
 def distinct_groups(optimizer: Any) -> int:
     """The parameter groups that differ in a hyper-parameter: groups alike but for their parameters (as
     Trainer's decay and no-decay groups are without weight decay) step as one."""
@@ -95,49 +79,31 @@ def distinct_groups(optimizer: Any) -> int:
 
 def save_state(path: Path, model: nn.Module, optimizer: Any, step: int,
                description: dict[str, Any] | None = None) -> None:
-    """Write the state file of ``optimizer`` (over ``model``'s parameters) before step ``step``, atomically."""
-    meta = {"format": FORMAT_VERSION, **state_metadata(step, model, optimizer, description), "versions": versions()}
+    """Write the state file of ``optimizer`` (over ``model``'s parameters) before step ``step``, atomically;
+    ``description`` replaces ``optimizer_description(optimizer)`` (e.g. with the loop's ``max_grad_norm``);
+    parameter groups that differ are recorded with their parameters (module docstring)."""
+    distinct = distinct_groups(optimizer)
+    meta = state_metadata(step, description or optimizer_description(optimizer), distinct,
+                          group_descriptions(model, optimizer) if distinct > 1 else None)
     with atomic_path(path) as tmp:
-        save_file(state_tensors(model, optimizer), str(tmp), metadata={"zeroptim": json.dumps(meta)})
+        save_file(state_tensors(model, optimizer), str(tmp), metadata=encode_metadata(meta))
 
 
 @dataclass(frozen=True)
 class SavedState:
-    """A state file: its tensors, and the optimizer description and step it records (None when absent,
-    as in files written before they were recorded)."""
+    """A state file: its tensors, and its metadata (the step and optimizer it records, ``io.layout``'s)."""
 
     path: Path
     tensors: dict[str, Tensor]
-    step: int | None = None
-    optimizer: dict[str, Any] | None = None
-    param_groups: int = 1
-    meta: dict[str, Any] = field(default_factory=dict)
-    groups: list[dict[str, Any]] | None = None
+    metadata: StateMetadata = StateMetadata()
 
 
-def load_state_file(path: str | os.PathLike) -> SavedState:
-    """Read an ``optim_*.safetensors`` file."""
+def load_state_file(path: str | os.PathLike, step: int | None = None) -> SavedState:
+    """Read an ``optim_*.safetensors`` file (found beside checkpoint ``step``, when given: a step it records
+    must be that one)."""
     p = Path(path)
     tensors, raw = read_safetensors(p, "optimizer state")
-    try:
-        meta = loads_json(raw.get("zeroptim", "{}"))
-    except ValueError as exc:
-        raise ZeroptimError(f"optimizer state '{p}': metadata 'zeroptim' is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise ZeroptimError(f"optimizer state '{p}': metadata 'zeroptim' must be a JSON object")
-    step, groups, optimizer = meta.get("step"), meta.get("param_groups", 1), meta.get("optimizer")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ZeroptimError(f"optimizer state '{p}': metadata key 'param_groups' must be a positive integer, "
-                            f"not {json.dumps(groups)[:40]}")
-    if optimizer is not None and not isinstance(optimizer, dict):
-        raise ZeroptimError(f"optimizer state '{p}': metadata key 'optimizer' must be an object")
-    listed = meta.get("groups")
-    if listed is not None and not (isinstance(listed, list) and listed and all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) and all(isinstance(n, str) for n in g["params"])
-            for g in listed)):
-        raise ZeroptimError(f"optimizer state '{p}': metadata key 'groups' must be a list of objects, each with "
-                            "'params', a list of parameter names")
-    return SavedState(p, tensors, step if isinstance(step, int) else None, optimizer, groups, meta, listed)
+    return SavedState(p, tensors, parse_state_metadata(raw, p, step))
 
 
 def rebuild(description: Mapping[str, Any], params: Mapping[str, Tensor]) -> torch.optim.Optimizer | CoordinateClip:

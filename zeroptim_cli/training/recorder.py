@@ -18,7 +18,7 @@ Files, all written atomically: ``ckpt_{step:06d}.safetensors`` (metadata per doc
 micro-batches, ``batch_{step:06d}_{i}.safetensors``, named under ``batches``),
 ``optim_{step:06d}.safetensors`` (the optimizer state before the step, format in ``optim.state``; by
 default, so that ``zeroptim compare`` can take the recorded optimizer's step again; nearly empty for plain
-SGD), and ``run.json``.
+SGD), and ``run.json`` (names and metadata: ``io.layout``).
 
 A folder that already holds a run's files is refused (two runs in one folder would mix), unless
 ``overwrite=True``, which first removes those files (and only those). The folder is locked while the
@@ -40,33 +40,23 @@ from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.batches import save_batch
-from zeroptim_cli.io.checkpoint import FORMAT_VERSION, save_checkpoint, versions
+from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io.files import exclusive_lock, remove_stale_temporaries, write_text_atomic
+from zeroptim_cli.io.layout import (
+    FORMAT_VERSION,
+    RUN_FILE,
+    batch_entry,
+    batch_name,
+    ckpt_name,
+    run_files,
+    state_name,
+    versions,
+)
 from zeroptim_cli.optim.optimizers import optimizer_description
-from zeroptim_cli.optim.state import save_state, state_file_name
-
-
-def ckpt_name(step: int) -> str:
-    return f"ckpt_{step:06d}.safetensors"
-
-
-def batch_name(step: int) -> str:
-    return f"batch_{step:06d}.safetensors"
-
-
-def batch_names(step: int, count: int) -> list[str]:
-    """The files of a step's ``count`` batches: ``batch_name(step)`` for one, ``batch_{step:06d}_{i}`` for several."""
-    return [batch_name(step)] if count == 1 else [f"batch_{step:06d}_{i}.safetensors" for i in range(count)]
-
+from zeroptim_cli.optim.state import save_state
 
 #: One batch as the Recorder saves it: the model's inputs (a tensor, or keyword arguments) and the targets.
 BatchPair = tuple[torch.Tensor | Mapping[str, torch.Tensor], torch.Tensor]
-
-
-def run_files(folder: Path) -> list[Path]:
-    """The files of a recorded run in ``folder``: what a Recorder writes there."""
-    names = ("ckpt_*.safetensors", "batch_*.safetensors", "optim_*.safetensors", "run.json")
-    return sorted(p for pattern in names for p in folder.glob(pattern))
 
 
 class Recorder:
@@ -126,9 +116,7 @@ class Recorder:
                                 "run_id": self.run_id, "train_mode": self.model.training}
         if self.model_spec is not None:
             meta["model"] = self.model_spec
-        if batches:
-            meta.update({"batch": batches[0]} if len(batches) == 1 else {"batches": batches})
-        return meta
+        return {**meta, **batch_entry(batches)}
 
     @contextlib.contextmanager
     def step(self, step: int, inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
@@ -146,12 +134,12 @@ class Recorder:
 
     def before(self, step: int, batches: Sequence[BatchPair]) -> None:
         """Just before optimizer step ``step``: its batches, checkpoint ``step`` and the optimizer's state."""
-        names = batch_names(step, len(batches))
+        names = [batch_name(step)] if len(batches) == 1 else [batch_name(step, i) for i in range(len(batches))]
         for name, (inputs, targets) in zip(names, batches):
             save_batch(self.folder / name, inputs, targets)
         save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, names))
         if self.save_optimizer_state:
-            save_state(self.folder / state_file_name(step), self.model, self.optimizer, step, self._description())
+            save_state(self.folder / state_name(step), self.model, self.optimizer, step, self._description())
 
     def after(self, step: int) -> None:
         """Just after optimizer step ``step``: checkpoint ``step + 1``."""
@@ -164,4 +152,4 @@ class Recorder:
         run = {"format": FORMAT_VERSION, "run_id": self.run_id, "model": self.model_spec, "loss": self.loss,
                "optimizer": self._description(), "recorded_steps": self.recorded,
                "versions": versions(), **self.extra}
-        write_text_atomic(self.folder / "run.json", json.dumps(run, indent=2) + "\n")
+        write_text_atomic(self.folder / RUN_FILE, json.dumps(run, indent=2) + "\n")
