@@ -18,8 +18,8 @@ LAYERS: dict[str, int] = {
     "models": 3, "distributed": 3, "optim": 3,
     "derivatives": 4,
     "analysis": 5,
-    "report": 6, "training": 6, "integrations": 6,
-    "cli": 7,
+    "report": 6, "training": 6,
+    "cli": 7, "integrations": 7,
     "__main__": 8,
 }
 

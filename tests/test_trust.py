@@ -442,7 +442,8 @@ def adam_copy(tmp_path: Path, **state_meta: object) -> tuple[Path, Path, Path]:
 
 @pytest.mark.parametrize("change", [{"param_groups": "x"}, {"format": 2}, {"param_groups": 0}, {"optimizer": "adam"},
                                     {"optimizer__lr": "0.001"}, {"optimizer__betas": [2.0, 0.999]},
-                                    {"optimizer__betas": "b"}])
+                                    {"optimizer__betas": "b"}, {"groups": "x"}, {"groups": [{"params": ["nope"]}]},
+                                    {"groups": [{"params": [1]}]}])
 def test_bad_optimizer_state_metadata_is_bad_data_naming_the_file(tmp_path, capsys, change) -> None:
     a, b, state = adam_copy(tmp_path, **change)
     for args in (["compare", a, b], ["analyze", a, b, "--direction", "adam"]):

@@ -62,8 +62,8 @@ class MezoSettings:
 
 @dataclass(frozen=True)
 class OptimizerState:
-    """An optimizer ready to step: its description (``optim.optimizers.optimizer_description``) and the
-    tensors of its saved state."""
+    """An optimizer ready to step: its description (``optim.optimizers.optimizer_description``, with the
+    state file's parameter ``groups`` when it records several) and the tensors of its saved state."""
 
     name: str
     description: dict[str, Any]
@@ -107,9 +107,12 @@ def _state(saved: SavedState, description: dict[str, Any] | None, name: str) -> 
     description = saved.metadata.optimizer or description
     if not description:
         raise ZeroptimError(f"optimizer state '{saved.path}' records no optimizer, nor does its checkpoint")
-    if saved.metadata.param_groups != 1:
-        raise ZeroptimError(f"optimizer state '{saved.path}' has {saved.metadata.param_groups} parameter groups; "
-                            "only one can be stepped again")
+    groups, count = saved.metadata.groups, saved.metadata.param_groups
+    if count != 1 and groups is None:
+        raise ZeroptimError(f"optimizer state '{saved.path}' has {count} parameter groups but records not which "
+                            "parameters each holds; only one can be stepped again")
+    if groups is not None:  # replay_step rebuilds the optimizer with its groups
+        description = {**description, "groups": groups}
     return OptimizerState(name or recorded_name(description), description, saved.tensors, str(saved.path))
 
 

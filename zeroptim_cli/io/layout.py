@@ -17,8 +17,9 @@ Metadata: a file zeroptim writes stores it under the safetensors metadata key ``
 says what wrote the file, readers never need it). A checkpoint's keys are docs/contract.md's
 (``parse_metadata``); it names the batches of its step (``batch`` for one, ``batches`` for several: files in
 its folder, ``batch_entry`` / ``recorded_batch_paths``), which hold no metadata of their own. An optimizer
-state's keys are ``step``, ``optimizer`` (its description) and ``param_groups`` (``state_metadata`` /
-``parse_state_metadata``).
+state's keys are ``step``, ``optimizer`` (its description), ``param_groups`` (the groups that differ in a
+hyper-parameter) and, when they are several, ``groups`` (each group's parameter names and hyper-parameters)
+(``state_metadata`` / ``parse_state_metadata``).
 """
 
 from __future__ import annotations
@@ -224,21 +225,26 @@ def recorded_batch_paths(meta: Mapping[str, Any], folder: Path, source: Path) ->
     return paths
 
 
-def state_metadata(step: int, description: dict[str, Any], param_groups: int) -> dict[str, Any]:
+def state_metadata(step: int, description: dict[str, Any], param_groups: int,
+                   groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``zeroptim`` metadata of an optimizer state before step ``step``, but its format and versions
-    (``encode_metadata`` adds them): the optimizer's ``description`` and its distinct parameter groups."""
-    return {"step": step, "optimizer": description, "param_groups": param_groups}
+    (``encode_metadata`` adds them): the optimizer's ``description``, its distinct parameter groups and, if
+    given, every group as ``{"params": [parameter names], <hyper-parameters>}``."""
+    meta = {"step": step, "optimizer": description, "param_groups": param_groups}
+    return meta if groups is None else {**meta, "groups": groups}
 
 
 @dataclass(frozen=True)
 class StateMetadata:
     """An optimizer state's metadata: the step and optimizer description it records (None when absent, as
-    in files written before they were recorded), its parameter groups, and the whole object."""
+    in files written before they were recorded), its parameter groups (their number, and each group when
+    recorded), and the whole object."""
 
     step: int | None = None
     optimizer: dict[str, Any] | None = None
     param_groups: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
+    groups: list[dict[str, Any]] | None = None
 
 
 def parse_state_metadata(raw: Mapping[str, str], p: Path, step: int | None = None) -> StateMetadata:
@@ -251,10 +257,16 @@ def parse_state_metadata(raw: Mapping[str, str], p: Path, step: int | None = Non
                             f"not {json.dumps(groups)[:40]}")
     if optimizer is not None and not isinstance(optimizer, dict):
         raise ZeroptimError(f"optimizer state '{p}': metadata key 'optimizer' must be an object")
+    listed = meta.get("groups")
+    if listed is not None and not (isinstance(listed, list) and listed and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and all(isinstance(n, str) for n in g["params"])
+            for g in listed)):
+        raise ZeroptimError(f"optimizer state '{p}': metadata key 'groups' must be a list of objects, each with "
+                            "'params', a list of parameter names")
     recorded = recorded if isinstance(recorded, int) else None
     if step is not None and recorded is not None and recorded != step:
         raise ZeroptimError(f"optimizer state '{p}' records step {recorded}, its checkpoint {step}")
-    return StateMetadata(recorded, optimizer, groups, meta)
+    return StateMetadata(recorded, optimizer, groups, meta, listed)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,14 @@ and the batch the step used::
     with rec.step(step, inputs, targets):
         optimizer.step()
 
+A step whose gradient was accumulated over several micro-batches records them all:
+``rec.step(step, batches=[(inputs_1, targets_1), ...])``; a loop that splits the hooks (Lightning's callback)
+calls ``rec.before(step, batches)`` and ``rec.after(step)`` itself.
+
 Files, all written atomically: ``ckpt_{step:06d}.safetensors`` (metadata per docs/contract.md,
 ``batch`` naming the batch of the step that starts there, ``run_id`` telling this run from others and
-``train_mode`` the model's mode during the step), ``batch_{step:06d}.safetensors``,
+``train_mode`` the model's mode during the step), ``batch_{step:06d}.safetensors`` (or, for several
+micro-batches, ``batch_{step:06d}_{i}.safetensors``, named under ``batches``),
 ``optim_{step:06d}.safetensors`` (the optimizer state before the step, format in ``optim.state``; by
 default, so that ``zeroptim compare`` can take the recorded optimizer's step again; nearly empty for plain
 SGD), and ``run.json`` (names and metadata: ``io.layout``).
@@ -26,7 +31,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,9 @@ from zeroptim_cli.io.layout import (
 from zeroptim_cli.optim.optimizers import optimizer_description
 from zeroptim_cli.optim.state import save_state
 
+#: One batch as the Recorder saves it: the model's inputs (a tensor, or keyword arguments) and the targets.
+BatchPair = tuple[torch.Tensor | Mapping[str, torch.Tensor], torch.Tensor]
+
 
 class Recorder:
     """Saves (checkpoint t, batch, checkpoint t+1) around chosen optimizer steps of a training loop.
@@ -65,7 +73,10 @@ class Recorder:
         model_spec: how ``zeroptim analyze`` rebuilds the model with no flags, e.g.
             ``{"name": "mlp", "kwargs": {...}}`` or ``{"factory": "pkg.mod:fn"}``.
         loss: the loss the metadata names (``cross_entropy``, ``mse``, … or ``MODULE:FN``).
-        save_optimizer_state: write ``optim_*.safetensors`` (the state before each recorded step).
+        save_optimizer_state: write ``optim_*.safetensors`` (the state before each recorded step; on by
+            default, False skips them).
+        max_grad_norm: the global norm c the loop clips g to before the step
+            (``torch.nn.utils.clip_grad_norm_(params, c)``), so that the step is taken again with the same clipping.
         extra: more keys for ``run.json``.
         overwrite: remove the files of a run already in the folder instead of refusing it.
 
@@ -107,7 +118,8 @@ class Recorder:
     def __init__(self, folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  every: int | None = None, steps: Iterable[int] = (), model_spec: dict[str, Any] | None = None,
                  loss: str = "cross_entropy", save_optimizer_state: bool = True,
-                 extra: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+                 extra: dict[str, Any] | None = None, overwrite: bool = False,
+                 max_grad_norm: float | None = None) -> None:
         if every is not None and every <= 0:
             raise ValueError("every must be a positive number of steps")
         self.folder = Path(folder)
@@ -127,6 +139,7 @@ class Recorder:
         self.every, self.steps = every, set(steps)
         self.model_spec, self.loss = model_spec, loss
         self.save_optimizer_state = save_optimizer_state
+        self.max_grad_norm = max_grad_norm
         self.extra = dict(extra or {})
         self.recorded: list[int] = []
         self._write_run()
@@ -139,24 +152,42 @@ class Recorder:
         """Whether ``step`` is one to record."""
         return step in self.steps or (self.every is not None and step % self.every == 0)
 
+    def _description(self) -> dict[str, Any]:
+        description = optimizer_description(self.optimizer)
+        return description if self.max_grad_norm is None else {**description, "max_grad_norm": self.max_grad_norm}
+
     def _meta(self, step: int, batches: list[str]) -> dict[str, Any]:
-        meta: dict[str, Any] = {"step": step, "loss": self.loss, "optimizer": optimizer_description(self.optimizer),
+        meta: dict[str, Any] = {"step": step, "loss": self.loss, "optimizer": self._description(),
                                 "run_id": self.run_id, "train_mode": self.model.training}
         if self.model_spec is not None:
             meta["model"] = self.model_spec
         return {**meta, **batch_entry(batches)}
 
     @contextlib.contextmanager
-    def step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> Iterator[None]:
-        """Wrap ``optimizer.step()``: record around it when ``step`` is wanted, else do nothing."""
+    def step(self, step: int, inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
+             batches: Sequence[BatchPair] = ()) -> Iterator[None]:
+        """Wrap ``optimizer.step()``: record around it when ``step`` is wanted, else do nothing. The step's
+        batch is ``(inputs, targets)``, or its micro-batches ``batches``."""
+        if (inputs is None) == (not batches) or (inputs is None) != (targets is None):
+            raise ValueError("Recorder.step takes inputs and targets, or batches")
         if not self.wants(step):
             yield
             return
-        save_batch(self.folder / batch_name(step), inputs, targets)
-        save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, [batch_name(step)]))
-        if self.save_optimizer_state:
-            save_state(self.folder / state_name(step), self.model, self.optimizer, step)
+        self.before(step, batches or [(inputs, targets)])  # type: ignore[list-item]
         yield
+        self.after(step)
+
+    def before(self, step: int, batches: Sequence[BatchPair]) -> None:
+        """Just before optimizer step ``step``: its batches, checkpoint ``step`` and the optimizer's state."""
+        names = [batch_name(step)] if len(batches) == 1 else [batch_name(step, i) for i in range(len(batches))]
+        for name, (inputs, targets) in zip(names, batches):
+            save_batch(self.folder / name, inputs, targets)
+        save_checkpoint(self.folder / ckpt_name(step), self.model, self._meta(step, names))
+        if self.save_optimizer_state:
+            save_state(self.folder / state_name(step), self.model, self.optimizer, step, self._description())
+
+    def after(self, step: int) -> None:
+        """Just after optimizer step ``step``: checkpoint ``step + 1``."""
         # If step t+1 is recorded too, its own "before" checkpoint rewrites this file with its batch.
         save_checkpoint(self.folder / ckpt_name(step + 1), self.model, self._meta(step + 1, []))
         self.recorded.append(step)
@@ -164,6 +195,6 @@ class Recorder:
 
     def _write_run(self) -> None:
         run = {"format": FORMAT_VERSION, "run_id": self.run_id, "model": self.model_spec, "loss": self.loss,
-               "optimizer": optimizer_description(self.optimizer), "recorded_steps": self.recorded,
+               "optimizer": self._description(), "recorded_steps": self.recorded,
                "versions": versions(), **self.extra}
         write_text_atomic(self.folder / RUN_FILE, json.dumps(run, indent=2) + "\n")
