@@ -18,8 +18,8 @@ LAYERS: dict[str, int] = {
     "models": 3, "distributed": 3, "optim": 3,
     "derivatives": 4,
     "analysis": 5,
-    "report": 6, "training": 6, "integrations": 6,
-    "cli": 7,
+    "report": 6, "training": 6,
+    "cli": 7, "integrations": 7,
     "__main__": 8,
 }
 
@@ -102,3 +102,56 @@ def test_the_checker_can_fail() -> None:
     assert violations("zeroptim_cli.training.loop", {"zeroptim_cli.report.tables"})
     assert violations("zeroptim_cli.io.checkpoint", {"zeroptim_cli"})
     assert not violations("zeroptim_cli.analysis.pair", {"zeroptim_cli.derivatives.objective"})
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+
+
+def doc_name(path: Path) -> str:
+    """How docs/architecture.md names a module: its path under zeroptim_cli/ (``io/outputs.py``), a package by
+    its folder (``io/``), the package root as ``zeroptim_cli/__init__.py``."""
+    rel = path.relative_to(ROOT)
+    if rel.name != "__init__.py":
+        return rel.as_posix()
+    return "zeroptim_cli/__init__.py" if rel.parent == Path(".") else rel.parent.as_posix() + "/"
+
+
+def unnamed_modules(doc: str) -> list[str]:
+    """The modules of the package that ``doc`` does not name (in backticks, as ``doc_name`` spells them)."""
+    return sorted(n for n in (doc_name(p) for p in MODULES.values()) if f"`{n}`" not in doc)
+
+
+def test_every_module_is_named_in_the_architecture_doc() -> None:
+    assert unnamed_modules(DOC.read_text(encoding="utf-8")) == []
+
+
+def test_the_naming_check_can_fail() -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    assert unnamed_modules(doc.replace("`io/outputs.py`", "outputs.py")) == ["io/outputs.py"]
+    assert "derivatives/taylor/rules/" in unnamed_modules(doc.replace("`derivatives/taylor/rules/`", "rules"))
+
+
+def test_the_doc_names_every_user_of_distributed() -> None:
+    """The distributed.py paragraph lists each module that imports it."""
+    doc = DOC.read_text(encoding="utf-8")
+    paragraph = doc[doc.index("- **`distributed.py`**"):].split("\n- ")[0]
+    users = sorted(doc_name(MODULES[m]) for m in MODULES if "zeroptim_cli.distributed" in imports_of(m))
+    assert len(users) >= 3
+    assert [u for u in users if f"`{u}`" not in paragraph] == []
+
+
+def test_every_taylor_rule_has_a_formula_docstring() -> None:
+    """Each registered Taylor rule (or, for a rule a factory makes, the factory) says what it computes."""
+    import sys
+
+    from zeroptim_cli.derivatives.taylor import engine  # noqa: F401  (fills the rule table)
+    from zeroptim_cli.derivatives.taylor._core import RULES
+
+    def documented(fn) -> str:
+        if "<locals>" in fn.__qualname__:
+            fn = getattr(sys.modules[fn.__module__], fn.__qualname__.split(".<locals>")[0])
+        return (fn.__doc__ or "").strip()
+
+    rules = {rule for rule in RULES.values()}
+    assert len(rules) > 50
+    assert [f"{r.__module__}.{r.__qualname__}" for r in rules if not documented(r)] == []

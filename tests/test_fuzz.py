@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from test_cli import SPEC, make_pair, run, tree_hash
 
-from zeroptim_cli.io.checkpoint import METADATA_KEY
 from zeroptim_cli.io.files import read_safetensors
+from zeroptim_cli.io.layout import METADATA_KEY
 
 KEYS = ["format", "model", "step", "loss", "optimizer", "batch", "run_id", "train_mode", "extra"]
 json_values = st.recursive(

@@ -114,7 +114,7 @@ def _auto(op):
 def constant_cases():
     """(op, predicate or None) for every overload registered as (conditionally) piecewise constant that a Taylor
     tensor can reach (one with a Tensor argument; the others never dispatch here)."""
-    detached = {ov for p in rules.DETACHED for ov in rules._overloads(p)}
+    detached = {ov for p in rules.DETACHED for ov in rules.functional_overloads(p)}
     out = []
     for op, rule in list(RULES.items()):
         pred = getattr(rule, "constant_if", None)

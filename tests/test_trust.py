@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from test_cli import SPEC, make_pair, run, tree_hash
 
 from zeroptim_cli.io.batches import save_batch
-from zeroptim_cli.io.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
+from zeroptim_cli.io.checkpoint import load_checkpoint, save_checkpoint
 from zeroptim_cli.io.files import LockedFile, atomic_path, read_safetensors
+from zeroptim_cli.io.layout import METADATA_KEY
 from zeroptim_cli.models import MLP
 from zeroptim_cli.training.recorder import Recorder
 
@@ -439,9 +440,10 @@ def adam_copy(tmp_path: Path, **state_meta: object) -> tuple[Path, Path, Path]:
     return run_dir / "ckpt_000100.safetensors", run_dir / "ckpt_000101.safetensors", state
 
 
-@pytest.mark.parametrize("change", [{"param_groups": "x"}, {"param_groups": 0}, {"optimizer": "adam"},
+@pytest.mark.parametrize("change", [{"param_groups": "x"}, {"format": 2}, {"param_groups": 0}, {"optimizer": "adam"},
                                     {"optimizer__lr": "0.001"}, {"optimizer__betas": [2.0, 0.999]},
-                                    {"optimizer__betas": "b"}])
+                                    {"optimizer__betas": "b"}, {"groups": "x"}, {"groups": [{"params": ["nope"]}]},
+                                    {"groups": [{"params": [1]}]}])
 def test_bad_optimizer_state_metadata_is_bad_data_naming_the_file(tmp_path, capsys, change) -> None:
     a, b, state = adam_copy(tmp_path, **change)
     for args in (["compare", a, b], ["analyze", a, b, "--direction", "adam"]):

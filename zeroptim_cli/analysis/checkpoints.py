@@ -28,34 +28,29 @@ from zeroptim_cli.analysis.trainable import split_trainable
 from zeroptim_cli.derivatives.losses import Loss, default_loss, resolve_loss, resolve_metadata_loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import (
-    Checkpoint,
-    check_compatible,
-    load_checkpoint,
-    needs_base,
-    parse_metadata,
-    recorded_batch_paths,
-    state_for_model,
-)
+from zeroptim_cli.io.checkpoint import Checkpoint, check_compatible, load_checkpoint, needs_base, state_for_model
 from zeroptim_cli.io.files import read_header
+from zeroptim_cli.io.layout import parse_metadata, recorded_batch_paths, state_name
 from zeroptim_cli.io.lazy import TensorFiles, open_lazily
 from zeroptim_cli.io.outputs import Inputs
 from zeroptim_cli.io.specs import Trust, spec_file
 from zeroptim_cli.models import build_model
 from zeroptim_cli.models.skeleton import skeleton
-from zeroptim_cli.optim.state import state_file_name
 from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How to analyse: model and loss overrides, device, dtype, HVP method, train mode and its seed, the
-    examples per evaluation (``chunk_size``: ``auto``, N, or 0 for whole batches), whether code named
-    in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``), whether to search the
-    critical scale along Δ (``critical``, to the relative tolerance ``critical_tol``), and whether to stream
-    the parameters module by module (``stream``, or by itself when the in-memory analysis is estimated to
-    need more than ``max_memory`` bytes; ``analysis.streamed``), and the base model folder of peft adapter
-    checkpoints (``base``, else the one each adapter's config names: ``io.peft``)."""
+    """How to analyse, one field per flag of ``zeroptim analyze``: the ``model`` and ``loss`` overrides (specs,
+    None: the metadata's), ``device``, ``dtype``, the differentiation ``method`` (``auto`` or a name of
+    ``derivatives.METHODS``), ``train`` mode and its ``seed``, the ``direction`` analysed (``update``: Δ
+    itself, another name of ``analysis.directions.NAMED``, or a .safetensors file), the examples per evaluation
+    (``chunk_size``: ``auto``, N, or 0 for whole batches), whether code named in the checkpoints' metadata
+    may run (``trust_code``, see ``io.specs.Trust``), whether to search the critical scale along Δ
+    (``critical``, to the relative tolerance ``critical_tol``), and whether to stream the parameters module by
+    module (``stream``, or by itself when the in-memory analysis is estimated to need more than ``max_memory``
+    bytes; ``analysis.streamed``), and the base model folder of peft adapter checkpoints (``base``, else the one
+    each adapter's config names: ``io.peft``)."""
 
     model: str | None = None
     loss: str | None = None
@@ -294,7 +289,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     if isinstance(meta.get("base"), str):
         files.append(path.parent / meta["base"])
     if isinstance(meta.get("step"), int) and meta["step"] >= 0:
-        files.append(path.parent / state_file_name(meta["step"]))
+        files.append(path.parent / state_name(meta["step"]))
     specs = [(meta.get("model") or {}).get("factory"), meta.get("loss")]
     return files + [f for s in specs if isinstance(s, str) for f in [spec_file(s, path.parent)] if f is not None]
 

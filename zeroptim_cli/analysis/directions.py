@@ -23,7 +23,8 @@ from zeroptim_cli.analysis.optimizer_steps import recorded_state
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint
 from zeroptim_cli.io.files import read_safetensors
-from zeroptim_cli.optim.state import replay_step, state_file_name
+from zeroptim_cli.io.layout import state_name
+from zeroptim_cli.optim.state import replay_step
 from zeroptim_cli.vectors import Params, norm
 
 NAMED = ("update", "neg-grad", "neg-sign-grad", "adam")
@@ -81,5 +82,5 @@ def adam_direction(ckpt_t: Checkpoint) -> Direction:
         raise ZeroptimError(f"--direction adam: '{ckpt_t.path}' records no step")
     state = recorded_state(ckpt_t)
     if state is None:
-        raise ZeroptimError(f"--direction adam: no optimizer state '{state_file_name(ckpt_t.step)}' beside '{ckpt_t.path}'")
+        raise ZeroptimError(f"--direction adam: no optimizer state '{state_name(ckpt_t.step)}' beside '{ckpt_t.path}'")
     return lambda g, w, update: replay_step(state.description, state.tensors, w, g, source=state.source)

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint
-from zeroptim_cli.optim.state import SavedState, load_state_file, replay_step, state_file_name
+from zeroptim_cli.io.layout import ckpt_name, state_name
+from zeroptim_cli.optim.state import SavedState, load_state_file, replay_step
 from zeroptim_cli.vectors import Params, clip_threshold, norm
 
 RULES = ("update", "sgd", "sign-sgd", "normalized-sgd", "mezo")
@@ -61,8 +62,8 @@ class MezoSettings:
 
 @dataclass(frozen=True)
 class OptimizerState:
-    """An optimizer ready to step: its description (``optim.optimizers.optimizer_description``) and the
-    tensors of its saved state."""
+    """An optimizer ready to step: its description (``optim.optimizers.optimizer_description``, with the
+    state file's parameter ``groups`` when it records several) and the tensors of its saved state."""
 
     name: str
     description: dict[str, Any]
@@ -103,12 +104,15 @@ def recorded_name(description: dict[str, Any]) -> str:
 
 
 def _state(saved: SavedState, description: dict[str, Any] | None, name: str) -> OptimizerState:
-    description = saved.optimizer or description
+    description = saved.metadata.optimizer or description
     if not description:
         raise ZeroptimError(f"optimizer state '{saved.path}' records no optimizer, nor does its checkpoint")
-    if saved.param_groups != 1:
-        raise ZeroptimError(f"optimizer state '{saved.path}' has {saved.param_groups} parameter groups; "
-                            "only one can be stepped again")
+    groups, count = saved.metadata.groups, saved.metadata.param_groups
+    if count != 1 and groups is None:
+        raise ZeroptimError(f"optimizer state '{saved.path}' has {count} parameter groups but records not which "
+                            "parameters each holds; only one can be stepped again")
+    if groups is not None:  # replay_step rebuilds the optimizer with its groups
+        description = {**description, "groups": groups}
     return OptimizerState(name or recorded_name(description), description, saved.tensors, str(saved.path))
 
 
@@ -116,13 +120,10 @@ def recorded_state(ckpt_t: Checkpoint) -> OptimizerState | None:
     """The state saved beside checkpoint t (``optim_{t:06d}.safetensors``), None when there is none."""
     if ckpt_t.step is None:
         return None
-    path = ckpt_t.path.parent / state_file_name(ckpt_t.step)
+    path = ckpt_t.path.parent / state_name(ckpt_t.step)
     if not path.exists():
         return None
-    saved = load_state_file(path)
-    if saved.step is not None and saved.step != ckpt_t.step:
-        raise ZeroptimError(f"optimizer state '{path}' records step {saved.step}, its checkpoint {ckpt_t.step}")
-    return _state(saved, ckpt_t.meta.get("optimizer"), "")
+    return _state(load_state_file(path, ckpt_t.step), ckpt_t.meta.get("optimizer"), "")
 
 
 def other_state(path: str | Path, step: int | None) -> OptimizerState:
@@ -132,11 +133,11 @@ def other_state(path: str | Path, step: int | None) -> OptimizerState:
     if p.is_dir():
         if step is None:
             raise ZeroptimError(f"--state '{p}' is a folder, but the checkpoint records no step to pick its state by")
-        p = p / state_file_name(step)
+        p = p / state_name(step)
     saved = load_state_file(p)
-    description = saved.optimizer
-    if description is None and saved.step is not None:  # files written before states recorded their optimizer
-        sibling = p.parent / f"ckpt_{saved.step:06d}.safetensors"
+    description, recorded_step = saved.metadata.optimizer, saved.metadata.step
+    if description is None and recorded_step is not None:  # files written before states recorded their optimizer
+        sibling = p.parent / ckpt_name(recorded_step)
         description = load_checkpoint(sibling).meta.get("optimizer") if sibling.exists() else None
     state = _state(saved, description, "")
     return OptimizerState(f"{state.name}@{p.resolve().parent.name}", state.description, state.tensors, state.source)

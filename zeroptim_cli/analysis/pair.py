@@ -52,21 +52,51 @@ def analyze_pair(
     chunk_size: int | str | None = "auto",
     critical_tol: float | None = None,
 ) -> PairAnalysis:
-    """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``.
+    """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``: f(w_t),
+    f(w_t1), gᵀΔ, ΔᵀHΔ and every quantity derived from them (``analysis.result``), for Δ = w_t1 − w_t.
 
-    ``params_*`` map parameter names (as in ``model.named_parameters()``) to tensors; ``buffers``
-    (default: the model's own) are held fixed at checkpoint t's values. ``method`` is ``auto`` or one of
-    ``zeroptim_cli.derivatives.METHODS`` (where it refuses, its fallbacks run, as ``warnings`` say). The
-    model is moved to ``device`` and ``dtype`` (and stays there) and set to eval mode (train mode with
-    ``train=True``) for the call; its mode is restored afterwards. A known ``loss_t1`` (f(w_t1) on the same batches, e.g. f(w_t) of the next pair of a sweep) saves its forward
-    pass.
+    The model is moved to ``device`` and ``dtype`` and stays there afterwards (it is not moved back); it is
+    evaluated in eval mode (train mode with ``train=True``), and its own mode is restored afterwards.
 
-    ``direction`` (see ``analysis.directions``) replaces Δ by another direction d from w_t, computed
-    from g and Δ; every quantity is then that of d, with f(w_t1) read as f(w_t + d). ``extras`` adds the
-    opt-in analyses of ``analysis.extras`` under their own keys. ``chunk_size`` bounds the examples of one
-    evaluation (``derivatives.objective.chunk_length``): the same numbers, less peak memory. ``critical_tol``
-    (None: skip) runs the forward-only critical-scale search along Δ to that relative tolerance
-    (``analysis.critical``).
+    Args:
+        model: the model; f(w) is ``loss`` of ``model`` with parameters w, averaged over ``batches``.
+        params_t, params_t1: the two points, parameter name (as in ``model.named_parameters()``) → tensor.
+        batches: the batches f averages over (``io.batches.Batch``).
+        loss: the per-batch loss and its averaging count (``derivatives.losses.resolve_loss``).
+        buffers: held fixed at these values (default: the model's own, i.e. checkpoint t's).
+        method: ``auto`` or one of ``zeroptim_cli.derivatives.METHODS``; where it refuses, its fallbacks run,
+            as the result's ``warnings`` say.
+        train, seed: train mode (dropout masks and batch statistics) and the seed of its random ops.
+        device, dtype: where and in which precision to compute.
+        loss_t1: f(w_t1) on the same batches when already known (e.g. f(w_t) of a sweep's next pair): saves
+            its forward pass.
+        direction, direction_name: another direction d from w_t, computed from g and Δ
+            (``analysis.directions``), replacing Δ: every quantity is then that of d, with f(w_t1) read as
+            f(w_t + d).
+        extras: the opt-in analyses of ``analysis.extras``, under their own keys.
+        chunk_size: the examples of one evaluation (``derivatives.objective.chunk_length``): the same numbers,
+            less peak memory.
+        critical_tol: None to skip, else the relative tolerance of the forward-only critical-scale search
+            along Δ (``analysis.critical``).
+
+    Returns:
+        The ``PairAnalysis``; ``to_dict()`` gives the JSON object of docs/contract.md.
+
+    Example (f(w) = mean((x·w)²) = (w₁² + w₂²)/2 on x = I, y = 0, quadratic, so gᵀΔ + ½ΔᵀHΔ is exact):
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from zeroptim_cli import Batch, analyze_pair, resolve_loss
+    >>> model = nn.Linear(2, 1, bias=False)
+    >>> w_t, w_t1 = {"weight": torch.tensor([[1.0, 2.0]])}, {"weight": torch.tensor([[0.5, 1.5]])}
+    >>> result = analyze_pair(model, w_t, w_t1, [Batch(torch.eye(2), torch.zeros(2, 1))], resolve_loss("mse"),
+    ...                       dtype=torch.float64)
+    >>> d = result.to_dict()
+    >>> keys = "delta_loss", "grad_corr", "dir_sharpness", "taylor_pred", "dir_sharpness_normalized"
+    >>> [round(d[k], 9) for k in keys]
+    [-1.25, -1.5, 0.5, -1.25, 1.0]
+    >>> next(model.parameters()).dtype  # the model stays in the analysis dtype
+    torch.float64
     """
     if extras is not None and extras.concentration and not methods.first(method).gives_hvp:
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "

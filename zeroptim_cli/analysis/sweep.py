@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -45,13 +44,12 @@ from zeroptim_cli.analysis.compare import CompareOptions, compare_checkpoints
 from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
-from zeroptim_cli.io.checkpoint import BASE_ROLE, Checkpoint, load_checkpoint, parse_metadata, recorded_batch_paths
-from zeroptim_cli.io.files import LockedFile, file_digest, read_header, require_regular
-from zeroptim_cli.io.hf import CONFIG, INDEX, TRAINER_STATE, folder_step, is_hf_folder
-from zeroptim_cli.io.peft import ADAPTER_CONFIG, is_adapter_folder
+from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint
+from zeroptim_cli.io.files import LockedFile, file_digest, require_regular
+from zeroptim_cli.io.hf import CONFIG, INDEX, TRAINER_STATE
+from zeroptim_cli.io.layout import TRAINER_RUN_FOLDER, scan_run
+from zeroptim_cli.io.peft import ADAPTER_CONFIG
 from zeroptim_cli.io.results import sweep_lines, to_json
-
-_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
 @dataclass(frozen=True)
@@ -69,11 +67,6 @@ class Pair:
 
 #: The files of a Hugging Face or adapter folder besides its weights that a result depends on.
 HF_FILES = (CONFIG, INDEX, TRAINER_STATE, ADAPTER_CONFIG)
-
-
-def is_checkpoint_folder(path: Path) -> bool:
-    """Whether ``path`` is a Hugging Face checkpoint folder or a peft adapter folder."""
-    return is_hf_folder(path) or is_adapter_folder(path)
 
 
 def _file_id(p: Path) -> list[Any]:
@@ -120,45 +113,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Found:
-    """A checkpoint file of a run folder: its step, whether it records a batch, or why it is unreadable."""
-
-    path: Path
-    step: int | None
-    batches: tuple[Path, ...] = ()
-    error: str | None = None
-
-
-def _number(path: Path) -> int | None:
-    match = _NUMBER.search(path.stem)
-    return int(match.group(1)) if match else None
-
-
-def scan(path: Path) -> Found | None:
-    """What ``path`` is, from its header alone: a checkpoint (step from its metadata, else the last number
-    in its name), or None for a batch or an optimizer state. An unreadable file is a checkpoint whose
-    pair will fail, never a silent skip. A Hugging Face folder's step is ``io.hf.folder_step``'s; it
-    records no batch."""
-    if path.is_dir():
-        try:
-            return Found(path, folder_step(path))
-        except ZeroptimError as exc:
-            return Found(path, _number(path), error=str(exc))
-    if path.name.startswith(("batch_", "optim_")):
-        return None
-    try:
-        entries, raw = read_header(path, "checkpoint")
-        meta = parse_metadata(raw, path)
-        batches = tuple(recorded_batch_paths(meta, path.parent, path))
-    except ZeroptimError as exc:
-        return Found(path, _number(path), error=str(exc))
-    if set(entries) == {"inputs", "targets"} or meta.get("role") == BASE_ROLE:
-        return None
-    step = meta.get("step")
-    return Found(path, step if step is not None else _number(path), batches)
-
-
 def expand(patterns: Sequence[str]) -> list[Path]:
     """Folders named directly or by glob patterns, in the order given."""
     folders: list[Path] = []
@@ -171,31 +125,18 @@ def expand(patterns: Sequence[str]) -> list[Path]:
 
 
 def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches: bool = False) -> Plan:
-    """The pairs of each folder: a checkpoint s that records its batch with the checkpoint s+1 after its
-    step (what the Recorder writes); with ``fixed_batches`` (``--batch``) any two consecutive steps; with
-    ``successive``, each checkpoint with the next one found. An unreadable checkpoint is paired by the
-    number in its name, so that its pair fails; one without a number fails on its own."""
+    """The pairs of each folder (its checkpoints: ``io.layout.scan_run``): a checkpoint s that records its
+    batch with the checkpoint s+1 after its step (what the Recorder writes); with ``fixed_batches``
+    (``--batch``) any two consecutive steps; with ``successive``, each checkpoint with the next one found.
+    An unreadable checkpoint is paired by the number in its name, so that its pair fails; one without a
+    number fails on its own."""
     plan = Plan()
     names = [f.name for f in folders]
     for folder in folders:
-        if not folder.is_dir():
-            raise ZeroptimError(f"run folder '{folder}' is not a directory")
+        found = scan_run(folder)
         run = folder.name if names.count(folder.name) == 1 else str(folder)
-        steps: dict[int, Found] = {}
-        for path in sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if is_checkpoint_folder(p)):
-            found = scan(path)
-            if found is None:
-                continue
-            if found.step is None:  # unreadable and unnumbered: a failed pair of its own
-                plan.pairs.append(Pair(run, path, path, None, None))
-                continue
-            if found.step in steps:
-                raise ZeroptimError(f"run folder '{folder}': '{steps[found.step].path.name}' and '{path.name}' "
-                                    f"are both step {found.step}")
-            steps[found.step] = found
-        if not steps:
-            raise ZeroptimError(f"run folder '{folder}' holds no checkpoints (*.safetensors with a step, or "
-                                "Hugging Face or peft adapter checkpoint-N folders)")
+        plan.pairs += [Pair(run, path, path, None, None) for path in found.unnumbered]
+        steps = found.steps
         ordered = sorted(steps)
         gaps = unbatched = 0
         for s, s1 in zip(ordered, ordered[1:]):
@@ -208,8 +149,8 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
         if gaps:
             plan.notes.append(f"run '{run}': {gaps} gap(s) between recorded steps, no pair across them "
                               "(--successive pairs across gaps)")
-        recorded = (f"; the steps recorded with their batches are in '{folder / 'zeroptim'}'"
-                    if (folder / "zeroptim").is_dir() else "")
+        recorded = (f"; the steps recorded with their batches are in '{folder / TRAINER_RUN_FOLDER}'"
+                    if (folder / TRAINER_RUN_FOLDER).is_dir() else "")
         if unbatched:
             plan.notes.append(f"run '{run}': {unbatched} consecutive pair(s) whose first checkpoint records no batch "
                               f"were not paired (--batch FILE analyses every consecutive pair on that batch{recorded})")

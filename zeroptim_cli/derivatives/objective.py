@@ -91,6 +91,36 @@ class Objective:
     Σ_chunks (n_c/N)·ℓ_c is the same f exactly, and so are its derivatives; only the peak memory of one
     evaluation shrinks (eval mode only: train mode's batch statistics and dropout masks would differ). The
     model must already be on that device and dtype, in the mode it is evaluated in.
+
+    Args:
+        model: the model, already on ``device`` and in ``dtype``; its parameters are replaced by w at each call.
+        buffers: the buffers held fixed (name → tensor; ``{}`` for a model without any).
+        batches: the batches f averages over, weighted by their counted targets (``Loss.count``).
+        loss: the per-batch loss (``derivatives.losses``).
+        train, seed: train mode and the seed of its random ops (the same masks at every evaluation).
+        device, dtype: where the batches go, and the dtype of their floating tensors.
+        chunk_size: ``auto``, N examples per evaluation, or 0 (or None) for whole batches.
+
+    The methods take parameters w (and a direction v) as dicts name → tensor: ``value(w)`` is f(w),
+    ``gradient(w)`` is ∇f(w), ``derivatives(w, v, method)`` is (the method that ran, ``Derivatives``: f(w),
+    ∇f(w)ᵀv, vᵀ∇²f(w)v and, where the method gives them, g and Hv; the notes on fallbacks).
+
+    Example (f(w) = mean((x·w)²) = (w₁² + w₂²)/2 on x = I, y = 0: ∇f = w, ∇²f = I):
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from zeroptim_cli.derivatives.losses import resolve_loss
+    >>> from zeroptim_cli.derivatives.objective import Objective
+    >>> from zeroptim_cli.io.batches import Batch
+    >>> model = nn.Linear(2, 1, bias=False).double()
+    >>> batch = Batch(torch.eye(2), torch.zeros(2, 1))
+    >>> f = Objective(model, {}, [batch], resolve_loss("mse"), dtype=torch.float64)
+    >>> w = {"weight": torch.tensor([[1.0, 2.0]], dtype=torch.float64)}
+    >>> round(f.value(w).item(), 12), f.gradient(w)["weight"].tolist()
+    (2.5, [[1.0, 2.0]])
+    >>> method, d, notes = f.derivatives(w, {"weight": torch.tensor([[-0.5, -0.5]], dtype=torch.float64)}, "taylor")
+    >>> method, round(d.grad_corr.item(), 12), round(d.dir_sharpness.item(), 12), notes
+    ('taylor', -1.5, 0.5, [])
     """
 
     def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss, *,

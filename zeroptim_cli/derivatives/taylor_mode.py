@@ -3,8 +3,9 @@ the forward pass and read φ(0) = f(w), φ'(0) = gᵀΔ and φ''(0) = 2·x2 = Δ
 
 Parameters enter as (w, Δ, 0); linear ops act on each coefficient, bilinear ones (matmul, conv, mul) give
 c2 = a0·b2 + a1·b1 + a2·b0, smooth elementwise h gives u1 = h'(x0)·x1 and u2 = h'(x0)·x2 + ½h''(x0)·x1²
-(the rules: ``derivatives/taylor/rules.py``). Exact, no finite differences. Cost: about five forward passes'
-worth of arithmetic (a training step is about three), and inference memory: no autograd graph is stored.
+(the rules: ``derivatives/taylor/rules/``). Exact, no finite differences. Cost: about two training steps'
+worth of arithmetic (some five forward passes; a step is about three), and inference memory: no autograd graph is
+stored (measured: docs/scale.md).
 No g and no HΔ, hence no gradient norm and no per-layer split. An op without a rule makes the engine raise
 ``TaylorUnsupported``, declared here as the refusal ``NoTaylorRule``: the objective then falls back to a
 Hessian-vector product and says so.

@@ -1,2 +1,2 @@
-"""Recording from other libraries' training loops: ``integrations.hf`` for transformers' ``Trainer`` (imported
-by itself, as it needs transformers)."""
+"""Recording from other libraries' training loops: ``integrations.hf`` for transformers' ``Trainer``,
+``integrations.lightning`` for Lightning's (each imported by itself, as it needs its library)."""

@@ -16,7 +16,7 @@ its description with Trainer's ``max_grad_norm``, the learning rate the schedule
 every recorded step with no flag.
 
 A peft model (LoRA) is recorded as its base's ``hf_config`` with the adapter's config under ``peft``; its
-frozen base weights are saved once, in ``base.safetensors`` (``base_name``), which each checkpoint names
+frozen base weights are saved once, in ``base.safetensors`` (``io.layout.BASE_FILE``), which each checkpoint names
 (metadata ``base``) and leaves out: a checkpoint holds the adapter's weights (and the buffers). The
 analysis is then over the adapter's parameters, the base held fixed (``analysis.trainable``).
 
@@ -49,23 +49,11 @@ from zeroptim_cli.derivatives.losses import MODEL_LOSS
 from zeroptim_cli.io.batches import LABELS, save_batch
 from zeroptim_cli.io.checkpoint import frozen_parameters, save_base, save_checkpoint
 from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
+from zeroptim_cli.io.layout import BASE_FILE, TRAINER_RUN_FOLDER, batch_entry, batch_name, ckpt_name, state_name
 from zeroptim_cli.io.peft import PEFT_KEY, adapter_spec
 from zeroptim_cli.models.hf import is_seq2seq_lm
 from zeroptim_cli.optim.optimizers import optimizer_description
-from zeroptim_cli.optim.state import save_state, state_file_name
-
-
-def ckpt_name(step: int) -> str:
-    return f"ckpt_{step:06d}.safetensors"
-
-
-def batch_name(step: int, index: int) -> str:
-    return f"batch_{step:06d}_{index}.safetensors"
-
-
-def base_name() -> str:
-    """The recorded base of a peft model: its frozen weights, saved once for all its checkpoints."""
-    return "base.safetensors"
+from zeroptim_cli.optim.state import save_state
 
 
 class ZeroptimCallback(TrainerCallback):
@@ -96,7 +84,7 @@ class ZeroptimCallback(TrainerCallback):
         if model is None:
             raise ValueError("ZeroptimCallback: Trainer passed no model to the callback")
         if self.folder is None:
-            self.folder = Path(args.output_dir) / "zeroptim"
+            self.folder = Path(args.output_dir) / TRAINER_RUN_FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         self._accumulation = args.gradient_accumulation_steps
         self._base_saved = False
@@ -157,13 +145,13 @@ class ZeroptimCallback(TrainerCallback):
             labels = micro.pop(LABELS)
             save_batch(self.folder / name, micro, labels)
         meta = self._meta(model, step, optimizer, args)
-        meta.update({"batch": names[0]} if len(names) == 1 else {"batches": names})
+        meta.update(batch_entry(names))
         if "base" in meta and not self._base_saved:
-            save_base(self.folder / base_name(), model, {"model": meta["model"]})
+            save_base(self.folder / BASE_FILE, model, {"model": meta["model"]})
             self._base_saved = True
         save_checkpoint(self.folder / ckpt_name(step), model, meta, leave_out=self._frozen(meta, model))
         if optimizer is not None:
-            save_state(self.folder / state_file_name(step), model, getattr(optimizer, "optimizer", optimizer), step,
+            save_state(self.folder / state_name(step), model, getattr(optimizer, "optimizer", optimizer), step,
                        meta["optimizer"])
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -192,9 +180,9 @@ class ZeroptimCallback(TrainerCallback):
         config = {**base.config.to_dict(), "architectures": [type(base).__name__]}
         spec: dict[str, Any] = {SPEC_KEY: comparable_config(config)}
         meta: dict[str, Any] = {"step": step, "model": spec, "loss": MODEL_LOSS}
-        if adapter is not None:  # the base's frozen weights are saved once (base_name), each checkpoint the rest
+        if adapter is not None:  # the base's frozen weights are saved once (BASE_FILE), each checkpoint the rest
             spec[PEFT_KEY] = adapter
-            meta["base"] = base_name()
+            meta["base"] = BASE_FILE
         if optimizer is not None:  # Trainer's is accelerate's wrapper around the torch optimizer
             meta["optimizer"] = optimizer_description(getattr(optimizer, "optimizer", optimizer))
             if args.max_grad_norm and args.max_grad_norm > 0:  # Trainer clips g by global norm before the step

@@ -1,6 +1,8 @@
 """Checkpoints: one safetensors file with a model's state dict and optional ``zeroptim`` metadata, or a
 Hugging Face folder (``io.hf``), which reads into the same ``Checkpoint`` so that nothing above this
-module needs to know where a checkpoint came from.
+module needs to know where a checkpoint came from; so does a peft adapter folder on its base model
+(``io.peft``), and a recorded peft model's file, which names its frozen base weights (metadata ``base``, a
+file beside it written once by ``save_base``: ``io.layout.BASE_FILE``).
 
 The metadata (string key ``zeroptim``, a JSON object) follows docs/contract.md::
 
@@ -8,17 +10,19 @@ The metadata (string key ``zeroptim``, a JSON object) follows docs/contract.md::
      "optimizer": {"name": "sgd", "lr": 0.1}, "batch": "batch_000120.safetensors",
      "versions": {"zeroptim": "0.1.0", "torch": "2.13.0", "python": "3.12.3"}}
 
-``versions`` (what wrote the file) is added by ``save_checkpoint``; readers never need it. ``model`` may
-also be ``{"hf_config": {...}}``, a transformers config built by transformers' own classes
-(``models.hf``). ``batches`` (a list of paths) may stand for ``batch`` when the step used several
-batches, e.g. the micro-batches of gradient accumulation; f is then their exact mean.
+``versions`` (what wrote the file) is added by ``save_checkpoint``; readers never need it. ``model`` names
+exactly one of: a built-in ``{"name": "mlp", "kwargs": {...}}`` (``models.REGISTRY``), a factory
+``{"factory": "pkg.mod:fn", "kwargs": {...}}`` (code named by the file, so it is run only with the user's
+explicit opt-in, ``--trust-code``: docs/contract.md), or ``{"hf_config": {...}}``, a transformers config built by transformers' own
+classes (``models.hf``). ``run_id`` (a string) and ``train_mode`` (a bool) are optional. ``batches`` (a list of
+paths) may stand for ``batch`` when the step used several batches, e.g. the micro-batches of gradient
+accumulation; f is then their exact mean. The
+metadata is written and checked by ``io.layout``, with the names of a run's files.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -29,19 +33,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from zeroptim_cli._version import __version__
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import atomic_path, loads_json, read_header, read_safetensors
+from zeroptim_cli.io.files import atomic_path, read_header, read_safetensors
 from zeroptim_cli.io.hf import SPEC_KEY, config_difference, is_hf_folder, read_hf_folder
+from zeroptim_cli.io.layout import BASE_ROLE, encode_metadata, parse_metadata, recorded_batch_paths
 from zeroptim_cli.io.peft import ADAPTER_CONFIG, PEFT_KEY, is_adapter_folder, read_adapter_folder
-
-METADATA_KEY = "zeroptim"
-FORMAT_VERSION = 1
-
-
-def versions() -> dict[str, str]:
-    """The versions a file was written with, so that a number can be reproduced on the same install."""
-    return {"zeroptim": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 @dataclass(frozen=True)
@@ -69,77 +65,6 @@ class Checkpoint:
     def batch_paths(self) -> list[Path]:
         """The recorded batches (metadata ``batches``, else ``batch``), resolved in ``folder``."""
         return recorded_batch_paths(self.meta, self.folder, self.path)
-
-
-def recorded_batch_paths(meta: dict[str, Any], folder: Path, source: Path) -> list[Path]:
-    """The batches metadata ``meta`` of checkpoint ``source`` records (``batches``, else ``batch``), in
-    ``folder``; each must still be inside the folder once symlinks are followed (a link, or a linked
-    subfolder, leading elsewhere is refused: the metadata names files beside the checkpoint, nothing else)."""
-    names = meta.get("batches") or ([meta["batch"]] if meta.get("batch") else [])
-    home = Path(os.path.realpath(folder))
-    paths = []
-    for name in names:
-        real = Path(os.path.realpath(folder / name))
-        if not real.is_relative_to(home):
-            raise ZeroptimError(f"checkpoint '{source}': its recorded batch '{name}' leads out of its folder "
-                                f"(to '{real}'); pass the batch with --batch if you mean it")
-        paths.append(folder / name)
-    return paths
-
-
-def _fail(p: Path, what: str) -> ZeroptimError:
-    return ZeroptimError(f"checkpoint '{p}': metadata '{METADATA_KEY}' {what}")
-
-
-#: Metadata keys whose values must have these types (absent or null is fine for each).
-_TYPES: dict[str, tuple[type, ...]] = {"step": (int,), "loss": (str,), "optimizer": (dict,), "batch": (str,),
-                                        "run_id": (str,), "train_mode": (bool,), "model": (dict,), "base": (str,)}
-#: The ``role`` in the metadata of a recorded base (``save_base``): frozen weights, not a checkpoint.
-BASE_ROLE = "base"
-
-
-def parse_metadata(raw: dict[str, str], p: Path) -> dict[str, Any]:
-    """The ``zeroptim`` metadata of checkpoint ``p``, checked: a JSON object of format 1 whose known keys
-    have their types, whose model names a ``name`` or a ``factory`` (with ``kwargs`` an object), and whose
-    ``batch`` is a file inside the checkpoint's folder (a relative path without '..'). Unknown keys pass."""
-    if METADATA_KEY not in raw:
-        return {}
-    try:
-        meta = loads_json(raw[METADATA_KEY])
-    except ValueError as exc:
-        raise _fail(p, f"is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise _fail(p, "must be a JSON object")
-    if meta.get("format", FORMAT_VERSION) != FORMAT_VERSION or isinstance(meta.get("format"), bool):
-        raise _fail(p, f"has format {meta.get('format')!r}; this zeroptim reads format {FORMAT_VERSION}")
-    for key, types in _TYPES.items():
-        value = meta.get(key)
-        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            raise _fail(p, f"key '{key}' must be {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}")
-    model = meta.get("model")
-    if model is not None:
-        named = [k for k in ("name", "factory") if isinstance(model.get(k), str)]
-        named += [SPEC_KEY] if isinstance(model.get(SPEC_KEY), dict) else []
-        if len(named) != 1:
-            raise _fail(p, f"key 'model' must hold a string 'name', a string 'factory' or an object '{SPEC_KEY}'")
-        if not isinstance(model.get("kwargs") or {}, dict):
-            raise _fail(p, "key 'model.kwargs' must be an object")
-        if PEFT_KEY in model and not (isinstance(model[PEFT_KEY], dict) and SPEC_KEY in model):
-            raise _fail(p, f"key 'model.{PEFT_KEY}' must be an object (an adapter config) beside '{SPEC_KEY}'")
-    batches = meta.get("batches")
-    if batches is not None and (not isinstance(batches, list) or not batches):
-        raise _fail(p, "key 'batches' must be a non-empty list of file names")
-    for batch in ([meta["batch"]] if meta.get("batch") is not None else []) + (batches or []):
-        if not _local_name(batch):
-            raise _fail(p, f"key 'batch' or 'batches' must name files in the checkpoint's folder, not {batch!r}")
-    if meta.get("base") is not None and not _local_name(meta["base"]):
-        raise _fail(p, f"key 'base' must name a file in the checkpoint's folder, not {meta['base']!r}")
-    return meta
-
-
-def _local_name(name: object) -> bool:
-    """Whether ``name`` names a file in a checkpoint's folder: a relative path without '..'."""
-    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def load_checkpoint(path: str | os.PathLike, base: Path | None = None) -> Checkpoint:
@@ -220,10 +145,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
                     leave_out: Collection[str] = ()) -> Path:
     """Save ``model``'s state dict (tied weights once, ``unique_state``) but the tensors ``leave_out`` names
     with ``zeroptim`` metadata, atomically."""
-    full_meta = {"format": FORMAT_VERSION, **(meta or {}), "versions": versions()}
     state = {k: v for k, v in unique_state(model).items() if k not in leave_out}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(full_meta)})
+        save_file(state, str(tmp), metadata=encode_metadata(meta or {}))
     return Path(path)
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.checkpoint import Checkpoint, parse_metadata
+from zeroptim_cli.io.checkpoint import Checkpoint
 from zeroptim_cli.io.files import read_header
 from zeroptim_cli.io.hf import INDEX, WEIGHTS, check_weights, folder_metadata, require_hf_folder
+from zeroptim_cli.io.layout import parse_metadata
 
 #: About the bytes of stored data converted at a time (``TensorFiles.read``).
 SLICE_BYTES = 16 * 2**20

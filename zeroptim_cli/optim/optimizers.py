@@ -35,11 +35,16 @@ def optimizer_description(optimizer: Any) -> dict[str, Any]:
     inner = getattr(optimizer, "describe", None)
     if callable(inner):
         return inner()
-    group = optimizer.param_groups[0]
+    cls = type(optimizer)
+    return {"name": getattr(cls, "name", cls.__name__.lower()), "class": class_path(cls),
+            **group_hyperparameters(optimizer.param_groups[0])}
+
+
+def group_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able hyper-parameters of one parameter group (tuples such as betas as lists)."""
     hyper = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_FLAGS and isinstance(v, _SCALAR)}
     hyper.update({k: list(v) for k, v in group.items() if isinstance(v, tuple) and all(isinstance(x, _SCALAR) for x in v)})
-    cls = type(optimizer)
-    return {"name": getattr(cls, "name", cls.__name__.lower()), "class": class_path(cls), **hyper}
+    return hyper
 
 
 class SignSGD(Optimizer):

@@ -24,6 +24,10 @@ Caller's part: run nothing special — ``taylor2`` itself puts SDPA on its MATH 
 turns the fused MHA fast path off for the duration of f (both are fused kernels without a rule); pass every
 parameter that requires grad in ``w`` (one that is not would record an autograd graph under the grad mode f
 runs in).
+
+Layout: ``_core`` (the tensor and the dispatch), ``engine`` (``taylor2``, resolution of ops without a rule),
+``views`` (view families), ``rules/`` (one module per family of ops). Each module's docstring lists the private
+torch APIs it uses; torch 2.13, the lower bound ``pyproject.toml`` declares, is the oldest tested.
 """
 
 from zeroptim_cli.derivatives.taylor._core import TaylorTensor, TaylorUnsupported

@@ -5,6 +5,13 @@ carries the truncated polynomial x(α) = c0 + c1·α + c2·α² (``None`` for a 
 that receives one lands in ``TaylorTensor.__torch_dispatch__`` and is sent to exactly one of: a rule in
 ``RULES``, an in-place wrapper around the functional rule, a decomposition (torch's table or the op's own
 CompositeImplicit kernel) whose pieces dispatch here again, or ``TaylorUnsupported``.
+
+The view-family fields every Taylor tensor carries (``root``, ``chain``, ``views``, ``shared``) are described in
+``views.py``.
+
+Private torch APIs used here: ``Tensor._make_wrapper_subclass`` (a tensor with metadata and no storage of its
+own), ``torch._C._disabled_torch_function_impl`` (no ``__torch_function__`` layer), ``torch._C._is_fwd_grad_enabled``
+(to detect a custom ``autograd.Function`` forward) and ``torch._C._set_grad_enabled``.
 """
 
 from __future__ import annotations
@@ -16,14 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TaylorUnsupported", "TaylorTensor", "RULES", "cs", "make", "is_t"]
+__all__ = ["TaylorUnsupported", "TaylorTensor", "RULES", "coeffs", "from_coeffs", "is_taylor"]
 
 
 class TaylorUnsupported(Exception):
     """Taylor mode cannot evaluate this f exactly; the message names the op and why, on one line."""
 
 
-# op (OpOverload) -> rule(func, args, kwargs). Filled by rules.py; resolved lazily by engine.resolve.
+# op (OpOverload) -> rule(func, args, kwargs). Filled by the rules package; resolved lazily by engine.resolve.
 RULES: dict[Any, Callable] = {}
 _RESOLVER: list[Callable] = []  # engine.resolve, installed by engine.py
 
@@ -40,22 +47,16 @@ class TaylorTensor(Tensor):
 
     @staticmethod
     def __new__(cls, c0: Tensor, c1: Tensor | None, c2: Tensor | None):
+        """A wrapper with c0's metadata around the coefficients (c0, c1, c2); no view family yet."""
         r = Tensor._make_wrapper_subclass(cls, c0.size(), strides=c0.stride(), storage_offset=c0.storage_offset(),
                                           dtype=c0.dtype, device=c0.device, requires_grad=False)
         r.c0, r.c1, r.c2 = c0, c1, c2
-        # View families (see engine._inplace): a view records its root and the view ops that lead from the root's
-        # coefficients to its own; a root lists its views. ``shared``: a root coefficient may be the very object
-        # of another tensor's coefficient (some rules pass a coefficient through), so it is copied before the
-        # family is written in place.
+        # The view-family fields: what they mean and who sets them is described in ``views.py``.
         r.root = None
         r.chain = ()
         r.views = None
         r.shared = False
         return r
-
-    @property
-    def fam(self) -> bool:
-        return self.root is not None or bool(self.views)
 
     def __init__(self, *a, **k):
         pass
@@ -67,6 +68,8 @@ class TaylorTensor(Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        """Send an op on Taylor tensors to its rule (``RULES``, else ``engine.resolve``), with grad mode off
+        while the rule runs; refuse inside a custom autograd.Function forward; a no_grad block gives constants."""
         kwargs = kwargs or {}
         st = STATE
         if st.depth == 0:
@@ -91,30 +94,34 @@ class TaylorTensor(Tensor):
             st.depth -= 1
 
 
-def is_t(x: Any) -> bool:
+def is_taylor(x: Any) -> bool:
+    """Whether x is a Taylor tensor (exact type: rules never see subclasses of it)."""
     return type(x) is TaylorTensor
 
 
-def cs(x: Any) -> tuple[Any, Tensor | None, Tensor | None]:
+def coeffs(x: Any) -> tuple[Any, Tensor | None, Tensor | None]:
+    """(c0, c1, c2) of x; a plain value is (x, None, None)."""
     if type(x) is TaylorTensor:
         return x.c0, x.c1, x.c2
     return x, None, None
 
 
-def make(c0: Tensor, c1: Tensor | None, c2: Tensor | None) -> Tensor:
+def from_coeffs(c0: Tensor, c1: Tensor | None, c2: Tensor | None) -> Tensor:
+    """The tensor with coefficients (c0, c1, c2): plain c0 where c1 = c2 = 0 (None), else a Taylor tensor."""
     if c1 is None and c2 is None:
         return c0
     return TaylorTensor(c0, c1, c2)
 
 
-def _x0(a: Any) -> Any:
+def _values_at_zero(a: Any) -> Any:
+    """a with every Taylor tensor replaced by its c0 (through lists and tuples)."""
     if type(a) is TaylorTensor:
         return a.c0
     if isinstance(a, (list, tuple)):
-        return type(a)(_x0(b) for b in a)
+        return type(a)(_values_at_zero(b) for b in a)
     return a
 
 
 def _constant(func, args, kwargs):
     """Evaluate on the c0s only: the result does not depend on α (or is treated as not, like autograd does)."""
-    return func(*_x0(args), **{k: _x0(v) for k, v in kwargs.items()})
+    return func(*_values_at_zero(args), **{k: _values_at_zero(v) for k, v in kwargs.items()})

@@ -11,6 +11,10 @@ Resolution of an op without a rule of its own (done once per op overload, then c
    tensors, its pieces dispatch to their own rules;
 4. the op's own CompositeImplicitAutograd kernel (``OpOverload.decompose``);
 5. otherwise ``TaylorUnsupported`` naming the op.
+
+Private torch APIs used here: ``OpOverload._schema`` and ``._overloadname`` (alias information and the functional
+overload of an in-place op), ``torch._decomp.decomposition_table`` and ``torch._C._dispatch_has_kernel_for_dispatch_key``
+(whether an op has a CompositeImplicitAutograd kernel).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from torch import Tensor
 
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.taylor import rules  # noqa: F401  (fills RULES)
-from zeroptim_cli.derivatives.taylor._core import _RESOLVER, RULES, TaylorTensor, TaylorUnsupported, cs, is_t
+from zeroptim_cli.derivatives.taylor._core import _RESOLVER, RULES, TaylorTensor, TaylorUnsupported, coeffs, is_taylor
+from zeroptim_cli.derivatives.taylor.views import in_family, prepare_family
 
 __all__ = ["taylor2", "resolve", "TaylorUnsupported"]
 
 
 def _refuse(why: str) -> Callable:
+    """A rule that raises ``TaylorUnsupported`` naming the op and ``why``."""
     def rule(func, args, kwargs):
         raise TaylorUnsupported(f"{func}: {why}")
     return rule
@@ -42,57 +48,25 @@ def _own(r: Tensor, like: Tensor) -> Tensor:
     return r
 
 
-def _refresh(root: TaylorTensor, k: int) -> None:
-    c = root.c1 if k == 1 else root.c2
-    for ref in root.views or ():
-        v = ref()
-        if v is not None:
-            vk = None if c is None else rules.replay(c, v.chain)
-            if k == 1:
-                v.c1 = vk
-            else:
-                v.c2 = vk
-
-
-def _prepare_family(self: TaylorTensor, need: tuple[bool, bool]) -> None:
-    """Before writing into a view family in place: give the root its own coefficients (copying any it shares
-    with another tensor) and a zero coefficient for each order the write needs, then re-derive every view's."""
-    root = rules.root_of(self)
-    for k, needed in ((1, need[0]), (2, need[1])):
-        c = root.c1 if k == 1 else root.c2
-        if c is None and not needed:
-            continue
-        if c is None:
-            c = torch.zeros_like(root.c0)
-        elif root.shared:
-            c = torch.empty_like(root.c0).copy_(c) if rules._is_dense(root.c0) else c.clone()
-        else:
-            continue
-        if k == 1:
-            root.c1 = c
-        else:
-            root.c2 = c
-        _refresh(root, k)
-    root.shared = False
-
-
 def _inplace(functional) -> Callable:
+    """The rule of an in-place ``op_`` from the functional ``op``'s: r = op(self, …), then r's coefficients
+    written into self (into the whole view family where self is in one: ``views.prepare_family``)."""
     def rule(func, args, kwargs):
         self = args[0]
-        if not is_t(self):
+        if not is_taylor(self):
             raise TaylorUnsupported(f"{func}: in-place write of an α-dependent value into a tensor that does not "
                                     "depend on α (a plain tensor cannot become a Taylor tensor in place)")
         r = functional(*args, **kwargs)
-        r0, r1, r2 = cs(r)
-        if self.fam:
-            _prepare_family(self, (r1 is not None, r2 is not None))
+        r0, r1, r2 = coeffs(r)
+        if in_family(self):
+            prepare_family(self, (r1 is not None, r2 is not None))
             for ck, rk in ((self.c1, r1), (self.c2, r2)):
                 if ck is not None:
                     ck.copy_(rk) if rk is not None else ck.zero_()
         else:
             self.c1 = None if r1 is None else _own(r1, self.c0)
             self.c2 = None if r2 is None else _own(r2, self.c0)
-            self.shared = is_t(r) and r.shared
+            self.shared = is_taylor(r) and r.shared
         self.c0.copy_(r0)
         return self
     return rule
@@ -107,6 +81,8 @@ _ACTIVE = _Active()
 
 
 def _decomposed(func, decomp: Callable, how: str) -> Callable:
+    """A rule that runs ``decomp`` (a decomposition or CompositeImplicit kernel, named by ``how``) on the
+    Taylor tensors, refusing where it calls the same op again or does not apply."""
     def rule(f, args, kwargs):
         if func in _ACTIVE.ops:
             raise TaylorUnsupported(f"{func}: its {how} calls itself again")
@@ -122,6 +98,7 @@ def _decomposed(func, decomp: Callable, how: str) -> Callable:
 
 
 def resolve(func) -> Callable:
+    """The rule of an op that has none registered (steps 1–5 of this module's docstring), cached in ``RULES``."""
     rule = RULES.get(func)
     if rule is not None:
         return rule
@@ -161,10 +138,32 @@ def _eval_context() -> Iterator[None]:
 
 def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
             delta: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(f(w), φ'(0) = ∇f(w)ᵀΔ, φ''(0) = Δᵀ∇²f(w)Δ) for φ(α) = f(w + αΔ); f maps a dict of parameters
-    (same keys as w) to a scalar tensor. Exact; forward only; no autograd graph.
+    """(f(w), φ'(0) = ∇f(w)ᵀΔ, φ''(0) = Δᵀ∇²f(w)Δ) for φ(α) = f(w + αΔ), exact, forward only, with no
+    autograd graph: f runs once on Taylor tensors x0 + x1·α + x2·α² (parameters enter as (w, Δ, 0)) and the
+    result's coefficients give φ(0) = x0, φ'(0) = x1, φ''(0) = 2·x2.
 
-    Raises ``TaylorUnsupported`` (one line: which op, why) where f holds an op with no exact Taylor rule."""
+    Args:
+        f: maps a dict of parameters (the keys of ``w``) to a scalar tensor.
+        w: the point, name → tensor.
+        delta: the direction Δ, name → tensor of the same shape as ``w``'s (cast to its dtype).
+
+    Returns:
+        ``(value, slope, curvature)``: 0-dim tensors f(w), ∇f(w)ᵀΔ and Δᵀ∇²f(w)Δ, in w's dtype.
+
+    Raises:
+        TaylorUnsupported: f holds an op with no exact Taylor rule (one line: which op, why).
+        ValueError: the keys or shapes of ``w`` and ``delta`` differ, or f does not return a scalar.
+
+    Example (f = Σ a³: ∇f = 3a², ∇²f = diag(6a)):
+
+    >>> import torch
+    >>> from zeroptim_cli.derivatives.taylor import taylor2
+    >>> w = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    >>> delta = {"a": torch.tensor([0.5, -1.0], dtype=torch.float64)}
+    >>> value, slope, curvature = taylor2(lambda p: (p["a"] ** 3).sum(), w, delta)
+    >>> [round(t.item(), 12) for t in (value, slope, curvature)]  # 1 + 8, 3·0.5 − 12·1, 6·0.25 + 12·1
+    [9.0, -10.5, 13.5]
+    """
     if set(w) != set(delta):
         raise ValueError(f"w and delta have different keys: {sorted(set(w) ^ set(delta))}")
     params = {}
@@ -179,7 +178,7 @@ def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
     if not isinstance(out, Tensor) or out.numel() != 1:
         raise ValueError(f"f must return a scalar tensor, got {type(out).__name__}"
                          + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""))
-    c0, c1, c2 = cs(out)
+    c0, c1, c2 = coeffs(out)
     c0 = c0.detach().reshape(())
     d1 = torch.zeros_like(c0) if c1 is None else c1.reshape(()).clone()
     d2 = torch.zeros_like(c0) if c2 is None else 2 * c2.reshape(())

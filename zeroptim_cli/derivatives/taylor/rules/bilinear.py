@@ -1,0 +1,170 @@
+"""Bilinear ops: products (mul, matmuls, convolution) as Cauchy products, and division.
+
+For f bilinear, f(a, b)_k = Σ_{i+j=k} f(a_i, b_j): f(a, b)₁ = f(a₁, b₀) + f(a₀, b₁), f(a, b)₂ = f(a₂, b₀) + f(a₁, b₁)
++ f(a₀, b₂) (``bilinear``, zero terms skipped). Division solves a = q·b order by order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from zeroptim_cli.derivatives.taylor._core import coeffs, from_coeffs, is_taylor
+from zeroptim_cli.derivatives.taylor.rules.constant import constant_if
+from zeroptim_cli.derivatives.taylor.rules.linear import fit_to, linear_rule
+from zeroptim_cli.derivatives.taylor.rules.registry import need_constant, register
+
+aten = torch.ops.aten
+
+
+def bilinear(f: Callable, A: Sequence, B: Sequence, acc: Callable | None = None, first: Callable | None = None):
+    """Cauchy product of two truncated series under a bilinear f: c_k = Σ_{i+j=k} f(a_i, b_j), zero terms skipped.
+    ``acc(out, a, b)`` accumulates f(a, b) into out in place (e.g. addmm_) to avoid a temporary and an add."""
+    outs = []
+    for k in range(3):
+        terms = [(A[i], B[k - i]) for i in range(k + 1) if A[i] is not None and B[k - i] is not None]
+        if not terms:
+            outs.append(None)
+            continue
+        r = (first or f)(*terms[0])
+        for x, y in terms[1:]:
+            if acc is not None:
+                acc(r, x, y)
+            else:
+                r = r.add_(f(x, y))
+        outs.append(r)
+    return outs
+
+
+@register(aten.mul.Tensor, aten.mul.Scalar)
+def _mul(func, args, kwargs):
+    """mul: (a·b)₁ = a₁b₀ + a₀b₁, (a·b)₂ = a₂b₀ + a₁b₁ + a₀b₂ (linear when one side is constant)."""
+    a, b = args[0], args[1]
+    if not is_taylor(b):
+        return linear_rule(func, args, kwargs)
+    if not is_taylor(a):
+        return linear_rule(func, (b, a), kwargs)
+    return from_coeffs(*bilinear(torch.mul, coeffs(a), coeffs(b), acc=lambda r, x, y: r.addcmul_(x, y)))
+
+
+@register(aten.mm)
+def _mm(func, args, kwargs):
+    """mm: (AB)₁ = A₁B₀ + A₀B₁, (AB)₂ = A₂B₀ + A₁B₁ + A₀B₂ (``bilinear``, accumulated with addmm_)."""
+    return from_coeffs(*bilinear(torch.mm, coeffs(args[0]), coeffs(args[1]), acc=lambda r, x, y: r.addmm_(x, y)))
+
+
+@register(aten.bmm)
+def _bmm(func, args, kwargs):
+    """bmm: (AB)_k = Σ_{i+j=k} A_i B_j per batch (``bilinear``, accumulated with baddbmm_)."""
+    return from_coeffs(*bilinear(torch.bmm, coeffs(args[0]), coeffs(args[1]), acc=lambda r, x, y: r.baddbmm_(x, y)))
+
+
+@register(aten._trilinear)
+def _trilinear(func, args, kwargs):
+    """_trilinear (nn.Bilinear): linear in each of its three tensors: c_k = Σ_{i+j+l=k} f(x_i, y_j, z_l)."""
+    S = [coeffs(a) for a in args[:3]]
+    rest = args[3:]
+    need_constant(func, rest, kwargs)
+    outs = [func(S[0][0], S[1][0], S[2][0], *rest, **kwargs)]
+    for k in (1, 2):
+        acc = None
+        for i in range(k + 1):
+            for j in range(k + 1 - i):
+                t = (S[0][i], S[1][j], S[2][k - i - j])
+                if all(v is not None for v in t):
+                    r = func(*t, *rest, **kwargs)
+                    acc = r if acc is None else acc.add_(r)
+        outs.append(acc)
+    return from_coeffs(*outs)
+
+
+@register(aten.mv, aten.dot, aten.vdot, aten.outer, aten.ger, aten.kron, aten._int_mm)
+def _bilinear_op(func, args, kwargs):
+    """mv, dot, vdot, outer, ger, kron, _int_mm: f(a, b)_k = Σ_{i+j=k} f(a_i, b_j) (``bilinear``)."""
+    return from_coeffs(*bilinear(lambda x, y: func(x, y, **kwargs), coeffs(args[0]), coeffs(args[1])))
+
+
+def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
+    """The rule of addmm / baddbmm, β·C + α·A B: out_k = β·C_k + α·Σ_{i+j=k} A_i B_j, each order one addmm call
+    with the first product and accumulated in place (``mm_acc``) for the others."""
+    def rule(func, args, kwargs):
+        bias, m1, m2 = args[:3]
+        beta = kwargs.get("beta", 1)
+        alpha = kwargs.get("alpha", 1)
+        B, A1, A2 = coeffs(bias), coeffs(m1), coeffs(m2)
+        o0 = func(B[0], A1[0], A2[0], beta=beta, alpha=alpha)
+        outs = [o0]
+        for k in (1, 2):
+            terms = [(A1[i], A2[k - i]) for i in range(k + 1) if A1[i] is not None and A2[k - i] is not None]
+            bk = B[k]
+            if not terms:
+                outs.append(None if bk is None else fit_to(bk * beta, o0).clone())
+                continue
+            x, y = terms[0]
+            if bk is not None:
+                r = addmm(bk, x, y, beta=beta, alpha=alpha)
+            else:
+                r = mm(x, y)
+                if alpha != 1:
+                    r.mul_(alpha)
+            for x, y in terms[1:]:
+                getattr(r, mm_acc)(x, y, alpha=alpha)
+            outs.append(r)
+        return from_coeffs(*outs)
+    return rule
+
+
+register(aten.addmm)(_addmm_like(torch.mm, "addmm_", torch.addmm))
+register(aten.baddbmm)(_addmm_like(torch.bmm, "baddbmm_", torch.baddbmm))
+
+
+@register(aten.convolution)
+def _conv(func, args, kwargs):
+    """convolution(x, w, b): conv_k = Σ_{i+j=k} conv(x_i, w_j) + b_k broadcast over the channel dim (bilinear in
+    (x, w), linear in b)."""
+    x, w, b = args[:3]
+    rest = args[3:]
+    need_constant(func, rest, kwargs)
+    X, W, Bc = coeffs(x), coeffs(w), coeffs(b)
+
+    def f(u, v, bias=None):
+        return func(u, v, bias, *rest, **kwargs)
+
+    outs = bilinear(f, X, W)
+    outs[0] = f(X[0], W[0], Bc[0])  # c0 with its own bias (one call)
+    for k in (1, 2):
+        if Bc[k] is not None:
+            shape = [1] * outs[0].dim()
+            shape[1] = -1
+            bk = Bc[k].view(shape)
+            outs[k] = fit_to(bk, outs[0]).clone() if outs[k] is None else outs[k].add_(bk)
+    return from_coeffs(*outs)
+
+
+@register(aten.div.Tensor, aten.div.Scalar)
+def _div(func, args, kwargs):
+    """q = a / b: q_k = (a_k − Σ_{j≥1} q_{k−j} b_j) / b0 (from a = q·b)."""
+    a, b = args[0], args[1]
+    if not is_taylor(b):
+        return linear_rule(func, args, kwargs)
+    A, Bc = coeffs(a), coeffs(b)
+    b0 = Bc[0]
+    q = [torch.div(A[0], b0)]
+    for k in (1, 2):
+        num = A[k]
+        for j in range(1, k + 1):
+            if Bc[j] is not None and q[k - j] is not None:
+                t = q[k - j] * Bc[j]
+                num = -t if num is None else num - t
+        q.append(None if num is None else num / b0)
+    return from_coeffs(*q)
+
+
+def _rounds(func, args, kwargs) -> bool:
+    """Whether div is called with a rounding_mode (floor or trunc: piecewise constant)."""
+    return kwargs.get("rounding_mode", args[2] if len(args) > 2 else None) is not None
+
+
+# rounding_mode='floor'/'trunc' is piecewise constant; rounding_mode=None is the true quotient
+register(aten.div.Tensor_mode, aten.div.Scalar_mode)(constant_if(_rounds, _div))
