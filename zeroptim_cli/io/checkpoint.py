@@ -31,7 +31,7 @@ from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.files import atomic_path, read_safetensors
-from zeroptim_cli.io.hf import SPEC_KEY, config_difference, read_hf_folder, require_hf_folder
+from zeroptim_cli.io.hf import SPEC_KEY, check_spec_blocks, config_difference, read_hf_folder, require_hf_folder
 from zeroptim_cli.io.layout import encode_metadata, parse_metadata, recorded_batch_paths
 
 
@@ -73,7 +73,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     tensors, raw_meta = read_safetensors(p, "checkpoint")
     if not tensors:
         raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
-    return _checked(Checkpoint(p, tensors, parse_metadata(raw_meta, p)))
+    meta = parse_metadata(raw_meta, p)
+    check_spec_blocks(meta, len(tensors), p)
+    return _checked(Checkpoint(p, tensors, meta))
 
 
 def _checked(ckpt: Checkpoint) -> Checkpoint:
