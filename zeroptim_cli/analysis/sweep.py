@@ -79,14 +79,45 @@ def _batch_id(p: Path) -> list[Any]:
     return [str(p.resolve()), file_digest(p)]
 
 
+#: The settings a result's numbers depend on. The others (the device, the chunk size, trust, streaming, the
+#: memory bound, and any setting added later unless named here) give the same numbers and are no part of
+#: ``settings_key``; the critical search (``critical``, ``critical_tol``) is, when asked for.
+KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction")
+#: What ``settings_key`` hashes beside them, so that a key of another formula can never coincide with one.
+KEY_VERSION = 2
+#: The settings that keys of version 1 (which had no version) hashed: every field ``Settings`` then had but
+#: the device, trust, streaming and the memory bound. Rows written with them are resumed still.
+LEGACY_KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction", "chunk_size")
+
+
 def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
                  compare: CompareOptions | None = None) -> str:
-    """What a result depends on besides its two checkpoints: the settings (not the device, the trust flag,
-    streaming or the memory bound: the same numbers either way; the critical search only when asked for, so
-    that keys of other sweeps stay what they were), the fixed batches (resolved path, content hash), the
-    extras and the comparison options."""
-    left_out = ("device", "trust_code", "stream", "max_memory") + (() if settings.critical else ("critical", "critical_tol"))
-    how = {k: v for k, v in asdict(settings).items() if k not in left_out}
+    """What a result depends on besides its two checkpoints: ``KEY_VERSION``, the settings ``KEYED`` names
+    (with the critical search only when asked for, so that keys of other sweeps stay what they were), the
+    fixed batches (resolved path, content hash), the extras and the comparison options."""
+    return _settings_hash({"v": KEY_VERSION, **_keyed(settings, KEYED)}, batch_paths, extras, compare)
+
+
+def legacy_settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
+                        compare: CompareOptions | None = None) -> str:
+    """``settings_key`` as version 1 made it (the settings ``LEGACY_KEYED`` names, no version), so that a
+    sweep recognises the rows it wrote then as done."""
+    return _settings_hash(_keyed(settings, LEGACY_KEYED), batch_paths, extras, compare)
+
+
+def _keyed(settings: Settings, names: Sequence[str]) -> dict[str, Any]:
+    """The values of the settings ``names``, JSON-ready (a dtype by its name), and the critical search's
+    when asked for."""
+    how = {name: getattr(settings, name) for name in names}
+    if "dtype" in how:  # torch.float64 and "float64" are one dtype
+        how["dtype"] = str(settings.torch_dtype).removeprefix("torch.")
+    if settings.critical:
+        how.update(critical=True, critical_tol=settings.critical_tol)
+    return how
+
+
+def _settings_hash(how: dict[str, Any], batch_paths: Sequence[Path], extras: Extras | None,
+                   compare: CompareOptions | None) -> str:
     parts = [how, [_batch_id(b) for b in batch_paths], extras.settings() if extras is not None else None]
     if compare is not None:  # so that keys of plain sweeps stay what they were
         parts.append(asdict(compare))
@@ -162,10 +193,12 @@ def rejected_path(output: Path) -> Path:
     return output.with_name(output.name + ".rejected")
 
 
-def read_done(locked: LockedFile, current: dict[tuple[str, str], str], how: str, replace_stale: bool = False,
+def read_done(locked: LockedFile, current: dict[tuple[str, str], dict[str, str]], replace_stale: bool = False,
               force: bool = False) -> tuple[set[str], list[str]]:
-    """(sweep keys of the pairs of ``current`` (resolved checkpoint paths → key) already analysed with these
-    settings ``how`` in the locked output, warnings). Nothing that is a result is lost: rows of other
+    """(sweep keys of the pairs of ``current`` already analysed with these settings in the locked output,
+    warnings). ``current`` maps each pair's resolved checkpoint paths to the settings keys its rows may carry
+    (this version's first, then ``legacy_settings_key``'s), each with the pair's sweep key under it; a row of
+    either counts as done, under the first. Nothing that is a result is lost: rows of other
     settings and of other pairs stay as they are. Dropped are only repeated lines and the error rows of
     pairs that are retried now; a line that is not a row is moved to ``rejected_path`` (with one warning),
     and a last line without its newline gets one. A row of these settings whose checkpoints or batches
@@ -190,18 +223,19 @@ def read_done(locked: LockedFile, current: dict[tuple[str, str], str], how: str,
             rejected.append(line)
             continue
         paths = (str(Path(row["ckpt_t"]).resolve()), str(Path(row["ckpt_t1"]).resolve()))
-        key, mine = row.get("sweep_key"), row.get("settings_key") == how and paths in current
+        accepted, how = current.get(paths, {}), row.get("settings_key")
+        key, mine = row.get("sweep_key"), isinstance(how, str) and how in accepted
         if line in kept or (mine and "error" in row):
             changed = True  # a repeated line, or a failure retried now
             continue
-        if mine and key != current[paths]:
+        if mine and key != accepted[how]:
             if not replace_stale:
                 stale += 1
             else:
                 changed = True
                 continue
         elif mine:
-            done.add(key)
+            done.add(next(iter(accepted.values())))
         kept.append(line)
     if stale:
         raise ZeroptimError(f"-o '{output}' holds {stale} result(s) of these settings computed from earlier versions "
@@ -277,12 +311,14 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
         raise ConfigError(f"--stream cannot be combined with {refusal}")
     main = dist.group_rank() == 0
     how = settings_key(settings, batch_paths, extras, compare)
+    legacy = legacy_settings_key(settings, batch_paths, extras, compare)
     keys = {p: sweep_key(p, how, bool(batch_paths)) for p in plan.pairs}
-    current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()}
+    current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())):
+               {how: k, legacy: sweep_key(p, legacy, bool(batch_paths))} for p, k in keys.items()}
     if main:
         require_regular(output, "-o")  # before opening it: a FIFO would block the open
     with LockedFile(output, f"sweep output '{output}'") if main else contextlib.nullcontext() as locked:
-        done, warnings = dist.broadcast_from_main(read_done(locked, current, how, replace_stale, force)
+        done, warnings = dist.broadcast_from_main(read_done(locked, current, replace_stale, force)
                                                   if main else None)
         summary = _run(plan, output, settings, batch_paths, extras, on_pair, shard, keys, how, done, compare)
     summary.warnings = warnings

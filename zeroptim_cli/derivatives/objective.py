@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn, all_reduce, axpy
+from zeroptim_cli.derivatives.evaluation import Evaluation
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.derivatives.methods import METHODS, chain
 from zeroptim_cli.derivatives.precision import computed_in
@@ -84,10 +85,11 @@ class BatchTerm:
 
 
 class Objective:
-    """f(w) over ``batches`` for ``model`` with fixed ``buffers``; see the module docstring.
+    """f(w) over ``batches`` for ``model`` with fixed ``buffers``, evaluated as ``evaluation`` says; see the
+    module docstring.
 
-    The batches are this rank's shards of the given ones, moved to ``device`` (floating tensors in
-    ``dtype``), and cut into chunks (``chunk_length``). f is a mean over examples (or counted tokens), so
+    The batches are this rank's shards of the given ones, moved to the evaluation's device (floating tensors
+    in its dtype), and cut into chunks (``chunk_length``). f is a mean over examples (or counted tokens), so
     Σ_chunks (n_c/N)·ℓ_c is the same f exactly, and so are its derivatives; only the peak memory of one
     evaluation shrinks (eval mode only: train mode's batch statistics and dropout masks would differ). The
     model must already be on that device and dtype, in the mode it is evaluated in.
@@ -123,20 +125,19 @@ class Objective:
     ('taylor', -1.5, 0.5, [])
     """
 
-    def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss, *,
-                 train: bool = False, seed: int = 0, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, chunk_size: int | str | None = "auto") -> None:
-        if isinstance(chunk_size, int) and chunk_size > 0 and train:
+    def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss,
+                 evaluation: Evaluation = Evaluation()) -> None:
+        chunk_size = evaluation.chunk_size
+        if isinstance(chunk_size, int) and chunk_size > 0 and evaluation.train:
             raise ConfigError("--chunk-size needs eval mode: in train mode batch statistics and dropout masks "
                               "depend on the whole batch, so its chunks would give another f")
-        self.model, self.buffers, self.loss = model, dict(buffers), loss
-        self.train, self.seed = train, seed
-        self.device, self.dtype = torch.device(device), dtype
+        self.model, self.buffers, self.loss, self.evaluation = model, dict(buffers), loss, evaluation
+        self.device, self.dtype = evaluation.torch_device, evaluation.torch_dtype
 
         def prepare() -> list[Batch]:
             for b in batches:
                 loss.validate(b)
-            local = [b.to(self.device, dtype) for b in dist.shard(batches)[0]]
+            local = [b.to(self.device, self.dtype) for b in dist.shard(batches)[0]]
             return [c for b in local for c in b.chunks(self._chunk_length(b, chunk_size))]
 
         local = dist.guarded(prepare)
@@ -158,7 +159,7 @@ class Objective:
         n = batch.num_examples
         if chunk_size == "auto" and not self.loss.known:
             return n  # a user's loss may average over something else than examples: chunks could change f
-        if chunk_size != "auto" or self.train or n < 2:
+        if chunk_size != "auto" or self.evaluation.train or n < 2:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
         params = dict(self.model.named_parameters())
         try:
@@ -182,10 +183,10 @@ class Objective:
 
         def fn(params: Params) -> Tensor:
             with computed_in(self.dtype):
-                if not self.train:
+                if not self.evaluation.train:
                     return self.loss(functional_call(self.model, (params, self.buffers), args, kwargs), batch.targets)
                 buffers = {k: v.clone() for k, v in self.buffers.items()}
-                with seeded(self.seed + index):
+                with seeded(self.evaluation.seed + index):
                     outputs = functional_call(self.model, (params, buffers), args, kwargs)
                 return self.loss(outputs, batch.targets)
 
@@ -214,17 +215,18 @@ class Objective:
         zero = torch.zeros((), dtype=next(iter(g.values())).dtype, device=self.device)
         return all_reduce(Derivatives(zero, zero, zero, g)).grad  # type: ignore[return-value]
 
-    def derivatives(self, w: Params, v: Params, method: str = "auto", *, need_hvp: bool = False,
+    def derivatives(self, w: Params, v: Params, method: str | None = None, *, need_hvp: bool = False,
                     fallback: bool = True) -> tuple[str, Derivatives, list[str]]:
         """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``, notes on fallbacks).
 
-        The methods of ``methods.chain(method)`` (with ``need_hvp``, only those that give HΔ; with
+        The methods of ``methods.chain(method)`` (None: the evaluation's method; with ``need_hvp``, only those that give HΔ; with
         ``fallback=False``, ``method`` alone) are tried in turn. A method's declared refusal
         (``refusals.Refusal``) on any batch of any rank moves every rank on to the next one together, so that
         all ranks sum the same method's numbers, and is noted. Any other exception is an error: the batch's,
         if the plain forward pass fails on it too, else the method's. When every method refuses, the error
         names each one's reason.
         """
+        method = method or self.evaluation.method
         names = [n for n in (chain(method) if fallback else (method,)) if not need_hvp or METHODS[n].gives_hvp]
         notes: list[str] = []
         refused: list[str] = []
