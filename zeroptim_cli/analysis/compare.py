@@ -98,7 +98,7 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
     ``lr`` is the recorded learning rate, ``recorded`` the optimizer state saved at t, ``states`` other ones."""
     if options.scale not in SCALES:
         raise ConfigError(f"--scale '{options.scale}' is not one of {', '.join(SCALES)}")
-    evaluation = replace(evaluation, **overrides)
+    evaluation = replace(evaluation, **overrides) if overrides else evaluation
     method, device, dtype = evaluation.method, evaluation.torch_device, evaluation.torch_dtype
     w_t = cast(params_t, device, dtype)
     w_t1 = cast(params_t1, device, dtype) if params_t1 is not None else None

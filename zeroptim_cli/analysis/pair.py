@@ -97,7 +97,7 @@ def analyze_pair(
     >>> next(model.parameters()).dtype  # the model stays in the analysis dtype
     torch.float64
     """
-    evaluation = replace(evaluation, **overrides)
+    evaluation = replace(evaluation, **overrides) if overrides else evaluation
     method = evaluation.method
     if extras is not None and extras.concentration and not methods.first(method).gives_hvp:
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
