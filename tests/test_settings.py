@@ -18,6 +18,7 @@ from test_sweep import lines, record_run
 from zeroptim_cli import Evaluation, analyze_pair, resolve_loss
 from zeroptim_cli.analysis import sweep as sweep_module
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files
+from zeroptim_cli.analysis.extras import Extras
 from zeroptim_cli.analysis.sweep import find_pairs, legacy_settings_key, settings_key, sweep, sweep_key
 from zeroptim_cli.cli.analyze import analyze
 from zeroptim_cli.cli.compare import compare
@@ -114,6 +115,8 @@ def test_settings_key_leaves_out_what_changes_no_number() -> None:
     assert {settings_key(s, []) for s in same} == {key}
     assert settings_key(Settings(dtype=torch.float64), []) == settings_key(Settings(dtype="float64"), [])
 
+    assert settings_key(Settings(), [], Extras()) == key  # a library sweep's and the command line's
+
     @dataclass(frozen=True)
     class Later(Settings):  # a setting added later that changes no number
         progress: bool = False
@@ -121,13 +124,30 @@ def test_settings_key_leaves_out_what_changes_no_number() -> None:
     assert settings_key(Later(progress=True), []) == key
 
 
+def test_a_numbers_changing_setting_added_later_keeps_the_keys_at_its_default(monkeypatch) -> None:
+    @dataclass(frozen=True)
+    class Later(Settings):
+        width: int = 0
+
+    cases = [Settings(), Settings(dtype="float64", critical=True)]
+    before = [settings_key(s, []) for s in cases]
+    monkeypatch.setattr(sweep_module, "KEYED", (*sweep_module.KEYED, "width"))  # its one line
+    monkeypatch.setattr(sweep_module, "Settings", Later)
+    for settings, key in zip(cases, before):
+        later = Later(**{f.name: getattr(settings, f.name) for f in fields(Settings)})
+        assert settings_key(later, []) == key
+        assert settings_key(replace(later, width=2), []) != key
+
+
 def test_settings_key_changes_with_every_setting_that_changes_the_numbers() -> None:
     changed = [Settings(model="m.py:f"), Settings(loss="mse"), Settings(dtype="float64"), Settings(method="taylor"),
                Settings(train=True), Settings(seed=1), Settings(direction="neg-grad"), Settings(critical=True),
                Settings(critical=True, critical_tol=0.01)]
     keys = [settings_key(s, []) for s in [Settings(), *changed]]
+    extras = [Extras(concentration=True), Extras(lanczos_steps=3), Extras(clip=0.1)]
+    keys += [settings_key(Settings(), [], e) for e in extras]
     assert len(set(keys)) == len(keys)
-    assert set(sweep_module.KEYED) | {"critical", "critical_tol"} == \
+    assert set(sweep_module.KEYED) == \
         {f.name for f in fields(Settings) if any(getattr(s, f.name) != f.default for s in changed)}
 
 

@@ -81,47 +81,60 @@ def _batch_id(p: Path) -> list[Any]:
 
 #: The settings a result's numbers depend on. The others (the device, the chunk size, trust, streaming, the
 #: memory bound, and any setting added later unless named here) give the same numbers and are no part of
-#: ``settings_key``; the critical search (``critical``, ``critical_tol``) is, when asked for.
-KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction")
-#: What ``settings_key`` hashes beside them, so that a key of another formula can never coincide with one.
+#: ``settings_key``.
+KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction", "critical", "critical_tol")
+#: Settings of ``KEYED`` that change the numbers only when another is on: the tolerance of the critical search.
+ONLY_WITH = {"critical_tol": "critical"}
+#: What ``settings_key`` hashes first, so that a key of another formula can never coincide with one. A new
+#: default of a setting in ``KEYED`` needs a new version (a setting at its default is left out of the key).
 KEY_VERSION = 2
-#: The settings that keys of version 1 (which had no version) hashed: every field ``Settings`` then had but
-#: the device, trust, streaming and the memory bound. Rows written with them are resumed still.
+#: The settings that keys of version 1 (which had no version) hashed, beside the critical search when asked
+#: for: every field ``Settings`` then had but the device, trust, streaming and the memory bound. Rows written
+#: with such keys are resumed still (``legacy_settings_key``).
 LEGACY_KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction", "chunk_size")
 
 
 def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
                  compare: CompareOptions | None = None) -> str:
-    """What a result depends on besides its two checkpoints: ``KEY_VERSION``, the settings ``KEYED`` names
-    (with the critical search only when asked for, so that keys of other sweeps stay what they were), the
-    fixed batches (resolved path, content hash), the extras and the comparison options."""
-    return _settings_hash({"v": KEY_VERSION, **_keyed(settings, KEYED)}, batch_paths, extras, compare)
+    """What a result depends on besides its two checkpoints: ``KEY_VERSION``, the settings ``KEYED`` names,
+    the fixed batches (resolved path, content hash), the extras (none: their defaults) and the comparison
+    options. Settings, extras and options at their defaults are left out, so that a setting added to
+    ``KEYED`` (or an extra, an option) whose default computes what was computed before leaves every key as
+    it was."""
+    keyed = {name: _value(settings, name) for name in KEYED
+             if name not in ONLY_WITH or getattr(settings, ONLY_WITH[name])}
+    parts = {"v": KEY_VERSION, "settings": _changed(keyed, {n: _value(Settings(), n) for n in KEYED}),
+             "batches": _batch_ids(batch_paths),
+             "extras": _changed((extras or Extras()).settings(), Extras().settings()),
+             "compare": _changed(asdict(compare), asdict(CompareOptions())) if compare is not None else None}
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def legacy_settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
                         compare: CompareOptions | None = None) -> str:
-    """``settings_key`` as version 1 made it (the settings ``LEGACY_KEYED`` names, no version), so that a
-    sweep recognises the rows it wrote then as done."""
-    return _settings_hash(_keyed(settings, LEGACY_KEYED), batch_paths, extras, compare)
-
-
-def _keyed(settings: Settings, names: Sequence[str]) -> dict[str, Any]:
-    """The values of the settings ``names``, JSON-ready (a dtype by its name), and the critical search's
-    when asked for."""
-    how = {name: getattr(settings, name) for name in names}
-    if "dtype" in how:  # torch.float64 and "float64" are one dtype
-        how["dtype"] = str(settings.torch_dtype).removeprefix("torch.")
+    """``settings_key`` as version 1 made it (every setting ``LEGACY_KEYED`` names, the extras and options
+    whole, no version), so that a sweep recognises the rows it wrote then as done."""
+    how = {name: _value(settings, name) for name in LEGACY_KEYED}
     if settings.critical:
         how.update(critical=True, critical_tol=settings.critical_tol)
-    return how
-
-
-def _settings_hash(how: dict[str, Any], batch_paths: Sequence[Path], extras: Extras | None,
-                   compare: CompareOptions | None) -> str:
-    parts = [how, [_batch_id(b) for b in batch_paths], extras.settings() if extras is not None else None]
-    if compare is not None:  # so that keys of plain sweeps stay what they were
+    parts = [how, _batch_ids(batch_paths), extras.settings() if extras is not None else None]
+    if compare is not None:
         parts.append(asdict(compare))
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _value(settings: Settings, name: str) -> Any:
+    """A setting as keys hold it: a dtype by its name (torch.float64 and "float64" are one dtype)."""
+    return str(settings.torch_dtype).removeprefix("torch.") if name == "dtype" else getattr(settings, name)
+
+
+def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are not those of ``defaults``."""
+    return {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
+
+
+def _batch_ids(paths: Sequence[Path]) -> list[list[Any]]:
+    return [_batch_id(b) for b in paths]
 
 
 def sweep_key(pair: Pair, how: str, fixed_batches: bool = False) -> str:

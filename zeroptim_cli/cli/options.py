@@ -214,7 +214,7 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                           "the step Adam would take from its saved moments, or a safetensors file of a Δ."),
     ]
 
-    def wrapper(**kwargs):  # type: ignore[no-untyped-def]
+    def wrapper(**kwargs: Any) -> Any:
         settings = settings_from(kwargs)
         return fn(settings=settings, **kwargs)
 
