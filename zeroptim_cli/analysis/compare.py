@@ -92,7 +92,7 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
                        batches: Sequence[Batch], loss: Loss, evaluation: Evaluation = Evaluation(), *,
                        lr: float | None = None, recorded: OptimizerState | None = None,
                        states: Sequence[OptimizerState] = (), options: CompareOptions = CompareOptions(),
-                       buffers: Mapping[str, Tensor] | None = None, **overrides: object) -> Comparison:
+                       buffers: Mapping[str, Tensor] | None = None, **overrides: Any) -> Comparison:
     """Compare the directions of ``options`` from ``params_t`` (see the module docstring), f evaluated as
     ``evaluation`` says, ``overrides`` replacing some of its fields (as in ``analysis.pair.analyze_pair``).
     ``lr`` is the recorded learning rate, ``recorded`` the optimizer state saved at t, ``states`` other ones."""

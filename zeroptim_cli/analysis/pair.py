@@ -16,6 +16,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ def analyze_pair(
     direction_name: str = "update",
     extras: Extras | None = None,
     critical_tol: float | None = None,
-    **overrides: object,
+    **overrides: Any,
 ) -> PairAnalysis:
     """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``: f(w_t),
     f(w_t1), gᵀΔ, ΔᵀHΔ and every quantity derived from them (``analysis.result``), for Δ = w_t1 − w_t.

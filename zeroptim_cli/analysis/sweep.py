@@ -236,19 +236,20 @@ def read_done(locked: LockedFile, current: dict[tuple[str, str], dict[str, str]]
             rejected.append(line)
             continue
         paths = (str(Path(row["ckpt_t"]).resolve()), str(Path(row["ckpt_t1"]).resolve()))
-        accepted, how = current.get(paths, {}), row.get("settings_key")
-        key, mine = row.get("sweep_key"), isinstance(how, str) and how in accepted
+        how = row.get("settings_key")
+        expected = current.get(paths, {}).get(how) if isinstance(how, str) else None
+        key, mine = row.get("sweep_key"), expected is not None
         if line in kept or (mine and "error" in row):
             changed = True  # a repeated line, or a failure retried now
             continue
-        if mine and key != accepted[how]:
+        if mine and key != expected:
             if not replace_stale:
                 stale += 1
             else:
                 changed = True
                 continue
         elif mine:
-            done.add(next(iter(accepted.values())))
+            done.add(next(iter(current[paths].values())))
         kept.append(line)
     if stale:
         raise ZeroptimError(f"-o '{output}' holds {stale} result(s) of these settings computed from earlier versions "
