@@ -171,7 +171,7 @@ def settings_from(options: dict[str, Any]) -> Settings:
     """The ``Settings`` of a command's settings and scale options, popped off its click ``options``: each
     field from the click parameter of its name (``--train-mode`` is ``train``, ``--trust-code``
     ``trust_code``); a field whose option the command lacks (``compare`` has no ``--direction``) keeps its
-    default. ``tests/test_cli.py`` checks that these options and the fields are the same names."""
+    default. ``tests/test_settings.py`` checks that these options and the fields are the same names."""
     return Settings(**{f.name: options.pop(f.name) for f in fields(Settings) if f.name in options})
 
 
