@@ -137,6 +137,8 @@ def test_a_numbers_changing_setting_added_later_keeps_the_keys_at_its_default(mo
         later = Later(**{f.name: getattr(settings, f.name) for f in fields(Settings)})
         assert settings_key(later, []) == key
         assert settings_key(replace(later, width=2), []) != key
+        assert legacy_settings_key(later, []) == v1_key(settings)  # rows of version 1 stand for width 0 alone
+        assert legacy_settings_key(replace(later, width=2), []) is None
 
 
 def test_settings_key_changes_with_every_setting_that_changes_the_numbers() -> None:
@@ -194,3 +196,20 @@ def test_a_sweep_resumes_across_chunk_sizes(tmp_path) -> None:
     sweep(plan, out, Settings(dtype="float64"))
     summary = sweep(plan, out, replace(Settings(dtype="float64"), chunk_size=3))
     assert (summary.analysed, summary.skipped) == (0, 1)
+
+
+def test_rows_of_v1_keys_are_not_those_of_a_setting_v1_did_not_know(tmp_path, monkeypatch) -> None:
+    @dataclass(frozen=True)
+    class Later(Settings):
+        width: int = 0
+
+    run = record_run(tmp_path / "sgd", steps=(0,))
+    plan, out = find_pairs([run]), tmp_path / "r.jsonl"
+    sweep(plan, out)
+    old = v1_key(Settings())
+    out.write_text("".join(json.dumps({**r, "settings_key": old, "sweep_key": sweep_key(p, old)}) + "\n"
+                           for p, r in zip(plan.pairs, lines(out))))
+    monkeypatch.setattr(sweep_module, "KEYED", (*sweep_module.KEYED, "width"))
+    monkeypatch.setattr(sweep_module, "Settings", Later)
+    assert sweep(plan, out, Later(width=2)).analysed == 1
+    assert sweep(plan, out, Later()).skipped == 1

@@ -88,10 +88,11 @@ ONLY_WITH = {"critical_tol": "critical"}
 #: What ``settings_key`` hashes first, so that a key of another formula can never coincide with one. A new
 #: default of a setting in ``KEYED`` needs a new version (a setting at its default is left out of the key).
 KEY_VERSION = 2
-#: The settings that keys of version 1 (which had no version) hashed, beside the critical search when asked
+#: The settings that keys of version 1 (which had no version) hashed, the critical search's only when asked
 #: for: every field ``Settings`` then had but the device, trust, streaming and the memory bound. Rows written
 #: with such keys are resumed still (``legacy_settings_key``).
-LEGACY_KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction", "chunk_size")
+LEGACY_KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction", "chunk_size", "critical",
+                "critical_tol")
 
 
 def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
@@ -111,12 +112,15 @@ def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras
 
 
 def legacy_settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
-                        compare: CompareOptions | None = None) -> str:
+                        compare: CompareOptions | None = None) -> str | None:
     """``settings_key`` as version 1 made it (every setting ``LEGACY_KEYED`` names, the extras and options
-    whole, no version), so that a sweep recognises the rows it wrote then as done."""
-    how = {name: _value(settings, name) for name in LEGACY_KEYED}
-    if settings.critical:
-        how.update(critical=True, critical_tol=settings.critical_tol)
+    whole, no version), so that a sweep recognises the rows it wrote then as done; None when a setting of
+    ``KEYED`` that version 1 did not know is not at its default (no row of then was computed so)."""
+    default = Settings()
+    if any(_value(settings, n) != _value(default, n) for n in KEYED if n not in LEGACY_KEYED):
+        return None
+    how = {name: _value(settings, name) for name in LEGACY_KEYED
+           if settings.critical or name not in ("critical", "critical_tol")}
     parts = [how, _batch_ids(batch_paths), extras.settings() if extras is not None else None]
     if compare is not None:
         parts.append(asdict(compare))
@@ -328,7 +332,8 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
     legacy = legacy_settings_key(settings, batch_paths, extras, compare)
     keys = {p: sweep_key(p, how, bool(batch_paths)) for p in plan.pairs}
     current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())):
-               {how: k, legacy: sweep_key(p, legacy, bool(batch_paths))} for p, k in keys.items()}
+               {how: k, **({legacy: sweep_key(p, legacy, bool(batch_paths))} if legacy is not None else {})}
+               for p, k in keys.items()}
     if main:
         require_regular(output, "-o")  # before opening it: a FIFO would block the open
     with LockedFile(output, f"sweep output '{output}'") if main else contextlib.nullcontext() as locked:
