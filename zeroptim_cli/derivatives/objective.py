@@ -95,13 +95,15 @@ class Objective:
     model must already be on that device and dtype, in the mode it is evaluated in.
 
     Args:
-        model: the model, already on ``device`` and in ``dtype``; its parameters are replaced by w at each call.
+        model: the model, already on the evaluation's device and in its dtype; its parameters are replaced by w
+            at each call.
         buffers: the buffers held fixed (name → tensor; ``{}`` for a model without any).
         batches: the batches f averages over, weighted by their counted targets (``Loss.count``).
         loss: the per-batch loss (``derivatives.losses``).
-        train, seed: train mode and the seed of its random ops (the same masks at every evaluation).
-        device, dtype: where the batches go, and the dtype of their floating tensors.
-        chunk_size: ``auto``, N examples per evaluation, or 0 (or None) for whole batches.
+        evaluation: ``derivatives.evaluation.Evaluation``: its ``train`` mode and ``seed`` (the same masks at
+            every evaluation), ``device`` and ``dtype`` (where the batches go, and the dtype of their floating
+            tensors), ``chunk_size`` (``auto``, N examples per evaluation, or 0 or None for whole batches), and
+            the ``method`` that ``derivatives`` runs unless told another.
 
     The methods take parameters w (and a direction v) as dicts name → tensor: ``value(w)`` is f(w),
     ``gradient(w)`` is ∇f(w), ``derivatives(w, v, method)`` is (the method that ran, ``Derivatives``: f(w),
@@ -111,12 +113,12 @@ class Objective:
 
     >>> import torch
     >>> from torch import nn
+    >>> from zeroptim_cli.derivatives import Evaluation, Objective
     >>> from zeroptim_cli.derivatives.losses import resolve_loss
-    >>> from zeroptim_cli.derivatives.objective import Objective
     >>> from zeroptim_cli.io.batches import Batch
     >>> model = nn.Linear(2, 1, bias=False).double()
     >>> batch = Batch(torch.eye(2), torch.zeros(2, 1))
-    >>> f = Objective(model, {}, [batch], resolve_loss("mse"), dtype=torch.float64)
+    >>> f = Objective(model, {}, [batch], resolve_loss("mse"), Evaluation(dtype=torch.float64))
     >>> w = {"weight": torch.tensor([[1.0, 2.0]], dtype=torch.float64)}
     >>> round(f.value(w).item(), 12), f.gradient(w)["weight"].tolist()
     (2.5, [[1.0, 2.0]])
