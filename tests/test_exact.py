@@ -11,7 +11,7 @@ from conftest import explicit, flat, loss_fn, params_of, perturbed, rel_close
 from torch import nn
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
-from zeroptim_cli.derivatives import METHODS
+from zeroptim_cli.derivatives import METHODS, Evaluation
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.models import MLP
 
@@ -335,7 +335,7 @@ def test_chunked_batches_give_the_same_numbers(method: str, monkeypatch) -> None
     loss = resolve_loss("cross_entropy")
     whole = analyze_pair(model, w0, w1, batches, loss, method=method, dtype=torch.float64, chunk_size=0)
     model.double()
-    auto = obj.Objective(model, dict(model.named_buffers()), batches, loss, dtype=torch.float64)
+    auto = obj.Objective(model, dict(model.named_buffers()), batches, loss, Evaluation(dtype=torch.float64))
     assert len(auto.terms) > 2 and all(t.batch.num_examples < 37 for t in auto.terms)  # auto really chunks
     for chunk in ("auto", 4, 1):
         r = analyze_pair(model, w0, w1, batches, loss, method=method, dtype=torch.float64, chunk_size=chunk)
@@ -352,14 +352,14 @@ def test_auto_chunks_follow_the_measured_activations(monkeypatch) -> None:
     model, batches = tiny_mlp(), tiny_batches(sizes=(30,))
     params = params_of(model)
     loss = resolve_loss("cross_entropy")
-    one = obj.Objective(model, {}, batches, loss, dtype=torch.float64)
+    one = obj.Objective(model, {}, batches, loss, Evaluation(dtype=torch.float64))
     per_example = obj.activation_bytes(lambda b: one._batch_fn(b, 0), batches[0], params)
     # MLP 5-6-4-3 (tanh), float64, per example: at least the input and the logits' log-softmax, at most
     # three copies of every activation (what autograd saves exactly is torch's choice) and the int64 target
     assert 8 * (5 + 3) <= per_example <= 3 * 8 * (5 + 6 + 4 + 3) + 8
     assert len(one.terms) == 1  # a few KiB: the batch stays whole
     monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 8 * per_example)
-    many = obj.Objective(model, {}, batches, loss, dtype=torch.float64)
+    many = obj.Objective(model, {}, batches, loss, Evaluation(dtype=torch.float64))
     assert [t.batch.num_examples for t in many.terms] == [8, 8, 8, 6]
     w1 = perturbed(params, 0.05)
     delta = {k: w1[k] - params[k] for k in params}
@@ -395,8 +395,8 @@ def test_a_users_loss_is_not_chunked_unasked_and_a_nan_loss_is_an_error(monkeypa
     auto = analyze_pair(model, w0, w1, batches, ignoring, dtype=torch.float64)
     assert auto.loss_t == whole.loss_t and auto.dir_sharpness == whole.dir_sharpness
     # the built-in loss knows its count: 40 single-example chunks, of which the 15 with a counted target stay
-    assert len(obj.Objective(model, {}, batches, resolve_loss("cross_entropy"), dtype=torch.float64).terms) == 15
-    assert len(obj.Objective(model, {}, batches, ignoring, dtype=torch.float64).terms) == 1
+    assert len(obj.Objective(model, {}, batches, resolve_loss("cross_entropy"), Evaluation(dtype=torch.float64)).terms) == 15
+    assert len(obj.Objective(model, {}, batches, ignoring, Evaluation(dtype=torch.float64)).terms) == 1
     nan = Loss("mine:nan", lambda o, t: o.sum() * float("nan"), known=False)
     with pytest.raises(ZeroptimError, match="loss_t is nan at w_t on batch 'padded'"):
         analyze_pair(model, w0, w1, batches, nan, dtype=torch.float64)

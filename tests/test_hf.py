@@ -24,7 +24,7 @@ from zeroptim_cli.cli import main  # noqa: E402
 from zeroptim_cli.derivatives.precision import computed_in  # noqa: E402
 from zeroptim_cli.errors import ZeroptimError  # noqa: E402
 from zeroptim_cli.io.batches import Batch, load_batch  # noqa: E402
-from zeroptim_cli.io.checkpoint import load_checkpoint  # noqa: E402
+from zeroptim_cli.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from zeroptim_cli.io.files import read_safetensors  # noqa: E402
 
 F64 = Settings(dtype="float64", device="cpu")
@@ -545,3 +545,26 @@ def test_sweep_of_an_output_dir_without_pairs_points_to_the_callbacks_folder(tmp
     (tmp_path / "zeroptim").mkdir()
     err = "".join(run_cli("sweep", tmp_path, "-o", tmp_path / "r2.jsonl", capsys=capsys)[2].split())
     assert "nopairamongsteps[5,7]" in err and f"recordedwiththeirbatchesarein'{tmp_path / 'zeroptim'}'" in err
+
+
+def test_a_config_asking_for_more_blocks_than_its_weights_hold_is_refused_before_any_build(tmp_path, capsys) -> None:
+    """n_layer = 10⁶ beside a 2-layer file would be built (on the meta device first) for hours, in all memory."""
+    model = tiny("gpt2")
+    a, b = save_pair(model, tmp_path)
+    batch = lm_batch(tmp_path / "b.safetensors")
+    config = json.loads((a / "config.json").read_text())
+    huge = {**config, "n_layer": 10**6}
+    for folder in (a, b):
+        (folder / "config.json").write_text(json.dumps(huge))
+    for command in (["analyze", a, b, "--batch", batch], ["inspect", a, b]):
+        status, out, err = run_cli(*command, capsys=capsys)
+        assert status == 1 and out == "" and err.count("\n") == 1, err
+        assert str(a / "config.json") in err and "'n_layer'" in err and "1000000" in err, err
+    files = [tmp_path / f"ckpt_00000{i}.safetensors" for i in (0, 1)]
+    for f in files:  # as the Trainer callback records a model: its config in the metadata
+        save_checkpoint(f, model, {"model": {"hf_config": huge}})
+    for stream in ([], ["--stream"]):
+        status, out, err = run_cli("analyze", *files, "--batch", batch, "--method", "taylor", *stream, capsys=capsys)
+        assert status == 1 and out == "" and str(files[0]) in err and "'n_layer'" in err, err
+    save_checkpoint(files[0], model, {"model": {"hf_config": config}})  # the true config still loads
+    assert load_checkpoint(files[0]).model_spec["hf_config"]["n_layer"] == 2

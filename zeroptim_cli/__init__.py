@@ -29,7 +29,7 @@ _EXPORTS = {
     "Batch": "zeroptim_cli.io.batches", "load_batch": "zeroptim_cli.io.batches",
     "Checkpoint": "zeroptim_cli.io.checkpoint", "load_checkpoint": "zeroptim_cli.io.checkpoint",
     "save_checkpoint": "zeroptim_cli.io.checkpoint",
-    "Extras": "zeroptim_cli.analysis.extras", "PairAnalysis": "zeroptim_cli.analysis.result",
+    "Evaluation": "zeroptim_cli.derivatives.evaluation", "Extras": "zeroptim_cli.analysis.extras", "PairAnalysis": "zeroptim_cli.analysis.result",
     "Settings": "zeroptim_cli.analysis.checkpoints", "analyze_files": "zeroptim_cli.analysis.checkpoints",
     "analyze_pair": "zeroptim_cli.analysis.pair", "resolve_loss": "zeroptim_cli.derivatives.losses",
     "Recorder": "zeroptim_cli.training.recorder", "ZeroptimError": "zeroptim_cli.errors",

@@ -25,6 +25,7 @@ from zeroptim_cli.analysis.result import PairAnalysis
 from zeroptim_cli.analysis.sanity import pair_warnings
 from zeroptim_cli.analysis.streamed import analyze_streamed
 from zeroptim_cli.analysis.trainable import split_trainable
+from zeroptim_cli.derivatives.evaluation import Evaluation
 from zeroptim_cli.derivatives.losses import Loss, default_loss, resolve_loss, resolve_metadata_loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch, load_batch
@@ -36,32 +37,27 @@ from zeroptim_cli.io.outputs import Inputs
 from zeroptim_cli.io.specs import Trust, spec_file
 from zeroptim_cli.models import build_model
 from zeroptim_cli.models.skeleton import skeleton
-from zeroptim_cli.runtime import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
-class Settings:
-    """How to analyse, one field per flag of ``zeroptim analyze``: the ``model`` and ``loss`` overrides (specs,
-    None: the metadata's), ``device``, ``dtype``, the differentiation ``method`` (``auto`` or a name of
-    ``derivatives.METHODS``), ``train`` mode and its ``seed``, the ``direction`` analysed (``update``: Δ
-    itself, another name of ``analysis.directions.NAMED``, or a .safetensors file), the examples per evaluation
-    (``chunk_size``: ``auto``, N, or 0 for whole batches), whether code named in the checkpoints' metadata
-    may run (``trust_code``, see ``io.specs.Trust``), whether to search the critical scale along Δ
-    (``critical``, to the relative tolerance ``critical_tol``), and whether to stream the parameters module by
-    module (``stream``, or by itself when the in-memory analysis is estimated to need more than ``max_memory``
-    bytes; ``analysis.streamed``), and the base model folder of peft adapter checkpoints (``base``, else the one
-    each adapter's config names: ``io.peft``)."""
+class Settings(Evaluation):
+    """How to analyse, one field per flag of ``zeroptim analyze``: how f is evaluated (the fields of
+    ``derivatives.Evaluation``: the differentiation ``method``, ``train`` mode and its ``seed``, ``dtype``,
+    ``device``, the examples per evaluation ``chunk_size``; this object is passed whole down to the
+    objective), the ``model`` and ``loss`` overrides (specs, None: the metadata's), the ``direction`` analysed
+    (``update``: Δ itself, another name of ``analysis.directions.NAMED``, or a .safetensors file), whether code
+    named in the checkpoints' metadata may run (``trust_code``, see ``io.specs.Trust``), whether to search the
+    critical scale along Δ (``critical``, to the relative tolerance ``critical_tol``), and whether to stream the
+    parameters module by module (``stream``, or by itself when the in-memory analysis is estimated to need more
+    than ``max_memory`` bytes; ``analysis.streamed``), and the base model folder of peft adapter checkpoints
+    (``base``, else the one each adapter's config names: ``io.peft``). Which of them a sweep's results depend
+    on is ``analysis.sweep.KEYED``'s to say."""
 
+    device: str | torch.device = "auto"  # the command line's default; a library call's is Evaluation's
     model: str | None = None
     loss: str | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    method: str = "auto"
-    train: bool = False
-    seed: int = 0
     direction: str = "update"
     trust_code: bool = False
-    chunk_size: int | str = "auto"
     critical: bool = False
     critical_tol: float = DEFAULT_TOL
     stream: bool = False
@@ -164,17 +160,14 @@ def analyze_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, batches: Sequen
                         settings: Settings = Settings(), loss_t1: float | None = None,
                         extras: Extras | None = None) -> PairAnalysis:
     """Analyse the step from ``ckpt_t`` to ``ckpt_t1`` on ``batches`` (see ``analyze_pair``)."""
-    dtype = resolve_dtype(settings.dtype)
     p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
     assert p.params_t1 is not None
     if extras is not None:
         extras.check(sum(t.numel() for t in p.params_t.values()))
     result = analyze_pair(
-        p.model, p.params_t, p.params_t1, batches, p.loss,
-        buffers=p.buffers_t, method=settings.method, train=settings.train, seed=settings.seed,
-        device=resolve_device(settings.device), dtype=dtype, loss_t1=loss_t1,
+        p.model, p.params_t, p.params_t1, batches, p.loss, settings, buffers=p.buffers_t, loss_t1=loss_t1,
         direction=resolve_direction(settings.direction, ckpt_t), direction_name=settings.direction, extras=extras,
-        chunk_size=settings.chunk_size, critical_tol=settings.critical_tol if settings.critical else None,
+        critical_tol=settings.critical_tol if settings.critical else None,
     )
     return _recorded(result, ckpt_t, ckpt_t1, p, settings)
 
@@ -215,7 +208,7 @@ def in_memory_bytes(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, settings: Settings)
     stored = sum(t.numel() * t.element_size() for c in (ckpt_t, ckpt_t1) for t in c.tensors.values())
     values = sum(t.numel() for t in ckpt_t.tensors.values() if t.is_floating_point())
     copies = IN_MEMORY_COPIES["taylor" if settings.method == "taylor" else "other"]
-    return stored + copies * values * resolve_dtype(settings.dtype).itemsize
+    return stored + copies * values * settings.torch_dtype.itemsize
 
 
 def open_streamed(path_t: str | os.PathLike, path_t1: str | os.PathLike, settings: Settings,
@@ -242,7 +235,7 @@ def analyze_lazily(lazy_t: tuple[Checkpoint, TensorFiles], lazy_t1: tuple[Checkp
                    loss_t1: float | None = None) -> PairAnalysis:
     """Analyse the step between two lazily opened checkpoints, streamed (``analysis.streamed``)."""
     (ckpt_t, files_t), (ckpt_t1, files_t1) = lazy_t, lazy_t1
-    device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
+    device, dtype = settings.torch_device, settings.torch_dtype
     with skeleton():
         p = prepare_pair(ckpt_t, ckpt_t1, settings, batches, unchanged=lambda a, b: bool(
             torch.equal(files_t.read(files_t.key(a)), files_t1.read(files_t1.key(b)))))
@@ -255,8 +248,7 @@ def analyze_lazily(lazy_t: tuple[Checkpoint, TensorFiles], lazy_t1: tuple[Checkp
     # a frozen parameter is streamed as the others are, read from checkpoint t for both ends (Δ = 0)
     sources.update({n: (reader(files_t, p.buffers_t[n]), reader(files_t, p.buffers_t[n])) for n in p.frozen})
     buffers = {n: files_t.read(files_t.key(t)) for n, t in p.buffers_t.items() if n not in p.frozen}
-    result = analyze_streamed(p.model, sources, buffers, batches, p.loss, train=settings.train, seed=settings.seed,
-                              device=device, dtype=dtype, loss_t1=loss_t1, chunk_size=settings.chunk_size,
+    result = analyze_streamed(p.model, sources, buffers, batches, p.loss, settings, loss_t1=loss_t1,
                               critical_tol=settings.critical_tol if settings.critical else None,
                               analysed=set(p.params_t))
     return _recorded(result, ckpt_t, ckpt_t1, p, settings)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,11 +41,11 @@ from zeroptim_cli.analysis.optimizer_steps import (
 from zeroptim_cli.analysis.pair import cast, prepared
 from zeroptim_cli.analysis.result import cosine, quadratic_model
 from zeroptim_cli.analysis.sanity import pair_warnings
+from zeroptim_cli.derivatives.evaluation import Evaluation
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint
-from zeroptim_cli.runtime import resolve_device, resolve_dtype
 from zeroptim_cli.vectors import Params, dot, norm
 
 SCALES = ("update", "own")
@@ -92,22 +92,21 @@ class Comparison:
 
 
 def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_t1: Mapping[str, Tensor] | None,
-                       batches: Sequence[Batch], loss: Loss, *, lr: float | None = None,
-                       recorded: OptimizerState | None = None, states: Sequence[OptimizerState] = (),
-                       options: CompareOptions = CompareOptions(), buffers: Mapping[str, Tensor] | None = None,
-                       method: str = "auto", train: bool = False, seed: int = 0,
-                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                       chunk_size: int | str | None = "auto") -> Comparison:
-    """Compare the directions of ``options`` from ``params_t`` (see the module docstring). ``lr`` is the
-    recorded learning rate, ``recorded`` the optimizer state saved at t, ``states`` other ones."""
+                       batches: Sequence[Batch], loss: Loss, evaluation: Evaluation = Evaluation(), *,
+                       lr: float | None = None, recorded: OptimizerState | None = None,
+                       states: Sequence[OptimizerState] = (), options: CompareOptions = CompareOptions(),
+                       buffers: Mapping[str, Tensor] | None = None, **overrides: Any) -> Comparison:
+    """Compare the directions of ``options`` from ``params_t`` (see the module docstring), f evaluated as
+    ``evaluation`` says, ``overrides`` replacing some of its fields (as in ``analysis.pair.analyze_pair``).
+    ``lr`` is the recorded learning rate, ``recorded`` the optimizer state saved at t, ``states`` other ones."""
     if options.scale not in SCALES:
         raise ConfigError(f"--scale '{options.scale}' is not one of {', '.join(SCALES)}")
-    device = torch.device(device)
+    evaluation = replace(evaluation, **overrides) if overrides else evaluation
+    method, device, dtype = evaluation.method, evaluation.torch_device, evaluation.torch_dtype
     w_t = cast(params_t, device, dtype)
     w_t1 = cast(params_t1, device, dtype) if params_t1 is not None else None
     update = {k: w_t1[k] - w_t[k] for k in w_t} if w_t1 is not None else None
-    with prepared(model, batches, loss, buffers=buffers, method=method, train=train, seed=seed, device=device,
-                  dtype=dtype, chunk_size=chunk_size) as objective:
+    with prepared(model, batches, loss, evaluation, buffers=buffers) as objective:
         grad = objective.gradient(w_t)
         point = StepPoint(w_t, grad, objective.value, update, lr, recorded, list(states), options.mezo,
                           options.clip_fraction)
@@ -175,11 +174,9 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
     if recorded is None and optimizer.get("name") not in (None, "sgd"):
         warnings.append(f"no optimizer state beside '{ckpt_t.path}': the {optimizer.get('name')} step is not compared")
     result = compare_directions(
-        p.model, p.params_t, p.params_t1, batches, p.loss, lr=recorded_lr(ckpt_t),
+        p.model, p.params_t, p.params_t1, batches, p.loss, settings, lr=recorded_lr(ckpt_t),
         recorded=recorded, states=[other_state(s, ckpt_t.step) for s in options.states], options=options,
-        buffers=p.buffers_t,
-        method=settings.method, train=settings.train, seed=settings.seed, device=resolve_device(settings.device),
-        dtype=resolve_dtype(settings.dtype), chunk_size=settings.chunk_size)
+        buffers=p.buffers_t)
     result.step_t = ckpt_t.step
     result.step_t1 = ckpt_t1.step if ckpt_t1 is not None else None
     result.warnings = warnings + result.warnings

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +25,7 @@ from zeroptim_cli.analysis.critical import critical_search
 from zeroptim_cli.analysis.directions import Direction
 from zeroptim_cli.analysis.extras import Extras, compute_extras
 from zeroptim_cli.analysis.result import LayerStats, PairAnalysis
-from zeroptim_cli.derivatives import Derivatives, Objective, methods
+from zeroptim_cli.derivatives import Derivatives, Evaluation, Objective, methods
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
@@ -38,46 +40,44 @@ def analyze_pair(
     params_t1: Mapping[str, Tensor],
     batches: Sequence[Batch],
     loss: Loss,
+    evaluation: Evaluation = Evaluation(),
     *,
     buffers: Mapping[str, Tensor] | None = None,
-    method: str = "auto",
-    train: bool = False,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
     loss_t1: float | None = None,
     direction: Direction | None = None,
     direction_name: str = "update",
     extras: Extras | None = None,
-    chunk_size: int | str | None = "auto",
     critical_tol: float | None = None,
+    **overrides: Any,
 ) -> PairAnalysis:
     """Decompose the loss change of the step from ``params_t`` to ``params_t1`` on ``batches``: f(w_t),
     f(w_t1), gᵀΔ, ΔᵀHΔ and every quantity derived from them (``analysis.result``), for Δ = w_t1 − w_t.
 
-    The model is moved to ``device`` and ``dtype`` and stays there afterwards (it is not moved back); it is
-    evaluated in eval mode (train mode with ``train=True``), and its own mode is restored afterwards.
+    The model is moved to the evaluation's device and dtype and stays there afterwards (it is not moved
+    back); it is evaluated in eval mode (train mode with ``train=True``), and its own mode is restored
+    afterwards.
 
     Args:
         model: the model; f(w) is ``loss`` of ``model`` with parameters w, averaged over ``batches``.
         params_t, params_t1: the two points, parameter name (as in ``model.named_parameters()``) → tensor.
         batches: the batches f averages over (``io.batches.Batch``).
         loss: the per-batch loss and its averaging count (``derivatives.losses.resolve_loss``).
+        evaluation: how f is evaluated and differentiated (``derivatives.Evaluation``, passed whole down to
+            the objective): ``method``, ``auto`` or one of ``zeroptim_cli.derivatives.METHODS`` (where it
+            refuses, its fallbacks run, as the result's ``warnings`` say); ``train`` and ``seed``, train mode
+            (dropout masks and batch statistics) and the seed of its random ops; ``device`` and ``dtype``,
+            where and in which precision to compute; ``chunk_size``, the examples of one evaluation
+            (``derivatives.objective.chunk_length``): the same numbers, less peak memory.
         buffers: held fixed at these values (default: the model's own, i.e. checkpoint t's).
-        method: ``auto`` or one of ``zeroptim_cli.derivatives.METHODS``; where it refuses, its fallbacks run,
-            as the result's ``warnings`` say.
-        train, seed: train mode (dropout masks and batch statistics) and the seed of its random ops.
-        device, dtype: where and in which precision to compute.
         loss_t1: f(w_t1) on the same batches when already known (e.g. f(w_t) of a sweep's next pair): saves
             its forward pass.
         direction, direction_name: another direction d from w_t, computed from g and Δ
             (``analysis.directions``), replacing Δ: every quantity is then that of d, with f(w_t1) read as
             f(w_t + d).
         extras: the opt-in analyses of ``analysis.extras``, under their own keys.
-        chunk_size: the examples of one evaluation (``derivatives.objective.chunk_length``): the same numbers,
-            less peak memory.
         critical_tol: None to skip, else the relative tolerance of the forward-only critical-scale search
             along Δ (``analysis.critical``).
+        overrides: fields of ``evaluation`` to replace, by name (``method="taylor", dtype=torch.float64``).
 
     Returns:
         The ``PairAnalysis``; ``to_dict()`` gives the JSON object of docs/contract.md.
@@ -98,18 +98,19 @@ def analyze_pair(
     >>> next(model.parameters()).dtype  # the model stays in the analysis dtype
     torch.float64
     """
+    evaluation = replace(evaluation, **overrides) if overrides else evaluation
+    method = evaluation.method
     if extras is not None and extras.concentration and not methods.first(method).gives_hvp:
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
                           "compute; use --method auto")
-    device = torch.device(device)
+    device, dtype = evaluation.torch_device, evaluation.torch_dtype
     w_t, w_t1 = cast(params_t, device, dtype), cast(params_t1, device, dtype)
     delta = {k: w_t1[k] - w_t[k] for k in w_t}
-    with prepared(model, batches, loss, buffers=buffers, method=method, train=train, seed=seed, device=device,
-                  dtype=dtype, chunk_size=chunk_size) as objective:
+    with prepared(model, batches, loss, evaluation, buffers=buffers) as objective:
         if direction is not None:
             delta = direction(objective.gradient(w_t), w_t, delta)
             w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
-        chosen, totals, notes = objective.derivatives(w_t, delta, method)
+        chosen, totals, notes = objective.derivatives(w_t, delta)
         value_t1 = objective.value(w_t1) if loss_t1 is None else torch.tensor(loss_t1, dtype=torch.float64, device=device)
         result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
         require_finite(result, batches)
@@ -130,27 +131,26 @@ def cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
 
 
 @contextlib.contextmanager
-def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers: Mapping[str, Tensor] | None,
-             method: str, train: bool, seed: int, device: torch.device, dtype: torch.dtype,
-             chunk_size: int | str | None = "auto") -> Iterator[Objective]:
-    """Prepare: check ``method``, move the model to ``device`` and ``dtype``, and yield the objective f on
-    ``batches`` with ``buffers`` (default: the model's own) fixed; for the block the model is in train or
-    eval mode (its own mode restored after) and attention uses twice-differentiable kernels. An
+def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, evaluation: Evaluation, *,
+             buffers: Mapping[str, Tensor] | None) -> Iterator[Objective]:
+    """Prepare: check the evaluation's method, move the model to its device and dtype, and yield the
+    objective f on ``batches`` with ``buffers`` (default: the model's own) fixed; for the block the model is
+    in train or eval mode (its own mode restored after) and attention uses twice-differentiable kernels. An
     encoder-decoder's batches get the decoder inputs it would make from their labels (``with_decoder_inputs``)."""
-    record = methods.first(method)  # an unknown name is a usage error
+    record = methods.first(evaluation.method)  # an unknown name is a usage error
     if not batches:
         raise ConfigError("no batch to evaluate the loss on")
     batches = [with_decoder_inputs(model, b) for b in batches]  # an encoder-decoder's, from the labels
     if record.check is not None:
-        record.check(model, train)
+        record.check(model, evaluation.train)
+    device, dtype = evaluation.torch_device, evaluation.torch_dtype
     place(model, device, dtype)
     fixed = cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
     was_training = model.training
-    model.train(train)
+    model.train(evaluation.train)
     try:
         with twice_differentiable_kernels():  # before the objective: its chunking measures these kernels
-            yield Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype,
-                            chunk_size=chunk_size)
+            yield Objective(model, fixed, batches, loss, evaluation)
     finally:
         model.train(was_training)
 

@@ -16,6 +16,7 @@ No g and no HΔ, as for in-memory Taylor mode: no extras and no direction other 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from zeroptim_cli.analysis.critical import critical_search
 from zeroptim_cli.analysis.pair import prepared, require_finite, summarize_rows
 from zeroptim_cli.analysis.result import PairAnalysis
+from zeroptim_cli.derivatives.evaluation import Evaluation
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.derivatives.streaming import Point, pair_point, streamed
 from zeroptim_cli.io.batches import Batch
@@ -67,28 +69,24 @@ def analyze_streamed(
     buffers: Mapping[str, Tensor],
     batches: Sequence[Batch],
     loss: Loss,
+    evaluation: Evaluation = Evaluation(),
     *,
-    train: bool = False,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
     loss_t1: float | None = None,
-    chunk_size: int | str | None = "auto",
     critical_tol: float | None = None,
     analysed: Collection[str] | None = None,
 ) -> PairAnalysis:
     """``analysis.pair.analyze_pair(..., method="taylor")`` for a skeleton ``model`` whose parameters
-    ``sources`` reads (name as in ``named_parameters()`` → readers of w_t and w_t1, on ``device`` in
-    ``dtype``); ``buffers`` are checkpoint t's. ``chunk_size="auto"`` evaluates whole batches (measuring
-    activations would need the parameters resident); a number cuts them as in memory. ``analysed`` (default:
-    all) names the parameters the per-layer split is over (the trainable ones: ``analysis.trainable``; the
-    others' Δ is zero)."""
-    device = torch.device(device)
+    ``sources`` reads (name as in ``named_parameters()`` → readers of w_t and w_t1, on the evaluation's device
+    in its dtype); ``buffers`` are checkpoint t's. The evaluation's method is taken to be ``taylor``, and its
+    ``chunk_size="auto"`` evaluates whole batches (measuring activations would need the parameters
+    resident); a number cuts them as in memory. ``analysed`` (default: all) names the parameters the per-layer
+    split is over (the trainable ones: ``analysis.trainable``; the others' Δ is zero)."""
+    chunk_size = evaluation.chunk_size
+    evaluation = replace(evaluation, method="taylor", chunk_size=0 if chunk_size == "auto" else chunk_size)
+    device, dtype = evaluation.torch_device, evaluation.torch_dtype
     loader = PairLoader(sources)
     numels = {name: p.numel() for name, p in model.named_parameters() if analysed is None or name in analysed}
-    with prepared(model, batches, loss, buffers=buffers, method="taylor", train=train, seed=seed, device=device,
-                  dtype=dtype, chunk_size=0 if chunk_size == "auto" else chunk_size) as objective, \
-            streamed(model, loader):
+    with prepared(model, batches, loss, evaluation, buffers=buffers) as objective, streamed(model, loader):
         chosen, totals, _ = objective.derivatives({}, {}, "taylor", fallback=False)
 
         def value(point: Point) -> Tensor:

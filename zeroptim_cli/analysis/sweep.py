@@ -81,18 +81,66 @@ def _batch_id(p: Path) -> list[Any]:
     return [str(p.resolve()), file_digest(p)]
 
 
+#: The settings a result's numbers depend on (``base``: the base model folder peft adapters are read on). The
+#: others (the device, the chunk size, trust, streaming, the memory bound, and any setting added later unless
+#: named here) give the same numbers and are no part of ``settings_key``.
+KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction", "critical", "critical_tol", "base")
+#: Settings of ``KEYED`` that change the numbers only when another is on: the tolerance of the critical search.
+ONLY_WITH = {"critical_tol": "critical"}
+#: What ``settings_key`` hashes first, so that a key of another formula can never coincide with one. A new
+#: default of a setting in ``KEYED`` needs a new version (a setting at its default is left out of the key).
+KEY_VERSION = 2
+#: The settings that keys of version 1 (which had no version) hashed, the critical search's only when asked
+#: for: every field ``Settings`` then had but the device, trust, streaming and the memory bound. Rows written
+#: with such keys are resumed still (``legacy_settings_key``).
+LEGACY_KEYED = ("model", "loss", "dtype", "method", "train", "seed", "direction", "chunk_size", "critical",
+                "critical_tol")
+
+
 def settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
                  compare: CompareOptions | None = None) -> str:
-    """What a result depends on besides its two checkpoints: the settings (not the device, the trust flag,
-    streaming or the memory bound: the same numbers either way; the critical search only when asked for, so
-    that keys of other sweeps stay what they were), the fixed batches (resolved path, content hash), the
-    extras and the comparison options."""
-    left_out = ("device", "trust_code", "stream", "max_memory") + (() if settings.critical else ("critical", "critical_tol"))
-    how = {k: v for k, v in asdict(settings).items() if k not in left_out}
-    parts = [how, [_batch_id(b) for b in batch_paths], extras.settings() if extras is not None else None]
-    if compare is not None:  # so that keys of plain sweeps stay what they were
+    """What a result depends on besides its two checkpoints: ``KEY_VERSION``, the settings ``KEYED`` names,
+    the fixed batches (resolved path, content hash), the extras (none: their defaults) and the comparison
+    options. Settings, extras and options at their defaults are left out, so that a setting added to
+    ``KEYED`` (or an extra, an option) whose default computes what was computed before leaves every key as
+    it was."""
+    keyed = {name: _value(settings, name) for name in KEYED
+             if name not in ONLY_WITH or getattr(settings, ONLY_WITH[name])}
+    parts = {"v": KEY_VERSION, "settings": _changed(keyed, {n: _value(Settings(), n) for n in KEYED}),
+             "batches": _batch_ids(batch_paths),
+             "extras": _changed((extras or Extras()).settings(), Extras().settings()),
+             "compare": _changed(asdict(compare), asdict(CompareOptions())) if compare is not None else None}
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def legacy_settings_key(settings: Settings, batch_paths: Sequence[Path], extras: Extras | None = None,
+                        compare: CompareOptions | None = None) -> str | None:
+    """``settings_key`` as version 1 made it (every setting ``LEGACY_KEYED`` names, the extras and options
+    whole, no version), so that a sweep recognises the rows it wrote then as done; None when a setting of
+    ``KEYED`` that version 1 did not know is not at its default (no row of then was computed so)."""
+    default = Settings()
+    if any(_value(settings, n) != _value(default, n) for n in KEYED if n not in LEGACY_KEYED):
+        return None
+    how = {name: _value(settings, name) for name in LEGACY_KEYED
+           if settings.critical or name not in ("critical", "critical_tol")}
+    parts = [how, _batch_ids(batch_paths), extras.settings() if extras is not None else None]
+    if compare is not None:
         parts.append(asdict(compare))
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _value(settings: Settings, name: str) -> Any:
+    """A setting as keys hold it: a dtype by its name (torch.float64 and "float64" are one dtype)."""
+    return str(settings.torch_dtype).removeprefix("torch.") if name == "dtype" else getattr(settings, name)
+
+
+def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are not those of ``defaults``."""
+    return {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
+
+
+def _batch_ids(paths: Sequence[Path]) -> list[list[Any]]:
+    return [_batch_id(b) for b in paths]
 
 
 def sweep_key(pair: Pair, how: str, fixed_batches: bool = False) -> str:
@@ -164,10 +212,12 @@ def rejected_path(output: Path) -> Path:
     return output.with_name(output.name + ".rejected")
 
 
-def read_done(locked: LockedFile, current: dict[tuple[str, str], str], how: str, replace_stale: bool = False,
+def read_done(locked: LockedFile, current: dict[tuple[str, str], dict[str, str]], replace_stale: bool = False,
               force: bool = False) -> tuple[set[str], list[str]]:
-    """(sweep keys of the pairs of ``current`` (resolved checkpoint paths → key) already analysed with these
-    settings ``how`` in the locked output, warnings). Nothing that is a result is lost: rows of other
+    """(sweep keys of the pairs of ``current`` already analysed with these settings in the locked output,
+    warnings). ``current`` maps each pair's resolved checkpoint paths to the settings keys its rows may carry
+    (this version's first, then ``legacy_settings_key``'s), each with the pair's sweep key under it; a row of
+    either counts as done, under the first. Nothing that is a result is lost: rows of other
     settings and of other pairs stay as they are. Dropped are only repeated lines and the error rows of
     pairs that are retried now; a line that is not a row is moved to ``rejected_path`` (with one warning),
     and a last line without its newline gets one. A row of these settings whose checkpoints or batches
@@ -192,18 +242,20 @@ def read_done(locked: LockedFile, current: dict[tuple[str, str], str], how: str,
             rejected.append(line)
             continue
         paths = (str(Path(row["ckpt_t"]).resolve()), str(Path(row["ckpt_t1"]).resolve()))
-        key, mine = row.get("sweep_key"), row.get("settings_key") == how and paths in current
+        how = row.get("settings_key")
+        expected = current.get(paths, {}).get(how) if isinstance(how, str) else None
+        key, mine = row.get("sweep_key"), expected is not None
         if line in kept or (mine and "error" in row):
             changed = True  # a repeated line, or a failure retried now
             continue
-        if mine and key != current[paths]:
+        if mine and key != expected:
             if not replace_stale:
                 stale += 1
             else:
                 changed = True
                 continue
         elif mine:
-            done.add(key)
+            done.add(next(iter(current[paths].values())))
         kept.append(line)
     if stale:
         raise ZeroptimError(f"-o '{output}' holds {stale} result(s) of these settings computed from earlier versions "
@@ -280,12 +332,15 @@ def sweep(plan: Plan, output: Path, settings: Settings = Settings(), batch_paths
         raise ConfigError(f"--stream cannot be combined with {refusal}")
     main = dist.group_rank() == 0
     how = settings_key(settings, batch_paths, extras, compare)
+    legacy = legacy_settings_key(settings, batch_paths, extras, compare)
     keys = {p: sweep_key(p, how, bool(batch_paths)) for p in plan.pairs}
-    current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())): k for p, k in keys.items()}
+    current = {(str(p.ckpt_t.resolve()), str(p.ckpt_t1.resolve())):
+               {how: k, **({legacy: sweep_key(p, legacy, bool(batch_paths))} if legacy is not None else {})}
+               for p, k in keys.items()}
     if main:
         require_regular(output, "-o")  # before opening it: a FIFO would block the open
     with LockedFile(output, f"sweep output '{output}'") if main else contextlib.nullcontext() as locked:
-        done, warnings = dist.broadcast_from_main(read_done(locked, current, how, replace_stale, force)
+        done, warnings = dist.broadcast_from_main(read_done(locked, current, replace_stale, force)
                                                   if main else None)
         summary = _run(plan, output, settings, batch_paths, extras, on_pair, shard, keys, how, done, compare)
     summary.warnings = warnings

@@ -41,7 +41,7 @@ from zeroptim_cli.report.tables import print_report
 @result_options("Also write the JSON object to this file (atomically).",
                 "No spinner, no table and no warnings (with -o: write the file only).")
 def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: bool, as_json: bool,
-            output: Path | None, force: bool, quiet: bool, debug: bool, extras: Extras, **settings: object) -> None:
+            output: Path | None, force: bool, quiet: bool, debug: bool, extras: Extras, settings: Settings) -> None:
     """Decompose the loss change from CKPT_T to CKPT_T1 on a batch.
 
     \b
@@ -49,8 +49,8 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
       zeroptim analyze sample_ckpts/mlp_sgd/ckpt_000100.safetensors \\
                        sample_ckpts/mlp_sgd/ckpt_000101.safetensors
     """
-    check_outputs({"-o": (output, "json")}, command_inputs([ckpt_t, ckpt_t1], batches, Settings(**settings)), force)
-    settings["device"] = dist.init(str(settings["device"]))
+    check_outputs({"-o": (output, "json")}, command_inputs([ckpt_t, ckpt_t1], batches, settings), force)
+    settings = replace(settings, device=dist.init(str(settings.device)))
     silent = quiet or as_json or not dist.is_main()
     probes = extras.lanczos_steps + extras.hutchinson_probes
     with progress_bar(silent) if probes else contextlib.nullcontext() as progress:
@@ -59,7 +59,7 @@ def analyze(ckpt_t: Path, ckpt_t1: Path, batches: tuple[Path, ...], per_layer: b
             extras = replace(extras, on_probe=lambda done, total: progress.update(task, completed=done, total=total))
         with stderr.status("analysing pair…") if not (silent or probes) else contextlib.nullcontext(), \
                 user_stdout_to_stderr():
-            result = analyze_files(ckpt_t, ckpt_t1, batches, Settings(**settings), extras)  # type: ignore[arg-type]
+            result = analyze_files(ckpt_t, ckpt_t1, batches, settings, extras)
     if not dist.is_main():
         return
     payload = result.to_dict()

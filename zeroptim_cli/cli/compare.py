@@ -42,7 +42,7 @@ from zeroptim_cli.report.compare_table import print_comparison
                 "No spinner and no table (with -o: write the file only).")
 def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compare: CompareOptions, line_search: bool,
             alphas: str, as_json: bool, output: Path | None, force: bool, quiet: bool, debug: bool,
-            **settings: object) -> None:
+            settings: Settings) -> None:
     """Compare, from CKPT_T on a batch, the directions of several optimizers with the update to CKPT_T1.
 
     Per direction d: gᵀd, dᵀHd, dᵀHd/‖d‖², the Taylor prediction and the actual f(w_t + d) − f(w_t).
@@ -54,16 +54,16 @@ def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compa
     """
     states = [Path(s) for s in compare.states]
     states += [p for s in states if s.is_file() for p in s.parent.glob("*.safetensors")]  # its checkpoints too
-    inputs = command_inputs([ckpt_t, *([ckpt_t1] if ckpt_t1 else [])], batches, Settings(**settings), states)
+    inputs = command_inputs([ckpt_t, *([ckpt_t1] if ckpt_t1 else [])], batches, settings, states)
     check_outputs({"-o": (output, "json")}, inputs, force)
     if click.get_current_context().get_parameter_source("alphas") is not ParameterSource.DEFAULT and not line_search:
         raise click.UsageError("--alphas sets the line-search grid and needs --line-search")
     if line_search:
         compare = dataclasses.replace(compare, line_search=tuple(alphas_grid(alphas)))
-    settings["device"] = dist.init(str(settings["device"]))
+    settings = dataclasses.replace(settings, device=dist.init(str(settings.device)))
     silent = quiet or as_json or not dist.is_main()
     with stderr.status("comparing directions…") if not silent else contextlib.nullcontext(), user_stdout_to_stderr():
-        result = compare_files(ckpt_t, ckpt_t1, batches, Settings(**settings), compare)  # type: ignore[arg-type]
+        result = compare_files(ckpt_t, ckpt_t1, batches, settings, compare)
     if not dist.is_main():
         return
     payload = {**result.to_dict(), "ckpt_t": str(ckpt_t), "ckpt_t1": str(ckpt_t1) if ckpt_t1 else None}

@@ -7,13 +7,16 @@ import functools
 import math
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn
 
+from zeroptim_cli.analysis.checkpoints import Settings
 from zeroptim_cli.analysis.compare import SCALES, CompareOptions
 from zeroptim_cli.analysis.critical import DEFAULT_TOL
 from zeroptim_cli.analysis.extras import MAX_GRID_POINTS, MAX_PROBES, Extras, default_alphas
@@ -141,7 +144,8 @@ class MemorySize(click.ParamType):
 
 
 def scale_options(fn):  # type: ignore[no-untyped-def]
-    """The critical search and streaming, shared by analyze and sweep (they reach the command's settings)."""
+    """The critical search and streaming, shared by analyze and sweep (below ``settings_options``, they reach
+    the command's ``settings``)."""
     options = [
         click.option("--critical", is_flag=True,
                      help="Also measure the critical scale along Δ forward only: the smallest α > 0 with "
@@ -163,9 +167,18 @@ def scale_options(fn):  # type: ignore[no-untyped-def]
     return fn
 
 
+def settings_from(options: dict[str, Any]) -> Settings:
+    """The ``Settings`` of a command's settings and scale options, popped off its click ``options``: each
+    field from the click parameter of its name (``--train-mode`` is ``train``, ``--trust-code``
+    ``trust_code``); a field whose option the command lacks (``compare`` has no ``--direction``) keeps its
+    default. ``tests/test_settings.py`` checks that these options and the fields are the same names."""
+    return Settings(**{f.name: options.pop(f.name) for f in fields(Settings) if f.name in options})
+
+
 def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-untyped-def]
     """The options that say how a pair is analysed, shared by every analysing command (``compare``, which
-    has its own directions, takes them with ``@settings_options(direction=False)``)."""
+    has its own directions, takes them with ``@settings_options(direction=False)``); with those of
+    ``scale_options`` they reach the command as one ``settings`` argument (``settings_from``)."""
     if fn is None:
         return functools.partial(settings_options, direction=direction)
     options = [
@@ -204,9 +217,15 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                      help="Analyse another direction from w_t instead of the update: −g or −sign(g) rescaled to ‖Δ‖, "
                           "the step Adam would take from its saved moments, or a safetensors file of a Δ."),
     ]
+
+    def wrapper(**kwargs: Any) -> Any:
+        settings = settings_from(kwargs)
+        return fn(settings=settings, **kwargs)
+
+    functools.update_wrapper(wrapper, fn)
     for option in reversed(options if direction else options[:-1]):
-        fn = option(fn)
-    return fn
+        wrapper = option(wrapper)
+    return wrapper
 
 
 LINE_SEARCH = click.option("--line-search", is_flag=True, help="f(w_t + αd) on a grid of α, beside the quadratic model.")
@@ -255,7 +274,7 @@ def compare_options(fn):  # type: ignore[no-untyped-def]
 
 def extras_options(fn):  # type: ignore[no-untyped-def]
     """The opt-in extras (zeroptim_cli.analysis.extras), shared by analyze and sweep; they reach the command as
-    one ``extras`` argument."""
+    one ``extras`` argument (below ``settings_options``, whose ``--seed`` their probes take)."""
     options = [
         click.option("--concentration", is_flag=True,
                      help="Share of ΔᵀHΔ (and of ‖Δ‖²) carried by the top 0.1%, 1%, 10% of coordinates, per layer too."),
@@ -282,7 +301,7 @@ def extras_options(fn):  # type: ignore[no-untyped-def]
         kwargs["extras"] = Extras(
             concentration=e["concentration"] or e["deep"], clip=e["clip"] or (0.1 if e["deep"] else None),
             line_search=alphas_grid(e["alphas"]) if (e["line_search"] or e["deep"]) else None,
-            lanczos_steps=e["lanczos"] or 0, hutchinson_probes=e["hutchinson"] or 0, seed=int(kwargs["seed"]))
+            lanczos_steps=e["lanczos"] or 0, hutchinson_probes=e["hutchinson"] or 0, seed=kwargs["settings"].seed)
         return fn(**kwargs)
 
     functools.update_wrapper(wrapper, fn)

@@ -60,7 +60,7 @@ from zeroptim_cli.report.tables import fmt
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], successive: bool, csv_path: Path | None,
           replace_stale: bool, force: bool, quiet: bool, debug: bool, extras: Extras, shard: str, comparing: bool,
-          compare: CompareOptions, **settings: object) -> None:
+          compare: CompareOptions, settings: Settings) -> None:
     """Analyse every recorded checkpoint pair of the RUNS folders (globs allowed): a checkpoint of step s
     that records its batch with the checkpoint of step s+1, or, with --batch, every consecutive pair.
 
@@ -74,16 +74,16 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
       zeroptim plot results.jsonl -o results.png
     """
     compare_with = _comparison(comparing, compare, extras)
-    if compare_with is not None and (settings["stream"] or settings["max_memory"] is not None):
+    if compare_with is not None and (settings.stream or settings.max_memory is not None):
         raise click.UsageError("--stream and --max-memory analyse the update alone; they do not take --compare")
-    settings["device"] = dist.init(str(settings["device"]))
+    settings = replace(settings, device=dist.init(str(settings.device)))
     quiet = quiet or not dist.is_main()
     folders = expand(runs)
     plan = find_pairs(folders, successive=successive, fixed_batches=bool(batches))
     read = [*(p for pair in plan.pairs for p in (pair.ckpt_t, pair.ckpt_t1)),
             *(p for folder in folders for p in folder.glob("*.safetensors"))]
     check_outputs({"-o": (output, "sweep"), "--csv": (csv_path, "csv")},
-                  command_inputs(read, batches, Settings(**settings)), force)
+                  command_inputs(read, batches, settings), force)
     if not quiet:
         for note in plan.notes:
             stderr.print(f"note: {note}", markup=False, highlight=False)
@@ -106,7 +106,7 @@ def sweep(runs: tuple[str, ...], output: Path, batches: tuple[Path, ...], succes
 
         try:
             with user_stdout_to_stderr():
-                summary = run_sweep(plan, output, Settings(**settings), batches,  # type: ignore[arg-type]
+                summary = run_sweep(plan, output, settings, batches,
                                     None if compare_with else extras, on_pair=advance, shard=shard,
                                     replace_stale=replace_stale, force=force, compare=compare_with)
         except Interrupted as exc:

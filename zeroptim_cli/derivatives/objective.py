@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn, all_reduce, axpy
+from zeroptim_cli.derivatives.evaluation import Evaluation
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.derivatives.methods import METHODS, chain
 from zeroptim_cli.derivatives.precision import computed_in
@@ -84,22 +85,25 @@ class BatchTerm:
 
 
 class Objective:
-    """f(w) over ``batches`` for ``model`` with fixed ``buffers``; see the module docstring.
+    """f(w) over ``batches`` for ``model`` with fixed ``buffers``, evaluated as ``evaluation`` says; see the
+    module docstring.
 
-    The batches are this rank's shards of the given ones, moved to ``device`` (floating tensors in
-    ``dtype``), and cut into chunks (``chunk_length``). f is a mean over examples (or counted tokens), so
+    The batches are this rank's shards of the given ones, moved to the evaluation's device (floating tensors
+    in its dtype), and cut into chunks (``chunk_length``). f is a mean over examples (or counted tokens), so
     Σ_chunks (n_c/N)·ℓ_c is the same f exactly, and so are its derivatives; only the peak memory of one
     evaluation shrinks (eval mode only: train mode's batch statistics and dropout masks would differ). The
     model must already be on that device and dtype, in the mode it is evaluated in.
 
     Args:
-        model: the model, already on ``device`` and in ``dtype``; its parameters are replaced by w at each call.
+        model: the model, already on the evaluation's device and in its dtype; its parameters are replaced by w
+            at each call.
         buffers: the buffers held fixed (name → tensor; ``{}`` for a model without any).
         batches: the batches f averages over, weighted by their counted targets (``Loss.count``).
         loss: the per-batch loss (``derivatives.losses``).
-        train, seed: train mode and the seed of its random ops (the same masks at every evaluation).
-        device, dtype: where the batches go, and the dtype of their floating tensors.
-        chunk_size: ``auto``, N examples per evaluation, or 0 (or None) for whole batches.
+        evaluation: ``derivatives.evaluation.Evaluation``: its ``train`` mode and ``seed`` (the same masks at
+            every evaluation), ``device`` and ``dtype`` (where the batches go, and the dtype of their floating
+            tensors), ``chunk_size`` (``auto``, N examples per evaluation, or 0 or None for whole batches), and
+            the ``method`` that ``derivatives`` runs unless told another.
 
     The methods take parameters w (and a direction v) as dicts name → tensor: ``value(w)`` is f(w),
     ``gradient(w)`` is ∇f(w), ``derivatives(w, v, method)`` is (the method that ran, ``Derivatives``: f(w),
@@ -109,12 +113,12 @@ class Objective:
 
     >>> import torch
     >>> from torch import nn
+    >>> from zeroptim_cli.derivatives import Evaluation, Objective
     >>> from zeroptim_cli.derivatives.losses import resolve_loss
-    >>> from zeroptim_cli.derivatives.objective import Objective
     >>> from zeroptim_cli.io.batches import Batch
     >>> model = nn.Linear(2, 1, bias=False).double()
     >>> batch = Batch(torch.eye(2), torch.zeros(2, 1))
-    >>> f = Objective(model, {}, [batch], resolve_loss("mse"), dtype=torch.float64)
+    >>> f = Objective(model, {}, [batch], resolve_loss("mse"), Evaluation(dtype=torch.float64))
     >>> w = {"weight": torch.tensor([[1.0, 2.0]], dtype=torch.float64)}
     >>> round(f.value(w).item(), 12), f.gradient(w)["weight"].tolist()
     (2.5, [[1.0, 2.0]])
@@ -123,20 +127,19 @@ class Objective:
     ('taylor', -1.5, 0.5, [])
     """
 
-    def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss, *,
-                 train: bool = False, seed: int = 0, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, chunk_size: int | str | None = "auto") -> None:
-        if isinstance(chunk_size, int) and chunk_size > 0 and train:
+    def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss,
+                 evaluation: Evaluation = Evaluation()) -> None:
+        chunk_size = evaluation.chunk_size
+        if isinstance(chunk_size, int) and chunk_size > 0 and evaluation.train:
             raise ConfigError("--chunk-size needs eval mode: in train mode batch statistics and dropout masks "
                               "depend on the whole batch, so its chunks would give another f")
-        self.model, self.buffers, self.loss = model, dict(buffers), loss
-        self.train, self.seed = train, seed
-        self.device, self.dtype = torch.device(device), dtype
+        self.model, self.buffers, self.loss, self.evaluation = model, dict(buffers), loss, evaluation
+        self.device, self.dtype = evaluation.torch_device, evaluation.torch_dtype
 
         def prepare() -> list[Batch]:
             for b in batches:
                 loss.validate(b)
-            local = [b.to(self.device, dtype) for b in dist.shard(batches)[0]]
+            local = [b.to(self.device, self.dtype) for b in dist.shard(batches)[0]]
             return [c for b in local for c in b.chunks(self._chunk_length(b, chunk_size))]
 
         local = dist.guarded(prepare)
@@ -158,7 +161,7 @@ class Objective:
         n = batch.num_examples
         if chunk_size == "auto" and not self.loss.known:
             return n  # a user's loss may average over something else than examples: chunks could change f
-        if chunk_size != "auto" or self.train or n < 2:
+        if chunk_size != "auto" or self.evaluation.train or n < 2:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
         params = dict(self.model.named_parameters())
         try:
@@ -182,10 +185,10 @@ class Objective:
 
         def fn(params: Params) -> Tensor:
             with computed_in(self.dtype):
-                if not self.train:
+                if not self.evaluation.train:
                     return self.loss(functional_call(self.model, (params, self.buffers), args, kwargs), batch.targets)
                 buffers = {k: v.clone() for k, v in self.buffers.items()}
-                with seeded(self.seed + index):
+                with seeded(self.evaluation.seed + index):
                     outputs = functional_call(self.model, (params, buffers), args, kwargs)
                 return self.loss(outputs, batch.targets)
 
@@ -214,17 +217,18 @@ class Objective:
         zero = torch.zeros((), dtype=next(iter(g.values())).dtype, device=self.device)
         return all_reduce(Derivatives(zero, zero, zero, g)).grad  # type: ignore[return-value]
 
-    def derivatives(self, w: Params, v: Params, method: str = "auto", *, need_hvp: bool = False,
+    def derivatives(self, w: Params, v: Params, method: str | None = None, *, need_hvp: bool = False,
                     fallback: bool = True) -> tuple[str, Derivatives, list[str]]:
         """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``, notes on fallbacks).
 
-        The methods of ``methods.chain(method)`` (with ``need_hvp``, only those that give HΔ; with
+        The methods of ``methods.chain(method)`` (None: the evaluation's method; with ``need_hvp``, only those that give HΔ; with
         ``fallback=False``, ``method`` alone) are tried in turn. A method's declared refusal
         (``refusals.Refusal``) on any batch of any rank moves every rank on to the next one together, so that
         all ranks sum the same method's numbers, and is noted. Any other exception is an error: the batch's,
         if the plain forward pass fails on it too, else the method's. When every method refuses, the error
         names each one's reason.
         """
+        method = method or self.evaluation.method
         names = [n for n in (chain(method) if fallback else (method,)) if not need_hvp or METHODS[n].gives_hvp]
         notes: list[str] = []
         refused: list[str] = []

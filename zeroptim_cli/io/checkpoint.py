@@ -35,7 +35,7 @@ from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.files import atomic_path, read_header, read_safetensors
-from zeroptim_cli.io.hf import SPEC_KEY, config_difference, is_hf_folder, read_hf_folder
+from zeroptim_cli.io.hf import SPEC_KEY, check_spec_blocks, config_difference, is_hf_folder, read_hf_folder
 from zeroptim_cli.io.layout import BASE_ROLE, encode_metadata, parse_metadata, recorded_batch_paths
 from zeroptim_cli.io.peft import ADAPTER_CONFIG, PEFT_KEY, is_adapter_folder, read_adapter_folder
 
@@ -89,6 +89,7 @@ def load_checkpoint(path: str | os.PathLike, base: Path | None = None) -> Checkp
     meta = parse_metadata(raw_meta, p)
     if meta.get("base") is not None:
         tensors = _with_base(p, meta["base"], tensors)
+    check_spec_blocks(meta, len(tensors), p)
     return _checked(Checkpoint(p, tensors, meta))
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import loads_json
+from zeroptim_cli.io.files import loads_json, read_header
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -52,13 +52,14 @@ CONVERT = ("pickles are never read (unpickling can run code); if you trust the f
            "transformers: save_pretrained(..., safe_serialization=True)")
 TRAINER_STATE = "trainer_state.json"
 #: Weights saved as pickles (``torch.save``): never opened, named in the error for a folder with only them.
-PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 INSTALL = 'pip install -e ".[hf]"'
 #: The model spec key (checkpoint metadata ``model``) holding a transformers config as a JSON object.
 SPEC_KEY = "hf_config"
 #: Config keys that say how a config was written, not which model it is: left out when two are compared.
 _VOLATILE = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
 _CHECKPOINT_N = re.compile(r"^checkpoint-(\d+)$")
+#: Config keys that count repeated blocks (``n_layer``, ``num_hidden_layers``, ``decoder_layers``, …).
+_BLOCK_COUNT = re.compile(r"(^|_)layers?$")
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -165,6 +166,28 @@ def model_class(config: dict[str, Any], source: str) -> type:
     return cls
 
 
+def check_block_counts(config: Any, tensors: int, source: str) -> None:
+    """Refuse a config that asks for more repeated blocks than its weights hold tensors: every block of a
+    model holds at least one tensor, so ``n_layer`` = 10⁹ beside a 15-tensor file is not a config of these
+    weights, and building it (even on the meta device) would take hours and all memory first. Nested
+    configs (``text_config``, an encoder's and a decoder's) are checked too. ``source`` names the config in
+    the message."""
+    if not isinstance(config, dict):
+        return
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_block_counts(value, tensors, source)
+        elif isinstance(value, int) and not isinstance(value, bool) and _BLOCK_COUNT.search(key) and value > tensors:
+            raise ZeroptimError(f"{source} asks for {value} blocks ('{key}'), more than the {tensors} tensors its "
+                                "weights hold: it is not the config of these weights")
+
+
+def check_spec_blocks(meta: dict[str, Any], tensors: int, source: Path) -> None:
+    """``check_block_counts`` for a checkpoint file whose metadata names a transformers config."""
+    spec = (meta.get("model") or {}).get(SPEC_KEY)
+    check_block_counts(spec, tensors, f"checkpoint '{source}': metadata '{SPEC_KEY}'")
+
+
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config without the keys that only say how it was written (``_VOLATILE``, private ``_…``), as JSON
     reads it back (``id2label``'s int keys as strings, tuples as lists), so that a config taken from a live
@@ -207,11 +230,13 @@ def folder_step(folder: Path) -> int | None:
 def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
     """(the transformers class ``config.json`` names, zeroptim metadata for the folder): the metadata's
     ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says."""
-    check_weights(folder)
     config_path = folder / CONFIG
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
+    files = check_weights(folder)
+    check_block_counts(config, len(files) or len(read_header(folder / WEIGHTS, "checkpoint")[0]),
+                       f"'{config_path}'")
     cls = model_class(config, f"'{config_path}'")
     try:
         with quiet_transformers():

@@ -23,7 +23,7 @@ import torch
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint
 from zeroptim_cli.io.files import read_header
-from zeroptim_cli.io.hf import INDEX, WEIGHTS, check_weights, folder_metadata, require_hf_folder
+from zeroptim_cli.io.hf import INDEX, WEIGHTS, check_spec_blocks, check_weights, folder_metadata, require_hf_folder
 from zeroptim_cli.io.layout import parse_metadata
 
 #: About the bytes of stored data converted at a time (``TensorFiles.read``).
@@ -135,6 +135,7 @@ def open_lazily(path: str | os.PathLike) -> tuple[Checkpoint, TensorFiles]:
     else:
         tensors, offsets, raw = _entries(p)
         meta = parse_metadata(raw, p)
+        check_spec_blocks(meta, len(tensors), p)
         where = {name: (p, offsets[name]) for name in tensors}
     if not tensors:
         raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
