@@ -213,3 +213,10 @@ def test_rows_of_v1_keys_are_not_those_of_a_setting_v1_did_not_know(tmp_path, mo
     monkeypatch.setattr(sweep_module, "Settings", Later)
     assert sweep(plan, out, Later(width=2)).analysed == 1
     assert sweep(plan, out, Later()).skipped == 1
+
+
+def test_the_base_folder_is_keyed_by_its_resolved_path(tmp_path, monkeypatch) -> None:
+    (tmp_path / "llama").mkdir()
+    monkeypatch.chdir(tmp_path)
+    keys = {settings_key(Settings(base=b), []) for b in ("llama", "./llama", str(tmp_path / "llama"))}
+    assert len(keys) == 1 and keys != {settings_key(Settings(base="other"), [])}

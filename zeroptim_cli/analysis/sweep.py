@@ -130,8 +130,13 @@ def legacy_settings_key(settings: Settings, batch_paths: Sequence[Path], extras:
 
 
 def _value(settings: Settings, name: str) -> Any:
-    """A setting as keys hold it: a dtype by its name (torch.float64 and "float64" are one dtype)."""
-    return str(settings.torch_dtype).removeprefix("torch.") if name == "dtype" else getattr(settings, name)
+    """A setting as keys hold it: a dtype by its name (torch.float64 and "float64" are one dtype), the base
+    folder by its resolved path (``--base ./llama`` and ``--base llama`` are one folder)."""
+    if name == "dtype":
+        return str(settings.torch_dtype).removeprefix("torch.")
+    if name == "base" and settings.base is not None:
+        return str(Path(settings.base).resolve())
+    return getattr(settings, name)
 
 
 def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
