@@ -4,7 +4,6 @@ the renamed and built-in flags, and progress that stays off when nobody watches.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,14 +129,19 @@ def char_pair(folder: Path) -> tuple[Path, Path]:
     return folder / "ckpt_000007.safetensors", folder / "ckpt_000008.safetensors"
 
 
-def piped(*args: str, columns: int = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": str(columns)}
-    return subprocess.run([sys.executable, "-m", "zeroptim_cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=120)
+def piped(*args: str, columns: int = 60):
+    """The command run as a pipe sees it (stdout not a terminal, ``COLUMNS`` narrow), in this process."""
+    from click.testing import CliRunner
+
+    from zeroptim_cli.cli import cli
+
+    return CliRunner(env={"COLUMNS": str(columns)}).invoke(cli, list(args))
 
 
-def test_piped_tables_never_split_a_name(tmp_path) -> None:
+def test_piped_tables_never_split_a_name_or_a_number(tmp_path) -> None:
     from safetensors import safe_open
+
+    from zeroptim_cli.report.tables import fmt
 
     a, b = char_pair(tmp_path)
     parameters = [n for n, _ in CharTransformer(**CHAR).named_parameters()]
@@ -147,11 +151,21 @@ def test_piped_tables_never_split_a_name(tmp_path) -> None:
     for args, names in ((["analyze", str(a), str(b), "--per-layer"], parameters),
                         (["inspect", str(a), str(b)], stored)):
         done = piped(*args)
-        assert done.returncode == 0, done.stderr
-        lines = done.stdout.splitlines()
+        assert done.exit_code == 0, done.output
+        lines = done.output.splitlines()
         for name in names:
-            assert any(f" {name} " in line for line in lines), (name, done.stdout)
-        assert not done.stderr.strip() or "error" not in done.stderr
+            assert any(f" {name} " in line for line in lines), (name, done.output)
+    # compare's table is wider than 60 columns: piped, each direction's row holds every number whole
+    compare = ["compare", str(a), str(b), "--directions", "update,sgd,sign-sgd,normalized-sgd"]
+    payload = json.loads(piped(*compare, "--json").output)
+    done = piped(*compare)
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    assert max(map(len, lines)) > 60
+    for d in payload["directions"]:
+        (line,) = [line for line in lines if line.startswith(f"│ {d['name']} ")]
+        for key in ("update_norm", "grad_corr", "dir_sharpness_normalized", "taylor_pred", "delta_loss"):
+            assert f" {fmt(d[key], 4)} " in line, (key, line)
 
 
 def test_direction_tables_say_what_was_computed(tmp_path, capsys) -> None:
