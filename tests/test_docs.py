@@ -171,3 +171,20 @@ def test_the_reading_of_the_shell() -> None:
     assert scaled(["zeroptim", "analyze", "a", "--lanczos", "30"]) == ["analyze", "a", "--lanczos", "4"]
     assert scaled(["zeroptim", "inspect", "runs/char_sgd/ckpt_000250.safetensors", "runs/char_sgd/ckpt_000251.st"]) \
         == ["inspect", "runs/char_sgd/ckpt_000001.safetensors", "runs/char_sgd/ckpt_000002.st"]
+
+
+def test_the_recorders_documented_signature_is_the_codes() -> None:
+    """docs/recording.md shows ``Recorder(...)`` with its defaults; they are the code's, every argument."""
+    import ast
+    import inspect
+
+    from zeroptim_cli import Recorder
+
+    page = (ROOT / "docs" / "recording.md").read_text()
+    shown = re.search(r"^Recorder\((.*?)\)\n```", page, re.S | re.M)
+    assert shown, "docs/recording.md shows no Recorder(...) signature"
+    call = ast.parse(f"f({shown.group(1).replace('*,', '')})").body[0].value  # type: ignore[attr-defined]
+    documented = {**{a.id: inspect.Parameter.empty for a in call.args},
+                  **{k.arg: ast.literal_eval(k.value) for k in call.keywords}}
+    code = {n: p.default for n, p in inspect.signature(Recorder).parameters.items()}
+    assert documented == code
