@@ -33,13 +33,13 @@ FENCE = re.compile(r"^```(\S*)")
 DONE = (("python3", "-m", "venv"), (".",), ("pip", "install"))
 
 #: ``zeroptim train`` of a page, scaled: (the config it trains, the flags appended), else TRAIN_DEFAULT.
-#: The SGD-against-Adam runs record steps 0 and 1 only, and the steps the pages name in those runs
-#: become these (STEP_SCALE).
-CHAR_SCALE = ["--steps", "3", "--record-every", "1000", "--record-steps", "1"]
+#: The SGD-against-Adam runs record step 0 only, and the steps the pages name in those runs become it
+#: (STEP_SCALE): one pair per run.
+CHAR_SCALE = ["--steps", "2", "--record-every", "1000"]
 TRAIN_SCALE = {"configs/char_sgd.yaml": CHAR_SCALE, "configs/char_adam.yaml": CHAR_SCALE}
 TRAIN_DEFAULT = ["--steps", "2", "--record-every", "1"]
-STEP_SCALE = [(re.compile(r"^(runs/char_\w+/(?:ckpt|batch))_000(?:100|250)\b"), r"\1_000001"),
-              (re.compile(r"^(runs/char_\w+/ckpt)_000(?:101|251)\b"), r"\1_000002")]
+STEP_SCALE = [(re.compile(r"^(runs/char_\w+/(?:ckpt|batch))_000(?:100|250)\b"), r"\1_000000"),
+              (re.compile(r"^(runs/char_\w+/ckpt)_000(?:101|251)\b"), r"\1_000001")]
 #: Curvature estimates of many HVPs, scaled.
 FLAG_SCALE = {"--lanczos": "4", "--hutchinson": "4"}
 
@@ -170,7 +170,7 @@ def test_the_reading_of_the_shell() -> None:
     assert scaled(["pip", "install", "-e", "."]) is None
     assert scaled(["zeroptim", "analyze", "a", "--lanczos", "30"]) == ["analyze", "a", "--lanczos", "4"]
     assert scaled(["zeroptim", "inspect", "runs/char_sgd/ckpt_000250.safetensors", "runs/char_sgd/ckpt_000251.st"]) \
-        == ["inspect", "runs/char_sgd/ckpt_000001.safetensors", "runs/char_sgd/ckpt_000002.st"]
+        == ["inspect", "runs/char_sgd/ckpt_000000.safetensors", "runs/char_sgd/ckpt_000001.st"]
 
 
 def test_the_recorders_documented_signature_is_the_codes() -> None:
