@@ -12,7 +12,8 @@ from test_sweep import record_run
 
 from zeroptim_cli.io.batches import save_batch
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+pytestmark = [pytest.mark.torchrun,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")]
 
 
 def zeroptim(*args: object, ranks: int = 2) -> subprocess.CompletedProcess:

@@ -410,3 +410,29 @@ def test_float64_survives_a_models_own_type_float32() -> None:
         assert x.type(torch.float32).dtype == torch.float64 and x.float().dtype == torch.float64
         assert x.type("torch.FloatTensor").dtype == torch.float64 and x.to(torch.float32).dtype == torch.float64
     assert x.type(torch.float32).dtype == torch.float32  # outside an analysis nothing changes
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_class_targets_of_any_width_give_the_int64_numbers(dtype: torch.dtype) -> None:
+    """A file or a collator may store classes as int32 (or narrower): the same f, gᵀΔ and ΔᵀHΔ as int64,
+    for classes, per-token targets and the next-token loss; real-valued or boolean targets are refused."""
+    from zeroptim_cli.derivatives.losses import classification
+
+    model, (batch,) = tiny_mlp(), tiny_batches()
+    w0 = params_of(model)
+    w1 = perturbed(w0, 0.05)
+    loss = resolve_loss("cross_entropy")
+    want = analyze_pair(model, w0, w1, [batch], loss, dtype=torch.float64)
+    got = analyze_pair(model, w0, w1, [Batch(batch.inputs, batch.targets.to(dtype), "b")], loss, dtype=torch.float64)
+    assert (got.loss_t, got.grad_corr, got.dir_sharpness) == (want.loss_t, want.grad_corr, want.dir_sharpness)
+    logits = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 3, (2, 5), generator=torch.Generator().manual_seed(2))
+    for name in ("cross_entropy", "causal_lm"):
+        fn = resolve_loss(name)
+        assert torch.equal(fn(logits, tokens.to(dtype)), fn(logits, tokens)), name
+    classes = tokens[:, 0]
+    assert torch.equal(classification(logits[:, 0], classes.to(dtype), 3, "single_label_classification"),
+                       classification(logits[:, 0], classes, 3, "single_label_classification"))
+    for bad in (tokens.double(), tokens > 1):
+        with pytest.raises(ZeroptimError, match="integer class targets"):
+            resolve_loss("cross_entropy")(logits, bad)

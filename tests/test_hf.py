@@ -400,31 +400,50 @@ def test_unshifted_guard_spares_shifted_and_repeated_batches() -> None:
         refuse_unshifted(Batch(ids, ids.masked_fill(ids > 40, -100)))  # equal wherever counted
 
 
-def test_a_model_built_while_another_thread_loads_stays_tied() -> None:
-    """from_pretrained replaces PreTrainedModel.tie_weights by a no-op while it loads; a sweep builds a model
-    while its loader thread reads the next folders. Built meanwhile, GPT-2's lm_head came out untied."""
+def test_a_sweep_builds_tied_models_while_its_loader_thread_reads_folders(tmp_path, monkeypatch, capsys) -> None:
+    """from_pretrained replaces PreTrainedModel.tie_weights by a no-op while it loads, and a sweep builds
+    each pair's model while its loader thread reads the next folders: built meanwhile, GPT-2's lm_head came
+    out untied (‖Δ‖ and ‖g‖ then wrong, with no error). Here every load in the loader thread stays inside
+    transformers' no_tie_weights for a while, as a large folder's does; the sweep's rows must still be the
+    numbers of the same pairs analysed one at a time."""
     import threading
     import time
 
     from transformers.initialization import no_tie_weights
 
-    from zeroptim_cli.io.hf import quiet_transformers
-    from zeroptim_cli.models.hf import build_hf_model
+    model = tiny("gpt2")
+    out = tmp_path / "out"
+    g = torch.Generator().manual_seed(11)
+    for step in (1, 2, 3, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-2 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(out / f"checkpoint-{step}")
+    batch = lm_batch(tmp_path / "b.safetensors")
+    direct = {step: analyze_files(out / f"checkpoint-{step}", out / f"checkpoint-{step + 1}", [batch], F64).to_dict()
+              for step in (1, 2, 3)}
 
-    config = {**tiny("gpt2").config.to_dict(), "architectures": ["GPT2LMHeadModel"]}
-    inside = threading.Event()
+    load = transformers.GPT2LMHeadModel.from_pretrained.__func__
+    slow_loads = []
 
-    def load() -> None:
-        with quiet_transformers(), no_tie_weights():  # as from_pretrained holds it, inside our lock
-            inside.set()
-            time.sleep(0.5)
+    def slow_in_the_loader(cls, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            slow_loads.append(args[0])
+            with no_tie_weights():
+                time.sleep(0.4)
+        return load(cls, *args, **kwargs)
 
-    loader = threading.Thread(target=load)
-    loader.start()
-    inside.wait()
-    model = build_hf_model(config)
-    loader.join()
-    assert model.lm_head.weight is model.transformer.wte.weight
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(slow_in_the_loader))
+    status, _, err = run_cli("sweep", out, "--batch", batch, "-o", tmp_path / "r.jsonl", "--dtype", "float64",
+                             "--quiet", capsys=capsys)
+    assert status == 0, err
+    assert slow_loads  # the loader thread did read folders while pairs were analysed
+    rows = {r["step_t"]: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3]
+    for step, ref in direct.items():
+        assert "error" not in rows[step], rows[step]["error"]
+        assert_matches(rows[step], {k: ref[k] for k in ("update_norm", "grad_norm", "grad_corr", "dir_sharpness")},
+                       rel=1e-12)
 
 
 # --- weights only from safetensors inside the folder; a folder's files are inputs ---------------------------------

@@ -195,6 +195,7 @@ def test_cli_reaches_taylor_and_says_so(tmp_path, capsys) -> None:
     assert payload["method"] == "taylor" and len(payload["warnings"]) == 2 and payload["grad_norm"] is None
 
 
+@pytest.mark.torchrun
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_ranks_agree_on_one_method(tmp_path) -> None:
     """Under torchrun only rank 0's shard runs hardsigmoid: rank 1 alone could take double backward, but

@@ -4,7 +4,6 @@ the renamed and built-in flags, and progress that stays off when nobody watches.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +86,64 @@ def test_positive_sharpness_keeps_a_log_axis_and_layers_run_picks_the_panels() -
     assert [a.get_title() for a in axes_titled(fig, "(c)")] == ["(c) adam: loss change and its Taylor terms"]
 
 
+def _line(ax, label: str):
+    return next(line for line in ax.get_lines() if line.get_label() == label)
+
+
+def test_lines_join_only_consecutive_steps() -> None:
+    """A line between two recorded steps with unrecorded ones between them would draw values never
+    measured (here: a line crossing 0 between steps 1 and 50); rows whose pairs meet are joined."""
+    rows = [row("sgd", s, v) for s, v in ((0, 2.0), (1, -1.0), (50, 3.0), (51, 4.0))]
+    fig = figure(rows)
+    (a,) = axes_titled(fig, "(a)")
+    line = _line(a, "sgd")
+    x, y = np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
+    assert np.array_equal(x, [0, 1, np.nan, 50, 51], equal_nan=True)
+    assert np.array_equal(y, [2.0, -1.0, np.nan, 3.0, 4.0], equal_nan=True)
+    assert "lines join only consecutive steps" in a.get_xlabel()
+    (c,) = axes_titled(fig, "(c)")
+    assert np.isnan(np.asarray(_line(c, "actual Δloss").get_xdata(), dtype=float)).sum() == 1
+    # pairs that meet (--successive: 0 → 5, 5 → 10) are one measurement after another: one unbroken line
+    joined_rows = [{**row("sgd", s, 1.0 + s), "step_t1": s + 5} for s in (0, 5, 10)]
+    (a,) = axes_titled(figure(joined_rows), "(a)")
+    assert np.isfinite(np.asarray(_line(a, "sgd").get_xdata(), dtype=float)).all()
+    assert "consecutive" not in a.get_xlabel()
+
+
+def test_step_ticks_never_print_over_each_other() -> None:
+    recorded = [0, 1, 100, 101, 250, 251]
+    fig = figure([row("sgd", s, 1.0) for s in recorded])
+    (a,) = axes_titled(fig, "(a)")
+    labelled = list(a.get_xticks())
+    assert labelled == [0, 100, 250]  # 100 and 101 share one label
+    assert sorted({*a.get_xticks(minor=True), *labelled}) == recorded  # every recorded step keeps a tick
+    assert [t.get_text() for t in a.get_xticklabels()] == [f"{t:g}" for t in labelled]
+    few = figure([row("sgd", s, 1.0) for s in (100, 101)])
+    assert list(axes_titled(few, "(a)")[0].get_xticks()) == [100, 101]
+
+
+def test_rows_of_different_settings_are_drawn_apart_and_named() -> None:
+    """A results file keeps the rows of other settings (a sweep again with --batch): the same run is then
+    drawn once per setting, named by what differs, never joined into one line."""
+    own = [row("sgd", s, 1.0 + s, settings_key="k1", batches=[f"runs/sgd/batch_{s:06d}.safetensors"])
+           for s in (0, 1, 2)]
+    fixed = [row("sgd", s, 5.0 + s, settings_key="k2", batches=["runs/sgd/batch_000000.safetensors"])
+             for s in (0, 1, 2)]
+    fig = figure(own + fixed)
+    (a,) = axes_titled(fig, "(a)")
+    names = ["sgd (each pair's own batch)", "sgd (batch batch_000000.safetensors)"]
+    assert [list(_line(a, n).get_ydata()) for n in names] == [[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]]
+    assert [t.get_title() for t in axes_titled(fig, "(c)")] == [f"(c) {n}: loss change and its Taylor terms"
+                                                               for n in names]
+    assert len(axes_titled(figure(own + fixed, layer_run="sgd"), "(c)")) == 2  # the run's name picks both
+    # settings that differ in neither batches, dtype nor method are numbered
+    other = [{**r, "settings_key": "k3"} for r in own]
+    assert {line.get_label() for line in axes_titled(figure(own + other), "(a)")[0].get_lines()} \
+        >= {"sgd (settings 1)", "sgd (settings 2)"}
+    # one setting: the run's name alone
+    assert [t.get_title() for t in axes_titled(figure(own), "(c)")] == ["(c) sgd: loss change and its Taylor terms"]
+
+
 def test_pair_figure_is_a_waterfall_with_per_tensor_bars() -> None:
     r = row("one", 7, 0.3)
     fig = figure([r])
@@ -130,14 +187,19 @@ def char_pair(folder: Path) -> tuple[Path, Path]:
     return folder / "ckpt_000007.safetensors", folder / "ckpt_000008.safetensors"
 
 
-def piped(*args: str, columns: int = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": str(columns)}
-    return subprocess.run([sys.executable, "-m", "zeroptim_cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=120)
+def piped(*args: str, columns: int = 60):
+    """The command run as a pipe sees it (stdout not a terminal, ``COLUMNS`` narrow), in this process."""
+    from click.testing import CliRunner
+
+    from zeroptim_cli.cli import cli
+
+    return CliRunner(env={"COLUMNS": str(columns)}).invoke(cli, list(args))
 
 
-def test_piped_tables_never_split_a_name(tmp_path) -> None:
+def test_piped_tables_never_split_a_name_or_a_number(tmp_path) -> None:
     from safetensors import safe_open
+
+    from zeroptim_cli.report.tables import fmt
 
     a, b = char_pair(tmp_path)
     parameters = [n for n, _ in CharTransformer(**CHAR).named_parameters()]
@@ -147,11 +209,21 @@ def test_piped_tables_never_split_a_name(tmp_path) -> None:
     for args, names in ((["analyze", str(a), str(b), "--per-layer"], parameters),
                         (["inspect", str(a), str(b)], stored)):
         done = piped(*args)
-        assert done.returncode == 0, done.stderr
-        lines = done.stdout.splitlines()
+        assert done.exit_code == 0, done.output
+        lines = done.output.splitlines()
         for name in names:
-            assert any(f" {name} " in line for line in lines), (name, done.stdout)
-        assert not done.stderr.strip() or "error" not in done.stderr
+            assert any(f" {name} " in line for line in lines), (name, done.output)
+    # compare's table is wider than 60 columns: piped, each direction's row holds every number whole
+    compare = ["compare", str(a), str(b), "--directions", "update,sgd,sign-sgd,normalized-sgd"]
+    payload = json.loads(piped(*compare, "--json").output)
+    done = piped(*compare)
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    assert max(map(len, lines)) > 60
+    for d in payload["directions"]:
+        (line,) = [line for line in lines if line.startswith(f"│ {d['name']} ")]
+        for key in ("update_norm", "grad_corr", "dir_sharpness_normalized", "taylor_pred", "delta_loss"):
+            assert f" {fmt(d[key], 4)} " in line, (key, line)
 
 
 def test_direction_tables_say_what_was_computed(tmp_path, capsys) -> None:

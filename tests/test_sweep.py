@@ -130,6 +130,23 @@ def test_empty_folder_mixed_models_and_gaps(tmp_path, capsys) -> None:
     assert len(find_pairs([gappy], successive=True).pairs) == 3
 
 
+def test_a_pattern_names_the_folders_it_matches_not_the_files_beside_them(tmp_path, monkeypatch, capsys) -> None:
+    from zeroptim_cli.analysis.sweep import expand
+
+    record_run(tmp_path / "runs" / "a", steps=(0,))
+    record_run(tmp_path / "runs" / "b", steps=(0,))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "runs/a", "-o", "runs/results.jsonl"]) == 0  # a results file beside the runs
+    assert expand(["runs/*"]) == [Path("runs/a"), Path("runs/b")]
+    assert main(["sweep", "runs/*", "-o", "runs/results.jsonl", "--quiet"]) == 0
+    assert sorted(r["run"] for r in lines(tmp_path / "runs" / "results.jsonl")) == ["a", "b"]
+    with pytest.raises(ZeroptimError, match="matches no folder"):
+        expand(["runs/*.jsonl"])
+    with pytest.raises(ZeroptimError, match="is not a directory"):  # a file named as such is still an error
+        find_pairs(expand(["runs/results.jsonl"]))
+    capsys.readouterr()
+
+
 def test_plot_writes_images_that_open(tmp_path, capsys) -> None:
     sgd = record_run(tmp_path / "sgd", steps=(0, 1, 2, 3), lr=0.5)
     adam = record_run(tmp_path / "adam", steps=(0, 1, 2, 3), lr=0.05, optimizer="adam")

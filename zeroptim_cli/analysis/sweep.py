@@ -167,12 +167,16 @@ class Plan:
 
 
 def expand(patterns: Sequence[str]) -> list[Path]:
-    """Folders named directly or by glob patterns, in the order given."""
+    """Folders named directly or by glob patterns, in the order given. A pattern names the folders it
+    matches: the files beside them (``runs/*`` also matches ``runs/results.jsonl``) are not runs."""
     folders: list[Path] = []
     for pattern in patterns:
-        matches = sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
+        if any(c in pattern for c in "*?["):
+            matches = sorted(p for p in Path().glob(pattern) if p.is_dir())
+        else:
+            matches = [Path(pattern)]
         if not matches:
-            raise ZeroptimError(f"run folder pattern '{pattern}' matches nothing")
+            raise ZeroptimError(f"run folder pattern '{pattern}' matches no folder")
         folders += matches
     return folders
 

@@ -82,9 +82,13 @@ def logits_of(outputs: object) -> torch.Tensor:
                         "starting with one, or an object with .logits (or pass --loss MODULE:FN)")
 
 
-def _class_targets(name: str, targets: Tensor) -> None:
-    if targets.is_floating_point():
-        raise ZeroptimError(f"{name} needs integer class targets; use --loss mse for real-valued targets")
+def _class_targets(name: str, targets: Tensor) -> Tensor:
+    """Integer class targets (int64, int32, uint8, … as a file or a collator stores them) as the int64
+    that torch's cross-entropy takes; real-valued or boolean targets are an error."""
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ZeroptimError(f"{name} needs integer class targets, not {str(targets.dtype).removeprefix('torch.')}; "
+                            "use --loss mse for real-valued targets")
+    return targets.long()
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -96,7 +100,7 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             f"cross_entropy needs logits (N, C) with targets (N,) or (N, T, C) with (N, T); "
             f"got outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}"
         )
-    _class_targets("cross_entropy", targets)
+    targets = _class_targets("cross_entropy", targets)
     return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
@@ -108,7 +112,7 @@ def causal_lm(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if outputs.dim() != 3 or targets.dim() != 2 or outputs.shape[:2] != targets.shape:
         raise ZeroptimError(f"causal_lm needs logits (N, T, C) with targets (N, T); got outputs "
                             f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}")
-    _class_targets("causal_lm", targets)
+    targets = _class_targets("causal_lm", targets)
     return F.cross_entropy(outputs[:, :-1].reshape(-1, outputs.shape[-1]), targets[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)
 
@@ -260,7 +264,7 @@ def classification(outputs: Tensor, targets: Tensor, num_labels: int, problem: s
         targets = targets.to(logits.dtype)
         return F.mse_loss(logits.squeeze(), targets.squeeze()) if num_labels == 1 else F.mse_loss(logits, targets)
     if kind == "single_label_classification":
-        return F.cross_entropy(logits.reshape(-1, num_labels), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.reshape(-1, num_labels), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX)
     if kind == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
     raise ZeroptimError(f"problem type '{kind}' is not one transformers defines")

@@ -25,6 +25,8 @@ from zeroptim_cli.errors import ZeroptimError  # noqa: E402
 from zeroptim_cli.report.figures import figure_path, save_figure  # noqa: E402
 from zeroptim_cli.report.plots_common import (  # noqa: E402
     by_run,
+    gaps_note,
+    joined,
     legend_outside,
     mark_nonpositive,
     note,
@@ -72,7 +74,7 @@ def panel_over_steps(ax: plt.Axes, group: list[dict[str, Any]], key: str, title:
         ax.axhline(0, color="0.6", lw=0.8)
     marked = 0
     for i, (name, y) in enumerate(series.items()):
-        ax.plot(x, y, marker="o", ms=3, ls="--" if name.endswith("+clip") else "-",
+        ax.plot(*joined(group, y), marker="o", ms=3, ls="--" if name.endswith("+clip") else "-",
                 color="0.2" if name == "update" else f"C{i % 10}", label=name)
         if sharpness:
             marked += mark_nonpositive(ax, x, y, None if marked else "≤ 0")
@@ -81,6 +83,8 @@ def panel_over_steps(ax: plt.Axes, group: list[dict[str, Any]], key: str, title:
     legend_outside(ax)
     if scale is not None:
         note(ax, sharpness_note("dᵀHd/‖d‖²", scale[0], scale[1], scale[2]))
+    if gaps := gaps_note([group]):
+        note(ax, gaps)
 
 
 def plot_comparisons(rows: Sequence[dict[str, Any]], output: str | os.PathLike, title: str | None = None) -> Path:

@@ -6,8 +6,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from zeroptim_cli.report.tables import fmt
+from zeroptim_cli.report.tables import emit, fmt
 
 
 def comparison_headline(c: dict[str, Any]) -> str:
@@ -45,5 +46,5 @@ def comparison_table(c: dict[str, Any]) -> Table:
 
 
 def print_comparison(c: dict[str, Any], console: Console) -> None:
-    console.print(comparison_headline(c), markup=False, highlight=False)
-    console.print(comparison_table(c))
+    """The headline and the table; piped, as wide as they need (``emit``), so that no number is split."""
+    emit(console, [Text(comparison_headline(c)), comparison_table(c)])

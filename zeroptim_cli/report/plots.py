@@ -24,9 +24,12 @@ def figure(rows: Sequence[Row], layer_run: str | None = None, title: str | None 
     if not rows:
         raise ZeroptimError("no results to plot (every row was an error, or the files were empty)")
     runs = by_run(rows)
-    if layer_run is not None and layer_run not in runs:
-        raise ConfigError(f"--layers-run '{layer_run}' is not a run in the results ({', '.join(runs)})")
-    fig = pair_figure(rows[0]) if len(rows) == 1 else sweep_figure(runs, [layer_run] if layer_run else list(runs))
+    detail = list(runs)
+    if layer_run is not None:  # a run's name, or one of its settings as the figure names it
+        detail = [k for k in runs if layer_run in (k, runs[k][0].get("run"))]
+        if not detail:
+            raise ConfigError(f"--layers-run '{layer_run}' is not a run in the results ({', '.join(runs)})")
+    fig = pair_figure(rows[0]) if len(rows) == 1 else sweep_figure(runs, detail)
     if title:
         fig.suptitle(title + (f"\n{fig.get_suptitle()}" if fig.get_suptitle() else ""))
     return fig

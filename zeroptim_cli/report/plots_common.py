@@ -13,6 +13,7 @@ import math
 import textwrap
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -30,13 +31,42 @@ MAX_TICKS = 12
 NONPOSITIVE = {"marker": "v", "ms": 9, "mfc": "none", "mec": "crimson", "mew": 1.6, "ls": "none"}
 
 def by_run(rows: Sequence[Row]) -> dict[str, list[Row]]:
-    """Rows grouped by run, each group sorted by step (unknown steps keep their order)."""
+    """Rows grouped by run, each group sorted by step (unknown steps keep their order). A results file can
+    hold rows of several settings (a sweep keeps the rows of other settings: another ``--batch``, dtype,
+    method, extras); one line per run would then join numbers measured differently, so each run is split
+    by setting and named by what tells its settings apart (``setting_labels``)."""
+    labels = setting_labels(rows)
     runs: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
-        runs[str(row.get("run", "run"))].append(row)
+        runs[str(row.get("run", "run")) + labels[row.get("settings_key")]].append(row)
     for group in runs.values():
         group.sort(key=lambda r: (r.get("step_t") is None, r.get("step_t") or 0))
     return dict(runs)
+
+
+def _batches_of(rows: Sequence[Row]) -> str:
+    """The batches a setting's rows were analysed on: one fixed set (every pair on the same files), or
+    each pair's own recorded batch."""
+    sets = {tuple(r.get("batches") or ()) for r in rows}
+    steps_seen = {r.get("step_t") for r in rows}
+    if len(sets) == 1 and len(steps_seen) > 1:
+        return "batch " + ", ".join(Path(b).name for b in next(iter(sets)))
+    return "each pair's own batch"
+
+
+def setting_labels(rows: Sequence[Row]) -> dict[Any, str]:
+    """A suffix per ``settings_key``: empty when the rows share one setting, else what differs between the
+    settings (the batches, the dtype, the method), or their number in order of appearance."""
+    keys = list(dict.fromkeys(r.get("settings_key") for r in rows))
+    if len(keys) < 2:
+        return {k: "" for k in keys}
+    of = {k: [r for r in rows if r.get("settings_key") == k] for k in keys}
+    described = {k: [_batches_of(of[k]), *(str(of[k][0].get(what)) for what in ("dtype", "method"))] for k in keys}
+    differ = [i for i in range(3) if len({d[i] for d in described.values()}) > 1]
+    labels = {k: " (" + ", ".join(described[k][i] for i in differ) + ")" for k in keys}
+    if len(set(labels.values())) < len(keys):  # the same batches, dtype and method: numbered
+        labels = {k: f" (settings {n})" for n, k in enumerate(keys, 1)}
+    return labels
 
 
 def steps(group: Sequence[Row]) -> np.ndarray:
@@ -83,13 +113,46 @@ def symbol(row: Row) -> str:
 
 
 def step_ticks(ax: plt.Axes, recorded: Iterable[float]) -> None:
-    """Major ticks at the recorded steps (every k-th when there are many), a minor tick at each one."""
+    """A minor tick at each recorded step and a labelled major tick at recorded steps at least 1/MAX_TICKS
+    of the axis apart (steps 100 and 101 on an axis of 500 steps get one label, not two printed over
+    each other)."""
     ticks = sorted({float(s) for s in recorded if math.isfinite(s)})
     if not ticks:
         return
-    every = max(1, math.ceil(len(ticks) / MAX_TICKS))
-    ax.set_xticks(ticks[::every], [f"{t:g}" for t in ticks[::every]])
+    spacing = (ticks[-1] - ticks[0]) / MAX_TICKS
+    labelled = [ticks[0]]
+    for t in ticks[1:]:
+        if t - labelled[-1] >= spacing:
+            labelled.append(t)
+    ax.set_xticks(labelled, [f"{t:g}" for t in labelled])
     ax.set_xticks(ticks, minor=True)
+
+
+def consecutive(group: Sequence[Row]) -> np.ndarray:
+    """For each row but the last, whether the next row's pair starts where this one ends (step_t1 of this
+    row is step_t of the next, step_t + 1 when a row has no step_t1): only such rows are measured one
+    after the other."""
+    x = steps(group)
+    ends = np.array([r["step_t1"] if r.get("step_t1") is not None else x[i] + 1 for i, r in enumerate(group)],
+                    dtype=float)
+    return ends[:-1] == x[1:]
+
+
+def joined(group: Sequence[Row], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values to plot with a line that joins only consecutive measurements (``consecutive``):
+    a NaN between two rows with unrecorded steps between them breaks the line there, since a line across
+    them would draw values that were never measured (a line crossing 0 between two positive steps). The
+    markers still show every row."""
+    x, y = steps(group), np.asarray(y, dtype=float)
+    gap = np.flatnonzero(~consecutive(group)) + 1
+    return np.insert(x, gap, np.nan), np.insert(y, gap, np.nan)
+
+
+def gaps_note(groups: Iterable[Sequence[Row]]) -> str | None:
+    """Said under a panel whose lines are broken at unrecorded steps."""
+    if any(len(g) > 1 and not consecutive(g).all() for g in groups):
+        return "lines join only consecutive steps; points with unrecorded steps between them stand alone"
+    return None
 
 
 def legend_outside(ax: plt.Axes, **kwargs: Any) -> None:

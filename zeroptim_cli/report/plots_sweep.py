@@ -7,6 +7,8 @@ change and both Taylor terms over steps, (d) each parameter tensor's share of Δ
 rows carry them, (e) the concentration of ΔᵀHΔ in the top coordinates, (f) the line search's best α
 beside the quadratic model's α* and (g) the critical sharpness λ_c = 2/(η·α_c), from the quadratic model and
 from the measured search, beside ΔᵀHΔ/‖Δ‖² (for one SGD step Δ = −ηg the quadratic λ_c equals it). Ticks sit at the recorded steps; legends stand outside the data.
+A "run" is a run and one setting of it (``plots_common.by_run``); lines join consecutive pairs only
+(``plots_common.joined``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from zeroptim_cli.report.plots_common import (
     Row,
     clamp_note,
     clamp_shares,
+    gaps_note,
+    joined,
     legend_outside,
     mark_nonpositive,
     note,
@@ -42,10 +46,10 @@ def panel_sharpness(ax: plt.Axes, runs: dict[str, list[Row]]) -> None:
     colors = run_colors(runs)
     for run, group in runs.items():
         x = steps(group)
-        ax.plot(x, series[run], marker="o", ms=4, color=colors[run], label=run)
+        ax.plot(*joined(group, series[run]), marker="o", ms=4, color=colors[run], label=run)
         if run in clipped:
             fraction = next(r["clipped"]["fraction"] for r in group if r.get("clipped"))
-            ax.plot(x, clipped[run], ls="--", marker="x", ms=5, color=colors[run],
+            ax.plot(*joined(group, clipped[run]), ls="--", marker="x", ms=5, color=colors[run],
                     label=f"{run}, top {100 * fraction:g}% clipped (what-if)")
         for y in (series[run], clipped.get(run)):
             if y is not None and mark_nonpositive(ax, x, y, None if marked else "≤ 0"):
@@ -55,6 +59,8 @@ def panel_sharpness(ax: plt.Axes, runs: dict[str, list[Row]]) -> None:
            ylabel=f"{d}ᵀH{d} / ‖{d}‖²")
     legend_outside(ax)
     note(ax, sharpness_note(f"{d}ᵀH{d}/‖{d}‖²", scale, nonpositive, undefined))
+    if gaps := gaps_note(runs.values()):
+        note(ax, gaps)
 
 
 def panel_scatter(ax: plt.Axes, runs: dict[str, list[Row]]) -> None:
@@ -78,15 +84,16 @@ def panel_scatter(ax: plt.Axes, runs: dict[str, list[Row]]) -> None:
 
 def panel_decomposition(ax: plt.Axes, run: str, group: list[Row]) -> None:
     d = symbol(group[0])
-    x = steps(group)
-    ax.plot(x, values(group, "delta_loss"), "-o", ms=4, color="C0", label="actual Δloss")
-    ax.plot(x, values(group, "taylor_pred"), "--s", ms=4, color="C1", label=f"gᵀ{d} + ½{d}ᵀH{d}")
-    ax.plot(x, values(group, "grad_corr"), ":^", ms=4, color="C2", label=f"gᵀ{d}")
-    ax.plot(x, 0.5 * values(group, "dir_sharpness"), "-.v", ms=4, color="C3", label=f"½{d}ᵀH{d}")
+    ax.plot(*joined(group, values(group, "delta_loss")), "-o", ms=4, color="C0", label="actual Δloss")
+    ax.plot(*joined(group, values(group, "taylor_pred")), "--s", ms=4, color="C1", label=f"gᵀ{d} + ½{d}ᵀH{d}")
+    ax.plot(*joined(group, values(group, "grad_corr")), ":^", ms=4, color="C2", label=f"gᵀ{d}")
+    ax.plot(*joined(group, 0.5 * values(group, "dir_sharpness")), "-.v", ms=4, color="C3", label=f"½{d}ᵀH{d}")
     ax.axhline(0, color="0.6", lw=0.8)
-    step_ticks(ax, x)
+    step_ticks(ax, steps(group))
     ax.set(title=f"(c) {run}: loss change and its Taylor terms", xlabel="step t", ylabel="loss change")
     legend_outside(ax)
+    if gaps := gaps_note([group]):
+        note(ax, gaps)
 
 
 def panel_layers(fig: plt.Figure, ax: plt.Axes, run: str, group: list[Row]) -> None:
@@ -124,11 +131,11 @@ def panel_concentration(ax: plt.Axes, run: str, group: list[Row]) -> None:
     fractions = next(r["concentration"]["fractions"] for r in group if r.get("concentration"))
     moved = 0
     for k, q in enumerate(fractions):
-        for key, style, what in (("sharpness_share", "-o", f"{d}ᵀH{d}"), ("update_sq_share", ":", f"‖{d}‖²")):
+        for key, style, what in (("sharpness_share", "-o", f"{d}ᵀH{d}"), ("update_sq_share", ":.", f"‖{d}‖²")):
             raw = [100 * v if (v := (r.get("concentration") or {}).get(key, [None] * len(fractions))[k]) is not None
                    else np.nan for r in group]
             shown, out = clamp_shares(raw)
-            ax.plot(x, shown, style, ms=3, color=f"C{k}", label=f"top {100 * q:g}%: of {what}")
+            ax.plot(*joined(group, shown), style, ms=3, color=f"C{k}", label=f"top {100 * q:g}%: of {what}")
             ax.plot(x[out], shown[out], "o", ms=8, mfc="none", mec=f"C{k}")
             moved += int(out.sum())
     step_ticks(ax, x)
@@ -140,8 +147,9 @@ def panel_concentration(ax: plt.Axes, run: str, group: list[Row]) -> None:
 
 def panel_alpha(ax: plt.Axes, run: str, group: list[Row]) -> None:
     x = steps(group)
-    ax.plot(x, values(group, "best_alpha", "line_search"), "-o", ms=4, label="best α on the line-search grid")
-    ax.plot(x, values(group, "optimal_scale"), "--s", ms=4, label="α* of the quadratic model")
+    ax.plot(*joined(group, values(group, "best_alpha", "line_search")), "-o", ms=4,
+            label="best α on the line-search grid")
+    ax.plot(*joined(group, values(group, "optimal_scale")), "--s", ms=4, label="α* of the quadratic model")
     ax.axhline(1.0, color="0.5", lw=0.8, ls=":", label="α = 1 (the step taken)")
     step_ticks(ax, x)
     ax.set(title=f"(f) {run}: the best multiple of the step", xlabel="step t", ylabel="α")
@@ -156,7 +164,7 @@ def panel_critical(ax: plt.Axes, run: str, group: list[Row]) -> None:
               (values(group, "dir_sharpness_normalized"), ":^", f"{d}ᵀH{d} / ‖{d}‖² (exact)")]
     scale, nonpositive, undefined = sharpness_scale(ax, [y for y, _, _ in series])
     for y, style, label in series:
-        ax.plot(x, y, style, ms=4, label=label)
+        ax.plot(*joined(group, y), style, ms=4, label=label)
     step_ticks(ax, x)
     ax.set(title=f"(g) {run}: critical sharpness 2/(η·α_c) along the step", xlabel="step t", ylabel="sharpness")
     legend_outside(ax)
