@@ -14,6 +14,7 @@ from torch import nn
 
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files, in_memory_bytes
 from zeroptim_cli.cli import main
+from zeroptim_cli.derivatives import streaming
 from zeroptim_cli.derivatives.streaming import StreamingUnsupported, streamed
 from zeroptim_cli.io import lazy
 from zeroptim_cli.io.checkpoint import save_checkpoint
@@ -74,6 +75,51 @@ def test_hf_sharded_pairs_stream_to_the_same_numbers(tmp_path, transformers, kin
     if kind == "gpt2":  # tied: lm_head.weight is the embedding, counted once under its first name
         names = [layer["name"] for layer in s["per_layer"]]
         assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_large_weights_run_in_pieces_give_the_same_numbers(tmp_path, transformers, monkeypatch, kind: str) -> None:
+    """With CHUNK_BYTES lowered, every Linear runs block by block of its rows and the embeddings (GPT-2's tied to
+    its lm_head) read the looked-up rows alone: the numbers stay the in-memory ones, ‖Δ_l‖ included."""
+    from test_hf import lm_batch, save_pair, tiny
+
+    from zeroptim_cli.analysis import streamed as streamed_analysis
+
+    reads: list[tuple[str, object]] = []
+    original = streamed_analysis.PairLoader.__call__
+
+    def spy(self, name, rows=None):
+        reads.append((name, rows))
+        return original(self, name, rows)
+
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(streamed_analysis.PairLoader, "__call__", spy)
+    a, b = save_pair(tiny(kind), tmp_path)
+    batch = lm_batch(tmp_path / "b.safetensors", pad_from=6)
+    s, m = both(a, b, [batch])
+    assert_same(s, m)
+    embedding = "model.embed_tokens.weight" if kind == "llama" else "transformer.wte.weight"
+    gathered = [r for n, r in reads if n == embedding and isinstance(r, torch.Tensor)]
+    assert gathered and all(len(r) < 40 and torch.equal(r, r.unique()) for r in gathered)  # looked-up rows only
+    head = "lm_head.weight" if kind == "llama" else embedding
+    assert len({r.start for n, r in reads if n == head and isinstance(r, slice)}) > 2  # blocks of the head's rows
+    assert not any(n == head and r is None for n, r in reads)
+
+
+def test_rows_are_read_as_the_whole_tensor_indexed(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(lazy, "SLICE_BYTES", 40)
+    torch.manual_seed(0)
+    w, v = torch.randn(9, 5).to(torch.bfloat16), torch.randn(9, 5, dtype=torch.float64)
+    from safetensors.torch import save_file
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    _, files = open_lazily(tmp_path / "w.safetensors")
+    whole = w.double() - v
+    for rows in (slice(2, 7), torch.tensor([0, 1, 2, 5, 8]), torch.tensor([4])):
+        got = files.read("w", dtype=torch.float64, minus=v[rows], rows=rows)
+        assert torch.equal(got, whole[rows])
+    assert files.read("w", rows=torch.tensor([], dtype=torch.long)).shape == (0, 5)
+    with pytest.raises(IndexError):
+        files.read("w", rows=torch.tensor([3, 9]))
 
 
 def test_bf16_shards_are_read_as_saved(tmp_path, transformers, monkeypatch) -> None:

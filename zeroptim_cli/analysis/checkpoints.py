@@ -74,9 +74,12 @@ class Settings:
 
 
 def recorded_lr(ckpt: Checkpoint) -> float | None:
-    """The learning rate recorded in the checkpoint's optimizer metadata (``optimizer.lr``), else None."""
-    lr = (ckpt.meta.get("optimizer") or {}).get("lr")
-    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+    """The learning rate recorded in the checkpoint's optimizer metadata (``optimizer.lr``), else the one a
+    Hugging Face folder's ``trainer_state.json`` logged (metadata ``learning_rate``, ``io.hf``), else None."""
+    for lr in ((ckpt.meta.get("optimizer") or {}).get("lr"), ckpt.meta.get("learning_rate")):
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            return float(lr)
+    return None
 
 
 def batches_for(ckpt_t: Checkpoint, batch_paths: Sequence[str | os.PathLike] = ()) -> list[Batch]:
