@@ -263,3 +263,48 @@ def test_a_non_finite_weight_read_on_demand_is_an_error_naming_it(tmp_path, caps
     assert main(["analyze", SAMPLE.format(100), str(bad), "--batch", batch, "--stream", "--json"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("error:") == 1 and "'net.3.weight'" in err and "NaN" in err and str(bad) in err
+
+
+def test_compare_refuses_to_stream_naming_the_flag(capsys) -> None:
+    """compare's directions need g, a backward pass through the whole model: --stream is a usage error and
+    --max-memory refuses a pair estimated not to fit (exit 1), naming the flag; a pair that fits is compared."""
+    a, b = SAMPLE.format(100), SAMPLE.format(101)
+    assert main(["compare", a, b, "--json", "--stream"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--stream" in err and "gradient" in err
+    assert main(["compare", a, b, "--json", "--max-memory", "1KB"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("error:") == 1 and "--max-memory" in err and "does not stream" in err
+    assert main(["compare", a, "--json", "--max-memory", "1KB"]) == 1  # without CKPT_T1 too
+    capsys.readouterr()
+    assert main(["compare", a, b, "--json", "--max-memory", "1GB"]) == 0
+    assert any(d["name"] == "update" for d in json.loads(capsys.readouterr().out)["directions"])
+
+
+def test_auto_chunks_of_a_streamed_language_model_bound_its_logits(tmp_path, transformers, monkeypatch) -> None:
+    """--chunk-size auto when streaming: chunks whose logits' three Taylor coefficients fit STREAM_CHUNK_BYTES,
+    the same numbers as whole batches in memory."""
+    from test_hf import lm_batch, save_pair, tiny
+
+    from zeroptim_cli.analysis import streamed as streamed_analysis
+    from zeroptim_cli.io.batches import load_batch
+
+    model = tiny("llama")
+    widest = max(m.out_features for m in model.modules() if isinstance(m, nn.Linear))  # its MLP's 64 > vocab 48
+    a, b = save_pair(model, tmp_path)
+    batch = lm_batch(tmp_path / "b.safetensors", pad_from=6)
+    loaded = load_batch(batch)
+    per_example = 3 * loaded.targets.shape[1] * widest * 8
+    monkeypatch.setattr(streamed_analysis, "STREAM_CHUNK_BYTES", 2 * per_example)
+    from zeroptim_cli.derivatives import objective
+    sizes: list[int] = []
+    real = objective.Objective.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        sizes.append(len(self.terms))
+
+    monkeypatch.setattr(objective.Objective, "__init__", spy)
+    s, m = both(a, b, [batch])
+    assert_same(s, m)
+    assert loaded.num_examples > 2 and sizes[0] == -(-loaded.num_examples // 2)  # chunks of two examples

@@ -195,13 +195,13 @@ def streaming_refusal(settings: Settings, extras: Extras | None) -> str | None:
 IN_MEMORY_COPIES = {"taylor": 4, "other": 6}
 
 
-def in_memory_bytes(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, settings: Settings) -> int:
+def in_memory_bytes(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Settings) -> int:
     """The estimated peak of the in-memory analysis, activations left out:
 
-        bytes of both checkpoints as stored + k · N · (bytes of one value in the run's dtype),
+        bytes of both checkpoints (or t alone) as stored + k · N · (bytes of one value in the run's dtype),
 
     N the floating-point values of checkpoint t, k = ``IN_MEMORY_COPIES`` (4 for Taylor mode, else 6)."""
-    stored = sum(t.numel() * t.element_size() for c in (ckpt_t, ckpt_t1) for t in c.tensors.values())
+    stored = sum(t.numel() * t.element_size() for c in (ckpt_t, ckpt_t1) if c is not None for t in c.tensors.values())
     values = sum(t.numel() for t in ckpt_t.tensors.values() if t.is_floating_point())
     copies = IN_MEMORY_COPIES["taylor" if settings.method == "taylor" else "other"]
     return stored + copies * values * resolve_dtype(settings.dtype).itemsize

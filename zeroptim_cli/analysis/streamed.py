@@ -83,6 +83,23 @@ class PairLoader:
         return {name: self.update_sq[name] for name in self.sources}
 
 
+#: ``chunk_size="auto"`` when streaming: the bytes of the widest output's three Taylor coefficients per chunk.
+STREAM_CHUNK_BYTES = 64 * 2**20
+
+
+def streamed_chunk_length(model: nn.Module, batches: Sequence[Batch], dtype: torch.dtype) -> int:
+    """Examples per chunk for ``chunk_size="auto"`` when streaming (0: whole batches). The activations cannot
+    be measured as in memory (that needs the parameters resident), but where they dominate a streamed
+    analysis they are those of the widest output: three Taylor coefficients of targets × out_features values
+    per example (a language model's logits, 3 × T × vocabulary), which a chunk keeps under
+    ``STREAM_CHUNK_BYTES``; at least one example per chunk. Exact, as every chunking; each chunk is one more
+    pass over the checkpoints' files. (Train mode and a user's ``MODULE:FN`` loss keep whole batches, as in
+    memory.)"""
+    widest = max((m.out_features for m in model.modules() if isinstance(m, nn.Linear)), default=0)
+    per_example = max(3 * b.targets[0].numel() * widest * dtype.itemsize for b in batches)
+    return max(1, STREAM_CHUNK_BYTES // per_example) if per_example else 0
+
+
 def analyze_streamed(
     model: nn.Module,
     sources: Mapping[str, tuple[Read, ReadLess]],
@@ -100,14 +117,15 @@ def analyze_streamed(
 ) -> PairAnalysis:
     """``analysis.pair.analyze_pair(..., method="taylor")`` for a skeleton ``model`` whose parameters
     ``sources`` reads (name as in ``named_parameters()`` → readers of w_t and w_t1, on ``device`` in
-    ``dtype``); ``buffers`` are checkpoint t's. ``chunk_size="auto"`` evaluates whole batches (measuring
-    activations would need the parameters resident); a number cuts them as in memory."""
+    ``dtype``); ``buffers`` are checkpoint t's. ``chunk_size="auto"`` cuts batches as ``streamed_chunk_length``
+    says; a number cuts them as in memory."""
     device = torch.device(device)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     loader = PairLoader(sources, shapes, dtype)
     numels = {name: shape.numel() for name, shape in shapes.items()}
     with prepared(model, batches, loss, buffers=buffers, method="taylor", train=train, seed=seed, device=device,
-                  dtype=dtype, chunk_size=0 if chunk_size == "auto" else chunk_size) as objective, \
+                  dtype=dtype, chunk_size=chunk_size if chunk_size != "auto" else
+                  streamed_chunk_length(model, batches, dtype) if loss.known and not train else 0) as objective, \
             streamed(model, loader):
         chosen, totals, _ = objective.derivatives({}, {}, "taylor", fallback=False)
 
