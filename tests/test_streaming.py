@@ -308,3 +308,15 @@ def test_auto_chunks_of_a_streamed_language_model_bound_its_logits(tmp_path, tra
     s, m = both(a, b, [batch])
     assert_same(s, m)
     assert loaded.num_examples > 2 and sizes[0] == -(-loaded.num_examples // 2)  # chunks of two examples
+
+
+def test_in_memory_files_are_analysed_with_a_skeleton_model() -> None:
+    """One copy in memory: the model rebuilt for a pair of files holds no parameters of its own (they are the
+    checkpoints'), so no randomly initialised third copy of the weights is made."""
+    from zeroptim_cli.analysis.checkpoints import batches_for, prepare_pair
+    from zeroptim_cli.io.checkpoint import load_checkpoint
+
+    ct, ct1 = load_checkpoint(SAMPLE.format(100)), load_checkpoint(SAMPLE.format(101))
+    p = prepare_pair(ct, ct1, Settings(), batches_for(ct))
+    assert all(t.is_meta for t in p.model.parameters())
+    assert p.params_t1 is not None and not any(t.is_meta for t in (*p.params_t.values(), *p.params_t1.values()))

@@ -102,7 +102,8 @@ def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Set
 
     The model is built on the meta device first and its tensors' names and shapes are compared with the
     checkpoint's, so that metadata asking for a model far larger than the file fails before any memory is
-    taken; only then is it built for real (a factory is called twice: keep it free of side effects)."""
+    taken; then it is built as a skeleton (``models.skeleton``: parameters on the meta device, buffers real),
+    its parameters being the checkpoints' (a factory is called twice: keep it free of side effects)."""
     source = ckpt_t if ckpt_t.model_spec or ckpt_t1 is None or not ckpt_t1.model_spec else ckpt_t1
 
     def build() -> nn.Module:
@@ -121,7 +122,8 @@ def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Set
         probe = None  # a factory that cannot build on the meta device: its real build says what is wrong
     if probe is not None:
         state_for_model(probe, source)
-    model = build()
+    with skeleton():
+        model = build()
     if settings.loss is not None:
         return model, resolve_loss(settings.loss, model)
     spec = ckpt_t.meta.get("loss") or default_loss(batches)

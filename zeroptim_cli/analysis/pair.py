@@ -72,15 +72,19 @@ def analyze_pair(
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
                           "compute; use --method auto")
     device = torch.device(device)
-    w_t, w_t1 = cast(params_t, device, dtype), cast(params_t1, device, dtype)
-    delta = {k: w_t1[k] - w_t[k] for k in w_t}
+    w_t = cast(params_t, device, dtype)
+    delta = difference(params_t1, w_t)
+
+    def point_t1() -> Params:  # w_t1 only while f(w_t1) is evaluated: w_t and Δ are what stays resident
+        return cast(params_t1, device, dtype) if direction is None else {k: w_t[k] + delta[k] for k in w_t}
+
     with prepared(model, batches, loss, buffers=buffers, method=method, train=train, seed=seed, device=device,
-                  dtype=dtype, chunk_size=chunk_size) as objective:
+                  dtype=dtype, chunk_size=chunk_size, params=w_t) as objective:
         if direction is not None:
-            delta = direction(objective.gradient(w_t), w_t, delta)
-            w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
+            delta, loss_t1 = direction(objective.gradient(w_t), w_t, delta), None
         chosen, totals, notes = objective.derivatives(w_t, delta, method)
-        value_t1 = objective.value(w_t1) if loss_t1 is None else torch.tensor(loss_t1, dtype=torch.float64, device=device)
+        value_t1 = objective.value(point_t1()) if loss_t1 is None else \
+            torch.tensor(loss_t1, dtype=torch.float64, device=device)
         result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
         require_finite(result, batches)
         result.num_tokens = objective.num_tokens
@@ -99,12 +103,19 @@ def cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
 
 
+def difference(params_t1: Mapping[str, Tensor], w_t: Params) -> Params:
+    """Δ = w_t1 − w_t, tensor by tensor: each stored tensor of t1 converted to w_t's device and dtype only for
+    its own subtraction, so no converted copy of the whole w_t1 is ever held beside w_t and Δ."""
+    return {k: params_t1[k].to(device=w.device, dtype=w.dtype) - w for k, w in w_t.items()}
+
+
 @contextlib.contextmanager
 def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers: Mapping[str, Tensor] | None,
              method: str, train: bool, seed: int, device: torch.device, dtype: torch.dtype,
-             chunk_size: int | str | None = "auto") -> Iterator[Objective]:
+             chunk_size: int | str | None = "auto", params: Params | None = None) -> Iterator[Objective]:
     """Prepare: check ``method``, move the model to ``device`` and ``dtype``, and yield the objective f on
-    ``batches`` with ``buffers`` (default: the model's own) fixed; for the block the model is in train or
+    ``batches`` with ``buffers`` (default: the model's own) fixed (``params``: parameters to measure
+    activations with for ``chunk_size="auto"``, needed when the model is a skeleton); for the block the model is in train or
     eval mode (its own mode restored after) and attention uses twice-differentiable kernels. An
     encoder-decoder's batches get the decoder inputs it would make from their labels (``with_decoder_inputs``)."""
     record = methods.first(method)  # an unknown name is a usage error
@@ -120,7 +131,7 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, *, buffers:
     try:
         with twice_differentiable_kernels():  # before the objective: its chunking measures these kernels
             yield Objective(model, fixed, batches, loss, train=train, seed=seed, device=device, dtype=dtype,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, params=params)
     finally:
         model.train(was_training)
 

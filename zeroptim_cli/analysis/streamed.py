@@ -16,8 +16,9 @@ No g and no HΔ, as for in-memory Taylor mode: no extras and no direction other 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,21 @@ def streamed_chunk_length(model: nn.Module, batches: Sequence[Batch], dtype: tor
     return max(1, STREAM_CHUNK_BYTES // per_example) if per_example else 0
 
 
+@contextlib.contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """A transformers model's key/value cache off for the block (``config.use_cache``): no pass reads it, and
+    streamed it would keep three Taylor coefficients of every layer's keys and values to the end of the pass."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if cached:
+            config.use_cache = cached  # type: ignore[union-attr]
+
+
 def analyze_streamed(
     model: nn.Module,
     sources: Mapping[str, tuple[Read, ReadLess]],
@@ -123,7 +139,8 @@ def analyze_streamed(
     shapes = {name: p.shape for name, p in model.named_parameters()}
     loader = PairLoader(sources, shapes, dtype)
     numels = {name: shape.numel() for name, shape in shapes.items()}
-    with prepared(model, batches, loss, buffers=buffers, method="taylor", train=train, seed=seed, device=device,
+    with no_cache(model), \
+            prepared(model, batches, loss, buffers=buffers, method="taylor", train=train, seed=seed, device=device,
                   dtype=dtype, chunk_size=chunk_size if chunk_size != "auto" else
                   streamed_chunk_length(model, batches, dtype) if loss.known and not train else 0) as objective, \
             streamed(model, loader):

@@ -90,18 +90,22 @@ class Objective:
     ``dtype``), and cut into chunks (``chunk_length``). f is a mean over examples (or counted tokens), so
     Σ_chunks (n_c/N)·ℓ_c is the same f exactly, and so are its derivatives; only the peak memory of one
     evaluation shrinks (eval mode only: train mode's batch statistics and dropout masks would differ). The
-    model must already be on that device and dtype, in the mode it is evaluated in.
+    model must already be on that device and dtype, in the mode it is evaluated in. ``params`` (default: the
+    model's own) are the parameters ``chunk_size="auto"`` measures the activations with: pass them for a
+    model whose own are on the meta device (``models.skeleton``).
     """
 
     def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss, *,
                  train: bool = False, seed: int = 0, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, chunk_size: int | str | None = "auto") -> None:
+                 dtype: torch.dtype = torch.float32, chunk_size: int | str | None = "auto",
+                 params: Params | None = None) -> None:
         if isinstance(chunk_size, int) and chunk_size > 0 and train:
             raise ConfigError("--chunk-size needs eval mode: in train mode batch statistics and dropout masks "
                               "depend on the whole batch, so its chunks would give another f")
         self.model, self.buffers, self.loss = model, dict(buffers), loss
         self.train, self.seed = train, seed
         self.device, self.dtype = torch.device(device), dtype
+        self._probe = params
 
         def prepare() -> list[Batch]:
             for b in batches:
@@ -130,7 +134,7 @@ class Objective:
             return n  # a user's loss may average over something else than examples: chunks could change f
         if chunk_size != "auto" or self.train or n < 2:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters()) if self._probe is None else self._probe
         try:
             per_example = activation_bytes(lambda part: self._batch_fn(part, 0), batch, params)
         except Exception:  # noqa: BLE001 - the real evaluation raises it with the batch named
