@@ -156,10 +156,13 @@ def return_freed_memory() -> Callable[[], None]:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        trim = libc.malloc_trim
+        malloc_trim = libc.malloc_trim
     except (OSError, AttributeError):
         return lambda: None
-    return lambda: trim(0) and None
+
+    def trim() -> None:
+        malloc_trim(0)
+    return trim
 
 
 @contextlib.contextmanager
