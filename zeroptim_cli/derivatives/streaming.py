@@ -12,8 +12,9 @@ A large weight need not be resident whole either. A module that is a plain ``nn.
 pieces of it instead: the linear map one block of output rows at a time (``row_slices``: W's rows, and the
 bias's, read as ``load(name, rows=slice)``; the outputs concatenated along the last dimension), the embedding
 from the rows the batch looks up alone (``load(name, rows=sorted distinct ids)``, gathered with the ids
-renumbered). Both are the same numbers as the whole weight would give: each output entry is the same dot
-product, each looked-up row the same row. So a vocabulary's 32000 × 2048 embedding and output head cost the
+renumbered). Both give what the whole weight gives: each looked-up row is the same row, and each output
+entry the same dot product over the same inputs (equal up to the summation order a matrix-product kernel
+picks for another shape; tested in float64 to 1e-12). So a vocabulary's 32000 × 2048 embedding and output head cost the
 memory of a block of rows, not of the matrix (and of Δ beside it in Taylor mode).
 
 What ``load`` returns is the caller's choice: w_t + αΔ for a value of f, or the Taylor tensor
