@@ -13,6 +13,7 @@ summarize (one host transfer), extras.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -74,18 +75,21 @@ def analyze_pair(
     device = torch.device(device)
     w_t = cast(params_t, device, dtype)
     delta = difference(params_t1, w_t)
-
-    def point_t1() -> Params:  # w_t1 only while f(w_t1) is evaluated: w_t and Δ are what stays resident
-        return cast(params_t1, device, dtype) if direction is None else {k: w_t[k] + delta[k] for k in w_t}
-
     with prepared(model, batches, loss, buffers=buffers, method=method, train=train, seed=seed, device=device,
                   dtype=dtype, chunk_size=chunk_size, params=w_t) as objective:
         if direction is not None:
             delta, loss_t1 = direction(objective.gradient(w_t), w_t, delta), None
         chosen, totals, notes = objective.derivatives(w_t, delta, method)
-        value_t1 = objective.value(point_t1()) if loss_t1 is None else \
-            torch.tensor(loss_t1, dtype=torch.float64, device=device)
-        result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
+        rows, numels = summary_rows(totals, delta), {n: t.numel() for n, t in delta.items()}
+        if direction is None and loss_t1 is None and critical_tol is None and not (extras is not None and extras.any):
+            # nothing after f(w_t1) needs Δ, g or HΔ: release them before w_t1 is converted to evaluate it
+            delta, totals = {}, dataclasses.replace(totals, grad=None, hvp=None)
+        if loss_t1 is not None:
+            value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
+        else:
+            value_t1 = objective.value(cast(params_t1, device, dtype) if direction is None
+                                       else {k: w_t[k] + delta[k] for k in w_t})
+        result = summarize_rows(totals, value_t1, numels, rows, objective.num_examples, dtype, device, chosen)
         require_finite(result, batches)
         result.num_tokens = objective.num_tokens
         result.warnings = notes
@@ -157,23 +161,21 @@ def require_finite(result: PairAnalysis, batches: Sequence[Batch]) -> None:
                                 "finite there (check the loss and the targets)")
 
 
-def summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int, dtype: torch.dtype,
-              device: torch.device, method: str) -> PairAnalysis:
-    """The measured quantities, per tensor and in total, in one host transfer; totals summed in float64
-    from the per-tensor parts (``math.fsum``), so that the split adds up exactly."""
+def summary_rows(d: Derivatives, delta: Params) -> list[list[Tensor]]:
+    """Per tensor, on the device: ‖Δ_l‖², and with g and HΔ also g_lᵀΔ_l, Δ_lᵀ(HΔ)_l and ‖g_l‖²."""
     names = list(delta)
-    # rows ‖Δ_l‖², g_lᵀΔ_l, Δ_lᵀ(HΔ)_l, ‖g_l‖²
     rows = [[delta[n].pow(2).sum() for n in names]]
     if d.grad is not None and d.hvp is not None:
         rows += [[(d.grad[n] * delta[n]).sum() for n in names], [(delta[n] * d.hvp[n]).sum() for n in names],
                  [d.grad[n].pow(2).sum() for n in names]]
-    return summarize_rows(d, loss_t1, {n: delta[n].numel() for n in names}, rows, num_examples, dtype, device, method)
+    return rows
 
 
 def summarize_rows(d: Derivatives, loss_t1: Tensor, numels: dict[str, int], rows: list[list[Tensor]],
                    num_examples: int, dtype: torch.dtype, device: torch.device, method: str) -> PairAnalysis:
-    """``summarize`` from the per-tensor rows (‖Δ_l‖², and with g and HΔ g_lᵀΔ_l, Δ_lᵀ(HΔ)_l, ‖g_l‖²) of
-    the tensors ``numels`` names, in that order."""
+    """The measured quantities, per tensor and in total, in one host transfer, from the per-tensor rows
+    (``summary_rows``) of the tensors ``numels`` names, in that order; totals summed in float64 from the
+    per-tensor parts (``math.fsum``), so that the split adds up exactly."""
     names = list(numels)
     table = torch.stack([torch.stack(r) for r in rows]).double().cpu().tolist()
     scalars = torch.stack([t.double() for t in (d.loss, loss_t1, d.grad_corr, d.dir_sharpness)]).cpu().tolist()
