@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
-from zeroptim_cli.derivatives import METHODS, Objective
+from zeroptim_cli.derivatives import METHODS, Evaluation, Objective
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.models import CNN, MLP, CharTransformer
 
@@ -76,8 +76,8 @@ def candidates(w: Workload) -> dict[str, Callable[[], object]]:
     """Every measured computation, as a zero-argument callable."""
     model, x, y = w.model, w.batch.inputs, w.batch.targets
     delta = {k: w.w_t1[k] - w.w_t[k] for k in w.w_t}
-    objective = Objective(model, dict(model.named_buffers()), [w.batch], CE, device=x.device,
-                          dtype=next(iter(w.w_t.values())).dtype, chunk_size=0)  # each method on the whole batch
+    objective = Objective(model, dict(model.named_buffers()), [w.batch], CE,  # each method on the whole batch
+                          Evaluation(device=x.device, dtype=next(iter(w.w_t.values())).dtype, chunk_size=0))
     f = objective.terms[0].fn
     names = list(w.w_t)
 

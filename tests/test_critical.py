@@ -184,3 +184,27 @@ def test_sweep_rows_csv_and_figure_carry_the_critical_sharpness(tmp_path) -> Non
     assert settings_key(Settings(stream=True, max_memory=10**9), []) == settings_key(Settings(), [])
     assert settings_key(Settings(critical_tol=0.01), []) == settings_key(Settings(), [])
     assert settings_key(Settings(critical=True, critical_tol=0.01), []) != settings_key(Settings(critical=True), [])
+
+
+def test_a_trainer_folder_gives_the_learning_rate_it_logged(tmp_path) -> None:
+    """A Trainer checkpoint folder records no optimizer metadata: the learning rate is the last one
+    trainer_state.json logged up to the folder's step, so the critical sharpness is not null there."""
+    pytest.importorskip("transformers")
+    from test_hf import lm_batch, save_pair, tiny
+
+    a, b = save_pair(tiny("llama"), tmp_path)
+    history = [{"step": 4, "learning_rate": 3e-4, "loss": 2.0}, {"step": 5, "learning_rate": 2e-4, "loss": 1.9},
+               {"step": 5, "eval_loss": 2.1}, {"step": 6, "learning_rate": 1e-4, "loss": 1.8}]
+    (a / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": history}))
+    batch = lm_batch(tmp_path / "x.safetensors")
+    for stream in (False, True):
+        res = CliRunner().invoke(cli, ["analyze", str(a), str(b), "--batch", str(batch), "--json", "--method", "taylor",
+                                       *(["--stream"] if stream else [])])
+        assert res.exit_code == 0, res.output
+        r = json.loads(res.output)
+        assert r["learning_rate"] == 2e-4
+        q = r["critical_scale_quadratic"]
+        assert q is None or math.isclose(r["critical_sharpness_quadratic"], 2 / (2e-4 * q))
+    (a / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": history[2:]}))
+    res = CliRunner().invoke(cli, ["analyze", str(a), str(b), "--batch", str(batch), "--json", "--method", "taylor"])
+    assert res.exit_code == 0 and json.loads(res.output)["learning_rate"] is None  # only a later step logged one

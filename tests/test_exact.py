@@ -361,6 +361,14 @@ def test_auto_chunks_follow_the_measured_activations(monkeypatch) -> None:
     monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 8 * per_example)
     many = obj.Objective(model, {}, batches, loss, Evaluation(dtype=torch.float64))
     assert [t.batch.num_examples for t in many.terms] == [8, 8, 8, 6]
+    # a skeleton (the model files are analysed with: parameters on the meta device) measures with the given ones
+    from zeroptim_cli.models.skeleton import skeleton
+    with skeleton():
+        bare = tiny_mlp()
+    assert all(p.is_meta for p in bare.parameters())
+    assert len(obj.Objective(bare, {}, batches, loss, Evaluation(dtype=torch.float64)).terms) == 1  # cannot measure: whole
+    measured = obj.Objective(bare, {}, batches, loss, Evaluation(dtype=torch.float64), params=params)
+    assert [t.batch.num_examples for t in measured.terms] == [8, 8, 8, 6]
     w1 = perturbed(params, 0.05)
     delta = {k: w1[k] - params[k] for k in params}
     _, d_one, _ = one.derivatives(params, delta)

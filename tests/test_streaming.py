@@ -14,6 +14,7 @@ from torch import nn
 
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files, in_memory_bytes
 from zeroptim_cli.cli import main
+from zeroptim_cli.derivatives import streaming
 from zeroptim_cli.derivatives.streaming import StreamingUnsupported, streamed
 from zeroptim_cli.io import lazy
 from zeroptim_cli.io.checkpoint import save_checkpoint
@@ -74,6 +75,51 @@ def test_hf_sharded_pairs_stream_to_the_same_numbers(tmp_path, transformers, kin
     if kind == "gpt2":  # tied: lm_head.weight is the embedding, counted once under its first name
         names = [layer["name"] for layer in s["per_layer"]]
         assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_large_weights_run_in_pieces_give_the_same_numbers(tmp_path, transformers, monkeypatch, kind: str) -> None:
+    """With CHUNK_BYTES lowered, every Linear runs block by block of its rows and the embeddings (GPT-2's tied to
+    its lm_head) read the looked-up rows alone: the numbers stay the in-memory ones, ‖Δ_l‖ included."""
+    from test_hf import lm_batch, save_pair, tiny
+
+    from zeroptim_cli.analysis import streamed as streamed_analysis
+
+    reads: list[tuple[str, object]] = []
+    original = streamed_analysis.PairLoader.__call__
+
+    def spy(self, name, rows=None):
+        reads.append((name, rows))
+        return original(self, name, rows)
+
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(streamed_analysis.PairLoader, "__call__", spy)
+    a, b = save_pair(tiny(kind), tmp_path)
+    batch = lm_batch(tmp_path / "b.safetensors", pad_from=6)
+    s, m = both(a, b, [batch])
+    assert_same(s, m)
+    embedding = "model.embed_tokens.weight" if kind == "llama" else "transformer.wte.weight"
+    gathered = [r for n, r in reads if n == embedding and isinstance(r, torch.Tensor)]
+    assert gathered and all(len(r) < 40 and torch.equal(r, r.unique()) for r in gathered)  # looked-up rows only
+    head = "lm_head.weight" if kind == "llama" else embedding
+    assert len({r.start for n, r in reads if n == head and isinstance(r, slice)}) > 2  # blocks of the head's rows
+    assert not any(n == head and r is None for n, r in reads)
+
+
+def test_rows_are_read_as_the_whole_tensor_indexed(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(lazy, "SLICE_BYTES", 40)
+    torch.manual_seed(0)
+    w, v = torch.randn(9, 5).to(torch.bfloat16), torch.randn(9, 5, dtype=torch.float64)
+    from safetensors.torch import save_file
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    _, files = open_lazily(tmp_path / "w.safetensors")
+    whole = w.double() - v
+    for rows in (slice(2, 7), torch.tensor([0, 1, 2, 5, 8]), torch.tensor([4])):
+        got = files.read("w", dtype=torch.float64, minus=v[rows], rows=rows)
+        assert torch.equal(got, whole[rows])
+    assert files.read("w", rows=torch.tensor([], dtype=torch.long)).shape == (0, 5)
+    with pytest.raises(IndexError):
+        files.read("w", rows=torch.tensor([3, 9]))
 
 
 def test_bf16_shards_are_read_as_saved(tmp_path, transformers, monkeypatch) -> None:
@@ -217,3 +263,60 @@ def test_a_non_finite_weight_read_on_demand_is_an_error_naming_it(tmp_path, caps
     assert main(["analyze", SAMPLE.format(100), str(bad), "--batch", batch, "--stream", "--json"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("error:") == 1 and "'net.3.weight'" in err and "NaN" in err and str(bad) in err
+
+
+def test_compare_refuses_to_stream_naming_the_flag(capsys) -> None:
+    """compare's directions need g, a backward pass through the whole model: --stream is a usage error and
+    --max-memory refuses a pair estimated not to fit (exit 1), naming the flag; a pair that fits is compared."""
+    a, b = SAMPLE.format(100), SAMPLE.format(101)
+    assert main(["compare", a, b, "--json", "--stream"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--stream" in err and "gradient" in err
+    assert main(["compare", a, b, "--json", "--max-memory", "1KB"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("error:") == 1 and "--max-memory" in err and "does not stream" in err
+    assert main(["compare", a, "--json", "--max-memory", "1KB"]) == 1  # without CKPT_T1 too
+    capsys.readouterr()
+    assert main(["compare", a, b, "--json", "--max-memory", "1GB"]) == 0
+    assert any(d["name"] == "update" for d in json.loads(capsys.readouterr().out)["directions"])
+
+
+def test_auto_chunks_of_a_streamed_language_model_bound_its_logits(tmp_path, transformers, monkeypatch) -> None:
+    """--chunk-size auto when streaming: chunks whose logits' three Taylor coefficients fit STREAM_CHUNK_BYTES,
+    the same numbers as whole batches in memory."""
+    from test_hf import lm_batch, save_pair, tiny
+
+    from zeroptim_cli.analysis import streamed as streamed_analysis
+    from zeroptim_cli.io.batches import load_batch
+
+    model = tiny("llama")
+    widest = max(m.out_features for m in model.modules() if isinstance(m, nn.Linear))  # its MLP's 64 > vocab 48
+    a, b = save_pair(model, tmp_path)
+    batch = lm_batch(tmp_path / "b.safetensors", pad_from=6)
+    loaded = load_batch(batch)
+    per_example = 3 * loaded.targets.shape[1] * widest * 8
+    monkeypatch.setattr(streamed_analysis, "STREAM_CHUNK_BYTES", 2 * per_example)
+    from zeroptim_cli.derivatives import objective
+    sizes: list[int] = []
+    real = objective.Objective.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        sizes.append(len(self.terms))
+
+    monkeypatch.setattr(objective.Objective, "__init__", spy)
+    s, m = both(a, b, [batch])
+    assert_same(s, m)
+    assert loaded.num_examples > 2 and sizes[0] == -(-loaded.num_examples // 2)  # chunks of two examples
+
+
+def test_in_memory_files_are_analysed_with_a_skeleton_model() -> None:
+    """One copy in memory: the model rebuilt for a pair of files holds no parameters of its own (they are the
+    checkpoints'), so no randomly initialised third copy of the weights is made."""
+    from zeroptim_cli.analysis.checkpoints import batches_for, prepare_pair
+    from zeroptim_cli.io.checkpoint import load_checkpoint
+
+    ct, ct1 = load_checkpoint(SAMPLE.format(100)), load_checkpoint(SAMPLE.format(101))
+    p = prepare_pair(ct, ct1, Settings(), batches_for(ct))
+    assert all(t.is_meta for t in p.model.parameters())
+    assert p.params_t1 is not None and not any(t.is_meta for t in (*p.params_t.values(), *p.params_t1.values()))

@@ -74,9 +74,12 @@ class Settings(Evaluation):
 
 
 def recorded_lr(ckpt: Checkpoint) -> float | None:
-    """The learning rate recorded in the checkpoint's optimizer metadata (``optimizer.lr``), else None."""
-    lr = (ckpt.meta.get("optimizer") or {}).get("lr")
-    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+    """The learning rate recorded in the checkpoint's optimizer metadata (``optimizer.lr``), else the one a
+    Hugging Face folder's ``trainer_state.json`` logged (metadata ``learning_rate``, ``io.hf``), else None."""
+    for lr in ((ckpt.meta.get("optimizer") or {}).get("lr"), ckpt.meta.get("learning_rate")):
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            return float(lr)
+    return None
 
 
 def batches_for(ckpt_t: Checkpoint, batch_paths: Sequence[str | os.PathLike] = ()) -> list[Batch]:
@@ -99,7 +102,8 @@ def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Set
 
     The model is built on the meta device first and its tensors' names and shapes are compared with the
     checkpoint's, so that metadata asking for a model far larger than the file fails before any memory is
-    taken; only then is it built for real (a factory is called twice: keep it free of side effects)."""
+    taken; then it is built as a skeleton (``models.skeleton``: parameters on the meta device, buffers real),
+    its parameters being the checkpoints' (a factory is called twice: keep it free of side effects)."""
     source = ckpt_t if ckpt_t.model_spec or ckpt_t1 is None or not ckpt_t1.model_spec else ckpt_t1
 
     def build() -> nn.Module:
@@ -118,7 +122,8 @@ def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Set
         probe = None  # a factory that cannot build on the meta device: its real build says what is wrong
     if probe is not None:
         state_for_model(probe, source)
-    model = build()
+    with skeleton():
+        model = build()
     if settings.loss is not None:
         return model, resolve_loss(settings.loss, model)
     spec = ckpt_t.meta.get("loss") or default_loss(batches)
@@ -199,13 +204,13 @@ def streaming_refusal(settings: Settings, extras: Extras | None) -> str | None:
 IN_MEMORY_COPIES = {"taylor": 4, "other": 6}
 
 
-def in_memory_bytes(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, settings: Settings) -> int:
+def in_memory_bytes(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Settings) -> int:
     """The estimated peak of the in-memory analysis, activations left out:
 
-        bytes of both checkpoints as stored + k · N · (bytes of one value in the run's dtype),
+        bytes of both checkpoints (or t alone) as stored + k · N · (bytes of one value in the run's dtype),
 
     N the floating-point values of checkpoint t, k = ``IN_MEMORY_COPIES`` (4 for Taylor mode, else 6)."""
-    stored = sum(t.numel() * t.element_size() for c in (ckpt_t, ckpt_t1) for t in c.tensors.values())
+    stored = sum(t.numel() * t.element_size() for c in (ckpt_t, ckpt_t1) if c is not None for t in c.tensors.values())
     values = sum(t.numel() for t in ckpt_t.tensors.values() if t.is_floating_point())
     copies = IN_MEMORY_COPIES["taylor" if settings.method == "taylor" else "other"]
     return stored + copies * values * settings.torch_dtype.itemsize

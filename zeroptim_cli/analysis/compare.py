@@ -38,7 +38,7 @@ from zeroptim_cli.analysis.optimizer_steps import (
     parse_names,
     recorded_state,
 )
-from zeroptim_cli.analysis.pair import cast, prepared
+from zeroptim_cli.analysis.pair import cast, difference, prepared
 from zeroptim_cli.analysis.result import cosine, quadratic_model
 from zeroptim_cli.analysis.sanity import pair_warnings
 from zeroptim_cli.derivatives.evaluation import Evaluation
@@ -104,9 +104,8 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
     evaluation = replace(evaluation, **overrides) if overrides else evaluation
     method, device, dtype = evaluation.method, evaluation.torch_device, evaluation.torch_dtype
     w_t = cast(params_t, device, dtype)
-    w_t1 = cast(params_t1, device, dtype) if params_t1 is not None else None
-    update = {k: w_t1[k] - w_t[k] for k in w_t} if w_t1 is not None else None
-    with prepared(model, batches, loss, evaluation, buffers=buffers) as objective:
+    update = difference(params_t1, w_t) if params_t1 is not None else None
+    with prepared(model, batches, loss, evaluation, buffers=buffers, params=w_t) as objective:
         grad = objective.gradient(w_t)
         point = StepPoint(w_t, grad, objective.value, update, lr, recorded, list(states), options.mezo,
                           options.clip_fraction)
@@ -125,7 +124,8 @@ def compare_directions(model: nn.Module, params_t: Mapping[str, Tensor], params_
         for name, d in directions.items():
             chosen, r, new = objective.derivatives(w_t, d, chosen)
             notes += [n for n in new if n not in notes]
-            after = objective.value(w_t1 if name == "update" and w_t1 is not None else {k: w_t[k] + d[k] for k in w_t})
+            after = objective.value(cast(params_t1, device, dtype) if name == "update" and params_t1 is not None
+                                    else {k: w_t[k] + d[k] for k in w_t})
             rows.append([r.loss, r.grad_corr, r.dir_sharpness, after, dot(d, d), gg,
                          dot(d, update) if update is not None else torch.zeros((), device=device), dot(grad, d)])
         # one host transfer for every direction's numbers

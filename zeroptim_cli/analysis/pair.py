@@ -104,15 +104,22 @@ def analyze_pair(
         raise ConfigError(f"--concentration needs HΔ coordinate by coordinate, which --method {method} does not "
                           "compute; use --method auto")
     device, dtype = evaluation.torch_device, evaluation.torch_dtype
-    w_t, w_t1 = cast(params_t, device, dtype), cast(params_t1, device, dtype)
-    delta = {k: w_t1[k] - w_t[k] for k in w_t}
-    with prepared(model, batches, loss, evaluation, buffers=buffers) as objective:
+    w_t = cast(params_t, device, dtype)
+    delta = difference(params_t1, w_t)
+    with prepared(model, batches, loss, evaluation, buffers=buffers, params=w_t) as objective:
         if direction is not None:
-            delta = direction(objective.gradient(w_t), w_t, delta)
-            w_t1, loss_t1 = {k: w_t[k] + delta[k] for k in w_t}, None
+            delta, loss_t1 = direction(objective.gradient(w_t), w_t, delta), None
         chosen, totals, notes = objective.derivatives(w_t, delta)
-        value_t1 = objective.value(w_t1) if loss_t1 is None else torch.tensor(loss_t1, dtype=torch.float64, device=device)
-        result = summarize(totals, value_t1, delta, objective.num_examples, dtype, device, chosen)
+        rows, numels = summary_rows(totals, delta), {n: t.numel() for n, t in delta.items()}
+        if direction is None and loss_t1 is None and critical_tol is None and not (extras is not None and extras.any):
+            # nothing after f(w_t1) needs Δ, g or HΔ: release them before w_t1 is converted to evaluate it
+            delta, totals = {}, replace(totals, grad=None, hvp=None)
+        if loss_t1 is not None:
+            value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
+        else:
+            value_t1 = objective.value(cast(params_t1, device, dtype) if direction is None
+                                       else {k: w_t[k] + delta[k] for k in w_t})
+        result = summarize_rows(totals, value_t1, numels, rows, objective.num_examples, dtype, device, chosen)
         require_finite(result, batches)
         result.num_tokens = objective.num_tokens
         result.warnings = notes
@@ -130,12 +137,20 @@ def cast(tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
 
 
+def difference(params_t1: Mapping[str, Tensor], w_t: Params) -> Params:
+    """Δ = w_t1 − w_t, tensor by tensor: each stored tensor of t1 converted to w_t's device and dtype only for
+    its own subtraction, so no converted copy of the whole w_t1 is ever held beside w_t and Δ."""
+    return {k: params_t1[k].to(device=w.device, dtype=w.dtype) - w for k, w in w_t.items()}
+
+
 @contextlib.contextmanager
 def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, evaluation: Evaluation, *,
-             buffers: Mapping[str, Tensor] | None) -> Iterator[Objective]:
+             buffers: Mapping[str, Tensor] | None, params: Params | None = None) -> Iterator[Objective]:
     """Prepare: check the evaluation's method, move the model to its device and dtype, and yield the
-    objective f on ``batches`` with ``buffers`` (default: the model's own) fixed; for the block the model is
-    in train or eval mode (its own mode restored after) and attention uses twice-differentiable kernels. An
+    objective f on ``batches`` with ``buffers`` (default: the model's own) fixed (``params``: the parameters
+    ``chunk_size="auto"`` measures activations with, needed when the model is a skeleton); for the block the
+    model is in train or eval mode (its own mode restored after) and attention uses twice-differentiable
+    kernels. An
     encoder-decoder's batches get the decoder inputs it would make from their labels (``with_decoder_inputs``)."""
     record = methods.first(evaluation.method)  # an unknown name is a usage error
     if not batches:
@@ -150,7 +165,7 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, evaluation:
     model.train(evaluation.train)
     try:
         with twice_differentiable_kernels():  # before the objective: its chunking measures these kernels
-            yield Objective(model, fixed, batches, loss, evaluation)
+            yield Objective(model, fixed, batches, loss, evaluation, params=params)
     finally:
         model.train(was_training)
 
@@ -176,23 +191,21 @@ def require_finite(result: PairAnalysis, batches: Sequence[Batch]) -> None:
                                 "finite there (check the loss and the targets)")
 
 
-def summarize(d: Derivatives, loss_t1: Tensor, delta: Params, num_examples: int, dtype: torch.dtype,
-              device: torch.device, method: str) -> PairAnalysis:
-    """The measured quantities, per tensor and in total, in one host transfer; totals summed in float64
-    from the per-tensor parts (``math.fsum``), so that the split adds up exactly."""
+def summary_rows(d: Derivatives, delta: Params) -> list[list[Tensor]]:
+    """Per tensor, on the device: ‖Δ_l‖², and with g and HΔ also g_lᵀΔ_l, Δ_lᵀ(HΔ)_l and ‖g_l‖²."""
     names = list(delta)
-    # rows ‖Δ_l‖², g_lᵀΔ_l, Δ_lᵀ(HΔ)_l, ‖g_l‖²
     rows = [[delta[n].pow(2).sum() for n in names]]
     if d.grad is not None and d.hvp is not None:
         rows += [[(d.grad[n] * delta[n]).sum() for n in names], [(delta[n] * d.hvp[n]).sum() for n in names],
                  [d.grad[n].pow(2).sum() for n in names]]
-    return summarize_rows(d, loss_t1, {n: delta[n].numel() for n in names}, rows, num_examples, dtype, device, method)
+    return rows
 
 
 def summarize_rows(d: Derivatives, loss_t1: Tensor, numels: dict[str, int], rows: list[list[Tensor]],
                    num_examples: int, dtype: torch.dtype, device: torch.device, method: str) -> PairAnalysis:
-    """``summarize`` from the per-tensor rows (‖Δ_l‖², and with g and HΔ g_lᵀΔ_l, Δ_lᵀ(HΔ)_l, ‖g_l‖²) of
-    the tensors ``numels`` names, in that order."""
+    """The measured quantities, per tensor and in total, in one host transfer, from the per-tensor rows
+    (``summary_rows``) of the tensors ``numels`` names, in that order; totals summed in float64 from the
+    per-tensor parts (``math.fsum``), so that the split adds up exactly."""
     names = list(numels)
     table = torch.stack([torch.stack(r) for r in rows]).double().cpu().tolist()
     scalars = torch.stack([t.double() for t in (d.loss, loss_t1, d.grad_corr, d.dir_sharpness)]).cpu().tolist()

@@ -7,7 +7,8 @@ the Taylor activations plus a few modules' weights, not the model. The quantitie
 
 * f(w_t), gᵀΔ, ΔᵀHΔ: one Taylor-mode pass, each parameter entering as (w_t, Δ, 0);
 * f(w_t1): one forward pass with each parameter read from w_t1;
-* ‖Δ_l‖²: from each Δ_l as the Taylor pass forms it (a tensor no forward uses is read for it alone);
+* ‖Δ_l‖²: from each Δ_l as the Taylor pass forms it, summed over the blocks of a weight run in pieces (a
+  tensor no forward forms whole is read for it alone, block by block);
 * with ``critical_tol``: the critical-scale search (``analysis.critical``), one streamed forward pass per α.
 
 No g and no HΔ, as for in-memory Taylor mode: no extras and no direction other than the update.
@@ -15,7 +16,9 @@ No g and no HΔ, as for in-memory Taylor mode: no extras and no direction other 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -26,13 +29,13 @@ from zeroptim_cli.analysis.pair import prepared, require_finite, summarize_rows
 from zeroptim_cli.analysis.result import PairAnalysis
 from zeroptim_cli.derivatives.evaluation import Evaluation
 from zeroptim_cli.derivatives.losses import Loss
-from zeroptim_cli.derivatives.streaming import Point, pair_point, streamed
+from zeroptim_cli.derivatives.streaming import Point, Rows, pair_point, row_slices, streamed
 from zeroptim_cli.io.batches import Batch
 
-#: Reads one parameter of w_t on the run's device, in its dtype.
-Read = Callable[[], Tensor]
-#: Reads the same parameter of w_t1, less its argument when one is given (Δ = w_t1 − w_t).
-ReadLess = Callable[[Tensor | None], Tensor]
+#: Reads one parameter of w_t (or ``rows`` of it) on the run's device, in its dtype.
+Read = Callable[..., Tensor]
+#: Reads the same parameter (or rows) of w_t1, less its argument when one is given (Δ = w_t1 − w_t).
+ReadLess = Callable[..., Tensor]
 
 
 def squared_norm(t: Tensor, piece: int = 2**22) -> Tensor:
@@ -41,26 +44,78 @@ def squared_norm(t: Tensor, piece: int = 2**22) -> Tensor:
 
 
 class PairLoader:
-    """The parameters at the current ``point`` for ``derivatives.streaming``, read from ``sources``
-    (name → (read w_t, read w_t1)); keeps ‖Δ_l‖² of every Δ_l it forms."""
+    """The parameters (or rows of them) at the current ``point`` for ``derivatives.streaming``, read from
+    ``sources`` (name → (read w_t, read w_t1)) for parameters of ``shapes`` in ``dtype``; keeps ‖Δ_l‖² of
+    every Δ_l it forms, whole or as blocks of rows that cover it."""
 
-    def __init__(self, sources: Mapping[str, tuple[Read, ReadLess]]) -> None:
-        self.sources = sources
+    def __init__(self, sources: Mapping[str, tuple[Read, ReadLess]], shapes: Mapping[str, torch.Size],
+                 dtype: torch.dtype) -> None:
+        self.sources, self.shapes, self.itemsize = sources, shapes, dtype.itemsize
         self.point: Point = "taylor"
         self.update_sq: dict[str, Tensor] = {}
+        self._blocks: dict[str, dict[tuple[int, int], Tensor]] = {}
 
-    def __call__(self, name: str) -> Tensor:
-        value, delta = pair_point(*self.sources[name], self.point)
+    def __call__(self, name: str, rows: Rows = None) -> Tensor:
+        read_t, read_t1 = self.sources[name]
+        value, delta = pair_point(functools.partial(read_t, rows=rows),
+                                  lambda minus: read_t1(minus, rows=rows), self.point)
         if delta is not None and name not in self.update_sq:
-            self.update_sq[name] = squared_norm(delta)
+            if rows is None:
+                self.update_sq[name] = squared_norm(delta)
+            elif isinstance(rows, slice):
+                self._block(name, rows, squared_norm(delta))
         return value
 
+    def _block(self, name: str, rows: slice, sq: Tensor) -> None:
+        """Note ‖Δ‖² of one block of rows; once the blocks cover the tensor, their sum is its ‖Δ_l‖²."""
+        blocks = self._blocks.setdefault(name, {})
+        blocks[(rows.start, rows.stop)] = sq
+        shape = self.shapes[name]
+        if sum(b - a for a, b in blocks) == (shape[0] if len(shape) else 1):
+            self.update_sq[name] = torch.stack(list(blocks.values())).sum()
+            del self._blocks[name]
+
     def squared_norms(self) -> dict[str, Tensor]:
-        """‖Δ_l‖² of every parameter, reading those no forward pass formed Δ_l of."""
+        """‖Δ_l‖² of every parameter, reading those no forward pass formed Δ_l of, block by block."""
         for name, (read_t, read_t1) in self.sources.items():
             if name not in self.update_sq:
-                self.update_sq[name] = squared_norm(read_t1(read_t()))
+                shape = self.shapes[name]
+                blocks = row_slices(shape, self.itemsize) if len(shape) else [None]
+                self.update_sq[name] = torch.stack([squared_norm(read_t1(read_t(rows=r), rows=r))
+                                                    for r in blocks]).sum()
         return {name: self.update_sq[name] for name in self.sources}
+
+
+#: ``chunk_size="auto"`` when streaming: the bytes of the widest output's three Taylor coefficients per chunk.
+STREAM_CHUNK_BYTES = 64 * 2**20
+
+
+def streamed_chunk_length(model: nn.Module, batches: Sequence[Batch], dtype: torch.dtype) -> int:
+    """Examples per chunk for ``chunk_size="auto"`` when streaming (0: whole batches). The activations cannot
+    be measured as in memory (that needs the parameters resident), but where they dominate a streamed
+    analysis they are those of the widest output: three Taylor coefficients of targets × out_features values
+    per example (a language model's logits, 3 × T × vocabulary), which a chunk keeps under
+    ``STREAM_CHUNK_BYTES``; at least one example per chunk. Exact, as every chunking; each chunk is one more
+    pass over the checkpoints' files. (Train mode and a user's ``MODULE:FN`` loss keep whole batches, as in
+    memory.)"""
+    widest = max((m.out_features for m in model.modules() if isinstance(m, nn.Linear)), default=0)
+    per_example = max(3 * b.targets[0].numel() * widest * dtype.itemsize for b in batches)
+    return max(1, STREAM_CHUNK_BYTES // per_example) if per_example else 0
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """A transformers model's key/value cache off for the block (``config.use_cache``): no pass reads it, and
+    streamed it would keep three Taylor coefficients of every layer's keys and values to the end of the pass."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if cached:
+            config.use_cache = cached  # type: ignore[union-attr]
 
 
 def analyze_streamed(
@@ -78,15 +133,19 @@ def analyze_streamed(
     """``analysis.pair.analyze_pair(..., method="taylor")`` for a skeleton ``model`` whose parameters
     ``sources`` reads (name as in ``named_parameters()`` → readers of w_t and w_t1, on the evaluation's device
     in its dtype); ``buffers`` are checkpoint t's. The evaluation's method is taken to be ``taylor``, and its
-    ``chunk_size="auto"`` evaluates whole batches (measuring activations would need the parameters
-    resident); a number cuts them as in memory. ``analysed`` (default: all) names the parameters the per-layer
-    split is over (the trainable ones: ``analysis.trainable``; the others' Δ is zero)."""
-    chunk_size = evaluation.chunk_size
-    evaluation = replace(evaluation, method="taylor", chunk_size=0 if chunk_size == "auto" else chunk_size)
+    ``chunk_size="auto"`` cuts batches as ``streamed_chunk_length`` says (measuring activations would need the
+    parameters resident); a number cuts them as in memory. ``analysed`` (default: all) names the parameters the
+    per-layer split is over (the trainable ones: ``analysis.trainable``; the others' Δ is zero)."""
     device, dtype = evaluation.torch_device, evaluation.torch_dtype
-    loader = PairLoader(sources)
-    numels = {name: p.numel() for name, p in model.named_parameters() if analysed is None or name in analysed}
-    with prepared(model, batches, loss, evaluation, buffers=buffers) as objective, streamed(model, loader):
+    chunk_size = evaluation.chunk_size
+    if chunk_size == "auto":
+        chunk_size = streamed_chunk_length(model, batches, dtype) if loss.known and not evaluation.train else 0
+    evaluation = replace(evaluation, method="taylor", chunk_size=chunk_size)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    loader = PairLoader(sources, shapes, dtype)
+    numels = {name: shape.numel() for name, shape in shapes.items() if analysed is None or name in analysed}
+    with no_cache(model), prepared(model, batches, loss, evaluation, buffers=buffers) as objective, \
+            streamed(model, loader):
         chosen, totals, _ = objective.derivatives({}, {}, "taylor", fallback=False)
 
         def value(point: Point) -> Tensor:

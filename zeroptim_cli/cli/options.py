@@ -143,6 +143,29 @@ class MemorySize(click.ParamType):
         return int(size)
 
 
+#: --stream and --max-memory (analyze, sweep and compare).
+STREAM_OPTIONS = [
+    click.option("--stream", is_flag=True,
+                 help="Taylor mode with the parameters of w_t and Δ read from the checkpoints' files module by "
+                      "module, right before each module runs, and released after it: the same numbers as "
+                      "--method taylor in a fraction of the memory (for models larger than memory)."),
+    click.option("--max-memory", type=MemorySize(), metavar="SIZE",
+                 help="Stream by itself (as --stream) when the in-memory analysis is estimated to need more "
+                      "than SIZE (e.g. 8GB, 16GiB)."),
+]
+
+
+def _with(options: list, fn):  # type: ignore[no-untyped-def]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def stream_options(fn):  # type: ignore[no-untyped-def]
+    """--stream and --max-memory alone (compare, which has no critical search)."""
+    return _with(STREAM_OPTIONS, fn)
+
+
 def scale_options(fn):  # type: ignore[no-untyped-def]
     """The critical search and streaming, shared by analyze and sweep (below ``settings_options``, they reach
     the command's ``settings``)."""
@@ -154,17 +177,9 @@ def scale_options(fn):  # type: ignore[no-untyped-def]
         click.option("--critical-tol", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      default=DEFAULT_TOL, show_default=True,
                      help="The relative width (hi − lo)/hi at which the critical search's bracket stops."),
-        click.option("--stream", is_flag=True,
-                     help="Taylor mode with the parameters of w_t and Δ read from the checkpoints' files module by "
-                          "module, right before each module runs, and released after it: the same numbers as "
-                          "--method taylor in a fraction of the memory (for models larger than memory)."),
-        click.option("--max-memory", type=MemorySize(), metavar="SIZE",
-                     help="Stream by itself (as --stream) when the in-memory analysis is estimated to need more "
-                          "than SIZE (e.g. 8GB, 16GiB)."),
+        *STREAM_OPTIONS,
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _with(options, fn)
 
 
 def settings_from(options: dict[str, Any]) -> Settings:

@@ -104,6 +104,8 @@ class Objective:
             every evaluation), ``device`` and ``dtype`` (where the batches go, and the dtype of their floating
             tensors), ``chunk_size`` (``auto``, N examples per evaluation, or 0 or None for whole batches), and
             the ``method`` that ``derivatives`` runs unless told another.
+        params: the parameters ``chunk_size="auto"`` measures the activations with (default: the model's own);
+            pass them for a model whose own are on the meta device (``models.skeleton``).
 
     The methods take parameters w (and a direction v) as dicts name → tensor: ``value(w)`` is f(w),
     ``gradient(w)`` is ∇f(w), ``derivatives(w, v, method)`` is (the method that ran, ``Derivatives``: f(w),
@@ -128,13 +130,14 @@ class Objective:
     """
 
     def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], batches: Sequence[Batch], loss: Loss,
-                 evaluation: Evaluation = Evaluation()) -> None:
+                 evaluation: Evaluation = Evaluation(), *, params: Params | None = None) -> None:
         chunk_size = evaluation.chunk_size
         if isinstance(chunk_size, int) and chunk_size > 0 and evaluation.train:
             raise ConfigError("--chunk-size needs eval mode: in train mode batch statistics and dropout masks "
                               "depend on the whole batch, so its chunks would give another f")
         self.model, self.buffers, self.loss, self.evaluation = model, dict(buffers), loss, evaluation
         self.device, self.dtype = evaluation.torch_device, evaluation.torch_dtype
+        self._probe = params
 
         def prepare() -> list[Batch]:
             for b in batches:
@@ -163,7 +166,7 @@ class Objective:
             return n  # a user's loss may average over something else than examples: chunks could change f
         if chunk_size != "auto" or self.evaluation.train or n < 2:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters()) if self._probe is None else self._probe
         try:
             per_example = activation_bytes(lambda part: self._batch_fn(part, 0), batch, params)
         except Exception:  # noqa: BLE001 - the real evaluation raises it with the batch named

@@ -7,6 +7,16 @@ weight is one name wherever it is used), and a forward hook puts the placeholder
 the loaded tensor is released as soon as nothing else holds it. At any moment only the parameters of the
 modules being run (one leaf module and its ancestors' own parameters) are resident.
 
+A large weight need not be resident whole either. A module that is a plain ``nn.Linear`` or ``nn.Embedding``
+(their own forward, not a subclass's) whose weight exceeds ``CHUNK_BYTES`` in the run's dtype is run from
+pieces of it instead: the linear map one block of output rows at a time (``row_slices``: W's rows, and the
+bias's, read as ``load(name, rows=slice)``; the outputs concatenated along the last dimension), the embedding
+from the rows the batch looks up alone (``load(name, rows=sorted distinct ids)``, gathered with the ids
+renumbered). Both give what the whole weight gives: each looked-up row is the same row, and each output
+entry the same dot product over the same inputs (equal up to the summation order a matrix-product kernel
+picks for another shape; tested in float64 to 1e-12). So a vocabulary's 32000 × 2048 embedding and output head cost the
+memory of a block of rows, not of the matrix (and of Δ beside it in Taylor mode).
+
 What ``load`` returns is the caller's choice: w_t + αΔ for a value of f, or the Taylor tensor
 (w_t, Δ, 0) for Taylor mode (``pair_point``), which makes the streamed f the same function of the
 parameters as the in-memory one, and its Taylor coefficients the same numbers.
@@ -23,16 +33,68 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from zeroptim_cli.derivatives.taylor._core import TaylorTensor
 from zeroptim_cli.errors import ZeroptimError
 
-#: A parameter's first name → the tensor its module uses for one forward.
-Load = Callable[[str], Tensor]
+#: Rows of a parameter: a slice of its first dimension, or sorted distinct indices into it.
+Rows = slice | Tensor | None
+
+
+class Load(Protocol):
+    """A parameter's first name (and, for a weight run in pieces, its rows) → the tensor its module uses
+    for one forward."""
+
+    def __call__(self, name: str, rows: Rows = None) -> Tensor: ...
+
+
+#: A weight larger than this (bytes, in the run's dtype) is run in blocks of about this many bytes of rows.
+CHUNK_BYTES = 32 * 2**20
+
+
+def row_slices(shape: torch.Size, itemsize: int, budget: int | None = None) -> list[slice]:
+    """Consecutive blocks of the first dimension of a tensor of ``shape``, each about ``budget`` bytes
+    (default ``CHUNK_BYTES``; at least one row), covering it."""
+    rows = shape[0] if len(shape) else 1
+    step = max(1, (budget or CHUNK_BYTES) // max(1, shape[1:].numel() * itemsize))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _in_pieces(module: nn.Module) -> bool:
+    """Whether ``module`` is run from pieces of its weight (a plain Linear or Embedding, weight > CHUNK_BYTES)."""
+    if type(module).forward not in (nn.Linear.forward, nn.Embedding.forward):
+        return False
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return False  # renormalises the looked-up rows of the weight in place
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.numel() * weight.element_size() > CHUNK_BYTES
+
+
+def _piecewise_forward(module: nn.Module, names: dict[str, str], load: Load) -> Callable[[Tensor], Tensor]:
+    """The forward of ``module`` (``_in_pieces``) computed from pieces of its weight read by ``load``."""
+    weight = names["weight"]
+    if isinstance(module, nn.Embedding):
+        def embedding(ids: Tensor) -> Tensor:
+            rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= module.num_embeddings):
+                raise IndexError(f"index out of range in self (ids from {int(rows[0])} to {int(rows[-1])}, "
+                                 f"{module.num_embeddings} embeddings)")
+            return F.embedding(inverse, load(weight, rows=rows))
+        return embedding
+    bias = names.get("bias")
+    shape = module._parameters["weight"].shape
+    blocks = row_slices(shape, module._parameters["weight"].element_size())
+
+    def linear(x: Tensor) -> Tensor:
+        return torch.cat([F.linear(x, load(weight, rows=r), None if bias is None else load(bias, rows=r))
+                          for r in blocks], dim=-1)
+    return linear
 
 
 class StreamingUnsupported(ZeroptimError):
@@ -83,39 +145,52 @@ def owners(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
 _M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 2**20
 
 
-def return_freed_memory() -> None:
+def return_freed_memory() -> Callable[[], None]:
     """With glibc, serve every allocation of ``MMAP_THRESHOLD`` bytes or more by its own mapping (for the rest
-    of the process), so that a released weight goes back to the system at once. By default glibc raises this
+    of the process), so that a released weight goes back to the system at once, and return a function that
+    hands the heap's free memory below that size back too (``malloc_trim``). By default glibc raises the
     threshold up to 32 MiB as large blocks are freed, and the weights and activations below it (a 2048×2048
     float32 projection is 16 MiB) then stay in the heap after release, fragmented: measured, a third more
-    peak memory for a streamed 1-layer Llama of width 2048. Elsewhere (no glibc) nothing changes."""
+    peak memory for a streamed 1-layer Llama of width 2048. Below the threshold the Taylor rules' many small
+    temporaries fragment the heap too (measured on a 12-layer Llama of width 2048: 100–150 MiB held free in
+    the heap, growing layer by layer, which ``malloc_trim`` returns). Elsewhere (no glibc) nothing changes."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        malloc_trim = libc.malloc_trim
     except (OSError, AttributeError):
-        pass
+        return lambda: None
+
+    def trim() -> None:
+        malloc_trim(0)
+    return trim
 
 
 @contextlib.contextmanager
 def streamed(model: nn.Module, load: Load) -> Iterator[None]:
     """Inside the block, ``model``'s parameters are loaded module by module (see the module docstring);
-    freed memory is returned to the system as it is freed (``return_freed_memory``)."""
-    return_freed_memory()
+    freed memory is returned to the system as it is freed and after each module (``return_freed_memory``)."""
+    trim = return_freed_memory()
     slots: dict[nn.Module, list[tuple[str, str]]] = {}
     original: dict[tuple[int, str], Tensor] = {}
     for module, local, name in owners(model):
         slots.setdefault(module, []).append((local, name))
         original[(id(module), local)] = module._parameters[local]
+    pieces = {m for m in slots if _in_pieces(m)}
 
     def rest(module: nn.Module) -> None:
         for local, name in slots[module]:
             module._parameters[local] = _Placeholder(original[(id(module), local)], name)  # type: ignore[assignment]
 
     def before(module: nn.Module, args: object) -> None:
+        if module in pieces:
+            return  # its forward reads the pieces it needs
         for local, name in slots[module]:
             module._parameters[local] = load(name)  # type: ignore[assignment]
 
     def after(module: nn.Module, args: object, output: object) -> None:
         rest(module)
+        trim()
 
     handles = []
     try:
@@ -123,8 +198,12 @@ def streamed(model: nn.Module, load: Load) -> Iterator[None]:
             rest(module)
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after, always_call=True))
+        for module in pieces:
+            module.forward = _piecewise_forward(module, dict(slots[module]), load)  # type: ignore[method-assign]
         yield
     finally:
+        for module in pieces:
+            vars(module).pop("forward", None)
         for handle in handles:
             handle.remove()
         for module, names in slots.items():

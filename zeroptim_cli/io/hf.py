@@ -19,7 +19,9 @@ A folder is one when it holds ``config.json`` and the weights as safetensors: ``
   (``..``, a symlink) is refused, and so is a folder whose weights are only a pickle. Pickle files beside
   them (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``,
   ``pytorch_model.bin``) are never opened.
-* The step is ``trainer_state.json``'s ``global_step``, else N of a folder named ``checkpoint-N``.
+* The step is ``trainer_state.json``'s ``global_step``, else N of a folder named ``checkpoint-N``; the
+  learning rate (metadata ``learning_rate``) the last ``learning_rate`` its ``log_history`` logged at a step up
+  to that one (``folder_learning_rate``).
 
 transformers is an optional extra (``pip install -e ".[hf]"`` in a clone) imported only here and only when a
 folder or an ``hf_config`` model spec is met.
@@ -215,21 +217,41 @@ def _read_json(path: Path) -> Any:
         raise ZeroptimError(f"'{path}' is not readable JSON ({exc})") from exc
 
 
+def _trainer_state(folder: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of the folder as a JSON object ({} when there is none or it is not an object)."""
+    state = folder / TRAINER_STATE
+    content = _read_json(state) if state.is_file() else None
+    return content if isinstance(content, dict) else {}
+
+
 def folder_step(folder: Path) -> int | None:
     """``trainer_state.json``'s ``global_step``, else N of ``checkpoint-N``, else None."""
-    state = folder / TRAINER_STATE
-    if state.is_file():
-        content = _read_json(state)
-        step = content.get("global_step") if isinstance(content, dict) else None
-        if isinstance(step, int):
-            return step
+    step = _trainer_state(folder).get("global_step")
+    if isinstance(step, int) and not isinstance(step, bool):
+        return step
     match = _CHECKPOINT_N.match(folder.name)
     return int(match.group(1)) if match else None
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def folder_learning_rate(folder: Path, step: int | None) -> float | None:
+    """The ``learning_rate`` of the latest ``log_history`` entry of ``trainer_state.json`` logged at a step
+    ≤ ``step`` (Trainer logs it every ``logging_steps``; transformers 5 logs the rate of the optimizer step
+    just taken), else None."""
+    history = _trainer_state(folder).get("log_history")
+    logged = [(e["step"], e["learning_rate"]) for e in history if isinstance(e, dict) and _number(e.get("step"))
+              and _number(e.get("learning_rate")) and (step is None or e["step"] <= step)] \
+        if isinstance(history, list) else []
+    return float(max(logged, key=lambda e: e[0])[1]) if logged else None
+
+
 def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
     """(the transformers class ``config.json`` names, zeroptim metadata for the folder): the metadata's
-    ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says."""
+    ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says,
+    ``learning_rate`` as ``folder_learning_rate`` says."""
     config_path = folder / CONFIG
     config = _read_json(config_path)
     if not isinstance(config, dict):
@@ -244,7 +266,9 @@ def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
     except Exception as exc:  # transformers validates config fields with its own exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ZeroptimError(f"'{config_path}' is not a valid {cls.__name__} config ({first})") from exc
-    return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": folder_step(folder)}
+    step = folder_step(folder)
+    return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": step,
+                 "learning_rate": folder_learning_rate(folder, step)}
 
 
 def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

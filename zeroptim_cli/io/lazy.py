@@ -46,43 +46,52 @@ class TensorFiles:
         return self._key[id(stored)]
 
     def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-             minus: torch.Tensor | None = None) -> torch.Tensor:
+             minus: torch.Tensor | None = None, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """The stored tensor ``name`` on ``device``, floating tensors in ``dtype`` (None: as stored), less
-        ``minus`` when given (w_t1 − w_t formed as w_t1 is read). Read in slices of about ``SLICE_BYTES`` of
-        rows, so that the conversion holds one slice beside the result, not a second whole tensor; the result
-        is exactly that of converting (and subtracting) the whole tensor. Exactly that also when called inside
-        a model's forward under a torch function mode: no mode sees the read."""
+        ``minus`` when given (w_t1 − w_t formed as w_t1 is read; ``minus`` has the result's shape). ``rows``:
+        only these rows (first-dimension indices) — a ``slice`` with step 1, or sorted distinct indices — read
+        as runs of consecutive rows. Read in slices of about ``SLICE_BYTES`` of rows, so that the conversion
+        holds one slice beside the result, not a second whole tensor; the result is exactly that of converting
+        (and subtracting) the whole tensor and then indexing it. Exactly that also when called inside a model's
+        forward under a torch function mode: no mode sees the read."""
         with torch._C.DisableTorchFunction():
-            return self._read(name, torch.device(device), dtype, minus)
+            return self._read(name, torch.device(device), dtype, minus, rows)
 
-    def _read(self, name: str, device: torch.device, dtype: torch.dtype | None,
-              minus: torch.Tensor | None) -> torch.Tensor:
+    def _read(self, name: str, device: torch.device, dtype: torch.dtype | None, minus: torch.Tensor | None,
+              rows: slice | torch.Tensor | None) -> torch.Tensor:
         file, offset = self.where[name]
         stored = self.tensors[name]
         target = (dtype or stored.dtype) if stored.is_floating_point() else stored.dtype
-        out = torch.empty(stored.shape, dtype=target, device=device)
-        if stored.numel() == 0:
+        total = stored.shape[0] if stored.dim() else 1
+        runs = _runs(rows, total)
+        shape = (sum(n for _, n in runs), *stored.shape[1:]) if stored.dim() else stored.shape
+        out = torch.empty(shape, dtype=target, device=device)
+        if out.numel() == 0:
             return out
-        rows = stored.shape[0] if stored.dim() else 1
-        row_bytes = stored.numel() * stored.element_size() // rows
+        row_bytes = stored.numel() * stored.element_size() // total
         step = max(1, SLICE_BYTES // row_bytes)
-        flat = out.view(rows, -1) if stored.dim() else out.view(1)
+        flat = out.view(shape[0], -1) if stored.dim() else out.view(1)
+        less = None if minus is None else (minus.reshape(shape[0], -1) if stored.dim() else minus.reshape(1))
+        at = 0  # the row of ``out`` the next part goes to
         try:
             with file.open("rb") as f:
-                for i in range(0, rows, step):
-                    n = min(step, rows - i)
-                    buf = bytearray(n * row_bytes)
-                    f.seek(offset + i * row_bytes)
-                    if f.readinto(buf) != len(buf):
-                        raise ZeroptimError(f"checkpoint file '{file}' is shorter than its header says at tensor '{name}'")
-                    part = torch.frombuffer(buf, dtype=stored.dtype)
-                    if part.is_floating_point() and not bool(torch.isfinite(part).all()):
-                        raise ZeroptimError(f"checkpoint '{self.path}': tensor '{name}' contains NaN or Inf")
-                    part = part.view(n, -1) if stored.dim() else part
-                    part = part.to(device=device, dtype=target)
-                    if minus is not None:
-                        part = part - (minus.reshape(rows, -1)[i:i + n] if stored.dim() else minus.reshape(1))
-                    flat[i:i + n] = part
+                for first, count in runs:
+                    for i in range(first, first + count, step):
+                        n = min(step, first + count - i)
+                        buf = bytearray(n * row_bytes)
+                        f.seek(offset + i * row_bytes)
+                        if f.readinto(buf) != len(buf):
+                            raise ZeroptimError(f"checkpoint file '{file}' is shorter than its header says at "
+                                                f"tensor '{name}'")
+                        part = torch.frombuffer(buf, dtype=stored.dtype)
+                        if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                            raise ZeroptimError(f"checkpoint '{self.path}': tensor '{name}' contains NaN or Inf")
+                        part = part.view(n, -1) if stored.dim() else part
+                        part = part.to(device=device, dtype=target)
+                        if less is not None:
+                            part = part - less[at:at + n]
+                        flat[at:at + n] = part
+                        at += n
         except OSError as exc:
             raise ZeroptimError(f"checkpoint file '{file}' cannot be read ({exc.strerror})") from exc
         return out
@@ -90,6 +99,27 @@ class TensorFiles:
     def nbytes(self) -> int:
         """The bytes of every stored tensor, as stored."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _runs(rows: slice | torch.Tensor | None, total: int) -> list[tuple[int, int]]:
+    """(first row, count) of each run of consecutive rows that ``rows`` selects out of ``total``."""
+    if rows is None:
+        return [(0, total)]
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(total)
+        if step != 1:
+            raise ValueError("rows: a slice of step 1")
+        return [(start, max(0, stop - start))]
+    index = rows.tolist()
+    if index and (index[0] < 0 or index[-1] >= total):
+        raise IndexError(f"row index out of range for a tensor of {total} rows")
+    runs: list[list[int]] = []
+    for i in index:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return [(a, n) for a, n in runs]
 
 
 def _entries(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
