@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
+from zeroptim_cli.allocator import keep_freed_memory
 from zeroptim_cli.derivatives import METHODS, Evaluation, Objective
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.models import CNN, MLP, CharTransformer
@@ -175,16 +176,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -255,24 +257,41 @@ def main() -> None:
     parser.add_argument("--workloads", default="mlp,wide_mlp,cnn,transformer")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory measurements.")
+    parser.add_argument("--entries", default=None,
+                        help="Only the entries whose names start with one of these (comma-separated), besides the "
+                             "train step; skips the float64 agreement check.")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the process's CPU time (user + system, all threads) instead of wall time; steadier "
+                             "where other processes share the cores, meaningful with OMP_NUM_THREADS=1.")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="Keep freed memory for reuse, as the command line does (zeroptim_cli.allocator); "
+                             "the peak-memory probes run without it either way.")
     parser.add_argument("--probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.probe:
         print(probe(*args.probe, device))
         return
+    if args.keep_freed_memory:
+        keep_freed_memory()
     rows = []
     for name in args.workloads.split(","):
         w = make_workload(name, device)
         fns = candidates(w)
-        base_t = median_seconds(fns["train step"], device, args.repeats)
+        if args.entries:
+            wanted = tuple(args.entries.split(","))
+            fns = {k: v for k, v in fns.items() if k == "train step" or k.startswith(wanted)}
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        base_t = median_seconds(fns["train step"], device, args.repeats, clock=clock)
         base_m = None if args.no_memory else measure_memory(name, "train step", device)
         for method, fn in fns.items():
-            t = base_t if method == "train step" else median_seconds(fn, device, args.repeats)
+            t = base_t if method == "train step" else median_seconds(fn, device, args.repeats, clock=clock)
             m = base_m if method == "train step" else (None if args.no_memory else measure_memory(name, method, device))
             rows.append({"workload": name, "method": method, "ms": 1e3 * t, "time_ratio": t / base_t,
                          "peak_mib": m, "memory_ratio": (m / base_m) if (m and base_m) else None})
+        if args.entries:
+            continue
         diffs = agreement(name, device)
         ours = max(v for k, v in diffs.items() if not k.startswith("peer"))
         rows.append({"workload": name, "method": "ΔᵀHΔ rel. diff, our methods & notebook (float64)", "value": ours})
@@ -280,7 +299,7 @@ def main() -> None:
             if peer.startswith("peer"):
                 rows.append({"workload": name, "method": f"ΔᵀHΔ rel. diff, {peer.removeprefix('peer: ')}", "value": v})
     meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": args.repeats}
+            "repeats": args.repeats, "clock": args.clock, "keep_freed_memory": args.keep_freed_memory}
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
         return

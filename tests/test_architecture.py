@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "zeroptim_cli"
 #: The layers of docs/architecture.md, bottom first; a module may import its own package and lower layers.
 LAYERS: dict[str, int] = {
     "_version": 0, "errors": 0,
-    "vectors": 1, "runtime": 1,
+    "vectors": 1, "runtime": 1, "allocator": 1,
     "io": 2,
     "models": 3, "distributed": 3, "optim": 3,
     "derivatives": 4,

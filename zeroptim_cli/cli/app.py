@@ -18,6 +18,7 @@ import warnings
 import click
 
 from zeroptim_cli._version import __version__
+from zeroptim_cli.allocator import keep_freed_memory
 from zeroptim_cli.errors import ConfigError, Interrupted, ZeroptimError
 
 #: each command's module (``zeroptim_cli.cli.<name>``, holding the click command ``<name>``) and its line in
@@ -70,7 +71,10 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and map every failure to an exit status and one ``error:`` line."""
+    """Entry point: run the CLI and map every failure to an exit status and one ``error:`` line. Run as the
+    program (``argv`` None), the process keeps freed memory for reuse (``allocator``): it exits after the command."""
+    if argv is None:
+        keep_freed_memory()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     # torch's own forward-mode decompositions still call the deprecated torch.jit.script on first use
