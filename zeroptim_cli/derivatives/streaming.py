@@ -143,6 +143,9 @@ def owners(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 #: glibc's mallopt parameter M_MMAP_THRESHOLD, and the size from which allocations are mapped while streaming.
 _M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 2**20
+#: glibc's mallopt parameter M_MMAP_MAX and its default: mappings allowed again (``allocator.keep_freed_memory``,
+#: which the command line sets for in-memory analyses, allows none).
+_M_MMAP_MAX, MMAP_MAX = -4, 65536
 
 
 def return_freed_memory() -> Callable[[], None]:
@@ -153,9 +156,12 @@ def return_freed_memory() -> Callable[[], None]:
     float32 projection is 16 MiB) then stay in the heap after release, fragmented: measured, a third more
     peak memory for a streamed 1-layer Llama of width 2048. Below the threshold the Taylor rules' many small
     temporaries fragment the heap too (measured on a 12-layer Llama of width 2048: 100–150 MiB held free in
-    the heap, growing layer by layer, which ``malloc_trim`` returns). Elsewhere (no glibc) nothing changes."""
+    the heap, growing layer by layer, which ``malloc_trim`` returns). Streaming is bound by memory, not by page
+    faults, so this undoes the command line's ``allocator.keep_freed_memory``. Elsewhere (no glibc) nothing
+    changes."""
     try:
         libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_MAX, MMAP_MAX)
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         malloc_trim = libc.malloc_trim
     except (OSError, AttributeError):
