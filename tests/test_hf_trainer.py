@@ -68,6 +68,7 @@ def test_recorded_sgd_step_satisfies_the_sgd_identity(tmp_path, kind: str, accum
     meta = load_checkpoint(folder / "ckpt_000003.safetensors").meta
     names = meta["batches"] if accumulation > 1 else [meta["batch"]]
     assert len(names) == accumulation and meta["loss"] == "model" and meta["optimizer"]["lr"] == LR
+    assert "gradient_scale" not in meta["optimizer"]  # the model divides by num_items_in_batch: no k·∇f
 
     status = main(["sweep", str(folder), "-o", str(tmp_path / "r.jsonl"), "--dtype", "float64", "--quiet"])
     assert status == 0, capsys.readouterr().err
@@ -80,6 +81,7 @@ def test_recorded_sgd_step_satisfies_the_sgd_identity(tmp_path, kind: str, accum
         assert (c == 1.0) == (kind == "llama")
         assert row["num_tokens"] == counted(paths, shift=True) and row["num_examples"] == 2 * accumulation
         assert math.isclose(row["grad_corr"], -LR * c * row["grad_norm"] ** 2, rel_tol=1e-5), (row, c)
+        assert not [w for w in row["warnings"] if "∇f, not ∇f" in w], row["warnings"]
     # the Trainer's own checkpoint folders of the same step give the same numbers from its recorded batches
     direct = analyze_files(out / "checkpoint-3", out / "checkpoint-4", [folder / n for n in names],
                            Settings(dtype="float64", device="cpu")).to_dict()
