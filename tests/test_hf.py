@@ -559,11 +559,14 @@ def test_sweep_of_an_output_dir_without_pairs_points_to_the_callbacks_folder(tmp
     model = tiny("gpt2")
     for step in (5, 7):  # a gap: no pair without --successive
         model.save_pretrained(tmp_path / f"checkpoint-{step}")
-    err = "".join(run_cli("sweep", tmp_path, "-o", tmp_path / "r.jsonl", capsys=capsys)[2].split())  # unwrapped
-    assert "nopairamongsteps[5,7]" in err and "zeroptim'" not in err
+    status, _, err = run_cli("sweep", tmp_path, "-o", tmp_path / "r.jsonl", capsys=capsys)
+    assert status == 1 and err.startswith("error: ") and err.count("\n") == 1, err  # one line, no file written
+    assert f"'{tmp_path}'" in err and "no pair among steps [5, 7]" in err and "zeroptim'" not in err
+    assert not (tmp_path / "r.jsonl").exists()
     (tmp_path / "zeroptim").mkdir()
-    err = "".join(run_cli("sweep", tmp_path, "-o", tmp_path / "r2.jsonl", capsys=capsys)[2].split())
-    assert "nopairamongsteps[5,7]" in err and f"recordedwiththeirbatchesarein'{tmp_path / 'zeroptim'}'" in err
+    status, _, err = run_cli("sweep", tmp_path, "-o", tmp_path / "r2.jsonl", capsys=capsys)
+    assert status == 1 and err.count("\n") == 1 and not (tmp_path / "r2.jsonl").exists()
+    assert "no pair among steps [5, 7]" in err and f"recorded with their batches are in '{tmp_path / 'zeroptim'}'" in err
 
 
 def test_a_config_asking_for_more_blocks_than_its_weights_hold_is_refused_before_any_build(tmp_path, capsys) -> None:

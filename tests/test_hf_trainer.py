@@ -68,6 +68,7 @@ def test_recorded_sgd_step_satisfies_the_sgd_identity(tmp_path, kind: str, accum
     meta = load_checkpoint(folder / "ckpt_000003.safetensors").meta
     names = meta["batches"] if accumulation > 1 else [meta["batch"]]
     assert len(names) == accumulation and meta["loss"] == "model" and meta["optimizer"]["lr"] == LR
+    assert "gradient_scale" not in meta["optimizer"]  # the model divides by num_items_in_batch: no k·∇f
 
     status = main(["sweep", str(folder), "-o", str(tmp_path / "r.jsonl"), "--dtype", "float64", "--quiet"])
     assert status == 0, capsys.readouterr().err
@@ -80,6 +81,7 @@ def test_recorded_sgd_step_satisfies_the_sgd_identity(tmp_path, kind: str, accum
         assert (c == 1.0) == (kind == "llama")
         assert row["num_tokens"] == counted(paths, shift=True) and row["num_examples"] == 2 * accumulation
         assert math.isclose(row["grad_corr"], -LR * c * row["grad_norm"] ** 2, rel_tol=1e-5), (row, c)
+        assert not [w for w in row["warnings"] if "∇f, not ∇f" in w], row["warnings"]
     # the Trainer's own checkpoint folders of the same step give the same numbers from its recorded batches
     direct = analyze_files(out / "checkpoint-3", out / "checkpoint-4", [folder / n for n in names],
                            Settings(dtype="float64", device="cpu")).to_dict()
@@ -148,7 +150,8 @@ def test_trainer_adamw_step_is_taken_again_from_the_recorded_state(tmp_path, cap
     args = transformers.TrainingArguments(
         str(out), use_cpu=True, report_to=[], optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear",
         warmup_steps=2, weight_decay=0.0, max_grad_norm=clip, per_device_train_batch_size=2, max_steps=4,
-        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+        save_strategy="steps", save_steps=1, logging_strategy="no", disable_tqdm=True, seed=0,
+        dataloader_num_workers=0)
     callback = ZeroptimCallback(steps=[2])
     transformers.Trainer(model=tiny("llama"), args=args, train_dataset=examples(), callbacks=[callback]).train()
     folder = out / "zeroptim"
@@ -163,6 +166,29 @@ def test_trainer_adamw_step_is_taken_again_from_the_recorded_state(tmp_path, cap
     adam = analyze_files(a, b, settings=Settings(dtype="float64", device="cpu", direction="adam")).to_dict()
     real = analyze_files(a, b, settings=settings).to_dict()
     assert math.isclose(adam["grad_corr"], real["grad_corr"], rel_tol=1e-5)
+
+
+    # Trainer's own checkpoint-N folders: its optimizer.pt is a pickle, never opened; the output says which
+    # state to pass instead, and the names a passed state's step goes by
+    hf_a, hf_b = out / "checkpoint-2", out / "checkpoint-3"
+    assert (hf_a / "optimizer.pt").exists()
+    pair = [str(hf_a), str(hf_b), "--batch", str(folder / load_checkpoint(a).meta["batch"]), "--dtype", "float64"]
+    capsys.readouterr()
+    assert main(["compare", *pair, "--json"]) == 0
+    (note,) = [w for w in json.loads(capsys.readouterr().out)["warnings"] if "optimizer.pt" in w]
+    assert "pickle" in note and "AdamW" in note and f"--state '{folder}'" in note and "optim_*.safetensors" in note
+    assert main(["compare", *pair]) == 0
+    assert "optimizer.pt" in capsys.readouterr().err
+    assert main(["compare", *pair, "--directions", "update,recorded"]) == 2
+    err = capsys.readouterr().err
+    assert "'recorded' needs the optimizer's saved state" in err and "is not one of" not in err, err
+    assert main(["compare", *pair, "--state", str(folder), "--directions", "update,sgd,adamw"]) == 2
+    err = capsys.readouterr().err
+    assert "update, sgd" in err and "adamw@zeroptim" in err and "NAME@RUN" in err and "pass --state" not in err, err
+    assert main(["compare", *pair, "--state", str(folder), "--directions", "update,adamw@zeroptim", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert not [w for w in result["warnings"] if "optimizer.pt" in w]
+    assert abs(result["directions"][1]["cos_with_update"] - 1.0) < 1e-6, result["directions"]
 
 
 def test_a_zero_step_under_warmup_is_warned_of(tmp_path) -> None:

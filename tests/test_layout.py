@@ -203,3 +203,24 @@ def test_recorder_and_trainer_callback_write_the_same_layout(tmp_path) -> None:
     expected = {("ckpt", 0), ("ckpt", 1), ("batch", 0), ("optim", 0)}
     assert layout_of(tmp_path / "rec") == layout_of(tmp_path / "hf" / "zeroptim") == {0: expected, 3: expected}
     assert {p.name for p in (tmp_path / "hf" / "zeroptim").glob("batch_000003*")} == {batch_name(3, 0), batch_name(3, 1)}
+
+
+def test_a_recorded_gradient_scale_is_checked_and_scales_the_step_taken_again(tmp_path) -> None:
+    """optimizer.gradient_scale c: a positive number, else an error naming the file; replay_step steps with
+    c·g, clipped after scaling (the loop clips the gradient it accumulated): against SGD by hand."""
+    from zeroptim_cli.optim.state import replay_step
+
+    p = tmp_path / "c.safetensors"
+    sgd = {"name": "sgd", "lr": 0.5}
+    assert parse_metadata(encode_metadata({"optimizer": {**sgd, "gradient_scale": 2}}), p)["optimizer"]["gradient_scale"] == 2
+    for bad in (0, -1, True, "2", None):
+        with pytest.raises(ZeroptimError, match=rf"'{p}'.*optimizer.gradient_scale"):
+            parse_metadata(encode_metadata({"optimizer": {**sgd, "gradient_scale": bad}}), p)
+    w = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.tensor([[3.0]], dtype=torch.float64)}
+    g = {"a": torch.tensor([0.3, -0.4], dtype=torch.float64), "b": torch.tensor([[1.2]], dtype=torch.float64)}
+    d = replay_step({**sgd, "gradient_scale": 3}, {}, w, g)
+    assert all(torch.allclose(d[k], -0.5 * 3 * g[k], rtol=1e-15, atol=0) for k in w)
+    d = replay_step({**sgd, "gradient_scale": 3, "max_grad_norm": 1.0}, {}, w, g)  # ‖3g‖ = 3·1.3 > 1
+    assert all(torch.allclose(d[k], -0.5 * g[k] / (1.3 + 1e-6 / 3), rtol=1e-12, atol=0) for k in w)
+    with pytest.raises(ZeroptimError, match="gradient_scale"):
+        replay_step({**sgd, "gradient_scale": -1}, {}, w, g)

@@ -126,6 +126,11 @@ def test_base_is_never_downloaded_and_pickles_never_read(tmp_path, capsys) -> No
     status, _, err = run_cli("analyze", a, b, "--batch", batch, capsys=capsys)
     assert status == 1
     assert err.startswith("error: adapter") and '"org/llama-7b"' in err and "pass --base DIR" in err
+    for folder in (a, b):  # a relative path, as peft records a base loaded from "base" in another directory
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "base"}))
+    status, _, err = run_cli("analyze", a, b, "--batch", batch, capsys=capsys)
+    assert status == 1 and "a relative path is read from there" in err and str(Path.cwd()) in err, err
     status, _, err = run_cli("analyze", a, b, "--batch", batch, "--base", tmp_path / "nowhere", capsys=capsys)
     assert status == 1 and "--base" in err and "not a Hugging Face model folder" in err
     status, text, err = run_cli("analyze", a, b, "--batch", batch, "--base", base, "--json", capsys=capsys)

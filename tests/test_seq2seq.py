@@ -200,3 +200,44 @@ def test_trainer_accumulation_of_an_encoder_decoder_warns_and_its_step_is_the_su
     assert status == 0, err
     delta_sq = json.loads(out_json)["update_norm"] ** 2
     assert math.isclose(grad_corr, -delta_sq / lr, rel_tol=1e-5)  # Δ = −η Σ_i ∇f_i  ⇒  Σ_i ∇f_iᵀΔ = −‖Δ‖²/η
+
+
+def test_trainer_accumulation_of_an_encoder_decoder_records_its_gradient_scale(tmp_path, capsys) -> None:
+    """T5, plain SGD, accumulation k = 2 over micro-batches that count the same labels: Trainer's step is
+    −η·k·∇f (f the mean over both), recorded as gradient_scale k. Then gᵀΔ = −η·k·‖g‖², the sweep's and
+    compare's results warn of k·∇f, and the recorded optimizer's step taken again (with k·g) is the update."""
+    pytest.importorskip("accelerate")
+    from zeroptim_cli.integrations.hf import ZeroptimCallback
+    from zeroptim_cli.io.checkpoint import load_checkpoint
+    from zeroptim_cli.optim.state import load_state_file
+
+    lr, k, out = 0.05, 2, tmp_path / "out"
+    examples = [{**e, "labels": e["input_ids"][:5]} for e in seq2seq_examples()]  # no −100: equal counts
+    args = transformers.TrainingArguments(
+        str(out), use_cpu=True, report_to=[], optim="sgd", learning_rate=lr, lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=0.0, per_device_train_batch_size=2, gradient_accumulation_steps=k,
+        max_steps=1, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=tiny_seq2seq("t5"), args=args, train_dataset=examples,
+                                   callbacks=[ZeroptimCallback(every=1)])
+    with pytest.warns(UserWarning, match="records gradient_scale 2"):
+        trainer.train()
+    folder = out / "zeroptim"
+    assert load_checkpoint(folder / "ckpt_000000.safetensors").meta["optimizer"]["gradient_scale"] == k
+    assert load_state_file(folder / "optim_000000.safetensors").metadata.optimizer["gradient_scale"] == k
+    capsys.readouterr()
+    status, _, err = run_cli("sweep", folder, "-o", tmp_path / "r.jsonl", "--dtype", "float64", "--quiet",
+                             capsys=capsys)
+    assert status == 0, err
+    (row,) = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert math.isclose(row["grad_corr"], -lr * k * row["grad_norm"] ** 2, rel_tol=1e-6), row
+    assert any("taken along 2·∇f" in w for w in row["warnings"]), row["warnings"]
+    a, b = folder / "ckpt_000000.safetensors", folder / "ckpt_000001.safetensors"
+    status, printed, err = run_cli("compare", a, b, "--directions", "update,sgd,recorded", "--scale", "own",
+                                   "--dtype", "float64", "--json", capsys=capsys)
+    assert status == 0, err
+    result = json.loads(printed)
+    assert any("taken along 2·∇f" in w for w in result["warnings"]), result["warnings"]
+    rows = {d["name"]: d for d in result["directions"]}
+    for name in ("sgd", "recorded"):
+        assert math.isclose(rows[name]["update_norm"], rows["update"]["update_norm"], rel_tol=1e-6), rows
+        assert math.isclose(rows[name]["cos_with_update"], 1.0, rel_tol=1e-9), rows

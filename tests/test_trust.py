@@ -319,7 +319,7 @@ def test_recorder_refuses_a_run_folder_and_cleans_stale_temporaries(tmp_path) ->
         opt.step()
     rec.close()
     (tmp_path / ".ckpt_000000.safetensors.abc123.tmp").write_bytes(b"")  # left by a killed run
-    with pytest.raises(Exception, match="already holds a run"):
+    with pytest.raises(Exception, match=r"already holds a run.*overwrite=True"):
         Recorder(tmp_path, model, opt, steps=[0], model_spec=SPEC)
     Recorder(tmp_path, model, opt, steps=[0], model_spec=SPEC, overwrite=True).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]

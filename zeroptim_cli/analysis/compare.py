@@ -33,6 +33,7 @@ from zeroptim_cli.analysis.optimizer_steps import (
     MezoSettings,
     OptimizerState,
     StepPoint,
+    missing_state_warnings,
     other_state,
     own_step,
     parse_names,
@@ -168,11 +169,10 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
     """Compare the directions at checkpoint t (the model, loss, learning rate and optimizer state from its
     metadata and folder), with the update to ``ckpt_t1`` when given."""
     p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
-    optimizer = ckpt_t.meta.get("optimizer") or {}
     recorded = recorded_state(ckpt_t)
     warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train) if ckpt_t1 is not None else []
-    if recorded is None and optimizer.get("name") not in (None, "sgd"):
-        warnings.append(f"no optimizer state beside '{ckpt_t.path}': the {optimizer.get('name')} step is not compared")
+    if recorded is None:
+        warnings += missing_state_warnings(ckpt_t, bool(options.states))
     result = compare_directions(
         p.model, p.params_t, p.params_t1, batches, p.loss, settings, lr=recorded_lr(ckpt_t),
         recorded=recorded, states=[other_state(s, ckpt_t.step) for s in options.states], options=options,

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint
-from zeroptim_cli.io.layout import ckpt_name, state_name
+from zeroptim_cli.io.layout import TRAINER_OPTIMIZER_FILE, TRAINER_RUN_FOLDER, ckpt_name, state_name
 from zeroptim_cli.optim.state import SavedState, load_state_file, replay_step
 from zeroptim_cli.vectors import Params, clip_threshold, norm
 
@@ -182,15 +182,45 @@ def _unclipped(base: str, point: StepPoint) -> tuple[Params, bool]:
     if base == "normalized-sgd":
         n = norm(g)
         return {k: scale * v / n if n > 0 else torch.zeros_like(v) for k, v in g.items()}, lr is not None
-    raise ConfigError(f"--directions: '{base}' is not one of {', '.join(point.names() + [RECORDED])} "
-                      "(each may end in +clip)" + _hint(base, point))
+    raise unknown_direction(base, point)
 
 
-def _hint(base: str, point: StepPoint) -> str:
-    if base in ("adam", "adamw", "lion", "adafactor", "signsgd", "normalized_sgd", "sgd-momentum", RECORDED):
-        had = point.recorded.name if point.recorded else "no optimizer state beside CKPT_T"
-        return f"; '{base}' needs its optimizer's saved state ({had}): pass --state FILE, e.g. another run's optim_*.safetensors"
-    return ""
+#: Directions that only an optimizer's saved state gives (the recorded one's, or one passed with --state).
+STATEFUL = ("adam", "adamw", "lion", "adafactor", "signsgd", "normalized_sgd", "sgd-momentum", "sgd-wd", RECORDED)
+
+
+def unknown_direction(base: str, point: StepPoint) -> ConfigError:
+    """The error for a direction ``point`` cannot give: which ones it can, and, for an optimizer's step,
+    where its state comes from (beside CKPT_T, or ``--state``, named ``NAME@RUN``)."""
+    available = ", ".join(point.names() + ([RECORDED] if point.recorded else []))
+    if base not in STATEFUL:
+        return ConfigError(f"--directions: '{base}' is not one of {available} (each may end in +clip)")
+    if base == RECORDED:
+        why = "'recorded' needs the optimizer's saved state beside CKPT_T (optim_*.safetensors of its step), and there is none"
+    elif point.recorded is not None or point.states:
+        why = f"'{base}' is the step of no optimizer state at hand"
+    else:
+        why = f"'{base}' needs its optimizer's saved state, and there is none beside CKPT_T"
+    return ConfigError(f"--directions: {why}; the directions available are {available} (each may end in +clip); "
+                       "a state passed with --state FILE (e.g. another run's optim_*.safetensors, or a run folder) "
+                       "gives its optimizer's step as NAME@RUN, RUN the file's folder (adamw@zeroptim for "
+                       "OUTPUT_DIR/zeroptim)")
+
+
+def missing_state_warnings(ckpt_t: Checkpoint, passed_states: bool) -> list[str]:
+    """Why the recorded optimizer's step is not compared, when ``recorded_state`` found no state beside CKPT_T:
+    its metadata names an optimizer other than plain SGD, or it is a Trainer ``checkpoint-N`` folder, whose
+    ``optimizer.pt`` is a pickle zeroptim never opens (the ZeroptimCallback saves the state it can read)."""
+    optimizer = ckpt_t.meta.get("optimizer") or {}
+    if optimizer.get("name") not in (None, "sgd"):
+        return [f"no optimizer state beside '{ckpt_t.path}': the {optimizer.get('name')} step is not compared"]
+    if passed_states or not (ckpt_t.path.is_dir() and (ckpt_t.path / TRAINER_OPTIMIZER_FILE).exists()):
+        return []
+    run = ckpt_t.path.parent / TRAINER_RUN_FOLDER
+    return [f"'{ckpt_t.path / TRAINER_OPTIMIZER_FILE}' is Trainer's optimizer state, a pickle zeroptim never opens: "
+            "its step (AdamW's, …) is not compared. It needs the optimizer state the ZeroptimCallback saves "
+            f"(optim_*.safetensors in OUTPUT_DIR/{TRAINER_RUN_FOLDER}): pass --state '{run}' (its file at this "
+            f"step, compared as NAME@{TRAINER_RUN_FOLDER}), or compare that folder's ckpt_*.safetensors"]
 
 
 def default_names(point: StepPoint) -> list[str]:

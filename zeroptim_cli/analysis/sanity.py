@@ -3,7 +3,8 @@
 Each finding is one line for the result's ``warnings`` list: the steps out of order or not consecutive,
 two different runs (recorded run ids or optimizers differ), parameters stored in different dtypes in the
 two files, a zero step (Δ = 0: both hold the same weights; at a recorded learning rate of 0, as at the start
-of a warmup, that is said), and a BatchNorm model analysed in eval mode whose checkpoints were recorded in train mode.
+of a warmup, that is said), a step the training loop took along c·∇f instead of ∇f (the checkpoint's
+``optimizer.gradient_scale``, as Trainer's sum of micro-batch means), and a BatchNorm model analysed in eval mode whose checkpoints were recorded in train mode.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from zeroptim_cli.io.checkpoint import Checkpoint
+from zeroptim_cli.io.layout import gradient_scale
 
 
 def pair_warnings(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module, train: bool,
@@ -46,6 +48,13 @@ def pair_warnings(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module, tra
         out.append("the step is zero (Δ = 0: both checkpoints hold the same weights), so gᵀΔ, ΔᵀHΔ and every ratio to "
                    "‖Δ‖ say nothing" + ("; the recorded learning rate is 0, as at the start of a learning-rate "
                                          "warmup" if lr == 0 else ""))
+    scale = gradient_scale(ckpt_t.meta.get("optimizer"))  # checked when the checkpoint was read
+    if scale != 1:
+        out.append(f"the step was taken along {scale:g}·∇f, not ∇f (f the mean over the step's batches analysed "
+                   f"here): the training loop summed its micro-batches' mean losses (recorded optimizer."
+                   f"gradient_scale {scale:g}), so gᵀΔ and ΔᵀHΔ are of f while the step followed {scale:g}·g, "
+                   f"exactly when the micro-batches count the same targets (for plain SGD gᵀΔ = −η·{scale:g}·‖g‖²); "
+                   "the recorded optimizer's step is taken again with that gradient")
     recorded_train = ckpt_t.meta.get("train_mode")
     if (not train and recorded_train
             and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())):

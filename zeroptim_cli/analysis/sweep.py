@@ -186,7 +186,7 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
     batch with the checkpoint s+1 after its step (what the Recorder writes); with ``fixed_batches``
     (``--batch``) any two consecutive steps; with ``successive``, each checkpoint with the next one found.
     An unreadable checkpoint is paired by the number in its name, so that its pair fails; one without a
-    number fails on its own."""
+    number fails on its own. No pair at all in any folder is an error naming them and why (the notes)."""
     plan = Plan()
     names = [f.name for f in folders]
     for folder in folders:
@@ -213,6 +213,9 @@ def find_pairs(folders: Sequence[Path], successive: bool = False, fixed_batches:
                               f"were not paired (--batch FILE analyses every consecutive pair on that batch{recorded})")
         if not any(p.run == run for p in plan.pairs):
             plan.notes.append(f"run '{run}': no pair among steps {ordered} (try --successive or --batch{recorded})")
+    if not plan.pairs:
+        raise ZeroptimError(f"no checkpoint pair to analyse in {', '.join(repr(str(f)) for f in folders)}: "
+                            + "; ".join(plan.notes))
     return plan
 
 

@@ -28,7 +28,10 @@ evaluation is never recorded): it is removed when the step is saved, when traini
 forward raises, and, should training stop between a forward and the optimizer step, by the first call
 beyond the step's gradient-accumulation count. An encoder-decoder (T5, BART) is recorded the same way, its
 batches as Trainer passes them (the decoder inputs are made from the labels when analysed); with gradient
-accumulation Trainer steps it along the sum of the micro-batch means instead (a warning says so). Training with label smoothing or a ``compute_loss_func`` minimises another loss than
+accumulation Trainer steps it along the sum of the k micro-batch means instead, k·∇f when they count the same
+targets: a warning says so at training time, and the step records ``gradient_scale`` k in its optimizer
+description (checkpoint and state file), so that the analyses warn of it and the recorded optimizer's step
+is taken again with k·g (``optim.state.replay_step``). Training with label smoothing or a ``compute_loss_func`` minimises another loss than
 the model's own, and is refused rather than recorded under a wrong name.
 """
 
@@ -49,7 +52,15 @@ from zeroptim_cli.derivatives.losses import MODEL_LOSS
 from zeroptim_cli.io.batches import LABELS, save_batch
 from zeroptim_cli.io.checkpoint import frozen_parameters, save_base, save_checkpoint
 from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
-from zeroptim_cli.io.layout import BASE_FILE, TRAINER_RUN_FOLDER, batch_entry, batch_name, ckpt_name, state_name
+from zeroptim_cli.io.layout import (
+    BASE_FILE,
+    GRADIENT_SCALE,
+    TRAINER_RUN_FOLDER,
+    batch_entry,
+    batch_name,
+    ckpt_name,
+    state_name,
+)
 from zeroptim_cli.io.peft import PEFT_KEY, adapter_spec
 from zeroptim_cli.models.hf import is_seq2seq_lm
 from zeroptim_cli.optim.optimizers import optimizer_description
@@ -92,7 +103,8 @@ class ZeroptimCallback(TrainerCallback):
             warnings.warn(f"ZeroptimCallback: with gradient accumulation Trainer steps {type(model).__name__} along "
                           "the sum of its micro-batches' mean losses (the model takes num_items_in_batch but its "
                           "loss does not use it), not along the token-weighted mean over all of them that the "
-                          "recorded steps are analysed with", stacklevel=2)
+                          "recorded steps are analysed with; each step records gradient_scale "
+                          f"{self._accumulation} in its optimizer metadata", stacklevel=2)
         self._stop()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -146,6 +158,8 @@ class ZeroptimCallback(TrainerCallback):
             save_batch(self.folder / name, micro, labels)
         meta = self._meta(model, step, optimizer, args)
         meta.update(batch_entry(names))
+        if "optimizer" in meta and len(names) > 1 and is_seq2seq_lm(model):  # stepped along Σ_i ∇f_i ≈ k·∇f
+            meta["optimizer"][GRADIENT_SCALE] = len(names)
         if "base" in meta and not self._base_saved:
             save_base(self.folder / BASE_FILE, model, {"model": meta["model"]})
             self._base_saved = True

@@ -21,7 +21,9 @@ says what wrote the file, readers never need it). A checkpoint's keys are docs/c
 its folder, ``batch_entry`` / ``recorded_batch_paths``), which hold no metadata of their own. An optimizer
 state's keys are ``step``, ``optimizer`` (its description), ``param_groups`` (the groups that differ in a
 hyper-parameter) and, when they are several, ``groups`` (each group's parameter names and hyper-parameters)
-(``state_metadata`` / ``parse_state_metadata``).
+(``state_metadata`` / ``parse_state_metadata``). An optimizer description (a checkpoint's or a state's) may
+hold ``gradient_scale`` c (``GRADIENT_SCALE``): the step was taken along c·∇f, f the mean over the step's
+batches (Trainer's sum of micro-batch means, c = k).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ SUFFIX = ".safetensors"
 RUN_FILE = "run.json"
 #: The run folder the Trainer callback records into, inside Trainer's ``output_dir`` (unless told another).
 TRAINER_RUN_FOLDER = "zeroptim"
+#: Trainer's own optimizer state in its ``checkpoint-N`` folders: a pickle, never opened (the callback saves ours).
+TRAINER_OPTIMIZER_FILE = "optimizer.pt"
 #: The recorded base of a peft model: its frozen weights, saved once for all its checkpoints.
 BASE_FILE = "base.safetensors"
 #: The ``role`` in the metadata of a recorded base (``io.checkpoint.save_base``): frozen weights, not a checkpoint.
@@ -209,9 +213,28 @@ def parse_metadata(raw: Mapping[str, str], p: Path) -> dict[str, Any]:
         if not _local_name(batch):
             raise _fail(CHECKPOINT, p, f"key 'batch' or 'batches' must name files in the checkpoint's folder, "
                                        f"not {batch!r}")
+    if meta.get("optimizer") is not None:
+        try:
+            gradient_scale(meta["optimizer"])
+        except ValueError as exc:
+            raise _fail(CHECKPOINT, p, str(exc)) from exc
     if meta.get("base") is not None and not _local_name(meta["base"]):
         raise _fail(CHECKPOINT, p, f"key 'base' must name a file in the checkpoint's folder, not {meta['base']!r}")
     return meta
+
+
+#: The optimizer description's key for the factor c of a step taken along c·∇f instead of ∇f (f the mean over
+#: the step's batches that zeroptim analyses): Trainer's step of a model whose loss ignores ``num_items_in_batch``
+#: (T5, BART) sums its k micro-batches' mean losses, so c = k.
+GRADIENT_SCALE = "gradient_scale"
+
+
+def gradient_scale(description: Mapping[str, Any] | None) -> float:
+    """The recorded optimizer's ``gradient_scale`` (1 when absent); ValueError unless a positive number."""
+    value = (description or {}).get(GRADIENT_SCALE, 1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"key 'optimizer.{GRADIENT_SCALE}' must be a positive number, not {json.dumps(value)[:40]}")
+    return float(value)
 
 
 def _local_name(name: object) -> bool:

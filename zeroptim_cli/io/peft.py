@@ -154,8 +154,11 @@ def base_folder(folder: Path, config: dict[str, Any], base: Path | None) -> Path
     named = config.get("base_model_name_or_path")
     if isinstance(named, str) and named and is_hf_folder(Path(named)):
         return Path(named)
+    relative = isinstance(named, str) and bool(named) and not Path(named).is_absolute()
+    where = f" in the working directory '{Path.cwd()}' (a relative path is read from there)" if relative else ""
     raise ZeroptimError(f"adapter '{folder}' names its base model {json.dumps(named)}, which is not a local model "
-                        "folder; pass --base DIR, the base model's Hugging Face folder (zeroptim downloads nothing)")
+                        f"folder{where}; pass --base DIR, the base model's Hugging Face folder (zeroptim downloads "
+                        "nothing)")
 
 
 def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:

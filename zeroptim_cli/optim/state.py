@@ -18,7 +18,9 @@ optimizer of the registry is reproduced exactly, clipping wrapper included. A de
 hyper-parameters over the description's; a parameter in no group is not stepped (d = 0), as the recorded
 optimizer did not step it. A description with
 ``max_grad_norm`` c (a training loop's clipping by global norm, as Trainer's) clips g first with torch's
-``clip_grad_norm_``: g ← g · min(1, c / (‖g‖ + 1e−6)).
+``clip_grad_norm_``: g ← g · min(1, c / (‖g‖ + 1e−6)). A description with ``gradient_scale`` s
+(``io.layout.GRADIENT_SCALE``: the loop stepped along s·∇f, as Trainer along the sum of k micro-batch means)
+takes the step with s·g, before that clipping (the loop clips the gradient it accumulated).
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from torch import Tensor, nn
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.files import atomic_path, read_safetensors
-from zeroptim_cli.io.layout import StateMetadata, encode_metadata, parse_state_metadata, state_metadata
+from zeroptim_cli.io.layout import (
+    StateMetadata,
+    encode_metadata,
+    gradient_scale,
+    parse_state_metadata,
+    state_metadata,
+)
 from zeroptim_cli.optim.optimizers import (
     OPTIMIZERS,
     CoordinateClip,
@@ -160,12 +168,16 @@ def replay_step(description: Mapping[str, Any], state: Mapping[str, Tensor], w: 
         optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
         raise ZeroptimError(f"{source}: the saved state does not fit the optimizer ({exc})") from exc
+    try:
+        scale = gradient_scale(description)
+    except ValueError as exc:
+        raise ZeroptimError(f"{source}: {exc}") from exc
     needs_closure = getattr(optimizer, "needs_closure", False)
     if not needs_closure:
         if grad is None:
             raise ZeroptimError(f"optimizer '{description.get('name')}' needs the gradient")
         for k, p in params.items():
-            p.grad = grad[k].detach().clone()
+            p.grad = grad[k].detach().clone() if scale == 1 else scale * grad[k].detach()
         max_norm = description.get("max_grad_norm")
         if max_norm:  # the loop's clipping by global norm (Trainer's max_grad_norm), torch's own function
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], float(max_norm))

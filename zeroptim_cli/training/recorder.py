@@ -131,7 +131,8 @@ class Recorder:
         if previous and not overwrite:
             self._lock.close()
             raise ZeroptimError(f"run folder '{self.folder}' already holds a run ('{previous[0].name}', "
-                                f"{len(previous)} files); record into a new folder, or overwrite it")
+                                f"{len(previous)} files); record into a new folder, or replace it with overwrite=True "
+                                "(Recorder(..., overwrite=True), the Lightning ZeroptimCallback(..., overwrite=True))")
         for path in previous:
             path.unlink()
         self.run_id = uuid.uuid4().hex
