@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files, in_memory_bytes
+from zeroptim_cli.analysis.compare import compare_files
 from zeroptim_cli.cli import main
 from zeroptim_cli.derivatives import streaming
 from zeroptim_cli.derivatives.streaming import StreamingUnsupported, streamed
+from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.io import lazy
 from zeroptim_cli.io.checkpoint import save_checkpoint
 from zeroptim_cli.io.lazy import open_lazily
@@ -279,6 +281,8 @@ def test_compare_refuses_to_stream_naming_the_flag(capsys) -> None:
     capsys.readouterr()
     assert main(["compare", a, b, "--json", "--max-memory", "1GB"]) == 0
     assert any(d["name"] == "update" for d in json.loads(capsys.readouterr().out)["directions"])
+    with pytest.raises(ConfigError, match="--stream"):
+        compare_files(a, b, settings=Settings(stream=True))  # the library refuses as the command does
 
 
 def test_auto_chunks_of_a_streamed_language_model_bound_its_logits(tmp_path, transformers, monkeypatch) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zeroptim_cli.analysis.checkpoints import Settings, batches_for, prepare_pair, recorded_lr
+from zeroptim_cli.analysis.checkpoints import Settings, batches_for, in_memory_bytes, prepare_pair, recorded_lr
 from zeroptim_cli.analysis.extras import line_search
 from zeroptim_cli.analysis.optimizer_steps import (
     MezoSettings,
@@ -44,9 +44,10 @@ from zeroptim_cli.analysis.result import cosine, quadratic_model
 from zeroptim_cli.analysis.sanity import pair_warnings
 from zeroptim_cli.derivatives.evaluation import Evaluation
 from zeroptim_cli.derivatives.losses import Loss
-from zeroptim_cli.errors import ConfigError
+from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.io.checkpoint import Checkpoint, load_checkpoint
+from zeroptim_cli.io.lazy import open_lazily
 from zeroptim_cli.vectors import Params, dot, norm
 
 SCALES = ("update", "own")
@@ -187,7 +188,27 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
 def compare_files(path_t: str | os.PathLike, path_t1: str | os.PathLike | None = None,
                   batch_paths: Sequence[str | os.PathLike] = (), settings: Settings = Settings(),
                   options: CompareOptions = CompareOptions()) -> Comparison:
-    """``compare_checkpoints`` on files, on ``batch_paths`` or else the batch recorded in ``path_t``."""
+    """``compare_checkpoints`` on files, on ``batch_paths`` or else the batch recorded in ``path_t``; refused
+    where ``settings`` ask to stream (``refuse_streaming``)."""
+    refuse_streaming(path_t, path_t1, settings)
     ckpt_t = load_checkpoint(path_t, settings.base_folder)
     ckpt_t1 = load_checkpoint(path_t1, settings.base_folder) if path_t1 is not None else None
     return compare_checkpoints(ckpt_t, ckpt_t1, batches_for(ckpt_t, batch_paths), settings, options)
+
+
+def refuse_streaming(path_t: str | os.PathLike, path_t1: str | os.PathLike | None, settings: Settings) -> None:
+    """compare cannot stream: every direction but the update is built from g = ∇f(w_t) (with the recorded
+    optimizer state), a backward pass through the whole model, and each is then differentiated along with a
+    Hessian-vector product. ``stream`` is a usage error; ``max_memory`` refuses a pair whose in-memory
+    comparison is estimated (``in_memory_bytes``, from the headers alone) to need more than that many bytes."""
+    if settings.stream:
+        raise ConfigError("--stream: compare's directions other than the update are built from the gradient "
+                          "∇f(w_t), which needs the whole model in memory, so compare does not stream; "
+                          "analyse the update alone with 'zeroptim analyze --method taylor --stream'")
+    if settings.max_memory is not None:
+        heads = [open_lazily(p)[0] for p in (path_t, path_t1) if p is not None]
+        need = in_memory_bytes(heads[0], heads[-1] if len(heads) > 1 else None, settings)
+        if need > settings.max_memory:
+            raise ZeroptimError(f"--max-memory: comparing directions at '{path_t}' needs about {need / 1e9:.1f} GB "
+                                f"in memory, more than {settings.max_memory / 1e9:.1f} GB, and compare does not "
+                                "stream; analyse the update alone with 'zeroptim analyze --stream'")

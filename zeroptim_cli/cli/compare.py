@@ -10,7 +10,7 @@ import click
 from click.core import ParameterSource
 
 from zeroptim_cli import distributed as dist
-from zeroptim_cli.analysis.checkpoints import Settings, command_inputs, in_memory_bytes
+from zeroptim_cli.analysis.checkpoints import Settings, command_inputs
 from zeroptim_cli.analysis.compare import CompareOptions, compare_files
 from zeroptim_cli.cli.options import (
     ALPHAS,
@@ -26,8 +26,6 @@ from zeroptim_cli.cli.options import (
     stream_options,
     user_stdout_to_stderr,
 )
-from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.lazy import open_lazily
 from zeroptim_cli.io.outputs import check_outputs
 from zeroptim_cli.report.compare_table import print_comparison
 
@@ -64,7 +62,6 @@ def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compa
         raise click.UsageError("--alphas sets the line-search grid and needs --line-search")
     if line_search:
         compare = dataclasses.replace(compare, line_search=tuple(alphas_grid(alphas)))
-    refuse_streaming(ckpt_t, ckpt_t1, settings)
     settings = dataclasses.replace(settings, device=dist.init(str(settings.device)))
     silent = quiet or as_json or not dist.is_main()
     with stderr.status("comparing directions…") if not silent else contextlib.nullcontext(), user_stdout_to_stderr():
@@ -73,21 +70,3 @@ def compare(ckpt_t: Path, ckpt_t1: Path | None, batches: tuple[Path, ...], compa
         return
     payload = {**result.to_dict(), "ckpt_t": str(ckpt_t), "ckpt_t1": str(ckpt_t1) if ckpt_t1 else None}
     emit(payload, output, as_json, quiet, result.warnings, lambda: print_comparison(payload, ResultsConsole()))
-
-
-def refuse_streaming(ckpt_t: Path, ckpt_t1: Path | None, settings: Settings) -> None:
-    """compare cannot stream: every direction but the update is built from g = ∇f(w_t) (with the recorded
-    optimizer state), a backward pass through the whole model, and each is then differentiated along with a
-    Hessian-vector product. ``--stream`` is a usage error; ``--max-memory`` refuses a pair whose in-memory
-    comparison is estimated (``in_memory_bytes``, from the headers alone) to need more than SIZE."""
-    if settings.stream:
-        raise click.UsageError("--stream: compare's directions other than the update are built from the gradient "
-                               "∇f(w_t), which needs the whole model in memory, so compare does not stream; "
-                               "analyse the update alone with 'zeroptim analyze --method taylor --stream'")
-    if settings.max_memory is not None:
-        heads = [open_lazily(p)[0] for p in (ckpt_t, ckpt_t1) if p is not None]
-        need = in_memory_bytes(heads[0], heads[-1] if len(heads) > 1 else None, settings)
-        if need > settings.max_memory:
-            raise ZeroptimError(f"--max-memory: comparing directions at '{ckpt_t}' needs about {need / 1e9:.1f} GB "
-                                f"in memory, more than {settings.max_memory / 1e9:.1f} GB, and compare does not "
-                                "stream; analyse the update alone with 'zeroptim analyze --stream'")
