@@ -357,6 +357,15 @@ def test_auto_chunks_follow_the_measured_activations(monkeypatch) -> None:
     # MLP 5-6-4-3 (tanh), float64, per example: at least the input and the logits' log-softmax, at most
     # three copies of every activation (what autograd saves exactly is torch's choice) and the int64 target
     assert 8 * (5 + 3) <= per_example <= 3 * 8 * (5 + 6 + 4 + 3) + 8
+    # with a budget the whole batch fits even at the 1-example slice's saved bytes (parameters' share
+    # included), that upper bound stands in, from one probe; a budget it does not fit measures exactly
+    upper = obj.activation_bytes(lambda b: one._batch_fn(b, 0), batches[0], params, bound=2.0**30)
+    assert upper > per_example and obj.chunk_length(30, "auto", upper) == 30
+    assert obj.activation_bytes(lambda b: one._batch_fn(b, 0), batches[0], params, bound=0.0) == per_example
+    for k in (1, 2, 30, 31):
+        head, first = batches[0].head(k), batches[0].chunks(k)[0]
+        assert torch.equal(head.inputs, first.inputs) and torch.equal(head.targets, first.targets)
+        assert head.source == first.source
     assert len(one.terms) == 1  # a few KiB: the batch stays whole
     monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 8 * per_example)
     many = obj.Objective(model, {}, batches, loss, Evaluation(dtype=torch.float64))

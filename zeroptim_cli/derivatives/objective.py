@@ -56,9 +56,12 @@ def chunk_length(n: int, chunk_size: int | str | None, per_example: float = 0.0)
     return int(chunk_size) if chunk_size else n
 
 
-def activation_bytes(fn: Callable[[Batch], ScalarFn], batch: Batch, params: Params) -> float:
+def activation_bytes(fn: Callable[[Batch], ScalarFn], batch: Batch, params: Params, bound: float | None = None) -> float:
     """Bytes per example that autograd saves for backward when ``fn(batch)`` is evaluated: the difference
-    between a 2-example and a 1-example slice of ``batch`` (what the parameters themselves add cancels)."""
+    between a 2-example and a 1-example slice of ``batch`` (what the parameters themselves add cancels).
+    With ``bound``, a batch whose n examples would save at most ``bound`` bytes even at the 1-example slice's
+    whole saved bytes each (the parameters' share counted too: an upper bound) gets that upper bound, without
+    the second slice's evaluation (a small model's pair then pays one probe, not two)."""
     def saved(part: Batch) -> int:
         seen: dict[tuple[int, int], int] = {}  # a tensor saved by two ops is held once
 
@@ -71,8 +74,10 @@ def activation_bytes(fn: Callable[[Batch], ScalarFn], batch: Batch, params: Para
             fn(part)(leaves)
         return sum(seen.values())
 
-    one, two = (batch.chunks(size)[0] for size in (1, 2))
-    return float(max(0, saved(two) - saved(one)))
+    one = saved(batch.head(1))
+    if bound is not None and batch.num_examples * one <= bound:
+        return float(one)
+    return float(max(0, saved(batch.head(2)) - one))
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,7 @@ class Objective:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
         params = dict(self.model.named_parameters()) if self._probe is None else self._probe
         try:
-            per_example = activation_bytes(lambda part: self._batch_fn(part, 0), batch, params)
+            per_example = activation_bytes(lambda part: self._batch_fn(part, 0), batch, params, AUTO_CHUNK_BYTES)
         except Exception:  # noqa: BLE001 - the real evaluation raises it with the batch named
             return n
         return chunk_length(n, "auto", per_example)

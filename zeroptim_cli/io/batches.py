@@ -100,8 +100,16 @@ class Batch:
         """Consecutive slices of at most ``size`` examples (the batch itself when it is no larger)."""
         if self.num_examples <= size:
             return [self]
-        return [self._map(lambda t, a=a: t[a:a + size], f"{self.source} [examples {a}:{min(a + size, self.num_examples)}]")
-                for a in range(0, self.num_examples, size)]
+        return [self._slice(a, size) for a in range(0, self.num_examples, size)]
+
+    def head(self, size: int) -> "Batch":
+        """The first ``size`` examples (the batch itself when it is no larger): ``chunks(size)[0]``, without
+        making the other chunks."""
+        return self if self.num_examples <= size else self._slice(0, size)
+
+    def _slice(self, start: int, size: int) -> "Batch":
+        end = min(start + size, self.num_examples)
+        return self._map(lambda t: t[start:end], f"{self.source} [examples {start}:{end}]")
 
 
 def load_batch(path: str | os.PathLike) -> Batch:
