@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_hf import VOCAB, causal_reference, lm_batch, run_cli, tiny  # noqa: E402
+from test_hf import causal_reference, lm_batch, run_cli, tiny  # noqa: E402
+from test_hf_trainer import examples  # noqa: E402
 
 from zeroptim_cli.analysis.checkpoints import Settings, analyze_files  # noqa: E402
 from zeroptim_cli.derivatives.precision import computed_in  # noqa: E402
@@ -223,16 +224,6 @@ def test_a_recorded_peft_wrapper_class_is_named_plainly(tmp_path, capsys) -> Non
     message = str(info.value)
     assert message.startswith("checkpoint metadata 'hf_config' names model class 'PeftModelForCausalLM', peft's wrapper")
     assert "''" not in message
-
-
-def examples(n: int = 8, t: int = 9) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(n):
-        ids = torch.randint(1, VOCAB, (t,), generator=g)
-        mask = (torch.arange(t) < t - (i % 4)).long()
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return out
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
