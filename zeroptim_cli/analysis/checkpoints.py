@@ -304,7 +304,7 @@ def command_inputs(checkpoints: Sequence[Path], batch_paths: Sequence[Path] = ()
                 inputs.add(found)
     if settings.direction not in NAMED:
         inputs.add(Path(settings.direction))
-    for path in checkpoints:
-        for f in checkpoint_files(Path(path)):
+    for path in dict.fromkeys(map(Path, checkpoints)):  # a sweep names each checkpoint in two pairs
+        for f in checkpoint_files(path):
             inputs.add(f)
     return inputs

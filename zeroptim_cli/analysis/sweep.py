@@ -246,6 +246,7 @@ def read_done(locked: LockedFile, current: dict[tuple[str, str], dict[str, str]]
                             "row); choose another file, or pass --force to start it anew (its lines are kept in "
                             f"'{rejected_path(output)}')")
     kept: list[bytes] = []
+    seen: set[bytes] = set()
     rejected: list[bytes] = []
     done: set[str] = set()
     stale, changed = 0, bool(data) and not data.endswith(b"\n")
@@ -257,7 +258,7 @@ def read_done(locked: LockedFile, current: dict[tuple[str, str], dict[str, str]]
         how = row.get("settings_key")
         expected = current.get(paths, {}).get(how) if isinstance(how, str) else None
         key, mine = row.get("sweep_key"), expected is not None
-        if line in kept or (mine and "error" in row):
+        if line in seen or (mine and "error" in row):
             changed = True  # a repeated line, or a failure retried now
             continue
         if mine and key != expected:
@@ -269,6 +270,7 @@ def read_done(locked: LockedFile, current: dict[tuple[str, str], dict[str, str]]
         elif mine:
             done.add(next(iter(current[paths].values())))
         kept.append(line)
+        seen.add(line)
     if stale:
         raise ZeroptimError(f"-o '{output}' holds {stale} result(s) of these settings computed from earlier versions "
                             "of the checkpoints or batches; pass --replace-stale to recompute and replace them")

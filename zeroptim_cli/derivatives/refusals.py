@@ -37,11 +37,6 @@ class NoTaylorRule(Refusal):
     """taylor: some op has no exact Taylor rule (``derivatives/taylor``)."""
 
 
-class NotForThisModel(Refusal):
-    """A method that knows before running that it would be wrong for this model (forward-over-forward
-    through LayerNorm)."""
-
-
 #: (pattern, what it means); group 1, where there is one, is the op.
 _TORCH_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"derivative for '?([\w:.]+)'? is not implemented"), "torch has no derivative of it"),

@@ -31,7 +31,6 @@ naming the parameter.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from zeroptim_cli.allocator import return_freed_memory
 from zeroptim_cli.derivatives.taylor._core import TaylorTensor
 from zeroptim_cli.errors import ZeroptimError
 
@@ -141,41 +141,10 @@ def owners(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return out
 
 
-#: glibc's mallopt parameter M_MMAP_THRESHOLD, and the size from which allocations are mapped while streaming.
-_M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 2**20
-#: glibc's mallopt parameter M_MMAP_MAX and its default: mappings allowed again (``allocator.keep_freed_memory``,
-#: which the command line sets for in-memory analyses, allows none).
-_M_MMAP_MAX, MMAP_MAX = -4, 65536
-
-
-def return_freed_memory() -> Callable[[], None]:
-    """With glibc, serve every allocation of ``MMAP_THRESHOLD`` bytes or more by its own mapping (for the rest
-    of the process), so that a released weight goes back to the system at once, and return a function that
-    hands the heap's free memory below that size back too (``malloc_trim``). By default glibc raises the
-    threshold up to 32 MiB as large blocks are freed, and the weights and activations below it (a 2048×2048
-    float32 projection is 16 MiB) then stay in the heap after release, fragmented: measured, a third more
-    peak memory for a streamed 1-layer Llama of width 2048. Below the threshold the Taylor rules' many small
-    temporaries fragment the heap too (measured on a 12-layer Llama of width 2048: 100–150 MiB held free in
-    the heap, growing layer by layer, which ``malloc_trim`` returns). Streaming is bound by memory, not by page
-    faults, so this undoes the command line's ``allocator.keep_freed_memory``. Elsewhere (no glibc) nothing
-    changes."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_MAX, MMAP_MAX)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-
-    def trim() -> None:
-        malloc_trim(0)
-    return trim
-
-
 @contextlib.contextmanager
 def streamed(model: nn.Module, load: Load) -> Iterator[None]:
     """Inside the block, ``model``'s parameters are loaded module by module (see the module docstring);
-    freed memory is returned to the system as it is freed and after each module (``return_freed_memory``)."""
+    freed memory is returned to the system as it is freed and after each module (``allocator.return_freed_memory``)."""
     trim = return_freed_memory()
     slots: dict[nn.Module, list[tuple[str, str]]] = {}
     original: dict[tuple[int, str], Tensor] = {}
