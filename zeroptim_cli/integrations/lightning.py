@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from zeroptim_cli.derivatives.losses import Loss, resolve_loss
 from zeroptim_cli.io.batches import LABELS, Batch
+from zeroptim_cli.io.layout import TRAINER_RUN_FOLDER
 from zeroptim_cli.training.recorder import BatchPair, Recorder
 
 #: How far the loss zeroptim computes may lie from ``training_step``'s, relatively (float32 rounding).
@@ -118,7 +119,7 @@ class ZeroptimCallback(Callback):
         if clip and (trainer.gradient_clip_algorithm or "norm") != "norm" and self.save_optimizer_state:
             raise ValueError("ZeroptimCallback: clipping by value cannot be taken again from the optimizer state; "
                              "pass save_optimizer_state=False")
-        folder = self.folder or Path(trainer.log_dir or trainer.default_root_dir) / "zeroptim"
+        folder = self.folder or Path(trainer.log_dir or trainer.default_root_dir) / TRAINER_RUN_FOLDER
         self._module, self._loss = module, resolve_loss(self.loss_spec, module)
         self._accumulation = trainer.accumulate_grad_batches
         self.recorder = Recorder(folder, module, optimizer, every=self.every, steps=self.steps,

@@ -82,15 +82,16 @@ def load_checkpoint(path: str | os.PathLike, base: Path | None = None) -> Checkp
             raise ZeroptimError(f"checkpoint '{p}' is a directory, but neither a Hugging Face checkpoint folder "
                                 f"('config.json' with 'model.safetensors' or its index) nor a peft adapter folder "
                                 f"('{ADAPTER_CONFIG}' with 'adapter_model.safetensors')")
-        return _checked(Checkpoint(p, tensors, meta))
+        return Checkpoint(p, _finite(tensors, p), meta)
     tensors, raw_meta = read_safetensors(p, "checkpoint")
     if not tensors:
         raise ZeroptimError(f"checkpoint '{p}' holds no tensors")
     meta = parse_metadata(raw_meta, p)
+    _finite(tensors, p)
     if meta.get("base") is not None:
-        tensors = _with_base(p, meta["base"], tensors)
+        tensors = _with_base(p, meta["base"], tensors)  # the base checked once, when it is read
     check_spec_blocks(meta, len(tensors), p)
-    return _checked(Checkpoint(p, tensors, meta))
+    return Checkpoint(p, tensors, meta)
 
 
 def needs_base(path: Path) -> bool:
@@ -128,18 +129,19 @@ def _with_base(p: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str
             if parse_metadata(raw, base).get("role") != BASE_ROLE:
                 raise ZeroptimError(f"checkpoint '{p}': '{base}', which it names as its base, is not a recorded base")
             _BASES.clear()
-            _BASES[key] = frozen
+            _BASES[key] = _finite(frozen, base)
     both = sorted(set(frozen) & set(tensors))
     if both:
         raise ZeroptimError(f"checkpoint '{p}' and its base '{base}' both hold '{both[0]}'")
     return {**frozen, **tensors}
 
 
-def _checked(ckpt: Checkpoint) -> Checkpoint:
-    for name, tensor in ckpt.tensors.items():
+def _finite(tensors: dict[str, torch.Tensor], p: Path) -> dict[str, torch.Tensor]:
+    """``tensors``, the weights of ``p``, refused if one holds NaN or Inf."""
+    for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ZeroptimError(f"checkpoint '{ckpt.path}': tensor '{name}' contains NaN or Inf")
-    return ckpt
+            raise ZeroptimError(f"checkpoint '{p}': tensor '{name}' contains NaN or Inf")
+    return tensors
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None,

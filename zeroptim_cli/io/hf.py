@@ -53,7 +53,6 @@ PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 CONVERT = ("pickles are never read (unpickling can run code); if you trust the folder, convert it with "
            "transformers: save_pretrained(..., safe_serialization=True)")
 TRAINER_STATE = "trainer_state.json"
-#: Weights saved as pickles (``torch.save``): never opened, named in the error for a folder with only them.
 INSTALL = 'pip install -e ".[hf]"'
 #: The model spec key (checkpoint metadata ``model``) holding a transformers config as a JSON object.
 SPEC_KEY = "hf_config"
@@ -224,9 +223,10 @@ def _trainer_state(folder: Path) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def folder_step(folder: Path) -> int | None:
-    """``trainer_state.json``'s ``global_step``, else N of ``checkpoint-N``, else None."""
-    step = _trainer_state(folder).get("global_step")
+def folder_step(folder: Path, state: dict[str, Any] | None = None) -> int | None:
+    """``trainer_state.json``'s ``global_step`` (``state``: that file's content, when already read), else N of
+    ``checkpoint-N``, else None."""
+    step = (_trainer_state(folder) if state is None else state).get("global_step")
     if isinstance(step, int) and not isinstance(step, bool):
         return step
     match = _CHECKPOINT_N.match(folder.name)
@@ -237,26 +237,27 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def folder_learning_rate(folder: Path, step: int | None) -> float | None:
-    """The ``learning_rate`` of the latest ``log_history`` entry of ``trainer_state.json`` logged at a step
-    ≤ ``step`` (Trainer logs it every ``logging_steps``; transformers 5 logs the rate of the optimizer step
-    just taken), else None."""
-    history = _trainer_state(folder).get("log_history")
+def folder_learning_rate(state: dict[str, Any], step: int | None) -> float | None:
+    """The ``learning_rate`` of the latest ``log_history`` entry of ``trainer_state.json`` (its content
+    ``state``) logged at a step ≤ ``step`` (Trainer logs it every ``logging_steps``; transformers 5 logs the
+    rate of the optimizer step just taken), else None."""
+    history = state.get("log_history")
     logged = [(e["step"], e["learning_rate"]) for e in history if isinstance(e, dict) and _number(e.get("step"))
               and _number(e.get("learning_rate")) and (step is None or e["step"] <= step)] \
         if isinstance(history, list) else []
     return float(max(logged, key=lambda e: e[0])[1]) if logged else None
 
 
-def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
+def folder_metadata(folder: Path, files: dict[str, Path] | None = None) -> tuple[type, dict[str, Any]]:
     """(the transformers class ``config.json`` names, zeroptim metadata for the folder): the metadata's
     ``model`` is ``{"hf_config": config}`` (complete and comparable), ``step`` as ``folder_step`` says,
-    ``learning_rate`` as ``folder_learning_rate`` says."""
+    ``learning_rate`` as ``folder_learning_rate`` says. ``files``: what ``check_weights`` gave for the
+    folder, when the caller has checked its weights already."""
     config_path = folder / CONFIG
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
-    files = check_weights(folder)
+    files = check_weights(folder) if files is None else files
     check_block_counts(config, len(files) or len(read_header(folder / WEIGHTS, "checkpoint")[0]),
                        f"'{config_path}'")
     cls = model_class(config, f"'{config_path}'")
@@ -266,9 +267,10 @@ def folder_metadata(folder: Path) -> tuple[type, dict[str, Any]]:
     except Exception as exc:  # transformers validates config fields with its own exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ZeroptimError(f"'{config_path}' is not a valid {cls.__name__} config ({first})") from exc
-    step = folder_step(folder)
+    state = _trainer_state(folder)  # read once: its log history grows with the run
+    step = folder_step(folder, state)
     return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": step,
-                 "learning_rate": folder_learning_rate(folder, step)}
+                 "learning_rate": folder_learning_rate(state, step)}
 
 
 def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -151,8 +151,8 @@ def open_lazily(path: str | os.PathLike) -> tuple[Checkpoint, TensorFiles]:
     p = Path(path)
     if p.is_dir():
         require_hf_folder(p)
-        _, meta = folder_metadata(p)
-        files = check_weights(p)  # tensor → shard (folder_metadata has refused bad weights already)
+        files = check_weights(p)  # tensor → shard
+        _, meta = folder_metadata(p, files)
         tensors: dict[str, torch.Tensor] = {}
         where: dict[str, tuple[Path, int]] = {}
         for file in sorted(set(files.values())) or [p / WEIGHTS]:
