@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from zeroptim_cli.analysis.inspection import describe, differences
-from zeroptim_cli.cli.options import DEBUG_HELP, INPUT, ResultsConsole
+from zeroptim_cli.cli.options import BASE, DEBUG_HELP, INPUT, ResultsConsole
 from zeroptim_cli.io.checkpoint import load_checkpoint
 from zeroptim_cli.io.results import to_json
 from zeroptim_cli.report.tables import print_description, print_differences
@@ -17,14 +17,13 @@ from zeroptim_cli.report.tables import print_description, print_differences
 @click.argument("ckpt", type=INPUT)
 @click.argument("ckpt2", required=False, type=INPUT)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--base", type=click.Path(path_type=Path), metavar="DIR",
-              help="The base model's Hugging Face folder for peft adapter checkpoints (default: the local folder "
-                   "the adapter config names).")
+@BASE
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
-def inspect(ckpt: Path, ckpt2: Path | None, as_json: bool, base: Path | None, debug: bool) -> None:
+def inspect(ckpt: Path, ckpt2: Path | None, as_json: bool, base: str | None, debug: bool) -> None:
     """Show a checkpoint's metadata, tensors, shapes, dtypes and sizes; with CKPT2, what differs."""
-    a = load_checkpoint(ckpt, base)
-    b = load_checkpoint(ckpt2, base) if ckpt2 is not None else None
+    base_folder = Path(base) if base is not None else None
+    a = load_checkpoint(ckpt, base_folder)
+    b = load_checkpoint(ckpt2, base_folder) if ckpt2 is not None else None
     info = describe(a)
     diff = differences(a, b) if b is not None else None
     if as_json:

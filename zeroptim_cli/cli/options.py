@@ -190,6 +190,13 @@ def settings_from(options: dict[str, Any]) -> Settings:
     return Settings(**{f.name: options.pop(f.name) for f in fields(Settings) if f.name in options})
 
 
+#: ``--base``, for every command that reads checkpoints (a peft adapter's base model).
+BASE = click.option("--base", metavar="DIR",
+                    help="The base model's Hugging Face folder for peft adapter checkpoints (adapter_config.json "
+                         "with adapter_model.safetensors). Default: the local folder the adapter config names; a "
+                         "hub id is never downloaded.")
+
+
 def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-untyped-def]
     """The options that say how a pair is analysed, shared by every analysing command (``compare``, which
     has its own directions, takes them with ``@settings_options(direction=False)``); with those of
@@ -224,10 +231,7 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                      help="Let a model factory or loss named in the checkpoints' metadata run (it is code from the "
                           "file's author, as transformers' trust_remote_code). Not needed for built-in models and "
                           "losses, nor for a --model / --loss you name yourself."),
-        click.option("--base", metavar="DIR",
-                     help="The base model's Hugging Face folder for peft adapter checkpoints (adapter_config.json "
-                          "with adapter_model.safetensors). Default: the local folder the adapter config names; a "
-                          "hub id is never downloaded."),
+        BASE,
         click.option("--direction", default="update", show_default=True, metavar="update|neg-grad|neg-sign-grad|adam|FILE",
                      help="Analyse another direction from w_t instead of the update: −g or −sign(g) rescaled to ‖Δ‖, "
                           "the step Adam would take from its saved moments, or a safetensors file of a Δ."),
