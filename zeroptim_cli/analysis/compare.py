@@ -171,13 +171,15 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
     metadata and folder), with the update to ``ckpt_t1`` when given."""
     p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
     recorded = recorded_state(ckpt_t)
-    warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train) if ckpt_t1 is not None else []
-    if recorded is None:
-        warnings += missing_state_warnings(ckpt_t, bool(options.states))
     result = compare_directions(
         p.model, p.params_t, p.params_t1, batches, p.loss, settings, lr=recorded_lr(ckpt_t),
         recorded=recorded, states=[other_state(s, ckpt_t.step) for s in options.states], options=options,
         buffers=p.buffers_t)
+    update_norm = next((d["own_norm"] for d in result.directions if d["name"] == "update"), None)
+    # ‖Δ‖ as measured tells a zero step without comparing every tensor of the two checkpoints again
+    warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train, update_norm) if ckpt_t1 is not None else []
+    if recorded is None:
+        warnings += missing_state_warnings(ckpt_t, bool(options.states))
     result.step_t = ckpt_t.step
     result.step_t1 = ckpt_t1.step if ckpt_t1 is not None else None
     result.warnings = warnings + result.warnings
