@@ -250,7 +250,7 @@ def analyze_lazily(lazy_t: tuple[Checkpoint, TensorFiles], lazy_t1: tuple[Checkp
         return functools.partial(files.read, files.key(stored), device, dtype)
 
     sources = {n: (reader(files_t, t), reader(files_t1, p.params_t1[n])) for n, t in p.params_t.items()}
-    # a frozen parameter is streamed as the others are, read from checkpoint t for both ends (Δ = 0)
+    # a frozen parameter is streamed as the others are, read from checkpoint t alone (Δ = 0: a constant)
     sources.update({n: (reader(files_t, p.buffers_t[n]), reader(files_t, p.buffers_t[n])) for n in p.frozen})
     buffers = {n: files_t.read(files_t.key(t)) for n, t in p.buffers_t.items() if n not in p.frozen}
     result = analyze_streamed(p.model, sources, buffers, batches, p.loss, settings, loss_t1=loss_t1,

@@ -46,17 +46,21 @@ def squared_norm(t: Tensor, piece: int = 2**22) -> Tensor:
 class PairLoader:
     """The parameters (or rows of them) at the current ``point`` for ``derivatives.streaming``, read from
     ``sources`` (name → (read w_t, read w_t1)) for parameters of ``shapes`` in ``dtype``; keeps ‖Δ_l‖² of
-    every Δ_l it forms, whole or as blocks of rows that cover it."""
+    every Δ_l it forms, whole or as blocks of rows that cover it. The parameters ``fixed`` names (frozen: their
+    Δ is zero) are w_t at every point, read once per use and carried as constants."""
 
     def __init__(self, sources: Mapping[str, tuple[Read, ReadLess]], shapes: Mapping[str, torch.Size],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, fixed: Collection[str] = ()) -> None:
         self.sources, self.shapes, self.itemsize = sources, shapes, dtype.itemsize
+        self.fixed = frozenset(fixed)
         self.point: Point = "taylor"
         self.update_sq: dict[str, Tensor] = {}
         self._blocks: dict[str, dict[tuple[int, int], Tensor]] = {}
 
     def __call__(self, name: str, rows: Rows = None) -> Tensor:
         read_t, read_t1 = self.sources[name]
+        if name in self.fixed:
+            return read_t(rows=rows)
         value, delta = pair_point(functools.partial(read_t, rows=rows),
                                   lambda minus: read_t1(minus, rows=rows), self.point)
         if delta is not None and name not in self.update_sq:
@@ -76,14 +80,15 @@ class PairLoader:
             del self._blocks[name]
 
     def squared_norms(self) -> dict[str, Tensor]:
-        """‖Δ_l‖² of every parameter, reading those no forward pass formed Δ_l of, block by block."""
+        """‖Δ_l‖² of every parameter but the fixed ones, reading those no forward pass formed Δ_l of, block by
+        block."""
         for name, (read_t, read_t1) in self.sources.items():
-            if name not in self.update_sq:
+            if name not in self.update_sq and name not in self.fixed:
                 shape = self.shapes[name]
                 blocks = row_slices(shape, self.itemsize) if len(shape) else [None]
                 self.update_sq[name] = torch.stack([squared_norm(read_t1(read_t(rows=r), rows=r))
                                                     for r in blocks]).sum()
-        return {name: self.update_sq[name] for name in self.sources}
+        return {name: self.update_sq[name] for name in self.sources if name not in self.fixed}
 
 
 #: ``chunk_size="auto"`` when streaming: the bytes of the widest output's three Taylor coefficients per chunk.
@@ -142,7 +147,7 @@ def analyze_streamed(
         chunk_size = streamed_chunk_length(model, batches, dtype) if loss.known and not evaluation.train else 0
     evaluation = replace(evaluation, method="taylor", chunk_size=chunk_size)
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    loader = PairLoader(sources, shapes, dtype)
+    loader = PairLoader(sources, shapes, dtype, fixed=() if analysed is None else set(shapes) - set(analysed))
     numels = {name: shape.numel() for name, shape in shapes.items() if analysed is None or name in analysed}
     with no_cache(model), prepared(model, batches, loss, evaluation, buffers=buffers) as objective, \
             streamed(model, loader):
