@@ -282,6 +282,70 @@ def test_dropout_rule_seeded():
     check(f, {"a": a}, {"a": rand(50, seed=2)})
 
 
+# Causal SDPA has a rule of its own (rules/attention.py), in blocks of query rows: sequences long enough for several
+# blocks, fewer queries than keys and more, grouped heads, a scale, and α-dependence in one argument only.
+ATTENTION = {
+    "blocks": ((2, 2, 130, 4), (2, 2, 130, 4), {}),
+    "blocks_scale": ((2, 2, 300, 3), (2, 2, 300, 3), {"scale": 0.3}),
+    "more_queries": ((1, 2, 150, 4), (1, 2, 100, 4), {}),
+    "more_keys": ((1, 2, 140, 4), (1, 2, 300, 4), {}),
+    "gqa": ((1, 4, 200, 4), (1, 2, 200, 4), {"enable_gqa": True}),
+    "three_dims": ((2, 140, 4), (2, 140, 4), {}),
+}
+
+
+@pytest.mark.parametrize("which", ["all", "query", "key", "value"])
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_causal_attention_rule(name, which, monkeypatch):
+    from zeroptim_cli.derivatives.taylor._core import FUNCTION_RULES
+    from zeroptim_cli.derivatives.taylor.rules import attention
+    sq, sk, kw = ATTENTION[name]
+    taken = []
+    monkeypatch.setitem(FUNCTION_RULES, torch._C._nn.scaled_dot_product_attention,
+                        lambda a, k: taken.append(attention.sdpa(a, k)) or taken[-1])
+    a, b = rand(*sq, seed=21), rand(*sk, seed=22)
+
+    def f(p):
+        x = p["a"] + 0.3 * p["a"] * p["a"].mean()
+        y = p["b"] - 0.2 * p["b"] * p["b"]
+        q, k, v = (x if which in ("all", "query") else a, y if which in ("all", "key") else b,
+                   torch.tanh(y) if which in ("all", "value") else torch.tanh(b))
+        return torch.tanh(F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)).sum()
+    check(f, {"a": a, "b": b}, {"a": rand(*sq, seed=23), "b": rand(*sk, seed=24)})
+    assert taken and all(t is not NotImplemented for t in taken)
+    assert len(attention.query_blocks(sq[-2])) > 1
+
+
+def test_attention_query_blocks():
+    from zeroptim_cli.derivatives.taylor.rules.attention import query_blocks
+    assert query_blocks(10) == [(0, 10)]
+    assert query_blocks(256) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    blocks = query_blocks(4099)
+    assert len(blocks) == 8 and blocks[0][0] == 0 and blocks[-1][1] == 4099
+    assert all(b[1] == c[0] for b, c in zip(blocks, blocks[1:]))
+
+
+def test_attention_rule_leaves_other_calls_to_the_decomposition():
+    """A mask, dropout or no causal flag: the rule declines (NotImplemented) and the math kernel's ops run."""
+    from zeroptim_cli.derivatives.taylor._core import TaylorTensor
+    from zeroptim_cli.derivatives.taylor.rules.attention import sdpa
+    q = TaylorTensor(rand(1, 2, 8, 4, seed=1), rand(1, 2, 8, 4, seed=2), None)
+    for kwargs in ({"is_causal": False}, {"is_causal": True, "dropout_p": 0.1},
+                   {"attn_mask": torch.ones(8, 8, dtype=torch.bool)}, {}):
+        assert sdpa((q, q, q), kwargs) is NotImplemented
+    assert sdpa((q, q, q), {"is_causal": True}) is not NotImplemented
+
+
+def test_attention_rule_inside_no_grad_is_constant():
+    a = rand(1, 2, 80, 4, seed=1)
+
+    def f(p):
+        with torch.no_grad():
+            o = F.scaled_dot_product_attention(p["a"], p["a"], p["a"], is_causal=True)
+        return (o * p["a"]).pow(2).sum()
+    check(f, {"a": a}, {"a": rand(1, 2, 80, 4, seed=2)})
+
+
 # ---------------------------------------------------------------------------------------------- 2. model families
 
 def _ce(targets):

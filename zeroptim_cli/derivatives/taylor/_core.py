@@ -9,9 +9,12 @@ CompositeImplicit kernel) whose pieces dispatch here again, or ``TaylorUnsupport
 The view-family fields every Taylor tensor carries (``root``, ``chain``, ``views``, ``shared``) are described in
 ``views.py``.
 
+A composite op that the dispatcher decomposes before ``__torch_dispatch__`` (SDPA) can have a rule of its own in
+``FUNCTION_RULES``, reached from ``__torch_function__``; every other call passes that layer straight on.
+
 Private torch APIs used here: ``Tensor._make_wrapper_subclass`` (a tensor with metadata and no storage of its
-own), ``torch._C._disabled_torch_function_impl`` (no ``__torch_function__`` layer), ``torch._C._is_fwd_grad_enabled``
-(to detect a custom ``autograd.Function`` forward) and ``torch._C._set_grad_enabled``.
+own), ``torch._C.DisableTorchFunctionSubclass`` (no ``__torch_function__`` layer below ours),
+``torch._C._is_fwd_grad_enabled`` (to detect a custom ``autograd.Function`` forward) and ``torch._C._set_grad_enabled``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TaylorUnsupported", "TaylorTensor", "RULES", "coeffs", "from_coeffs", "is_taylor"]
+__all__ = ["TaylorUnsupported", "TaylorTensor", "RULES", "FUNCTION_RULES", "coeffs", "from_coeffs", "is_taylor"]
 
 
 class TaylorUnsupported(Exception):
@@ -33,6 +36,9 @@ class TaylorUnsupported(Exception):
 # op (OpOverload) -> rule(func, args, kwargs). Filled by the rules package; resolved lazily by engine.resolve.
 RULES: dict[Any, Callable] = {}
 _RESOLVER: list[Callable] = []  # engine.resolve, installed by engine.py
+# Python-level function -> rule(args, kwargs) returning a result or NotImplemented: for composite ops that the
+# dispatcher decomposes before ``__torch_dispatch__`` sees them (rules/attention.py). Filled by the rules package.
+FUNCTION_RULES: dict[Callable, Callable] = {}
 
 
 class _State(threading.local):
@@ -61,7 +67,19 @@ class TaylorTensor(Tensor):
     def __init__(self, *a, **k):
         pass
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """A function with a rule of its own in ``FUNCTION_RULES`` (outside a no_grad block, where its result
+        is a constant) runs that rule unless it returns NotImplemented; every call otherwise goes on to the ops'
+        dispatch, with no ``__torch_function__`` layer for what they return."""
+        kwargs = kwargs or {}
+        rule = FUNCTION_RULES.get(func)
+        if rule is not None and STATE.depth == 0 and torch.is_grad_enabled() and torch._C._is_fwd_grad_enabled():
+            out = rule(args, kwargs)
+            if out is not NotImplemented:
+                return out
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
     def __repr__(self) -> str:  # never dispatch from repr
         return f"TaylorTensor(c0={self.c0!r}, c1={self.c1!r}, c2={self.c2!r})"

@@ -14,6 +14,7 @@ then replaced by ``linear``'s affine rule) always ends with the later rule.
 """
 
 from zeroptim_cli.derivatives.taylor.rules import (  # noqa: F401  (each module registers its rules on import)
+    attention,
     bilinear,
     constant,
     elementwise,
