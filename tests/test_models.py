@@ -101,6 +101,41 @@ def test_fused_attention_kernels_need_the_switch() -> None:
     assert torch.backends.mha.get_fastpath_enabled()  # restored
 
 
+CALLS = {
+    "causal": ((2, 3, 7, 4), (2, 3, 9, 4), {"is_causal": True}),
+    "float_mask_scale": ((2, 3, 7, 4), (2, 3, 9, 4), {"attn_mask": "float", "scale": 0.3}),
+    "gqa": ((1, 4, 6, 4), (1, 2, 6, 4), {"is_causal": True, "enable_gqa": True}),
+    "bool_mask": ((2, 3, 7, 4), (2, 3, 9, 4), {"attn_mask": "bool"}),        # not for the fused kernel
+    "three_dims": ((3, 7, 4), (3, 9, 4), {"is_causal": True}),               # not for the fused kernel
+    "dropout": ((2, 3, 7, 4), (2, 3, 9, 4), {"dropout_p": 0.5}),             # not for the fused kernel
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_values_take_the_fused_attention_kernel_where_it_applies(name: str, monkeypatch) -> None:
+    """With grad mode off, fused_attention_values gives SDPA's math kernel's numbers (float64, 1e-14), by the
+    flash kernel where the call suits it and by the call as it was otherwise."""
+    from zeroptim_cli.derivatives import kernels
+    sq, sk, kw = CALLS[name]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64) for s in (sq, sk, sk))
+    if kw.get("attn_mask") == "float":
+        kw = {**kw, "attn_mask": torch.randn(sq[-2], sk[-2], generator=g, dtype=torch.float64)}
+    elif kw.get("attn_mask") == "bool":
+        kw = {**kw, "attn_mask": torch.rand(sq[-2], sk[-2], generator=g) > 0.3}
+    fused, flash = [], kernels._flash_cpu
+    monkeypatch.setattr(kernels, "_flash_cpu", lambda a, k_: fused.append(flash(a, k_)) or fused[-1])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        with twice_differentiable_kernels():
+            want = nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+        torch.manual_seed(1)
+        with kernels.fused_attention_values():
+            got = nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    assert (got - want).abs().max() <= 1e-14 * want.abs().max()
+    assert [t is not None for t in fused] == [name in ("causal", "float_mask_scale", "gqa")]
+
+
 def test_char_transformer_with_tied_weights() -> None:
     torch.manual_seed(0)
     model = CharTransformer(vocab_size=7, block_size=5, dim=8, heads=2, layers=1).double()

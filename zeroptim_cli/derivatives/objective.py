@@ -30,6 +30,7 @@ from torch.func import functional_call
 from zeroptim_cli import distributed as dist
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn, all_reduce, axpy
 from zeroptim_cli.derivatives.evaluation import Evaluation
+from zeroptim_cli.derivatives.kernels import fused_attention_values
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.derivatives.methods import METHODS, chain
 from zeroptim_cli.derivatives.precision import computed_in
@@ -203,8 +204,8 @@ class Objective:
         return fn
 
     def value(self, w: Params) -> Tensor:
-        """f(w), with no graph."""
-        with torch.no_grad():
+        """f(w), with no graph (attention by SDPA's fused CPU kernel: ``kernels.fused_attention_values``)."""
+        with torch.no_grad(), fused_attention_values():
             local = dist.guarded(lambda: sum(t.weight * t.fn(w) for t in self.terms))
         return dist.all_reduce_sum(torch.as_tensor(local, device=self.device))
 

@@ -33,6 +33,7 @@ import math
 import torch
 from torch import Tensor
 
+from zeroptim_cli.derivatives.kernels import SDPA, sdpa_arguments
 from zeroptim_cli.derivatives.taylor._core import FUNCTION_RULES, coeffs, from_coeffs, is_taylor
 
 __all__ = ["sdpa", "query_blocks"]
@@ -121,21 +122,21 @@ def _combine(*terms: Tensor | None) -> Tensor | None:
 def sdpa(args: tuple, kwargs: dict) -> Tensor | object:
     """The Taylor tensor of causal ``scaled_dot_product_attention(query, key, value, is_causal=True)`` without a
     mask or dropout (module docstring), or ``NotImplemented`` for any other call."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    given = dict(zip(names, args), **kwargs)
-    query, key, value = given.get("query"), given.get("key"), given.get("value")
-    if (set(given) - set(names) or not all(isinstance(t, Tensor) for t in (query, key, value))
-            or not any(is_taylor(t) for t in (query, key, value)) or given.get("attn_mask") is not None
-            or given.get("dropout_p", 0.0) != 0.0 or given.get("is_causal", False) is not True
+    given = sdpa_arguments(args, kwargs)
+    if given is None:
+        return NotImplemented
+    query, key, value = given["query"], given["key"], given["value"]
+    if (not any(is_taylor(t) for t in (query, key, value)) or given["attn_mask"] is not None
+            or given["dropout_p"] != 0.0 or given["is_causal"] is not True
             or any(t.dtype not in (torch.float32, torch.float64) or t.dtype != query.dtype or t.dim() < 2
                    for t in (query, key, value))
             or query.shape[-2] < 2 or key.shape[-2] != value.shape[-2]):
         return NotImplemented
-    scale = given.get("scale")
+    scale = given["scale"]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     q = [None if t is None else t * scale for t in coeffs(query)]
     k, v = list(coeffs(key)), list(coeffs(value))
-    if given.get("enable_gqa", False) and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+    if given["enable_gqa"] and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         groups = query.shape[-3] // key.shape[-3]
         k = [None if t is None else t.repeat_interleave(groups, -3) for t in k]
         v = [None if t is None else t.repeat_interleave(groups, -3) for t in v]
@@ -147,4 +148,4 @@ def sdpa(args: tuple, kwargs: dict) -> Tensor | object:
     return from_coeffs(*outs)
 
 
-FUNCTION_RULES[torch._C._nn.scaled_dot_product_attention] = sdpa
+FUNCTION_RULES[SDPA] = sdpa
