@@ -256,6 +256,66 @@ def test_bilinear_rule(name):
     check(f, {"a": a, "b": b}, {"a": da, "b": db})
 
 
+# A product with a weight (orders 0–1 only: its value and Δ) takes three products for orders 1–2 (``karatsuba``)
+# above a size; the threshold set to 0 here runs it on small cases: each factor the weight, a bias, batched.
+KARATSUBA = {
+    "linear": ((6, 5), (4, 5), lambda x, w: F.linear(x, w, w[:, 0])),
+    "weight_first": ((6, 5), (4, 6), lambda x, w: w @ x),
+    "addmm_beta": ((6, 5), (5, 4), lambda x, w: torch.addmm(w[0], x, w, beta=0.5)),
+    "bmm": ((2, 6, 5), (2, 5, 3), torch.bmm),
+    "baddbmm": ((2, 6, 5), (2, 5, 3), lambda x, w: torch.baddbmm(w[0, 0], x, w)),
+    "linear3d": ((2, 3, 5), (4, 5), lambda x, w: F.linear(x, w, w[:, 1])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KARATSUBA))
+def test_product_with_a_weight_in_three_products(name, monkeypatch):
+    from zeroptim_cli.derivatives.taylor.rules import bilinear
+    monkeypatch.setattr(bilinear, "KARATSUBA_MIN_MACS", 0)
+    taken = []
+    real = bilinear.karatsuba
+    monkeypatch.setattr(bilinear, "karatsuba", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    sx, sw, fn = KARATSUBA[name]
+    a, b = rand(*sx, seed=31), rand(*sw, seed=32)
+
+    def f(p):
+        x = torch.tanh(p["a"]) * 2  # orders 0–2
+        return torch.sin(fn(x, p["b"])).sum()  # p["b"] enters with orders 0–1: a weight
+    check(f, {"a": a, "b": b}, {"a": rand(*sx, seed=33, scale=0.1), "b": rand(*sw, seed=34, scale=1e-3)})
+    assert any(t is not None for t in taken)
+
+
+def test_product_with_a_weight_falls_back_where_it_cannot_scale(monkeypatch):
+    """A zero weight (a LoRA factor starts at 0) or a mask's −∞ in the added term: the Cauchy product runs."""
+    from zeroptim_cli.derivatives.taylor.rules import bilinear
+    monkeypatch.setattr(bilinear, "KARATSUBA_MIN_MACS", 0)
+    a = rand(6, 5, seed=1)
+    mask = torch.zeros(6, 4, dtype=DT).masked_fill_(rand(6, 4, seed=5) > 1, float("-inf"))
+    check(lambda p: torch.sin(F.linear(torch.tanh(p["a"]), p["b"])).sum(),
+          {"a": a, "b": torch.zeros(4, 5, dtype=DT)}, {"a": rand(6, 5, seed=2), "b": rand(4, 5, seed=3)})
+    check(lambda p: torch.softmax(torch.baddbmm(mask[None], torch.tanh(p["a"])[None], p["b"].t()[None]), -1)[0, :, 0].sum(),
+          {"a": a, "b": rand(4, 5, seed=4)}, {"a": rand(6, 5, seed=2), "b": rand(4, 5, seed=3)})
+
+
+def test_product_with_a_weight_keeps_float32_precision(monkeypatch):
+    """In float32, the three-product form is as close to the float64 result as the four-product one: its scale s
+    keeps the terms it subtracts of one size."""
+    from zeroptim_cli.derivatives.taylor.rules import bilinear
+    x, w = rand(64, 48, seed=1), rand(32, 48, seed=2)
+    dx, dw = rand(64, 48, seed=3, scale=1e-4), rand(32, 48, seed=4, scale=1e-5)
+
+    def f(p):
+        return torch.tanh(F.linear(torch.tanh(p["x"]), p["w"])).pow(2).sum()
+    exact = taylor2(f, {"x": x, "w": w}, {"x": dx, "w": dw})
+
+    def err(threshold):
+        monkeypatch.setattr(bilinear, "KARATSUBA_MIN_MACS", threshold)
+        got = taylor2(f, {"x": x.float(), "w": w.float()}, {"x": dx.float(), "w": dw.float()})
+        return [rel(g, e) for g, e in zip(got[1:], exact[1:])]
+    three, four = err(0), err(2**62)
+    assert all(t <= max(4 * f_, 1e-5) for t, f_ in zip(three, four)), (three, four)
+
+
 def test_binary_cross_entropy_against_its_formula():
     """autograd's own BCE double backward is off by ~1e-11 here (its backward formula, not the math: a 40-digit
     mpmath φ''(0) agrees with Taylor mode); so the reference is autograd through the written-out formula."""

@@ -6,9 +6,11 @@ For f bilinear, f(a, b)_k = Σ_{i+j=k} f(a_i, b_j): f(a, b)₁ = f(a₁, b₀) +
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from zeroptim_cli.derivatives.taylor._core import coeffs, from_coeffs, is_taylor
 from zeroptim_cli.derivatives.taylor.rules.constant import constant_if
@@ -18,16 +20,20 @@ from zeroptim_cli.derivatives.taylor.rules.registry import need_constant, regist
 aten = torch.ops.aten
 
 
-def bilinear(f: Callable, A: Sequence, B: Sequence, acc: Callable | None = None, first: Callable | None = None):
+def bilinear(f: Callable, A: Sequence, B: Sequence, acc: Callable | None = None, zeroth: Tensor | None = None):
     """Cauchy product of two truncated series under a bilinear f: c_k = Σ_{i+j=k} f(a_i, b_j), zero terms skipped.
-    ``acc(out, a, b)`` accumulates f(a, b) into out in place (e.g. addmm_) to avoid a temporary and an add."""
+    ``acc(out, a, b)`` accumulates f(a, b) into out in place (e.g. addmm_) to avoid a temporary and an add;
+    ``zeroth``, c_0 where the caller has computed it already."""
     outs = []
     for k in range(3):
+        if k == 0 and zeroth is not None:
+            outs.append(zeroth)
+            continue
         terms = [(A[i], B[k - i]) for i in range(k + 1) if A[i] is not None and B[k - i] is not None]
         if not terms:
             outs.append(None)
             continue
-        r = (first or f)(*terms[0])
+        r = f(*terms[0])
         for x, y in terms[1:]:
             if acc is not None:
                 acc(r, x, y)
@@ -35,6 +41,55 @@ def bilinear(f: Callable, A: Sequence, B: Sequence, acc: Callable | None = None,
                 r = r.add_(f(x, y))
         outs.append(r)
     return outs
+
+
+#: ``karatsuba`` only for products of at least this many multiply-adds (y0's entries × the inner dimension):
+#: below, its norms and extra passes cost more than the product it saves
+KARATSUBA_MIN_MACS = 2**22
+
+
+def _scale(a: Sequence, b: Sequence) -> float | None:
+    """The power of two s ≈ 1/ε for ``karatsuba``, ε = max(‖a1‖/‖a0‖, ‖b1‖/‖b0‖) the relative size of the
+    first-order coefficients; None where a norm is zero or not finite (the plain Cauchy product then runs)."""
+    norms = torch.stack([torch.linalg.vector_norm(t) for t in (a[0], a[1], b[0], b[1])]).tolist()
+    if not all(math.isfinite(n) and n > 0 for n in norms):
+        return None
+    eps = max(norms[1] / norms[0], norms[3] / norms[2])
+    return 2.0 ** round(-math.log2(eps))
+
+
+def karatsuba(mm: Callable, a: Sequence, b: Sequence, y0: Tensor, const: Sequence = (None, None)) -> list | None:
+    """Orders 1 and 2 of y = mm(a, b) + const in three products where the Cauchy product takes four, for one
+    factor with orders 0–1 only (a weight and its Δ) and the other with orders 0–2; None where that does not
+    hold or ``_scale`` finds no scale. ``y0`` is order 0 of y (computed by the caller), ``const`` the orders 0
+    and 1 of the term besides the product (a bias and its Δ; None for zero).
+
+    With N = mm(a1, b1), a power of two s (``_scale``) and M = mm(a0/s + a1, b0 + s·b1), exactly
+    M = (y0 − const0)/s + (a1 b0 + a0 b1) + s·N, so
+
+        y1 = M − y0/s − s·N + (const0/s + const1),   y2 = mm(a2, b0) + N.
+
+    The three terms of M are of one size (s ≈ 1/ε, ε the relative size of the first-order coefficients), so
+    subtracting y0/s loses no more precision than the products themselves."""
+    if y0.numel() * a[0].shape[-1] < KARATSUBA_MIN_MACS:
+        return None
+    if b[2] is not None:
+        if a[2] is not None:
+            return None
+        a, b, mm = b, a, (lambda x, y, f=mm: f(y, x))
+    if a[1] is None or b[1] is None or not a[0].dtype.is_floating_point or a[0].is_complex():
+        return None
+    s = _scale(a, b)
+    if s is None:
+        return None
+    n = mm(a[1], b[1])
+    y1 = mm(torch.add(a[1], a[0], alpha=1 / s), torch.add(b[0], b[1], alpha=s))
+    y1.sub_(y0, alpha=1 / s).sub_(n, alpha=s)
+    c0, c1 = const
+    if c0 is not None or c1 is not None:
+        y1.add_(c1 if c0 is None else c0 / s if c1 is None else c1 + c0 / s)
+    y2 = n if a[2] is None else n.add_(mm(a[2], b[0]))
+    return [y1, y2]
 
 
 @register(aten.mul.Tensor, aten.mul.Scalar)
@@ -48,16 +103,21 @@ def _mul(func, args, kwargs):
     return from_coeffs(*bilinear(torch.mul, coeffs(a), coeffs(b), acc=lambda r, x, y: r.addcmul_(x, y)))
 
 
-@register(aten.mm)
-def _mm(func, args, kwargs):
-    """mm: (AB)₁ = A₁B₀ + A₀B₁, (AB)₂ = A₂B₀ + A₁B₁ + A₀B₂ (``bilinear``, accumulated with addmm_)."""
-    return from_coeffs(*bilinear(torch.mm, coeffs(args[0]), coeffs(args[1]), acc=lambda r, x, y: r.addmm_(x, y)))
+def _matmul_rule(mm: Callable, acc: str) -> Callable:
+    """The rule of mm / bmm: (AB)₁ = A₁B₀ + A₀B₁, (AB)₂ = A₂B₀ + A₁B₁ + A₀B₂, by ``karatsuba`` where one factor
+    is a weight (orders 0–1), else ``bilinear`` accumulated in place (``acc``: addmm_, baddbmm_)."""
+    def rule(func, args, kwargs):
+        a, b = coeffs(args[0]), coeffs(args[1])
+        y0 = mm(a[0], b[0])
+        fast = karatsuba(mm, a, b, y0)
+        if fast is not None:
+            return from_coeffs(y0, *fast)
+        return from_coeffs(*bilinear(mm, a, b, acc=lambda r, x, y: getattr(r, acc)(x, y), zeroth=y0))
+    return rule
 
 
-@register(aten.bmm)
-def _bmm(func, args, kwargs):
-    """bmm: (AB)_k = Σ_{i+j=k} A_i B_j per batch (``bilinear``, accumulated with baddbmm_)."""
-    return from_coeffs(*bilinear(torch.bmm, coeffs(args[0]), coeffs(args[1]), acc=lambda r, x, y: r.baddbmm_(x, y)))
+register(aten.mm)(_matmul_rule(torch.mm, "addmm_"))
+register(aten.bmm)(_matmul_rule(torch.bmm, "baddbmm_"))
 
 
 @register(aten._trilinear)
@@ -86,14 +146,20 @@ def _bilinear_op(func, args, kwargs):
 
 
 def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
-    """The rule of addmm / baddbmm, β·C + α·A B: out_k = β·C_k + α·Σ_{i+j=k} A_i B_j, each order one addmm call
-    with the first product and accumulated in place (``mm_acc``) for the others."""
+    """The rule of addmm / baddbmm, β·C + α·A B: out_k = β·C_k + α·Σ_{i+j=k} A_i B_j — by ``karatsuba`` where
+    α = 1 and one factor is a weight, else each order one addmm call with the first product and accumulated in
+    place (``mm_acc``) for the others."""
     def rule(func, args, kwargs):
         bias, m1, m2 = args[:3]
         beta = kwargs.get("beta", 1)
         alpha = kwargs.get("alpha", 1)
         B, A1, A2 = coeffs(bias), coeffs(m1), coeffs(m2)
         o0 = func(B[0], A1[0], A2[0], beta=beta, alpha=alpha)
+        # a layer's bias, finite: a mask's −∞ (attention scores) would make y0/s infinite in ``karatsuba``
+        if alpha == 1 and B[2] is None and B[0].dim() <= 1 and bool(torch.isfinite(B[0]).all()):
+            fast = karatsuba(mm, A1, A2, o0, tuple(None if c is None else c * beta for c in B[:2]))
+            if fast is not None:
+                return from_coeffs(o0, *fast)
         outs = [o0]
         for k in (1, 2):
             terms = [(A1[i], A2[k - i]) for i in range(k + 1) if A1[i] is not None and A2[k - i] is not None]
