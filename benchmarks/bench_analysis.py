@@ -112,6 +112,7 @@ def candidates(w: Workload) -> dict[str, Callable[[], object]]:
                 return fn(f, w.w_t, delta)
         out[f"hvp {method}"] = run
     out["notebook (autograd.functional jvp + hvp)"] = notebook
+    out["loss value f(w_t1)"] = lambda: objective.value(w.w_t1)
     out.update(peers(w, delta))
     return out
 
@@ -251,6 +252,62 @@ def agreement(name: str, device: torch.device) -> dict[str, float]:
     return {method: abs(v - ref) / abs(ref) for method, v in values.items()}
 
 
+#: The speed goals: (workload, the most a Taylor pair analysis may cost, as a multiple of one training step).
+GOALS = (("transformer_256", 2.0), ("wide_mlp_4096", 1.4), ("mlp", 3.0))
+#: The matrix-product ops of a Taylor evaluation (the profiled floor).
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+            "aten::mkldnn_convolution", "aten::convolution_overrideable", "aten::_convolution"}
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                        clock: Callable[[], float]) -> dict[str, float]:
+    """Median seconds of each entry over ``repeats`` rounds, each round running every entry once, in turn
+    (after one warm-up round), so that a machine busy for a while slows every entry alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = clock()
+            fn()
+            sync(device)
+            if r:
+                times[name].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def product_share(fn: Callable[[], object]) -> float:
+    """The share of one call of ``fn`` spent inside matrix products (``PRODUCTS``; torch.profiler's self times,
+    which are wall-clock: the share, not the seconds, is what carries over to the clock of the other entries)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    return sum(e.self_cpu_time_total for e in events if e.key in PRODUCTS) / sum(e.self_cpu_time_total for e in events)
+
+
+def goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool) -> list[dict]:
+    """Per goal workload: the Taylor pair analysis against one training step, what it is made of (Taylor mode
+    alone, the f(w_t1) forward) and the floor below which no rule can take it: Taylor mode's matrix products
+    plus that forward, both measured."""
+    rows = []
+    for name, goal in GOALS:
+        w = make_workload(name, device)
+        fns = {k: v for k, v in candidates(w).items()
+               if k in ("train step", "pair analysis (taylor)", "hvp taylor", "loss value f(w_t1)")}
+        t = interleaved_medians(fns, device, repeats, clock)
+        step = t["train step"]
+        products = statistics.median(product_share(fns["hvp taylor"]) for _ in range(3)) * t["hvp taylor"]
+        pair = t["pair analysis (taylor)"] / step
+        mem = (measure_memory(name, "pair analysis (taylor)", device), measure_memory(name, "train step", device)) \
+            if memory else (None, None)
+        rows.append({"workload": name, "goal": goal, "step_ms": 1e3 * step, "pair": pair,
+                     "taylor": t["hvp taylor"] / step, "forward": t["loss value f(w_t1)"] / step,
+                     "floor": (products + t["loss value f(w_t1)"]) / step,
+                     "memory": mem[0] / mem[1] if mem[0] and mem[1] else None, "met": pair <= goal})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -267,6 +324,9 @@ def main() -> None:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="Keep freed memory for reuse, as the command line does (zeroptim_cli.allocator); "
                              "the peak-memory probes run without it either way.")
+    parser.add_argument("--goals", action="store_true",
+                        help="Only the speed goals: the Taylor pair analysis of each goal workload against one "
+                             "training step, with its parts and its floor (interleaved rounds; --repeats rounds).")
     parser.add_argument("--probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -275,6 +335,10 @@ def main() -> None:
         return
     if args.keep_freed_memory:
         keep_freed_memory()
+    if args.goals:
+        print_goals(goal_rows(device, args.repeats, time.process_time if args.clock == "cpu" else time.perf_counter,
+                              not args.no_memory), args)
+        return
     rows = []
     for name in args.workloads.split(","):
         w = make_workload(name, device)
@@ -317,6 +381,27 @@ def main() -> None:
         fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
         table.add_row(r["workload"], r["method"], fmt(r["ms"], ".2f"), fmt(r["time_ratio"], ".2f"),
                       fmt(r["peak_mib"], ".1f"), fmt(r["memory_ratio"], ".2f"))
+    Console(width=160).print(table)
+
+
+def print_goals(rows: list[dict], args: argparse.Namespace) -> None:
+    """The goal table, as JSON with ``--json``."""
+    meta = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "rounds": args.repeats, "clock": args.clock, "keep_freed_memory": args.keep_freed_memory}
+    if args.json:
+        print(json.dumps({"meta": meta, "goals": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"zeroptim speed goals · {meta}", title_justify="left")
+    for col in ("workload", "train step ms", "goal", "pair (taylor)", "Taylor alone", "f(w_t1)",
+                "floor: products + f(w_t1)", "memory", "met"):
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    fmt = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
+    for r in rows:
+        table.add_row(r["workload"], f"{r['step_ms']:.1f}", f"≤ {r['goal']:.1f}×", fmt(r["pair"]), fmt(r["taylor"]),
+                      fmt(r["forward"]), fmt(r["floor"]), fmt(r["memory"]), "yes" if r["met"] else "no")
     Console(width=160).print(table)
 
 
