@@ -248,6 +248,19 @@ def test_mixed_dtypes_and_batchnorm_mode_are_flagged(tmp_path, capsys) -> None:
     assert code == 0 and any("dtypes" in w for w in warnings) and any("--train-mode" in w for w in warnings)
 
 
+@pytest.mark.parametrize("meta", [{"optimizer": {"name": "sgd", "lr": 0.0}}, {"learning_rate": 0.0}])
+def test_a_zero_step_at_a_recorded_learning_rate_of_0_is_said(tmp_path, capsys, meta) -> None:
+    """The learning rate as the optimizer metadata records it, or as a Trainer folder's trainer_state.json
+    logged it (metadata ``learning_rate``)."""
+    model = MLP(in_features=5, hidden=(4,), num_classes=3)
+    save_batch(tmp_path / "batch.safetensors", torch.randn(6, 5), torch.randint(0, 3, (6,)))
+    for i, name in enumerate(("a", "b")):
+        save_checkpoint(tmp_path / f"{name}.safetensors", model, {"model": SPEC, "step": i, **meta})
+    code, out, _ = run(capsys, "analyze", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--batch",
+                       tmp_path / "batch.safetensors", "--json")
+    assert code == 0 and any("step is zero" in w and "learning rate is 0" in w for w in json.loads(out)["warnings"])
+
+
 def test_nan_batch_is_an_error(tmp_path, capsys) -> None:
     a, b = make_pair(tmp_path)
     save_batch(tmp_path / "nan.safetensors", torch.full((6, 5), float("nan")), torch.zeros(6, dtype=torch.long))

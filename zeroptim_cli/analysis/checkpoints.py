@@ -73,15 +73,6 @@ class Settings(Evaluation):
         return Path(self.base) if self.base is not None else None
 
 
-def recorded_lr(ckpt: Checkpoint) -> float | None:
-    """The learning rate recorded in the checkpoint's optimizer metadata (``optimizer.lr``), else the one a
-    Hugging Face folder's ``trainer_state.json`` logged (metadata ``learning_rate``, ``io.hf``), else None."""
-    for lr in ((ckpt.meta.get("optimizer") or {}).get("lr"), ckpt.meta.get("learning_rate")):
-        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
-            return float(lr)
-    return None
-
-
 def batches_for(ckpt_t: Checkpoint, batch_paths: Sequence[str | os.PathLike] = ()) -> list[Batch]:
     """The batches of ``batch_paths``, or else those recorded in checkpoint t's metadata."""
     return [load_batch(p) for p in batch_paths] if batch_paths else recorded_batches(ckpt_t)
@@ -182,7 +173,7 @@ def _recorded(result: PairAnalysis, ckpt_t: Checkpoint, ckpt_t1: Checkpoint, p: 
     """The result with what the checkpoints record: steps, learning rate, the pair's warnings first, and
     which parameters were analysed."""
     result.step_t, result.step_t1 = ckpt_t.step, ckpt_t1.step
-    result.learning_rate = recorded_lr(ckpt_t)
+    result.learning_rate = ckpt_t.learning_rate
     result.warnings = pair_warnings(ckpt_t, ckpt_t1, p.model, settings.train, result.update_norm) + result.warnings
     result.subset = dict(p.subset)
     return result

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zeroptim_cli.analysis.checkpoints import Settings, batches_for, in_memory_bytes, prepare_pair, recorded_lr
+from zeroptim_cli.analysis.checkpoints import Settings, batches_for, in_memory_bytes, prepare_pair
 from zeroptim_cli.analysis.extras import line_search
 from zeroptim_cli.analysis.optimizer_steps import (
     MezoSettings,
@@ -172,7 +172,7 @@ def compare_checkpoints(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, batches:
     p = prepare_pair(ckpt_t, ckpt_t1, settings, batches)
     recorded = recorded_state(ckpt_t)
     result = compare_directions(
-        p.model, p.params_t, p.params_t1, batches, p.loss, settings, lr=recorded_lr(ckpt_t),
+        p.model, p.params_t, p.params_t1, batches, p.loss, settings, lr=ckpt_t.learning_rate,
         recorded=recorded, states=[other_state(s, ckpt_t.step) for s in options.states], options=options,
         buffers=p.buffers_t)
     update_norm = next((d["own_norm"] for d in result.directions if d["name"] == "update"), None)

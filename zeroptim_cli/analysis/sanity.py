@@ -44,7 +44,7 @@ def pair_warnings(ckpt_t: Checkpoint, ckpt_t1: Checkpoint, model: nn.Module, tra
     shared = params & set(ckpt_t.tensors) & set(ckpt_t1.tensors)
     if update_norm == 0 if update_norm is not None else (
             shared and all(torch.equal(ckpt_t.tensors[n], ckpt_t1.tensors[n]) for n in shared)):
-        lr = (ckpt_t.meta.get("optimizer") or {}).get("lr")
+        lr = ckpt_t.learning_rate
         out.append("the step is zero (Δ = 0: both checkpoints hold the same weights), so gᵀΔ, ΔᵀHΔ and every ratio to "
                    "‖Δ‖ say nothing" + ("; the recorded learning rate is 0, as at the start of a learning-rate "
                                          "warmup" if lr == 0 else ""))

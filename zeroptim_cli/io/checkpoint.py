@@ -57,6 +57,15 @@ class Checkpoint:
         return self.meta.get("model")
 
     @property
+    def learning_rate(self) -> float | None:
+        """The learning rate recorded in the optimizer metadata (``optimizer.lr``), else the one a Hugging Face
+        folder's ``trainer_state.json`` logged (metadata ``learning_rate``, ``io.hf``), else None."""
+        for lr in ((self.meta.get("optimizer") or {}).get("lr"), self.meta.get("learning_rate")):
+            if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+                return float(lr)
+        return None
+
+    @property
     def folder(self) -> Path:
         """The folder recorded batches are named in: the file's own, or the checkpoint itself if a folder."""
         return self.path if self.path.is_dir() else self.path.parent
