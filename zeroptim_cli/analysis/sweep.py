@@ -22,6 +22,7 @@ the pair before it: one forward pass saved per pair.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -78,7 +79,20 @@ def _file_id(p: Path) -> list[Any]:
 
 
 def _batch_id(p: Path) -> list[Any]:
-    return [str(p.resolve()), file_digest(p)]
+    """A batch file's identity in a key: its resolved path and content hash (``_digest``; None for a file that
+    cannot be read, which its reading then reports)."""
+    try:
+        st = p.stat()
+    except OSError:
+        return [str(p.resolve()), None]
+    return [str(p.resolve()), _digest(str(p.resolve()), st.st_size, st.st_mtime_ns)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int) -> str | None:
+    """The content hash of one version of a file (size and modification time name it): a sweep's two keys per
+    pair, and each pair that shares a recorded batch, hash it once."""
+    return file_digest(Path(path))
 
 
 #: The settings a result's numbers depend on (``base``: the base model folder peft adapters are read on). The
