@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import atomic_path, read_header, read_safetensors
+from zeroptim_cli.io.files import atomic_path, leads_out, read_header, read_safetensors
 from zeroptim_cli.io.hf import SPEC_KEY, check_spec_blocks, config_difference, is_hf_folder, read_hf_folder
 from zeroptim_cli.io.layout import BASE_ROLE, encode_metadata, parse_metadata, recorded_batch_paths
 from zeroptim_cli.io.peft import ADAPTER_CONFIG, PEFT_KEY, is_adapter_folder, read_adapter_folder
@@ -123,9 +123,10 @@ _BASES_LOCK = threading.Lock()
 def _with_base(p: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of checkpoint ``p`` with those of the recorded base ``name`` beside it."""
     base = p.parent / name
+    out = leads_out(p.parent, name)
+    if out is not None:
+        raise ZeroptimError(f"checkpoint '{p}': its recorded base '{name}' leads out of its folder (to '{out}')")
     real = Path(os.path.realpath(base))
-    if not real.is_relative_to(Path(os.path.realpath(p.parent))):
-        raise ZeroptimError(f"checkpoint '{p}': its recorded base '{name}' leads out of its folder (to '{real}')")
     try:
         st = real.stat()
     except OSError as exc:

@@ -52,6 +52,14 @@ def file_digest(path: Path) -> str | None:
         return None
 
 
+def leads_out(folder: Path, name: str | os.PathLike) -> Path | None:
+    """Where ``folder / name`` really is (symlinks followed) when that is outside ``folder``, or an absolute
+    ``name``; None when it stays inside. Metadata and indexes name files beside a checkpoint, nothing else."""
+    real = Path(os.path.realpath(folder / name))
+    inside = real.is_relative_to(Path(os.path.realpath(folder))) and not Path(name).is_absolute()
+    return None if inside else real
+
+
 def _check_file(p: Path, kind: str) -> None:
     if not p.exists():
         raise ZeroptimError(f"{kind} file '{p}' does not exist")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import threading
 import warnings
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import loads_json, read_header
+from zeroptim_cli.io.files import leads_out, loads_json, read_header
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -74,12 +73,10 @@ def check_weights(folder: Path) -> dict[str, Path]:
     inside it: an index naming another file or a path leading out of the folder (after symlinks), a
     ``model.safetensors`` that is a link out of it, weights that are only a pickle. Returns the index's map,
     tensor name → the shard that holds it (empty for a flat ``model.safetensors``)."""
-    home = Path(os.path.realpath(folder))
-
     def inside(name: str, source: Path) -> None:
-        real = Path(os.path.realpath(folder / name))
-        if not real.is_relative_to(home) or Path(name).is_absolute():
-            raise ZeroptimError(f"'{source}' names weights '{name}' outside the checkpoint folder (at '{real}'); "
+        out = leads_out(folder, name)
+        if out is not None:
+            raise ZeroptimError(f"'{source}' names weights '{name}' outside the checkpoint folder (at '{out}'); "
                                 "weights are read only from files inside it")
 
     if not (folder / WEIGHTS).is_file() and not (folder / INDEX).is_file():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import platform
 import re
 from collections.abc import Mapping, Sequence
@@ -42,7 +41,7 @@ import torch
 
 from zeroptim_cli._version import __version__
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import loads_json, read_header
+from zeroptim_cli.io.files import leads_out, loads_json, read_header
 from zeroptim_cli.io.hf import SPEC_KEY, folder_step, is_hf_folder
 from zeroptim_cli.io.peft import PEFT_KEY, is_adapter_folder
 
@@ -255,13 +254,12 @@ def recorded_batch_paths(meta: Mapping[str, Any], folder: Path, source: Path) ->
     ``folder``; each must still be inside the folder once symlinks are followed (a link, or a linked
     subfolder, leading elsewhere is refused: the metadata names files beside the checkpoint, nothing else)."""
     names = meta.get("batches") or ([meta["batch"]] if meta.get("batch") else [])
-    home = Path(os.path.realpath(folder))
     paths = []
     for name in names:
-        real = Path(os.path.realpath(folder / name))
-        if not real.is_relative_to(home):
+        out = leads_out(folder, name)
+        if out is not None:
             raise ZeroptimError(f"checkpoint '{source}': its recorded batch '{name}' leads out of its folder "
-                                f"(to '{real}'); pass the batch with --batch if you mean it")
+                                f"(to '{out}'); pass the batch with --batch if you mean it")
         paths.append(folder / name)
     return paths
 

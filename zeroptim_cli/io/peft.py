@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import loads_json, read_safetensors
+from zeroptim_cli.io.files import leads_out, loads_json, read_safetensors
 from zeroptim_cli.io.hf import folder_step, is_hf_folder, load_hf_model, quiet_transformers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -169,7 +169,7 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise ZeroptimError(f"adapter folder '{folder}' holds its weights only as a pickle ('{PICKLED_ADAPTER}'): "
                             "pickles are never read (unpickling can run code); if you trust the folder, save it "
                             "again with peft: save_pretrained(..., safe_serialization=True)")
-    if not Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(folder))):
+    if leads_out(folder, ADAPTER_WEIGHTS) is not None:
         raise ZeroptimError(f"'{path}' leads out of the adapter folder; weights are read only from files inside it")
     tensors, _ = read_safetensors(path, "adapter")
     return tensors
