@@ -43,6 +43,15 @@ def loads_json(text: str | bytes) -> Any:
         raise ValueError("nested too deeply to be read") from None
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value of a file (``loads_json``); one ``ZeroptimError`` naming the file when it cannot be read
+    or parsed."""
+    try:
+        return loads_json(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ZeroptimError(f"'{path}' is not readable JSON ({exc})") from exc
+
+
 def file_digest(path: Path) -> str | None:
     """The SHA-256 of a file's content (None when it cannot be read: whoever reads it then says why)."""
     try:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import leads_out, loads_json, read_header
+from zeroptim_cli.io.files import leads_out, read_header, read_json
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -85,7 +85,7 @@ def check_weights(folder: Path) -> dict[str, Path]:
     if (folder / WEIGHTS).is_file():
         inside(WEIGHTS, folder)
         return {}
-    index = _read_json(folder / INDEX)
+    index = read_json(folder / INDEX)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ZeroptimError(f"'{folder / INDEX}' has no 'weight_map' object of file names")
@@ -206,17 +206,10 @@ def config_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return loads_json(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ZeroptimError(f"'{path}' is not readable JSON ({exc})") from exc
-
-
 def _trainer_state(folder: Path) -> dict[str, Any]:
     """``trainer_state.json`` of the folder as a JSON object ({} when there is none or it is not an object)."""
     state = folder / TRAINER_STATE
-    content = _read_json(state) if state.is_file() else None
+    content = read_json(state) if state.is_file() else None
     return content if isinstance(content, dict) else {}
 
 
@@ -251,7 +244,7 @@ def folder_metadata(folder: Path, files: dict[str, Path] | None = None) -> tuple
     ``learning_rate`` as ``folder_learning_rate`` says. ``files``: what ``check_weights`` gave for the
     folder, when the caller has checked its weights already."""
     config_path = folder / CONFIG
-    config = _read_json(config_path)
+    config = read_json(config_path)
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
     files = check_weights(folder) if files is None else files

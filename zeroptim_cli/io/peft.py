@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import leads_out, loads_json, read_safetensors
+from zeroptim_cli.io.files import leads_out, read_json, read_safetensors
 from zeroptim_cli.io.hf import folder_step, is_hf_folder, load_hf_model, quiet_transformers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -133,10 +133,7 @@ def apply_adapter(model: nn.Module, spec: dict[str, Any], source: str) -> nn.Mod
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """The adapter folder's ``adapter_config.json`` as a JSON object."""
     path = folder / ADAPTER_CONFIG
-    try:
-        config = loads_json(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ZeroptimError(f"'{path}' is not readable JSON ({exc})") from exc
+    config = read_json(path)
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{path}' is not a JSON object")
     return config
