@@ -23,7 +23,6 @@ metadata is written and checked by ``io.layout``, with the names of a run's file
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import atomic_path, leads_out, read_header, read_safetensors
+from zeroptim_cli.io.files import LastRead, atomic_path, leads_out, read_header, read_safetensors
 from zeroptim_cli.io.hf import SPEC_KEY, check_spec_blocks, config_difference, is_hf_folder, read_hf_folder
 from zeroptim_cli.io.layout import BASE_ROLE, encode_metadata, parse_metadata, recorded_batch_paths
 from zeroptim_cli.io.peft import ADAPTER_CONFIG, PEFT_KEY, is_adapter_folder, read_adapter_folder
@@ -116,8 +115,7 @@ def needs_base(path: Path) -> bool:
 
 #: The last recorded base read, by (resolved path, size, modification time): the checkpoints of one run
 #: share its tensors, so that the frozen weights are held once and Δ of them is zero by construction.
-_BASES: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
-_BASES_LOCK = threading.Lock()
+_BASES: LastRead[dict[str, torch.Tensor]] = LastRead()
 
 
 def _with_base(p: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,15 +129,13 @@ def _with_base(p: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str
         st = real.stat()
     except OSError as exc:
         raise ZeroptimError(f"checkpoint '{p}': its recorded base '{base}' cannot be read ({exc.strerror})") from exc
-    key = (str(real), st.st_size, st.st_mtime_ns)
-    with _BASES_LOCK:
-        frozen = _BASES.get(key)
-        if frozen is None:
-            frozen, raw = read_safetensors(base, "base")
-            if parse_metadata(raw, base).get("role") != BASE_ROLE:
-                raise ZeroptimError(f"checkpoint '{p}': '{base}', which it names as its base, is not a recorded base")
-            _BASES.clear()
-            _BASES[key] = _finite(frozen, base)
+    def read() -> dict[str, torch.Tensor]:
+        frozen, raw = read_safetensors(base, "base")
+        if parse_metadata(raw, base).get("role") != BASE_ROLE:
+            raise ZeroptimError(f"checkpoint '{p}': '{base}', which it names as its base, is not a recorded base")
+        return _finite(frozen, base)
+
+    frozen = _BASES.get((str(real), st.st_size, st.st_mtime_ns), read)
     both = sorted(set(frozen) & set(tensors))
     if both:
         raise ZeroptimError(f"checkpoint '{p}' and its base '{base}' both hold '{both[0]}'")

@@ -19,14 +19,17 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from zeroptim_cli.errors import ConfigError, ZeroptimError
+
+T = TypeVar("T")
 
 #: Header size limit (as safetensors itself uses): a larger n is a corrupt or hostile file.
 MAX_HEADER_BYTES = 100_000_000
@@ -41,6 +44,25 @@ def loads_json(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply to be read") from None
+
+
+class LastRead(Generic[T]):
+    """The last value read, under the key of what it was read from (a file's or folder's version): one slot
+    under a lock, so that the checkpoints of one run share what they have in common (a base model's weights)
+    and memory holds it once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Any = None
+        self._value: T | None = None
+
+    def get(self, key: Any, read: Callable[[], T], fits: Callable[[T], bool] = lambda value: True) -> T:
+        """The value last read under ``key`` where ``fits`` accepts it, else ``read()``, kept in its place."""
+        with self._lock:
+            if self._value is not None and self._key == key and fits(self._value):
+                return self._value
+            self._key, self._value = key, read()
+            return self._value
 
 
 def read_json(path: Path) -> Any:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import leads_out, read_json, read_safetensors
+from zeroptim_cli.io.files import LastRead, leads_out, read_json, read_safetensors
 from zeroptim_cli.io.hf import folder_step, is_hf_folder, load_hf_model, quiet_transformers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -213,8 +212,7 @@ def read_adapter_folder(folder: Path, base: Path | None = None) -> tuple[dict[st
 
 #: The frozen base weights of the last adapter read, by its base folder's identity (``_folder_id``): the
 #: adapters of one run share those tensors (held once, Δ of them zero by construction).
-_BASES: dict[str, dict[str, torch.Tensor]] = {}
-_BASES_LOCK = threading.Lock()
+_BASES: LastRead[dict[str, torch.Tensor]] = LastRead()
 
 
 def _folder_id(folder: Path) -> str:
@@ -226,12 +224,8 @@ def _folder_id(folder: Path) -> str:
 def _shared_base(home: Path, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``frozen`` (name → the base's weight, as just loaded from ``home``), or the same tensors of the last
     adapter read on the same, unchanged base folder with the same names, which are then shared."""
-    key = _folder_id(home)
-    with _BASES_LOCK:
-        cached = _BASES.get(key)
-        if cached is not None and cached.keys() == frozen.keys() and all(
-                cached[n].shape == t.shape and cached[n].dtype == t.dtype for n, t in frozen.items()):
-            return cached
-        _BASES.clear()
-        _BASES[key] = {n: t.detach() for n, t in frozen.items()}
-        return _BASES[key]
+    def same(cached: dict[str, torch.Tensor]) -> bool:
+        return cached.keys() == frozen.keys() and all(
+            cached[n].shape == t.shape and cached[n].dtype == t.dtype for n, t in frozen.items())
+
+    return _BASES.get(_folder_id(home), lambda: {n: t.detach() for n, t in frozen.items()}, same)
