@@ -42,7 +42,7 @@ import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from zeroptim_cli.derivatives.losses import MODEL_LOSS
 from zeroptim_cli.io.batches import LABELS, save_batch
-from zeroptim_cli.io.checkpoint import frozen_parameters, save_base, save_checkpoint
+from zeroptim_cli.io.checkpoint import save_base, save_checkpoint
 from zeroptim_cli.io.hf import SPEC_KEY, comparable_config
 from zeroptim_cli.io.layout import (
     BASE_FILE,
@@ -163,7 +163,7 @@ class ZeroptimCallback(TrainerCallback):
         if "base" in meta and not self._base_saved:
             save_base(self.folder / BASE_FILE, model, {"model": meta["model"]})
             self._base_saved = True
-        save_checkpoint(self.folder / ckpt_name(step), model, meta, leave_out=self._frozen(meta, model))
+        save_checkpoint(self.folder / ckpt_name(step), model, meta, parts=self._parts(meta))
         if optimizer is not None:
             save_state(self.folder / state_name(step), model, getattr(optimizer, "optimizer", optimizer), step,
                        meta["optimizer"])
@@ -176,14 +176,14 @@ class ZeroptimCallback(TrainerCallback):
         step = state.global_step
         # If step s+1 is recorded too, its own "before" checkpoint rewrites this file with its batches.
         meta = self._meta(model, step + 1, optimizer, args)
-        save_checkpoint(self.folder / ckpt_name(step + 1), model, meta, leave_out=self._frozen(meta, model))
+        save_checkpoint(self.folder / ckpt_name(step + 1), model, meta, parts=self._parts(meta))
         self.recorded.append(step)
         self._stop()
 
     @staticmethod
-    def _frozen(meta: dict[str, Any], model: nn.Module) -> list[str]:
-        """The tensors a checkpoint leaves to the recorded base: a peft model's frozen ones, else none."""
-        return frozen_parameters(model) if "base" in meta else []
+    def _parts(meta: dict[str, Any]) -> Literal["all", "trainable"]:
+        """What a checkpoint holds: all but a peft model's frozen parameters, left to the recorded base."""
+        return "trainable" if "base" in meta else "all"
 
     @staticmethod
     def _meta(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,

@@ -23,10 +23,9 @@ metadata is written and checked by ``io.layout``, with the names of a run's file
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -151,28 +150,23 @@ def _finite(tensors: dict[str, torch.Tensor], p: Path) -> dict[str, torch.Tensor
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None,
-                    leave_out: Collection[str] = ()) -> Path:
-    """Save ``model``'s state dict (tied weights once, ``unique_state``) but the tensors ``leave_out`` names
-    with ``zeroptim`` metadata, atomically."""
-    state = {k: v for k, v in unique_state(model).items() if k not in leave_out}
+                    parts: Literal["all", "trainable", "frozen"] = "all") -> Path:
+    """Save ``model``'s state dict (tied weights once, ``unique_state``) with ``zeroptim`` metadata,
+    atomically: every tensor, or all but the frozen parameters (``requires_grad`` False: a peft model's base,
+    left to the recorded base), or those alone (the recorded base, ``save_base``)."""
+    state = unique_state(model)
+    if parts != "all":
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad and n in state}
+        state = {k: v for k, v in state.items() if (k in frozen) == (parts == "frozen")}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=encode_metadata(meta or {}))
     return Path(path)
 
 
-def frozen_parameters(model: nn.Module) -> list[str]:
-    """The names (``unique_state``'s) of the parameters of ``model`` that training does not change
-    (``requires_grad`` False: a peft model's base)."""
-    state = unique_state(model)
-    return [n for n, p in model.named_parameters() if not p.requires_grad and n in state]
-
-
 def save_base(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
-    """Save the frozen parameters of ``model`` (``frozen_parameters``) once, as the recorded base that its
-    checkpoints name (metadata ``base``) and leave out; ``role`` ``base`` in its metadata."""
-    frozen = set(frozen_parameters(model))
-    return save_checkpoint(path, model, {**(meta or {}), "role": BASE_ROLE},
-                           leave_out=[n for n in unique_state(model) if n not in frozen])
+    """Save the frozen parameters of ``model`` once, as the recorded base that its checkpoints name (metadata
+    ``base``) and leave out; ``role`` ``base`` in its metadata."""
+    return save_checkpoint(path, model, {**(meta or {}), "role": BASE_ROLE}, parts="frozen")
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
