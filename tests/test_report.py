@@ -110,6 +110,19 @@ def test_lines_join_only_consecutive_steps() -> None:
     assert "consecutive" not in a.get_xlabel()
 
 
+def test_lines_join_a_run_recorded_at_a_stride_and_break_at_a_missing_recording() -> None:
+    """Pairs recorded every 50 steps are a time series sampled at that rate: joined, and said so; the recording
+    missing at step 150 breaks the line."""
+    rows = [row("sgd", s, 1.0 + s) for s in (0, 50, 100, 200, 250)]
+    (a,) = axes_titled(figure(rows), "(a)")
+    x = np.asarray(_line(a, "sgd").get_xdata(), dtype=float)
+    assert np.array_equal(x, [0, 50, 100, np.nan, 200, 250], equal_nan=True)
+    assert "lines join pairs recorded every 50 steps; a longer gap breaks them" in a.get_xlabel()
+    (a,) = axes_titled(figure([row("sgd", s, 1.0) for s in (0, 50, 100)]), "(a)")
+    assert np.isfinite(np.asarray(_line(a, "sgd").get_xdata(), dtype=float)).all()
+    assert "every 50 steps" in a.get_xlabel() and "breaks" not in a.get_xlabel()
+
+
 def test_step_ticks_never_print_over_each_other() -> None:
     recorded = [0, 1, 100, 101, 250, 251]
     fig = figure([row("sgd", s, 1.0) for s in recorded])

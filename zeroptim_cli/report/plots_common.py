@@ -138,19 +138,42 @@ def consecutive(group: Sequence[Row]) -> np.ndarray:
     return ends[:-1] == x[1:]
 
 
+def stride(group: Sequence[Row]) -> float | None:
+    """The run's recording stride: the commonest step between successive rows, where it recurs (a run
+    recorded every 50 steps: 50); None for a run with no regular stride."""
+    gaps, counts = np.unique(np.diff(steps(group)), return_counts=True)
+    if not len(gaps) or counts.max() < 2:
+        return None
+    return float(gaps[counts.argmax()])
+
+
+def linked(group: Sequence[Row]) -> np.ndarray:
+    """For each row but the last, whether a line joins it to the next: pairs that meet (``consecutive``), or
+    that lie the run's recording ``stride`` apart — a time series sampled at that rate; a longer gap (a
+    recording missing) breaks the line."""
+    every = stride(group)
+    regular = np.diff(steps(group)) == every if every is not None else np.zeros(max(len(group) - 1, 0), bool)
+    return consecutive(group) | regular
+
+
 def joined(group: Sequence[Row], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and values to plot with a line that joins only consecutive measurements (``consecutive``):
-    a NaN between two rows with unrecorded steps between them breaks the line there, since a line across
-    them would draw values that were never measured (a line crossing 0 between two positive steps). The
-    markers still show every row."""
+    """Steps and values to plot with a line that joins only the rows ``linked`` says: a NaN where a recording is
+    missing breaks the line there, since a line across the gap would draw values never measured at the run's
+    rate. The markers still show every row."""
     x, y = steps(group), np.asarray(y, dtype=float)
-    gap = np.flatnonzero(~consecutive(group)) + 1
+    gap = np.flatnonzero(~linked(group)) + 1
     return np.insert(x, gap, np.nan), np.insert(y, gap, np.nan)
 
 
 def gaps_note(groups: Iterable[Sequence[Row]]) -> str | None:
-    """Said under a panel whose lines are broken at unrecorded steps."""
-    if any(len(g) > 1 and not consecutive(g).all() for g in groups):
+    """Said under a panel whose lines skip unrecorded steps (joined at a recording stride) or are broken."""
+    groups = [g for g in groups if len(g) > 1]
+    strides = sorted({stride(g) for g in groups if not consecutive(g).all() and stride(g) not in (None, 1.0)})
+    broken = any(not linked(g).all() for g in groups)
+    if strides:
+        every = f"every {strides[0]:g} steps" if len(strides) == 1 else "at each run's recording stride"
+        return f"lines join pairs recorded {every}" + ("; a longer gap breaks them" if broken else "")
+    if broken:
         return "lines join only consecutive steps; points with unrecorded steps between them stand alone"
     return None
 
