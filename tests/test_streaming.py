@@ -95,6 +95,7 @@ def test_large_weights_run_in_pieces_give_the_same_numbers(tmp_path, transformer
         return original(self, name, rows)
 
     monkeypatch.setattr(streaming, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(streamed_analysis, "NORM_BLOCK_BYTES", 700)  # ‖Δ_l‖² of the embedding in several blocks too
     monkeypatch.setattr(streamed_analysis.PairLoader, "__call__", spy)
     a, b = save_pair(tiny(kind), tmp_path)
     batch = lm_batch(tmp_path / "b.safetensors", pad_from=6)
