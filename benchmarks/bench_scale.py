@@ -34,6 +34,8 @@ from safetensors.torch import save_file
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2),  # a smoke test of the script itself
+    "44m": dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1376, num_attention_heads=8,
+                num_key_value_heads=4),  # small, grouped-query attention: the vocabulary's share is large
     "136m": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12,
                  num_key_value_heads=12),
     "350m": dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=2560, num_attention_heads=16,
@@ -41,7 +43,8 @@ SIZES = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
                  num_key_value_heads=4),  # TinyLlama 1.1B's shape
 }
-ENTRIES = {"tiny": ("train step", "auto", "taylor", "stream"), "136m": ("train step", "auto", "taylor", "stream"),
+ENTRIES = {"tiny": ("train step", "auto", "taylor", "stream"), "44m": ("train step", "auto", "taylor", "stream"),
+           "136m": ("train step", "auto", "taylor", "stream"),
            "350m": ("train step", "auto", "taylor", "stream"),
            "1.1b": ("stream",)}
 

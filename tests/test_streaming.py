@@ -95,6 +95,7 @@ def test_large_weights_run_in_pieces_give_the_same_numbers(tmp_path, transformer
         return original(self, name, rows)
 
     monkeypatch.setattr(streaming, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(streamed_analysis, "NORM_BLOCK_BYTES", 700)  # ‖Δ_l‖² of the embedding in several blocks too
     monkeypatch.setattr(streamed_analysis.PairLoader, "__call__", spy)
     a, b = save_pair(tiny(kind), tmp_path)
     batch = lm_batch(tmp_path / "b.safetensors", pad_from=6)
@@ -122,6 +123,43 @@ def test_rows_are_read_as_the_whole_tensor_indexed(tmp_path, monkeypatch) -> Non
     assert files.read("w", rows=torch.tensor([], dtype=torch.long)).shape == (0, 5)
     with pytest.raises(IndexError):
         files.read("w", rows=torch.tensor([3, 9]))
+
+
+@pytest.mark.parametrize("stored, run", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                         (torch.float64, torch.float32), (torch.float32, torch.bfloat16),
+                                         (torch.float16, torch.bfloat16)])
+def test_a_difference_read_is_the_converted_tensor_less_minus(tmp_path, monkeypatch, stored, run) -> None:
+    """w_t1 − w_t formed while reading equals converting the stored tensor to the run's dtype and then subtracting,
+    whether the conversion is exact (subtracted in one pass) or rounds (converted first), over several slices."""
+    monkeypatch.setattr(lazy, "SLICE_BYTES", 48)
+    torch.manual_seed(0)
+    w, v = (10 * torch.randn(7, 6)).to(stored), torch.randn(7, 6).to(run)
+    from safetensors.torch import save_file
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    _, files = open_lazily(tmp_path / "w.safetensors")
+    assert torch.equal(files.read("w", dtype=run, minus=v), w.to(run) - v)
+    assert torch.equal(files.read("w", dtype=run), w.to(run))
+    assert torch.equal(files.read("w", dtype=run, minus=v[2:5], rows=slice(2, 5)), (w.to(run) - v)[2:5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_sees_every_nan_and_inf(dtype) -> None:
+    """``all_finite`` (min and max finite) against ``torch.isfinite(...).all()``: a NaN or ±Inf at any position
+    of a long tensor (vectorised body and scalar tail), alone or beside the others; empty tensors are finite."""
+    from zeroptim_cli.io.files import all_finite
+
+    assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.zeros(3, 0, dtype=dtype))
+    for n in (1, 7, 1000, 4099):
+        x = torch.randn(n).to(dtype)
+        assert all_finite(x)
+        for i in sorted({i for i in (0, 1, n // 2, n - 2, n - 1) if 0 <= i < n}):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                y = x.clone()
+                y[i] = bad
+                assert not all_finite(y) and not all_finite(y.view(1, n)), (n, i, bad)
+    big = torch.full((5,), torch.finfo(dtype).max, dtype=dtype)
+    big[0] = -big[0]
+    assert all_finite(big)
 
 
 def test_bf16_shards_are_read_as_saved(tmp_path, transformers, monkeypatch) -> None:

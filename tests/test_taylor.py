@@ -569,6 +569,25 @@ def test_mse_and_ce_ignore_index_tokens():
     check(*module_case(model, (idx,), lambda o: F.mse_loss(o, torch.ones_like(o))))
 
 
+@pytest.mark.parametrize("block_bytes", [8, 24, 2**19])
+@pytest.mark.parametrize("quadratic", [True, False])
+def test_cross_entropy_with_its_dot_products_in_row_blocks(monkeypatch, block_bytes, quadratic):
+    """log_softmax's dot products over the class dim taken a block of rows at a time (one row, 3 rows with a
+    remainder, all at once), with logits quadratic in w (x2 ≠ 0) or linear in it (x2 = 0: a linear classifier
+    on constant inputs)."""
+    from zeroptim_cli.derivatives.taylor.rules import softmax
+
+    monkeypatch.setattr(softmax, "ROW_DOT_BYTES", block_bytes)
+    x, tgt = rand(7, 5, seed=50), torch.tensor([0, 4, 2, 2, -100, 1, 3])
+
+    def f(p):
+        logits = x @ p["w"].t() + p["b"]
+        if quadratic:
+            logits = logits * (1 + 0.5 * p["b"])
+        return F.cross_entropy(logits, tgt) + 0.3 * F.log_softmax(logits, -1)[:, 1:3].square().sum()
+    check(f, {"w": rand(6, 5, seed=51), "b": rand(6, seed=52)}, {"w": rand(6, 5, seed=53), "b": rand(6, seed=54)})
+
+
 # ---------------------------------------------------------------------------------------------- Hugging Face
 
 def _hf_case(model, V, T=8, B=2):

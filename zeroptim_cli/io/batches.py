@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import atomic_path, read_safetensors
+from zeroptim_cli.io.files import all_finite, atomic_path, read_safetensors
 
 #: Tensors that mark a batch file as keyword arguments of a Hugging Face model.
 KWARGS_MARKERS = ("input_ids", "pixel_values")
@@ -124,7 +124,7 @@ def load_batch(path: str | os.PathLike) -> Batch:
         raise ZeroptimError(f"batch file '{path}' has keyword arguments ({', '.join(tensors)}) but no '{LABELS}' "
                             "to score the model against")
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ZeroptimError(f"batch file '{path}': tensor '{name}' contains NaN or Inf")
     if "inputs" in tensors:
         return Batch(tensors["inputs"], tensors["targets"], str(path))

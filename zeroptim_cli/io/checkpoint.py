@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zeroptim_cli.errors import ZeroptimError
-from zeroptim_cli.io.files import LastRead, atomic_path, leads_out, read_header, read_safetensors
+from zeroptim_cli.io.files import LastRead, all_finite, atomic_path, leads_out, read_header, read_safetensors
 from zeroptim_cli.io.hf import SPEC_KEY, check_spec_blocks, config_difference, is_hf_folder, read_hf_folder
 from zeroptim_cli.io.layout import BASE_ROLE, encode_metadata, parse_metadata, recorded_batch_paths
 from zeroptim_cli.io.peft import ADAPTER_CONFIG, PEFT_KEY, is_adapter_folder, read_adapter_folder
@@ -144,7 +144,7 @@ def _with_base(p: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str
 def _finite(tensors: dict[str, torch.Tensor], p: Path) -> dict[str, torch.Tensor]:
     """``tensors``, the weights of ``p``, refused if one holds NaN or Inf."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ZeroptimError(f"checkpoint '{p}': tensor '{name}' contains NaN or Inf")
     return tensors
 

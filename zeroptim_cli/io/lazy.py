@@ -22,7 +22,7 @@ import torch
 
 from zeroptim_cli.errors import ZeroptimError
 from zeroptim_cli.io.checkpoint import Checkpoint
-from zeroptim_cli.io.files import read_header
+from zeroptim_cli.io.files import all_finite, read_header
 from zeroptim_cli.io.hf import INDEX, WEIGHTS, check_spec_blocks, check_weights, folder_metadata, require_hf_folder
 from zeroptim_cli.io.layout import parse_metadata
 
@@ -72,25 +72,31 @@ class TensorFiles:
         step = max(1, SLICE_BYTES // row_bytes)
         flat = out.view(shape[0], -1) if stored.dim() else out.view(1)
         less = None if minus is None else (minus.reshape(shape[0], -1) if stored.dim() else minus.reshape(1))
+        # w_t1 − w_t formed in one pass into ``out`` where the stored values convert exactly to the run's dtype
+        # (the subtraction then promotes them as the conversion would); else converted first, then subtracted
+        exact = device.type == "cpu" and torch.promote_types(stored.dtype, target) == target
+        buf = bytearray(min(step, max(n for _, n in runs)) * row_bytes)  # one buffer for every slice
         at = 0  # the row of ``out`` the next part goes to
         try:
             with file.open("rb") as f:
                 for first, count in runs:
                     for i in range(first, first + count, step):
                         n = min(step, first + count - i)
-                        buf = bytearray(n * row_bytes)
                         f.seek(offset + i * row_bytes)
-                        if f.readinto(buf) != len(buf):
+                        if f.readinto(memoryview(buf)[:n * row_bytes]) != n * row_bytes:
                             raise ZeroptimError(f"checkpoint file '{file}' is shorter than its header says at "
                                                 f"tensor '{name}'")
-                        part = torch.frombuffer(buf, dtype=stored.dtype)
-                        if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                        part = torch.frombuffer(buf, dtype=stored.dtype, count=n * row_bytes // stored.element_size())
+                        if part.is_floating_point() and not all_finite(part):
                             raise ZeroptimError(f"checkpoint '{self.path}': tensor '{name}' contains NaN or Inf")
                         part = part.view(n, -1) if stored.dim() else part
-                        part = part.to(device=device, dtype=target)
-                        if less is not None:
-                            part = part - less[at:at + n]
-                        flat[at:at + n] = part
+                        dst = flat[at:at + n]
+                        if less is None:
+                            dst.copy_(part)
+                        elif exact:
+                            torch.sub(part, less[at:at + n], out=dst)
+                        else:
+                            torch.sub(part.to(device=device, dtype=target), less[at:at + n], out=dst)
                         at += n
         except OSError as exc:
             raise ZeroptimError(f"checkpoint file '{file}' cannot be read ({exc.strerror})") from exc

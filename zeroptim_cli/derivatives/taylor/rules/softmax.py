@@ -16,16 +16,36 @@ def _dot(s: Tensor, y: Tensor, dim) -> Tensor:
     return (s * y).sum(dim, keepdim=True)
 
 
+#: Bytes of the products ``_row_dot`` forms at a time: cache-sized, and below the size from which streaming's
+#: allocator maps every block afresh (``allocator.MMAP_THRESHOLD``).
+ROW_DOT_BYTES = 2**19
+
+
+def _row_dot(s: Tensor, y: Tensor, dim) -> Tensor:
+    """⟨s, y⟩ along dim, kept, as ``_dot``; along the last dim of same-shaped tensors, a block of rows at a time, so
+    that no product the size of s is written (a language model's logits: 32 MiB per coefficient at 256 tokens of a
+    32000-token vocabulary)."""
+    last = s.dim() - 1
+    if dim not in (-1, last) or s.shape != y.shape or s.dim() == 0:
+        return _dot(s, y, dim)
+    n = s.shape[-1]
+    a, b = s.reshape(-1, n), y.reshape(-1, n)
+    out = torch.empty(a.shape[0], 1, dtype=torch.promote_types(s.dtype, y.dtype), device=s.device)
+    step = max(1, ROW_DOT_BYTES // max(1, n * out.element_size()))
+    for i in range(0, a.shape[0], step):
+        torch.sum(a[i:i + step] * b[i:i + step], -1, keepdim=True, out=out[i:i + step])
+    return out.view(*s.shape[:-1], 1)
+
+
 def _log_softmax_coeffs(s: Tensor, x1, x2, dim):
-    """l = x − logsumexp(x): l1 = x1 − ⟨s,x1⟩, l2 = x2 − ⟨s,x2⟩ − ½⟨s,l1²⟩ (s = softmax(x0))."""
-    l1 = None if x1 is None else x1 - _dot(s, x1, dim)
-    l2 = None
-    if x2 is not None:
-        l2 = x2 - _dot(s, x2, dim)
-    if l1 is not None:
-        h = 0.5 * _dot(s, l1 * l1, dim)
-        l2 = (-h).expand_as(s) if l2 is None else l2.sub_(h)
-    return l1, l2
+    """l = x − logsumexp(x): l1 = x1 − ⟨s,x1⟩, l2 = x2 − ⟨s,x2⟩ − ½⟨s,l1²⟩ (s = softmax(x0)). Consumes ``s``
+    (it becomes s·l1 in place), so that l1 and l2 are its only full-size results besides s (``_row_dot``)."""
+    m2 = None if x2 is None else _row_dot(s, x2, dim)
+    l1 = None if x1 is None else x1 - _row_dot(s, x1, dim)
+    h = None if l1 is None else _row_dot(s.mul_(l1), l1, dim).mul_(0.5)
+    if x2 is None:
+        return l1, (None if h is None else (-h).expand_as(l1))
+    return l1, x2 - (m2 if h is None else m2.add_(h))
 
 
 @register(aten._softmax, aten._safe_softmax)
