@@ -457,6 +457,33 @@ def test_taylor_chunks_of_a_transformer_at_long_context() -> None:
         assert [t.batch.num_examples for t in f.terms_for("auto")] == [2] * 16
 
 
+def test_reparametrized_calls_are_functional_calls() -> None:
+    """The objective's model call with given tensors is torch.func.functional_call's: a tensor given for one
+    of two tied names replaces both, the model's own tensors are back after the call (also after an error),
+    and what it does not map (a name the model lacks) is functional_call's own answer."""
+    from torch.func import functional_call
+
+    from zeroptim_cli.derivatives.objective import Reparametrized
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)).double()
+    model[1].weight = model[0].weight  # tied: one tensor, two names
+    call = Reparametrized(model)
+    x = torch.tensor([[1, 2, 3]])
+    own = model[0].weight
+    w = {"0.weight": torch.randn(7, 4, dtype=torch.float64)}
+    assert torch.equal(call(w, {}, (x,), {}), functional_call(model, w, (x,)))
+    assert torch.equal(call(w, {}, (x,), {}), w["0.weight"][x] @ w["0.weight"].T)
+    assert model[0].weight is own and model[1].weight is own
+    with pytest.raises(IndexError):
+        call(w, {}, (torch.tensor([[9]]),), {})
+    assert model[0].weight is own and model[1].weight is own
+    two = {"0.weight": w["0.weight"], "1.weight": torch.zeros(7, 4, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="tied"):  # functional_call's refusal of two values for one tensor
+        call(two, {}, (x,), {})
+    assert model[0].weight is own and model[1].weight is own
+
+
 def test_chunks_are_refused_in_train_mode() -> None:
     model, batches = tiny_mlp(), tiny_batches()
     w0 = params_of(model)

@@ -111,6 +111,48 @@ def largest_activation(one: list[tuple[int, bool]]) -> float:
     return float(max((size for size, own in one if not own), default=0))
 
 
+class Reparametrized:
+    """``torch.func.functional_call(model, (params, buffers), args, kwargs)`` with the walk of the model it does
+    on every call (every name of every parameter and buffer, tied ones included) done once, at construction:
+    each name is mapped to the places it lives in (a module's ``_parameters`` or ``_buffers`` and the key
+    there), a tied tensor's names to all of them, so that a tensor given for one name replaces the tied
+    ones too. The tensors are put there for the call and the model's own put back after, as
+    ``functional_call`` does (on a small model its walk costs about as much as the forward pass). Names the
+    model lacks, or two different tensors given for tied names, are left to ``functional_call`` itself."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        places: dict[int, list[tuple[dict, str]]] = {}  # by the tensor's identity: where it lives
+        named: list[tuple[str, int]] = []
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            for store in (module._parameters, module._buffers):
+                for key, t in store.items():
+                    if t is not None:
+                        places.setdefault(id(t), []).append((store, key))
+                        named.append((f"{prefix}.{key}" if prefix else key, id(t)))
+        #: name → (its tensor's group, every place of that tensor)
+        self.places = {name: (group, places[group]) for name, group in named}
+
+    def __call__(self, params: Params, buffers: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
+        swapped: list[tuple[dict, str, Tensor]] = []
+        given: dict[int, Tensor] = {}
+        for tensors in (params, buffers):
+            for name, t in tensors.items():
+                entry = self.places.get(name)
+                if entry is None or given.setdefault(entry[0], t) is not t:
+                    for store, key, own in reversed(swapped):
+                        store[key] = own
+                    return functional_call(self.model, (dict(params), dict(buffers)), args, kwargs)
+                for store, key in entry[1]:
+                    swapped.append((store, key, store[key]))
+                    store[key] = t
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for store, key, own in reversed(swapped):
+                store[key] = own
+
+
 @dataclass(frozen=True)
 class BatchTerm:
     """One batch's share of f: ``weight`` = n_b / Σ n_b and ``fn`` = ℓ_b as a function of the parameters."""
@@ -174,6 +216,7 @@ class Objective:
         self.model, self.buffers, self.loss, self.evaluation = model, dict(buffers), loss, evaluation
         self.device, self.dtype = evaluation.torch_device, evaluation.torch_dtype
         self._probe = params
+        self._call = Reparametrized(model)
 
         def prepare() -> list[Batch]:
             for b in batches:
@@ -254,10 +297,10 @@ class Objective:
         def fn(params: Params) -> Tensor:
             with computed_in(self.dtype):
                 if not self.evaluation.train:
-                    return self.loss(functional_call(self.model, (params, self.buffers), args, kwargs), batch.targets)
+                    return self.loss(self._call(params, self.buffers, args, kwargs), batch.targets)
                 buffers = {k: v.clone() for k, v in self.buffers.items()}
                 with seeded(self.evaluation.seed + index):
-                    outputs = functional_call(self.model, (params, buffers), args, kwargs)
+                    outputs = self._call(params, buffers, args, kwargs)
                 return self.loss(outputs, batch.targets)
 
         return fn
