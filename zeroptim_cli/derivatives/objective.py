@@ -167,7 +167,8 @@ class Objective:
     module docstring.
 
     The batches are this rank's shards of the given ones, moved to the evaluation's device (floating tensors
-    in its dtype), and cut into chunks (``chunk_length``). f is a mean over examples (or counted tokens), so
+    in its dtype), and cut into chunks (``chunk_length``), for each method by the rule of its memory
+    (``terms_for``: Taylor mode's chunks are larger). f is a mean over examples (or counted tokens), so
     Σ_chunks (n_c/N)·ℓ_c is the same f exactly, and so are its derivatives; only the peak memory of one
     evaluation shrinks (eval mode only: train mode's batch statistics and dropout masks would differ). The
     model must already be on that device and dtype, in the mode it is evaluated in.
