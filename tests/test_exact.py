@@ -457,6 +457,30 @@ def test_taylor_chunks_of_a_transformer_at_long_context() -> None:
         assert [t.batch.num_examples for t in f.terms_for("auto")] == [2] * 16
 
 
+def test_the_activation_probe_keeps_nothing_alive() -> None:
+    """What the probe saw saved is freed when it returns: a saved tensor reachable from its own graph was a
+    cycle through torch that no garbage collection frees (each probe's whole graph stayed in memory)."""
+    import gc
+    import weakref
+
+    from zeroptim_cli.derivatives import objective as obj
+
+    seen: list[weakref.ref] = []
+
+    def fn(batch: Batch):
+        def f(params):
+            h = torch.tanh(batch.inputs @ params["w"])  # tanh saves its output
+            seen.append(weakref.ref(h))
+            return h.sum()
+        return f
+
+    batch = Batch(torch.randn(3, 4, dtype=torch.float64), torch.zeros(3))
+    sizes = obj.saved_tensors(fn, batch, {"w": torch.randn(4, 5, dtype=torch.float64)})
+    gc.collect()
+    assert seen and seen[0]() is None
+    assert sorted(sizes) == [(3 * 4 * 8, False), (3 * 5 * 8, False)]  # x for ∂/∂w and tanh(x·w); w needs none
+
+
 def test_reparametrized_calls_are_functional_calls() -> None:
     """The objective's model call with given tensors is torch.func.functional_call's: a tensor given for one
     of two tied names replaces both, the model's own tensors are back after the call (also after an error),
