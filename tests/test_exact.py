@@ -320,7 +320,7 @@ def test_chunked_batches_give_the_same_numbers(method: str, monkeypatch) -> None
     from zeroptim_cli.derivatives import objective as obj
     from zeroptim_cli.models import CharTransformer
 
-    # a budget this small makes auto cut the 37-example batch (its activations are a few KiB per example)
+    # budgets this small make auto cut the 37-example batch (its activations are a few KiB per example)
     monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 2**15)
 
     model = CharTransformer(vocab_size=11, block_size=6, dim=8, heads=2, layers=1).double()
@@ -330,12 +330,13 @@ def test_chunked_batches_give_the_same_numbers(method: str, monkeypatch) -> None
         y = torch.randint(0, 11, (n, 6), generator=g)
         y[y < 2] = -100  # padding: counted tokens differ from chunk to chunk
         batches.append(Batch(torch.randint(0, 11, (n, 6), generator=g), y, f"b{n}"))
+    monkeypatch.setattr(obj, "TAYLOR_CHUNK_BYTES", 2**15)
     w0 = params_of(model)
     w1 = perturbed(w0, 0.05)
     loss = resolve_loss("cross_entropy")
     whole = analyze_pair(model, w0, w1, batches, loss, method=method, dtype=torch.float64, chunk_size=0)
     model.double()
-    auto = obj.Objective(model, dict(model.named_buffers()), batches, loss, Evaluation(dtype=torch.float64))
+    auto = obj.Objective(model, dict(model.named_buffers()), batches, loss, Evaluation(method, dtype=torch.float64))
     assert len(auto.terms) > 2 and all(t.batch.num_examples < 37 for t in auto.terms)  # auto really chunks
     for chunk in ("auto", 4, 1):
         r = analyze_pair(model, w0, w1, batches, loss, method=method, dtype=torch.float64, chunk_size=chunk)
@@ -383,6 +384,128 @@ def test_auto_chunks_follow_the_measured_activations(monkeypatch) -> None:
     _, d_one, _ = one.derivatives(params, delta)
     _, d_many, _ = many.derivatives(params, delta)
     assert rel_close(float(d_many.dir_sharpness), float(d_one.dir_sharpness), 1e-13)
+
+
+def test_taylor_mode_is_chunked_by_its_own_peak_and_its_fallback_by_the_hvps(monkeypatch) -> None:
+    """Taylor mode holds no graph: auto cuts its batches by 10 × the largest activation of an example against
+    half of what a step saves (at least TAYLOR_CHUNK_BYTES); a Hessian-vector product that runs after Taylor
+    mode refused gets the chunks of its own rule, and every chunking gives the whole batch's numbers."""
+    import dataclasses
+
+    import zeroptim_cli.derivatives.methods as methods
+    from zeroptim_cli.derivatives import objective as obj
+    from zeroptim_cli.derivatives.refusals import NoTaylorRule
+
+    model, batches = tiny_mlp(), tiny_batches(sizes=(30,))
+    params = params_of(model)
+    delta = {k: v - params[k] for k, v in perturbed(params, 0.05).items()}
+    loss = resolve_loss("cross_entropy")
+    taylor = Evaluation(method="taylor", dtype=torch.float64)
+    whole = obj.Objective(model, {}, batches, loss, dataclasses.replace(taylor, chunk_size=0))
+    fn = lambda b: whole._batch_fn(b, 0)  # noqa: E731
+    # MLP 5-6-4-3 (tanh), float64: the widest activation of one example is the first hidden layer's 6 values
+    assert obj.largest_activation(obj.saved_tensors(fn, batches[0].head(1), params)) == 8 * 6
+    step = obj.activation_bytes(fn, batches[0], params)
+    assert [t.batch.num_examples for t in obj.Objective(model, {}, batches, loss, taylor).terms] == [30]  # ≪ 64 MiB
+    monkeypatch.setattr(obj, "TAYLOR_CHUNK_BYTES", 1.0)  # the budget is now half what a step saves: 30·S/2
+    monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 8 * step)  # the HVP's: 8 examples a chunk
+    f = obj.Objective(model, {}, batches, loss, taylor)
+    per_chunk = -(-30 // math.ceil(30 * 10 * 48 / (30 * step / 2)))
+    assert 1 < per_chunk < 30 and per_chunk != 8
+    assert [t.batch.num_examples for t in f.terms] == [len(c.targets) for c in batches[0].chunks(per_chunk)]
+    assert [t.batch.num_examples for t in f.terms_for("auto")] == [8, 8, 8, 6]
+    _, ref, _ = whole.derivatives(params, delta, "reverse-over-reverse")
+    method, d, notes = f.derivatives(params, delta)
+    assert method == "taylor" and notes == []
+    for key in ("loss", "grad_corr", "dir_sharpness"):
+        assert rel_close(float(getattr(d, key)), float(getattr(ref, key)), 1e-12), key
+
+    calls: list[int] = []
+    record = methods.METHODS["reverse-over-reverse"]
+
+    def counting(fn, w, v):
+        calls.append(1)
+        return record.compute(fn, w, v)
+
+    def refusing(*args):
+        raise NoTaylorRule("aten::some_op", "no rule")
+
+    monkeypatch.setitem(methods.METHODS, "taylor", dataclasses.replace(methods.METHODS["taylor"], compute=refusing))
+    monkeypatch.setitem(methods.METHODS, record.name, dataclasses.replace(record, compute=counting))
+    method, d, notes = f.derivatives(params, delta)
+    assert method == "reverse-over-reverse" and notes[0].startswith("taylor refused this model")
+    assert len(calls) == 4  # the HVP's own 4 chunks, not Taylor mode's
+    for key in ("loss", "grad_corr", "dir_sharpness"):
+        assert rel_close(float(getattr(d, key)), float(getattr(ref, key)), 1e-12), key
+
+
+def test_taylor_chunks_of_a_transformer_at_long_context() -> None:
+    """The char transformer of the benchmarks at 32 × 256 tokens: its attention maps (1 MiB an example) make
+    one example's Taylor peak about 10 MiB, above half the 12.4 MiB a step saves for it under the math
+    kernel, so Taylor mode takes two chunks of 16 where the HVP's 16 MiB of saved activations take 16 of 2."""
+    from zeroptim_cli.derivatives import objective as obj
+    from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
+    from zeroptim_cli.models import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(vocab_size=100, block_size=256, dim=128, heads=4, layers=4).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randint(0, 100, (32, 256), generator=g), torch.randint(0, 100, (32, 256), generator=g))
+    with twice_differentiable_kernels():
+        f = obj.Objective(model, {}, [batch], resolve_loss("cross_entropy"), Evaluation(method="taylor"))
+        assert [t.batch.num_examples for t in f.terms] == [16, 16]
+        assert [t.batch.num_examples for t in f.terms_for("auto")] == [2] * 16
+
+
+def test_the_activation_probe_keeps_nothing_alive() -> None:
+    """What the probe saw saved is freed when it returns: a saved tensor reachable from its own graph was a
+    cycle through torch that no garbage collection frees (each probe's whole graph stayed in memory)."""
+    import gc
+    import weakref
+
+    from zeroptim_cli.derivatives import objective as obj
+
+    seen: list[weakref.ref] = []
+
+    def fn(batch: Batch):
+        def f(params):
+            h = torch.tanh(batch.inputs @ params["w"])  # tanh saves its output
+            seen.append(weakref.ref(h))
+            return h.sum()
+        return f
+
+    batch = Batch(torch.randn(3, 4, dtype=torch.float64), torch.zeros(3))
+    sizes = obj.saved_tensors(fn, batch, {"w": torch.randn(4, 5, dtype=torch.float64)})
+    gc.collect()
+    assert seen and seen[0]() is None
+    assert sorted(sizes) == [(3 * 4 * 8, False), (3 * 5 * 8, False)]  # x for ∂/∂w and tanh(x·w); w needs none
+
+
+def test_reparametrized_calls_are_functional_calls() -> None:
+    """The objective's model call with given tensors is torch.func.functional_call's: a tensor given for one
+    of two tied names replaces both, the model's own tensors are back after the call (also after an error),
+    and what it does not map (a name the model lacks) is functional_call's own answer."""
+    from torch.func import functional_call
+
+    from zeroptim_cli.derivatives.objective import Reparametrized
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)).double()
+    model[1].weight = model[0].weight  # tied: one tensor, two names
+    call = Reparametrized(model)
+    x = torch.tensor([[1, 2, 3]])
+    own = model[0].weight
+    w = {"0.weight": torch.randn(7, 4, dtype=torch.float64)}
+    assert torch.equal(call(w, {}, (x,), {}), functional_call(model, w, (x,)))
+    assert torch.equal(call(w, {}, (x,), {}), w["0.weight"][x] @ w["0.weight"].T)
+    assert model[0].weight is own and model[1].weight is own
+    with pytest.raises(IndexError):
+        call(w, {}, (torch.tensor([[9]]),), {})
+    assert model[0].weight is own and model[1].weight is own
+    two = {"0.weight": w["0.weight"], "1.weight": torch.zeros(7, 4, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="tied"):  # functional_call's refusal of two values for one tensor
+        call(two, {}, (x,), {})
+    assert model[0].weight is own and model[1].weight is own
 
 
 def test_chunks_are_refused_in_train_mode() -> None:

@@ -101,7 +101,7 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
     if options.clip:
         dc, tau = clipped(delta, options.clip)
         _, r, _ = objective.derivatives(w_t, dc, result.method)
-        hvps_spent += len(objective.terms)
+        hvps_spent += len(objective.terms_for(result.method))
         norm = float(flatten(dc).double().norm())
         out["clipped"] = {"fraction": options.clip, "tau": tau,
                           **quadratic_model(float(r.grad_corr), float(r.dir_sharpness), norm)}
@@ -119,7 +119,7 @@ def compute_extras(objective: Objective, w_t: Params, delta: Params, d: Derivati
 
         def flat_hvp(v: Tensor) -> Tensor:
             nonlocal hvps_spent, probes_done, hvp_method
-            hvps_spent += len(objective.terms)
+            hvps_spent += len(objective.terms_for(hvp_method))
             hvp_method, hv_d, _ = objective.derivatives(w_t, unflatten(v, w_t), hvp_method, need_hvp=True)
             hv = flatten(hv_d.hvp)
             probes_done += 1

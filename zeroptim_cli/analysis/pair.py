@@ -13,6 +13,7 @@ summarize (one host transfer), extras.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -162,17 +163,24 @@ def prepared(model: nn.Module, batches: Sequence[Batch], loss: Loss, evaluation:
     place(model, device, dtype)
     fixed = cast(buffers if buffers is not None else dict(model.named_buffers()), device, dtype)
     was_training = model.training
-    model.train(evaluation.train)
+    switch = any(m.training != evaluation.train for m in model.modules())  # each train() call walks the model
+    if switch:
+        model.train(evaluation.train)
     try:
         with twice_differentiable_kernels():  # before the objective: its chunking measures these kernels
             yield Objective(model, fixed, batches, loss, evaluation, params=params)
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
 
 
 def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """``model.to(device, dtype)``; a skeleton's parameters (``models.skeleton``: on the meta device, streamed
-    module by module) stay on the meta device, in ``dtype``."""
+    module by module) stay on the meta device, in ``dtype``. A model already there is left as it is (``to``
+    would visit every tensor again)."""
+    if all(t.device == device and (t.dtype == dtype or not (t.is_floating_point() or t.is_complex()))
+           for t in itertools.chain(model.parameters(), model.buffers())):
+        return
     if not any(p.is_meta for p in model.parameters()):
         model.to(device=device, dtype=dtype)
         return

@@ -40,7 +40,9 @@ class Method:
     ``gives_grad`` / ``gives_hvp``: whether its ``Derivatives`` hold g (‖g‖, cos) and HΔ (per-layer split,
     concentration, spectrum). ``refusal``: the exception it raises for an f it cannot differentiate exactly.
     ``fallbacks``: tried in order after it refused. ``check``: a refusal known from the model alone, before
-    anything runs. ``summary``: its line in ``--help``."""
+    anything runs. ``summary``: its line in ``--help``. ``live_memory``: its peak is a few coefficients of the
+    activations live at one time (no autograd graph), not what a training step saves, and ``--chunk-size
+    auto`` sizes its chunks by that (``objective.chunk_length``)."""
 
     name: str
     compute: Compute
@@ -50,6 +52,7 @@ class Method:
     summary: str
     fallbacks: tuple[str, ...] = ()
     check: Callable[[nn.Module, bool], None] | None = None
+    live_memory: bool = False
 
     def __call__(self, f: ScalarFn, w: Params, delta: Params) -> Derivatives:
         return self.compute(f, w, delta)
@@ -63,7 +66,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("taylor", taylor, NoTaylorRule, False, False,
            "forward-only Taylor mode, exact, about 2 training steps per pair and no backward graph in memory, but "
            "no gradient norm and no per-layer split: the better choice for long sweeps and large batches",
-           fallbacks=("reverse-over-reverse", "forward-over-reverse")),
+           fallbacks=("reverse-over-reverse", "forward-over-reverse"), live_memory=True),
     Method("forward-over-forward", forward_over_forward, NoForwardAD, False, False,
            "torch's nested jvp (refused through LayerNorm and train-mode BatchNorm)",
            check=check_forward_over_forward),

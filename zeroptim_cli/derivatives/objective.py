@@ -40,45 +40,126 @@ from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
 
-#: ``chunk_size="auto"``: each chunk saves at most about this many bytes of activations for backward.
+#: ``chunk_size="auto"`` for a method that holds an autograd graph: each chunk saves at most about this many
+#: bytes of activations for backward (``chunk_length``).
 AUTO_CHUNK_BYTES = 16 * 2**20
+#: ``chunk_size="auto"`` for Taylor mode: the least budget of a chunk's peak (``chunk_length``).
+TAYLOR_CHUNK_BYTES = 64 * 2**20
+#: Taylor mode's peak per example, in multiples of the example's largest activation: three coefficients of an
+#: op's input and of its output and what its rule computes on the way (measured 7.3–11: docs/scale.md).
+TAYLOR_PEAK_FACTOR = 10
 
 
-def chunk_length(n: int, chunk_size: int | str | None, per_example: float = 0.0) -> int:
+def chunk_length(n: int, chunk_size: int | str | None, per_example: float = 0.0, budget: float | None = None) -> int:
     """Examples per chunk of a batch of ``n``: ``chunk_size`` itself (0 or None: the whole batch), or for
-    ``"auto"`` n/k with k = ⌈n·b / 16 MiB⌉, b the bytes a training step saves per example (``per_example``,
-    from ``activation_bytes``). A Hessian-vector product holds about three times a step's activations and
-    Taylor mode three coefficients of each: where those dominate memory (a transformer at long context)
-    chunks bring the peak near one step's; where the parameters dominate, or the batch is small, they
-    would only add overhead, and the batch stays whole."""
+    ``"auto"`` n/k with k = ⌈n·b / B⌉, b the bytes one example holds at the chunk's peak (``per_example``)
+    and B the ``budget`` (default ``AUTO_CHUNK_BYTES``). The objective takes, by the method's memory (``methods.Method.live_memory``):
+
+    - for a method that holds an autograd graph (a Hessian-vector product keeps about three times a step's
+      saved activations): b = S, what a training step saves per example (``activation_bytes``), and
+      B = ``AUTO_CHUNK_BYTES`` (16 MiB);
+    - for Taylor mode, which holds no graph, only three coefficients of the activations live at one time:
+      b = 10·L, L the example's largest activation (``largest_activation``), and B = max(n·S/2, 64 MiB), half
+      of what a training step on the whole batch saves. A chunk's peak then stays under a step's activations
+      (the half leaves room for the estimate 10·L and for attention kernels that save less than the math
+      kernel S is measured with), and a batch is cut only where one example's Taylor peak exceeds half
+      what a step saves for it, as a transformer's attention maps do at long context, into few chunks: each
+      chunk repeats the Python dispatch of every op and the parameters' share of the work. Under 64 MiB
+      chunks would save less memory than torch's own take and still cost their dispatch.
+
+    Where activations dominate memory chunks bring the peak near or under one step's; where the parameters
+    dominate, or the batch is small, they would only add overhead, and the batch stays whole."""
     if chunk_size == "auto":
-        chunks = max(1, math.ceil(n * per_example / AUTO_CHUNK_BYTES))
+        chunks = max(1, math.ceil(n * per_example / (AUTO_CHUNK_BYTES if budget is None else budget)))
         return -(-n // min(chunks, n))
     return int(chunk_size) if chunk_size else n
 
 
-def activation_bytes(fn: Callable[[Batch], ScalarFn], batch: Batch, params: Params, bound: float | None = None) -> float:
-    """Bytes per example that autograd saves for backward when ``fn(batch)`` is evaluated: the difference
-    between a 2-example and a 1-example slice of ``batch`` (what the parameters themselves add cancels).
-    With ``bound``, a batch whose n examples would save at most ``bound`` bytes even at the 1-example slice's
-    whole saved bytes each (the parameters' share counted too: an upper bound) gets that upper bound, without
-    the second slice's evaluation (a small model's pair then pays one probe, not two)."""
-    def saved(part: Batch) -> int:
-        seen: dict[tuple[int, int], int] = {}  # a tensor saved by two ops is held once
+def saved_tensors(fn: Callable[[Batch], ScalarFn], batch: Batch, params: Params) -> list[tuple[int, bool]]:
+    """(bytes, whether it is a parameter's own storage) of each tensor autograd saves for backward when
+    ``fn(batch)`` is evaluated at ``params``, each once (a tensor saved by two ops is held once). The graph
+    keeps nothing (backward never runs) and the tensors are held here until the evaluation ends, so that no
+    data pointer is reused meanwhile, then let go: a saved tensor that stays reachable from the graph (the
+    graph holds the hooks) holds its own node, a cycle through torch that no garbage collection sees, which
+    kept every probe's whole graph alive (25 MiB a 2-example probe of a transformer at 256 tokens)."""
+    seen: dict[tuple[int, int], int] = {}
+    held: list[Tensor] = []
 
-        def pack(t: Tensor) -> Tensor:
-            seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
-            return t
+    def pack(t: Tensor) -> None:
+        seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        held.append(t)
 
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(part)(leaves)
-        return sum(seen.values())
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+            fn(batch)(leaves)
+    finally:
+        held.clear()
+    own = {v.data_ptr() for v in leaves.values()}
+    return [(size, ptr in own) for (ptr, _), size in seen.items()]
 
-    one = saved(batch.head(1))
-    if bound is not None and batch.num_examples * one <= bound:
-        return float(one)
-    return float(max(0, saved(batch.head(2)) - one))
+
+def activation_bytes(fn: Callable[[Batch], ScalarFn], batch: Batch, params: Params, bound: float | None = None,
+                     one: list[tuple[int, bool]] | None = None) -> float:
+    """S, the bytes per example that autograd saves for backward when ``fn(batch)`` is evaluated: the
+    difference between a 2-example and a 1-example slice of ``batch`` (what the parameters themselves add
+    cancels). With ``bound``, a batch whose n examples would save at most ``bound`` bytes even at the 1-example
+    slice's whole saved bytes each (the parameters' share counted too: an upper bound) gets that upper bound,
+    without the second slice's evaluation (a small model's pair then pays one probe, not two). ``one``: the
+    1-example slice's ``saved_tensors`` when already taken."""
+    first = sum(size for size, _ in (saved_tensors(fn, batch.head(1), params) if one is None else one))
+    if bound is not None and batch.num_examples * first <= bound:
+        return float(first)
+    return float(max(0, sum(size for size, _ in saved_tensors(fn, batch.head(2), params)) - first))
+
+
+def largest_activation(one: list[tuple[int, bool]]) -> float:
+    """L, the bytes of the largest activation of one example, from the 1-example slice's ``saved_tensors``:
+    the largest saved tensor that is no parameter's own storage (one computed from a parameter, such as a
+    converted copy, counts: L can only be overestimated, which gives smaller chunks)."""
+    return float(max((size for size, own in one if not own), default=0))
+
+
+class Reparametrized:
+    """``torch.func.functional_call(model, (params, buffers), args, kwargs)`` with the walk of the model it does
+    on every call (every name of every parameter and buffer, tied ones included) done once, at construction:
+    each name is mapped to the places it lives in (a module's ``_parameters`` or ``_buffers`` and the key
+    there), a tied tensor's names to all of them, so that a tensor given for one name replaces the tied
+    ones too. The tensors are put there for the call and the model's own put back after, as
+    ``functional_call`` does (on a small model its walk costs about as much as the forward pass). Names the
+    model lacks, or two different tensors given for tied names, are left to ``functional_call`` itself."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        places: dict[int, list[tuple[dict, str]]] = {}  # by the tensor's identity: where it lives
+        named: list[tuple[str, int]] = []
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            for store in (module._parameters, module._buffers):
+                for key, t in store.items():
+                    if t is not None:
+                        places.setdefault(id(t), []).append((store, key))
+                        named.append((f"{prefix}.{key}" if prefix else key, id(t)))
+        #: name → (its tensor's group, every place of that tensor)
+        self.places = {name: (group, places[group]) for name, group in named}
+
+    def __call__(self, params: Params, buffers: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
+        swapped: list[tuple[dict, str, Tensor]] = []
+        given: dict[int, Tensor] = {}
+        for tensors in (params, buffers):
+            for name, t in tensors.items():
+                entry = self.places.get(name)
+                if entry is None or given.setdefault(entry[0], t) is not t:
+                    for store, key, own in reversed(swapped):
+                        store[key] = own
+                    return functional_call(self.model, (dict(params), dict(buffers)), args, kwargs)
+                for store, key in entry[1]:
+                    swapped.append((store, key, store[key]))
+                    store[key] = t
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for store, key, own in reversed(swapped):
+                store[key] = own
 
 
 @dataclass(frozen=True)
@@ -95,7 +176,8 @@ class Objective:
     module docstring.
 
     The batches are this rank's shards of the given ones, moved to the evaluation's device (floating tensors
-    in its dtype), and cut into chunks (``chunk_length``). f is a mean over examples (or counted tokens), so
+    in its dtype), and cut into chunks (``chunk_length``), for each method by the rule of its memory
+    (``terms_for``: Taylor mode's chunks are larger). f is a mean over examples (or counted tokens), so
     Σ_chunks (n_c/N)·ℓ_c is the same f exactly, and so are its derivatives; only the peak memory of one
     evaluation shrinks (eval mode only: train mode's batch statistics and dropout masks would differ). The
     model must already be on that device and dtype, in the mode it is evaluated in.
@@ -144,45 +226,75 @@ class Objective:
         self.model, self.buffers, self.loss, self.evaluation = model, dict(buffers), loss, evaluation
         self.device, self.dtype = evaluation.torch_device, evaluation.torch_dtype
         self._probe = params
+        self._call = Reparametrized(model)
 
         def prepare() -> list[Batch]:
             for b in batches:
                 loss.validate(b)
-            local = [b.to(self.device, self.dtype) for b in dist.shard(batches)[0]]
-            return [c for b in local for c in b.chunks(self._chunk_length(b, chunk_size))]
+            return [b.to(self.device, self.dtype) for b in dist.shard(batches)[0]]
 
-        local = dist.guarded(prepare)
-        counts = [loss.count(b.targets) for b in local]
-        total, examples = self._sum([float(sum(counts)), float(sum(b.num_examples for b in local))])
+        self._local = dist.guarded(prepare)
+        self._counts = counts = [loss.count(b.targets) for b in self._local]
+        self._total, examples = self._sum([float(sum(counts)), float(sum(b.num_examples for b in self._local))])
         self.num_examples = int(examples)
         #: the counted tokens of all batches, for a token-level loss (else None)
-        self.num_tokens = int(total) if all(loss.per_token(b.targets) for b in local) else None
-        # a shard without a counted target adds nothing to f (and its mean would be 0/0)
-        self.terms = [BatchTerm(b, n / total, self._batch_fn(b, i))
-                      for i, (b, n) in enumerate(zip(local, counts)) if n > 0]
-        dist.guarded(self._check_terms)
+        self.num_tokens = int(self._total) if all(loss.per_token(b.targets) for b in self._local) else None
+        dist.guarded(lambda: self._check_counts(counts))
+        self._chunked: dict[bool, list[BatchTerm]] = {}
+        #: the batch terms (chunks) that the evaluation's own method runs on (``terms_for``)
+        self.terms = self.terms_for(evaluation.method)
 
-    def _chunk_length(self, batch: Batch, chunk_size: int | str | None) -> int:
-        """``chunk_length`` for ``batch``; ``auto`` measures its activations once (a batch that does not fit
-        the model stays whole here, so that its evaluation reports the error), and keeps batches whole for a
-        user's ``MODULE:FN`` loss, whose averaging zeroptim cannot know (``--chunk-size N`` still cuts them,
-        assuming a mean over examples, as several batches are averaged)."""
+    def terms_for(self, method: str) -> list[BatchTerm]:
+        """The batch terms ``method`` (``auto`` or a name of ``METHODS``) runs on: the batches cut into chunks
+        for that method's memory (``chunk_length``, ``methods.Method.live_memory``). A method tried after
+        another refused gets its own chunks: Taylor mode's larger ones would be too large for the
+        Hessian-vector product it falls back to."""
+        return self._terms(METHODS[chain(method)[0]].live_memory)
+
+    def _terms(self, live: bool) -> list[BatchTerm]:
+        """The batch terms for a method whose memory is the activations live at one time (``live``) or those a
+        step saves, cut once for each and kept (the same chunks for both unless ``chunk_size`` is ``auto``)."""
+        live = live and self.evaluation.chunk_size == "auto"
+        if live not in self._chunked:
+            counted = []
+            for b, n in zip(self._local, self._counts):
+                chunks = b.chunks(self._chunk_length(b, self.evaluation.chunk_size, live))
+                counted += [(chunks[0], n)] if len(chunks) == 1 else [(c, self.loss.count(c.targets)) for c in chunks]
+            # a chunk without a counted target adds nothing to f (and its mean would be 0/0)
+            self._chunked[live] = [BatchTerm(c, n / self._total, self._batch_fn(c, i))
+                                   for i, (c, n) in enumerate(counted) if n > 0]
+        return self._chunked[live]
+
+    def _chunk_length(self, batch: Batch, chunk_size: int | str | None, live: bool) -> int:
+        """``chunk_length`` for ``batch``, by the rule for a method whose memory is the activations live at one
+        time (``live``: Taylor mode) or those a step saves; ``auto`` measures the activations once (a batch that
+        does not fit the model stays whole here, so that its evaluation reports the error), and keeps batches
+        whole for a user's ``MODULE:FN`` loss, whose averaging zeroptim cannot know (``--chunk-size N`` still
+        cuts them, assuming a mean over examples, as several batches are averaged)."""
         n = batch.num_examples
         if chunk_size == "auto" and not self.loss.known:
             return n  # a user's loss may average over something else than examples: chunks could change f
         if chunk_size != "auto" or self.evaluation.train or n < 2:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
         params = dict(self.model.named_parameters()) if self._probe is None else self._probe
+        fn = lambda part: self._batch_fn(part, 0)  # noqa: E731
         try:
-            per_example = activation_bytes(lambda part: self._batch_fn(part, 0), batch, params, AUTO_CHUNK_BYTES)
+            if not live:
+                return chunk_length(n, "auto", activation_bytes(fn, batch, params, AUTO_CHUNK_BYTES))
+            one = saved_tensors(fn, batch.head(1), params)
+            peak = TAYLOR_PEAK_FACTOR * largest_activation(one)
+            if n * peak <= TAYLOR_CHUNK_BYTES:
+                return n  # under the least budget whatever a step saves: no second probe
+            step = n * activation_bytes(fn, batch, params, one=one)
+            return chunk_length(n, "auto", peak, max(step / 2, TAYLOR_CHUNK_BYTES))
         except Exception:  # noqa: BLE001 - the real evaluation raises it with the batch named
             return n
-        return chunk_length(n, "auto", per_example)
 
-    def _check_terms(self) -> None:
+    @staticmethod
+    def _check_counts(counts: list[int]) -> None:
         """Only under torchrun can a rank be left with nothing to do: every batch has a counted target
         (``Loss.validate``), but a rank's shards of them may not."""
-        if not self.terms:
+        if not any(n > 0 for n in counts):
             raise ZeroptimError(f"rank {dist.rank()}: its shards of the batches hold no counted target; use fewer ranks")
 
     def _sum(self, values: list[float]) -> list[float]:
@@ -195,10 +307,10 @@ class Objective:
         def fn(params: Params) -> Tensor:
             with computed_in(self.dtype):
                 if not self.evaluation.train:
-                    return self.loss(functional_call(self.model, (params, self.buffers), args, kwargs), batch.targets)
+                    return self.loss(self._call(params, self.buffers, args, kwargs), batch.targets)
                 buffers = {k: v.clone() for k, v in self.buffers.items()}
                 with seeded(self.evaluation.seed + index):
-                    outputs = functional_call(self.model, (params, buffers), args, kwargs)
+                    outputs = self._call(params, buffers, args, kwargs)
                 return self.loss(outputs, batch.targets)
 
         return fn
@@ -216,7 +328,7 @@ class Objective:
             leaves = {k: v.detach().requires_grad_() for k, v in w.items()}
             total = {k: torch.zeros_like(v) for k, v in w.items()}
             with torch.enable_grad():
-                for term in self.terms:
+                for term in self._terms(False):
                     grads = torch.autograd.grad(term.fn(leaves), list(leaves.values()), materialize_grads=True)
                     for k, g in zip(leaves, grads):
                         total[k] += term.weight * g
@@ -257,7 +369,7 @@ class Objective:
     def _attempt(self, name: str, w: Params, v: Params) -> tuple[Derivatives | None, str | None]:
         """(Σ_b weight_b × method ``name``'s derivatives on this rank, None) or (None, its refusal)."""
         total: Derivatives | None = None
-        for term in self.terms:
+        for term in self.terms_for(name):
             try:
                 d = METHODS[name](term.fn, w, v)
             except Refusal as exc:
