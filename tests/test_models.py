@@ -108,6 +108,10 @@ CALLS = {
     "bool_mask": ((2, 3, 7, 4), (2, 3, 9, 4), {"attn_mask": "bool"}),        # not for the fused kernel
     "three_dims": ((3, 7, 4), (3, 9, 4), {"is_causal": True}),               # not for the fused kernel
     "dropout": ((2, 3, 7, 4), (2, 3, 9, 4), {"dropout_p": 0.5}),             # not for the fused kernel
+    "broadcast_batch": ((2, 3, 7, 4), (1, 3, 9, 4), {"is_causal": True}),    # not for the fused kernel
+    "strided_query": ((2, 3, 7, 4), (2, 3, 9, 4), {"is_causal": True, "query": "strided"}),  # not for it
+    "empty_keys": ((2, 3, 7, 4), (2, 3, 0, 4), {}),                          # not for the fused kernel
+    "mask_3d": ((2, 3, 7, 4), (2, 3, 9, 4), {"attn_mask": "3d"}),            # not for the fused kernel
 }
 
 
@@ -123,6 +127,10 @@ def test_values_take_the_fused_attention_kernel_where_it_applies(name: str, monk
         kw = {**kw, "attn_mask": torch.randn(sq[-2], sk[-2], generator=g, dtype=torch.float64)}
     elif kw.get("attn_mask") == "bool":
         kw = {**kw, "attn_mask": torch.rand(sq[-2], sk[-2], generator=g) > 0.3}
+    elif kw.get("attn_mask") == "3d":
+        kw = {**kw, "attn_mask": torch.randn(1, sq[-2], sk[-2], generator=g, dtype=torch.float64)}
+    if kw.pop("query", None) == "strided":
+        q = torch.randn(*sq[:2], sq[3], sq[2], generator=g, dtype=torch.float64).transpose(-1, -2)
     fused, flash = [], kernels._flash_cpu
     monkeypatch.setattr(kernels, "_flash_cpu", lambda a, k_: fused.append(flash(a, k_)) or fused[-1])
     with torch.no_grad():
@@ -132,7 +140,7 @@ def test_values_take_the_fused_attention_kernel_where_it_applies(name: str, monk
         torch.manual_seed(1)
         with kernels.fused_attention_values():
             got = nn.functional.scaled_dot_product_attention(q, k, v, **kw)
-    assert (got - want).abs().max() <= 1e-14 * want.abs().max()
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-14 * max(want.abs().max(), 1)
     assert [t is not None for t in fused] == [name in ("causal", "float_mask_scale", "gqa")]
 
 

@@ -17,6 +17,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zeroptim_cli.derivatives.taylor import TaylorUnsupported, taylor2
+from zeroptim_cli.derivatives.taylor._core import TaylorTensor
 
 DT = torch.float64
 TOL = 1e-12
@@ -387,13 +388,21 @@ def test_attention_query_blocks():
 
 def test_attention_rule_leaves_other_calls_to_the_decomposition():
     """A mask, dropout or no causal flag: the rule declines (NotImplemented) and the math kernel's ops run."""
-    from zeroptim_cli.derivatives.taylor._core import TaylorTensor
     from zeroptim_cli.derivatives.taylor.rules.attention import sdpa
     q = TaylorTensor(rand(1, 2, 8, 4, seed=1), rand(1, 2, 8, 4, seed=2), None)
     for kwargs in ({"is_causal": False}, {"is_causal": True, "dropout_p": 0.1},
                    {"attn_mask": torch.ones(8, 8, dtype=torch.bool)}, {}):
         assert sdpa((q, q, q), kwargs) is NotImplemented
     assert sdpa((q, q, q), {"is_causal": True}) is not NotImplemented
+
+
+def test_attention_rule_records_no_graph():
+    """A plain key that requires grad (a parameter outside the analysed ones) leaves no graph on the result."""
+    q = TaylorTensor(rand(1, 2, 80, 4, seed=1), rand(1, 2, 80, 4, seed=2), None)
+    k = rand(1, 2, 80, 4, seed=3).requires_grad_()
+    with torch.enable_grad():
+        out = F.scaled_dot_product_attention(q, k, k.detach(), is_causal=True)
+    assert all(c is None or c.grad_fn is None for c in (out.c0, out.c1, out.c2))
 
 
 def test_attention_rule_inside_no_grad_is_constant():

@@ -79,20 +79,25 @@ def _file_id(p: Path) -> list[Any]:
 
 
 def _batch_id(p: Path) -> list[Any]:
-    """A batch file's identity in a key: its resolved path and content hash (``_digest``; None for a file that
-    cannot be read, which its reading then reports)."""
+    """A batch file's identity in a key: its resolved path and content hash (None for a file that cannot be
+    read, which its reading then reports), hashed once per version of the file (``_digest``)."""
     try:
         st = p.stat()
+        digest = _digest(str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except OSError:
-        return [str(p.resolve()), None]
-    return [str(p.resolve()), _digest(str(p.resolve()), st.st_size, st.st_mtime_ns)]
+        digest = None
+    return [str(p.resolve()), digest]
 
 
 @functools.lru_cache(maxsize=4096)
-def _digest(path: str, size: int, mtime_ns: int) -> str | None:
-    """The content hash of one version of a file (size and modification time name it): a sweep's two keys per
-    pair, and each pair that shares a recorded batch, hash it once."""
-    return file_digest(Path(path))
+def _digest(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    """The content hash of one version of a file (its inode, size and times name it: a file replaced or
+    rewritten is another version), so that a sweep's two keys per pair, and each pair that shares a recorded
+    batch, hash it once; a file that cannot be read raises (and is not remembered)."""
+    digest = file_digest(Path(path))
+    if digest is None:
+        raise OSError(f"cannot read '{path}'")
+    return digest
 
 
 #: The settings a result's numbers depend on (``base``: the base model folder peft adapters are read on). The

@@ -12,8 +12,9 @@ whole process uses the math kernel.
 
 A loss value alone needs no derivative: ``fused_attention_values`` (a thread-local torch-function mode) sends the
 calls of SDPA made with grad mode off, on CPU, to its fused flash kernel directly (the process-wide switches
-choose among backends only; an explicit call of one is not affected), which forms no L×S score matrix. It
-computes the same function as the math kernel, to rounding: softmax(s·qkᵀ + mask) v.
+choose among backends only; an explicit call of one is not affected), which forms no L×S score matrix, where
+the call is one it computes as the math kernel does, to rounding (softmax(s·qkᵀ + mask) v; ``_flash_cpu`` says
+which); every other call runs as it would.
 """
 
 from __future__ import annotations
@@ -71,15 +72,21 @@ def sdpa_arguments(args: tuple, kwargs: dict) -> dict | None:
 
 
 def _flash_cpu(args: tuple, kwargs: dict) -> Tensor | None:
-    """SDPA by the fused CPU flash kernel, or None where it does not apply: grad mode on, dropout, plain
-    (non-subclass) 4-d CPU tensors of one float32/float64 dtype only, a mask only of that dtype."""
+    """SDPA by the fused CPU flash kernel, or None where it would not compute what the math kernel does: grad
+    mode on, dropout; anything but plain (non-subclass) 4-d CPU tensors of one float32/float64 dtype with one
+    batch size, one head dimension, key and value heads alike (a multiple of them in the query's, under
+    ``enable_gqa``), contiguous last dimensions and at least one query and key (the kernel neither broadcasts
+    nor handles strides or empty sequences); a mask other than 2-d or 4-d, or of another dtype."""
     a = sdpa_arguments(args, kwargs)
     if a is None or torch.is_grad_enabled() or a["dropout_p"] != 0.0:
         return None
     q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
     tensors = (q, k, v) if mask is None else (q, k, v, mask)
     if any(type(t) is not Tensor or t.device.type != "cpu" or t.dtype != q.dtype for t in tensors) or \
-            q.dtype not in (torch.float32, torch.float64) or q.dim() != 4 or k.dim() != 4:
+            q.dtype not in (torch.float32, torch.float64) or not q.dim() == k.dim() == v.dim() == 4 or \
+            not q.shape[0] == k.shape[0] == v.shape[0] or k.shape[1] != v.shape[1] or \
+            not q.shape[-1] == k.shape[-1] == v.shape[-1] or any(t.stride(-1) != 1 for t in (q, k, v)) or \
+            q.shape[-2] == 0 or k.shape[-2] == 0 or (mask is not None and mask.dim() not in (2, 4)):
         return None
     if k.shape[1] != q.shape[1]:
         if not a["enable_gqa"] or q.shape[1] % k.shape[1]:

@@ -242,7 +242,7 @@ class Objective:
         dist.guarded(lambda: self._check_counts(counts))
         self._chunked: dict[bool, list[BatchTerm]] = {}
         #: the batch terms (chunks) that the evaluation's own method runs on (``terms_for``)
-        self.terms = self.terms_for(evaluation.method)
+        self.terms = dist.guarded(lambda: self.terms_for(evaluation.method))
 
     def terms_for(self, method: str) -> list[BatchTerm]:
         """The batch terms ``method`` (``auto`` or a name of ``METHODS``) runs on: the batches cut into chunks

@@ -74,8 +74,15 @@ class TaylorTensor(Tensor):
         dispatch, with no ``__torch_function__`` layer for what they return."""
         kwargs = kwargs or {}
         rule = FUNCTION_RULES.get(func)
-        if rule is not None and STATE.depth == 0 and torch.is_grad_enabled() and torch._C._is_fwd_grad_enabled():
-            out = rule(args, kwargs)
+        st = STATE
+        if rule is not None and st.depth == 0 and torch.is_grad_enabled() and torch._C._is_fwd_grad_enabled():
+            st.depth += 1  # as in ``__torch_dispatch__``: the rule's own ops record no graph
+            torch._C._set_grad_enabled(False)
+            try:
+                out = rule(args, kwargs)
+            finally:
+                torch._C._set_grad_enabled(True)
+                st.depth -= 1
             if out is not NotImplemented:
                 return out
         with torch._C.DisableTorchFunctionSubclass():

@@ -77,7 +77,7 @@ def karatsuba(mm: Callable, a: Sequence, b: Sequence, y0: Tensor, const: Sequenc
         if a[2] is not None:
             return None
         a, b, mm = b, a, (lambda x, y, f=mm: f(y, x))
-    if a[1] is None or b[1] is None or not a[0].dtype.is_floating_point or a[0].is_complex():
+    if a[1] is None or b[1] is None or not a[0].dtype.is_floating_point:
         return None
     s = _scale(a, b)
     if s is None:
