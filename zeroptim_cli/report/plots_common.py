@@ -168,7 +168,7 @@ def joined(group: Sequence[Row], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def gaps_note(groups: Iterable[Sequence[Row]]) -> str | None:
     """Said under a panel whose lines skip unrecorded steps (joined at a recording stride) or are broken."""
     groups = [g for g in groups if len(g) > 1]
-    strides = sorted({stride(g) for g in groups if not consecutive(g).all() and stride(g) not in (None, 1.0)})
+    strides = sorted({every for g in groups if not consecutive(g).all() and (every := stride(g)) not in (None, 1.0)})
     broken = any(not linked(g).all() for g in groups)
     if strides:
         every = f"every {strides[0]:g} steps" if len(strides) == 1 else "at each run's recording stride"
