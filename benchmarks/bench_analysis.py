@@ -254,15 +254,18 @@ def agreement(name: str, device: torch.device) -> dict[str, float]:
 
 #: The speed goals: (workload, the most a Taylor pair analysis may cost, as a multiple of one training step).
 GOALS = (("transformer_256", 2.0), ("wide_mlp_4096", 1.4), ("mlp", 3.0))
+#: The Hessian-vector product's goal: on these workloads the pair analysis as ``analyze`` runs it (``auto``,
+#: chunked) costs no more than the fastest peer's HVP plus one forward (its f(w_t1)).
+HVP_GOALS = ("wide_mlp_4096", "transformer_256")
 #: The matrix-product ops of a Taylor evaluation (the profiled floor).
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
             "aten::mkldnn_convolution", "aten::convolution_overrideable", "aten::_convolution"}
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                        clock: Callable[[], float]) -> dict[str, float]:
-    """Median seconds of each entry over ``repeats`` rounds, each round running every entry once, in turn
-    (after one warm-up round), so that a machine busy for a while slows every entry alike."""
+def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                      clock: Callable[[], float]) -> dict[str, list[float]]:
+    """Seconds of each entry in each of ``repeats`` rounds, each round running every entry once, in turn (after
+    one warm-up round), so that a machine busy for a while slows every entry of that round alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeats + 1):
         for name, fn in fns.items():
@@ -272,7 +275,20 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
             sync(device)
             if r:
                 times[name].append(clock() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                        clock: Callable[[], float]) -> dict[str, float]:
+    """Median seconds of each entry over the rounds of ``interleaved_times``."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, device, repeats, clock).items()}
+
+
+def round_ratios(times: dict[str, list[float]], entry: str, *per: str) -> dict[str, float]:
+    """``entry``'s time over the sum of the ``per`` entries' times, round by round (the entries of one round
+    ran side by side): the median and the range over the rounds."""
+    ratios = [t / sum(times[p][r] for p in per) for r, t in enumerate(times[entry])]
+    return {"median": statistics.median(ratios), "low": min(ratios), "high": max(ratios)}
 
 
 def product_share(fn: Callable[[], object]) -> float:
@@ -287,24 +303,57 @@ def product_share(fn: Callable[[], object]) -> float:
 
 
 def goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool) -> list[dict]:
-    """Per goal workload: the Taylor pair analysis against one training step, what it is made of (Taylor mode
-    alone, the f(w_t1) forward) and the floor below which no rule can take it: Taylor mode's matrix products
-    plus that forward, both measured."""
+    """Per goal workload: the Taylor pair analysis against one training step (the ratio of the two in each
+    round: its median and range), what the pair is made of (Taylor mode alone, the f(w_t1) forward) and the
+    floor below which no rule can take it: Taylor mode's matrix products plus that forward, both measured."""
     rows = []
     for name, goal in GOALS:
         w = make_workload(name, device)
         fns = {k: v for k, v in candidates(w).items()
                if k in ("train step", "pair analysis (taylor)", "hvp taylor", "loss value f(w_t1)")}
-        t = interleaved_medians(fns, device, repeats, clock)
-        step = t["train step"]
-        products = statistics.median(product_share(fns["hvp taylor"]) for _ in range(3)) * t["hvp taylor"]
-        pair = t["pair analysis (taylor)"] / step
+        times = interleaved_times(fns, device, repeats, clock)
+        ratio = {k: round_ratios(times, k, "train step")["median"] for k in fns}
+        products = statistics.median(product_share(fns["hvp taylor"]) for _ in range(3)) * ratio["hvp taylor"]
+        pair = round_ratios(times, "pair analysis (taylor)", "train step")
         mem = (measure_memory(name, "pair analysis (taylor)", device), measure_memory(name, "train step", device)) \
             if memory else (None, None)
-        rows.append({"workload": name, "goal": goal, "step_ms": 1e3 * step, "pair": pair,
-                     "taylor": t["hvp taylor"] / step, "forward": t["loss value f(w_t1)"] / step,
-                     "floor": (products + t["loss value f(w_t1)"]) / step,
-                     "memory": mem[0] / mem[1] if mem[0] and mem[1] else None, "met": pair <= goal})
+        rows.append({"workload": name, "goal": goal, "step_ms": 1e3 * statistics.median(times["train step"]),
+                     "pair": pair["median"], "pair_range": [pair["low"], pair["high"]],
+                     "taylor": ratio["hvp taylor"], "forward": ratio["loss value f(w_t1)"],
+                     "floor": products + ratio["loss value f(w_t1)"],
+                     "memory": mem[0] / mem[1] if mem[0] and mem[1] else None, "met": pair["median"] <= goal})
+    return rows
+
+
+def _share(mem: dict[str, float | None], entry: str | None) -> float | None:
+    """``entry``'s peak memory as a multiple of the training step's, where both were measured."""
+    return mem[entry] / mem["train step"] if entry and mem.get(entry) and mem["train step"] else None
+
+
+def hvp_goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool) -> list[dict]:
+    """Per ``HVP_GOALS`` workload: the pair analysis (``auto``, chunked as ``analyze`` runs it, and on the whole
+    batch) against the bound, the fastest installed peer's Hessian-vector product plus the f(w_t1) forward, in
+    interleaved rounds: each as a multiple of one training step, and the pair over the bound round by round
+    (median and range). Without peers installed there is no bound (``None``)."""
+    rows = []
+    for name in HVP_GOALS:
+        w = make_workload(name, device)
+        fns = {k: v for k, v in candidates(w).items() if k.startswith("peer") or k in (
+            "train step", "pair analysis (auto)", "pair analysis (auto, whole batch)", "loss value f(w_t1)")}
+        times = interleaved_times(fns, device, repeats, clock)
+        ratio = {k: round_ratios(times, k, "train step")["median"] for k in fns}
+        peers = [k for k in fns if k.startswith("peer")]
+        fastest = min(peers, key=ratio.get) if peers else None
+        over = round_ratios(times, "pair analysis (auto)", fastest, "loss value f(w_t1)") if fastest else None
+        mem = {k: measure_memory(name, k, device) if memory else None
+               for k in ("train step", "pair analysis (auto)", *([fastest] if fastest else []))}
+        rows.append({"workload": name, "step_ms": 1e3 * statistics.median(times["train step"]),
+                     "pair": ratio["pair analysis (auto)"], "pair_whole_batch": ratio["pair analysis (auto, whole batch)"],
+                     "peers": {k.removeprefix("peer: "): ratio[k] for k in peers},
+                     "fastest_peer": fastest and fastest.removeprefix("peer: "), "forward": ratio["loss value f(w_t1)"],
+                     "pair_over_bound": over and over["median"], "pair_over_bound_range": over and [over["low"], over["high"]],
+                     "memory": _share(mem, "pair analysis (auto)"), "peer_memory": _share(mem, fastest),
+                     "met": None if over is None else over["median"] <= 1.0})
     return rows
 
 
@@ -336,8 +385,9 @@ def main() -> None:
     if args.keep_freed_memory:
         keep_freed_memory()
     if args.goals:
-        print_goals(goal_rows(device, args.repeats, time.process_time if args.clock == "cpu" else time.perf_counter,
-                              not args.no_memory), args)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        print_goals(goal_rows(device, args.repeats, clock, not args.no_memory),
+                    hvp_goal_rows(device, args.repeats, clock, not args.no_memory), args)
         return
     rows = []
     for name in args.workloads.split(","):
@@ -384,12 +434,12 @@ def main() -> None:
     Console(width=160).print(table)
 
 
-def print_goals(rows: list[dict], args: argparse.Namespace) -> None:
-    """The goal table, as JSON with ``--json``."""
+def print_goals(rows: list[dict], hvp_rows: list[dict], args: argparse.Namespace) -> None:
+    """The goal tables (Taylor mode's, the Hessian-vector product's), as JSON with ``--json``."""
     meta = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "rounds": args.repeats, "clock": args.clock, "keep_freed_memory": args.keep_freed_memory}
     if args.json:
-        print(json.dumps({"meta": meta, "goals": rows}, indent=2))
+        print(json.dumps({"meta": meta, "goals": rows, "hvp_goals": hvp_rows}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -400,9 +450,23 @@ def print_goals(rows: list[dict], args: argparse.Namespace) -> None:
         table.add_column(col, justify="left" if col == "workload" else "right")
     fmt = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
     for r in rows:
-        table.add_row(r["workload"], f"{r['step_ms']:.1f}", f"≤ {r['goal']:.1f}×", fmt(r["pair"]), fmt(r["taylor"]),
+        table.add_row(r["workload"], f"{r['step_ms']:.1f}", f"≤ {r['goal']:.1f}×",
+                      f"{fmt(r['pair'])} ({r['pair_range'][0]:.2f}–{r['pair_range'][1]:.2f})", fmt(r["taylor"]),
                       fmt(r["forward"]), fmt(r["floor"]), fmt(r["memory"]), "yes" if r["met"] else "no")
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    table = Table(title="the HVP: pair analysis (auto) ≤ bound, the fastest peer's HVP + f(w_t1)", title_justify="left")
+    for col in ("workload", "train step ms", "pair (auto)", "whole batch", "peers' HVP", "f(w_t1)", "pair / bound",
+                "memory", "fastest peer's memory", "met"):
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    for r in hvp_rows:
+        peers = ", ".join(f"{k.split()[0]} {v:.2f}×" for k, v in r["peers"].items()) or "none installed"
+        over = "—" if r["pair_over_bound"] is None else \
+            f"{r['pair_over_bound']:.3f} ({r['pair_over_bound_range'][0]:.3f}–{r['pair_over_bound_range'][1]:.3f})"
+        table.add_row(r["workload"], f"{r['step_ms']:.1f}", fmt(r["pair"]), fmt(r["pair_whole_batch"]), peers,
+                      fmt(r["forward"]), over, fmt(r["memory"]), fmt(r["peer_memory"]),
+                      "—" if r["met"] is None else "yes" if r["met"] else "no")
+    console.print(table)
 
 
 if __name__ == "__main__":
