@@ -386,6 +386,42 @@ def test_auto_chunks_follow_the_measured_activations(monkeypatch) -> None:
     assert rel_close(float(d_many.dir_sharpness), float(d_one.dir_sharpness), 1e-13)
 
 
+def test_auto_chunks_are_measured_once_per_model_structure_and_batch_shape(monkeypatch) -> None:
+    """A sweep's pairs (models built alike, batches of one shape) measure the activations once: an equal model
+    and a same-shaped batch reuse the chunk length; another shape, model, rule or budget measures again, and a
+    measurement that failed is not kept."""
+    from collections import OrderedDict
+
+    from zeroptim_cli.derivatives import objective as obj
+
+    monkeypatch.setattr(obj, "_MEASURED", OrderedDict())
+    probes = []
+    saved = obj.saved_tensors
+    monkeypatch.setattr(obj, "saved_tensors", lambda *a, **k: probes.append(1) or saved(*a, **k))
+    loss, ev = resolve_loss("cross_entropy"), Evaluation(dtype=torch.float64)
+    batches = tiny_batches(sizes=(30,))
+
+    def chunks(model: torch.nn.Module, batches: list[Batch], evaluation: Evaluation = ev) -> list[int]:
+        return [t.batch.num_examples for t in obj.Objective(model, {}, batches, loss, evaluation).terms]
+
+    first = chunks(tiny_mlp(), batches)
+    assert probes and chunks(tiny_mlp(), batches) == first  # another model built alike: measured already
+    count = len(probes)
+    other = [Batch(torch.randn(30, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64),
+                   batches[0].targets, "same shapes, other values")]
+    assert chunks(tiny_mlp(), other) == first and len(probes) == count
+    chunks(tiny_mlp(), tiny_batches(sizes=(31,)))
+    chunks(torch.nn.Sequential(torch.nn.Linear(5, 3)).double(), batches)
+    chunks(tiny_mlp(), batches, Evaluation(method="taylor", dtype=torch.float64))
+    assert len(probes) == count + 3  # a new shape, a new model, Taylor mode's own rule
+    monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 8 * 30.0)
+    assert chunks(tiny_mlp(), batches) != first and len(probes) > count + 3  # a new budget
+    count = len(probes)
+    wrong = [Batch(torch.randn(30, 4, dtype=torch.float64), batches[0].targets, "does not fit")]
+    assert chunks(tiny_mlp(), wrong) == [30] and chunks(tiny_mlp(), wrong) == [30]
+    assert len(probes) == count + 2  # failed, so measured again
+
+
 def test_taylor_mode_is_chunked_by_its_own_peak_and_its_fallback_by_the_hvps(monkeypatch) -> None:
     """Taylor mode holds no graph: auto cuts its batches by 10 × the largest activation of an example against
     half of what a step saves (at least TAYLOR_CHUNK_BYTES); a Hessian-vector product that runs after Taylor

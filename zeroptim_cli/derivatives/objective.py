@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,28 @@ TAYLOR_CHUNK_BYTES = 64 * 2**20
 #: Taylor mode's peak per example, in multiples of the example's largest activation: three coefficients of an
 #: op's input and of its output and what its rule computes on the way (measured 7.3–11: docs/scale.md).
 TAYLOR_PEAK_FACTOR = 10
+
+
+#: ``chunk_size="auto"``'s chunk lengths as measured, by what they depend on (``probe_key``), for the rest of the
+#: process: a sweep's pairs, whose models are built alike and whose batches have the same shapes, and repeated
+#: analyses of one model measure once. At most ``MEASURED_SLOTS`` kept, the least recently used dropped first.
+_MEASURED: OrderedDict[tuple, int] = OrderedDict()
+MEASURED_SLOTS = 64
+
+
+def probe_key(model: nn.Module, params: Params, batch: Batch, loss: Loss, live: bool) -> tuple | None:
+    """What a chunk length measured by ``chunk_size="auto"`` depends on: the model (its class and ``repr``, which
+    names its modules and their settings, and the names, shapes, dtypes and devices of the parameters it is
+    measured with), the names, shapes and dtypes of the batch's tensors, the loss, the method's memory rule and
+    the budgets. Not the values: sizes of activations follow shapes. None (nothing kept) where the model
+    has no ``repr``."""
+    try:
+        described = repr(model)
+    except Exception:  # noqa: BLE001 - a model that cannot describe itself is measured every time
+        return None
+    return (type(model), described, tuple((k, v.shape, v.dtype, v.device) for k, v in params.items()),
+            tuple((k, t.shape, t.dtype, t.device) for k, t in batch.tensors().items()), loss.name, live,
+            AUTO_CHUNK_BYTES, TAYLOR_CHUNK_BYTES, TAYLOR_PEAK_FACTOR)
 
 
 def chunk_length(n: int, chunk_size: int | str | None, per_example: float = 0.0, budget: float | None = None) -> int:
@@ -267,8 +290,9 @@ class Objective:
 
     def _chunk_length(self, batch: Batch, chunk_size: int | str | None, live: bool) -> int:
         """``chunk_length`` for ``batch``, by the rule for a method whose memory is the activations live at one
-        time (``live``: Taylor mode) or those a step saves; ``auto`` measures the activations once (a batch that
-        does not fit the model stays whole here, so that its evaluation reports the error), and keeps batches
+        time (``live``: Taylor mode) or those a step saves; ``auto`` measures the activations once for each model
+        structure and batch shape in a process (``probe_key``; a batch that does not fit the model stays whole
+        here, so that its evaluation reports the error, and is measured again next time), and keeps batches
         whole for a user's ``MODULE:FN`` loss, whose averaging zeroptim cannot know (``--chunk-size N`` still
         cuts them, assuming a mean over examples, as several batches are averaged)."""
         n = batch.num_examples
@@ -277,18 +301,31 @@ class Objective:
         if chunk_size != "auto" or self.evaluation.train or n < 2:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
         params = dict(self.model.named_parameters()) if self._probe is None else self._probe
-        fn = lambda part: self._batch_fn(part, 0)  # noqa: E731
+        key = probe_key(self.model, params, batch, self.loss, live)
+        if key in _MEASURED:
+            _MEASURED.move_to_end(key)
+            return _MEASURED[key]
         try:
-            if not live:
-                return chunk_length(n, "auto", activation_bytes(fn, batch, params, AUTO_CHUNK_BYTES))
-            one = saved_tensors(fn, batch.head(1), params)
-            peak = TAYLOR_PEAK_FACTOR * largest_activation(one)
-            if n * peak <= TAYLOR_CHUNK_BYTES:
-                return n  # under the least budget whatever a step saves: no second probe
-            step = n * activation_bytes(fn, batch, params, one=one)
-            return chunk_length(n, "auto", peak, max(step / 2, TAYLOR_CHUNK_BYTES))
-        except Exception:  # noqa: BLE001 - the real evaluation raises it with the batch named
+            length = self._measured_length(batch, params, live)
+        except Exception:  # noqa: BLE001 - the real evaluation raises it with the batch named; nothing is kept
             return n
+        if key is not None:
+            _MEASURED[key] = length
+            while len(_MEASURED) > MEASURED_SLOTS:
+                _MEASURED.popitem(last=False)
+        return length
+
+    def _measured_length(self, batch: Batch, params: Params, live: bool) -> int:
+        """``chunk_length`` of ``batch`` by the rule of ``live``, from the activations measured at ``params``."""
+        n, fn = batch.num_examples, lambda part: self._batch_fn(part, 0)
+        if not live:
+            return chunk_length(n, "auto", activation_bytes(fn, batch, params, AUTO_CHUNK_BYTES))
+        one = saved_tensors(fn, batch.head(1), params)
+        peak = TAYLOR_PEAK_FACTOR * largest_activation(one)
+        if n * peak <= TAYLOR_CHUNK_BYTES:
+            return n  # under the least budget whatever a step saves: no second probe
+        step = n * activation_bytes(fn, batch, params, one=one)
+        return chunk_length(n, "auto", peak, max(step / 2, TAYLOR_CHUNK_BYTES))
 
     @staticmethod
     def _check_counts(counts: list[int]) -> None:
