@@ -72,3 +72,14 @@ def rel_close(a: float, b: float, rtol: float, atol: float = 1e-14) -> bool:
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_chunk_measurements(monkeypatch) -> None:
+    """Every test measures ``chunk_size="auto"``'s activations afresh: the process-wide cache of the lengths
+    measured (``objective._MEASURED``) would otherwise make a test's chunks depend on the tests run before it."""
+    from collections import OrderedDict
+
+    from zeroptim_cli.derivatives import objective
+
+    monkeypatch.setattr(objective, "_MEASURED", OrderedDict())

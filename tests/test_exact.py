@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -390,11 +391,10 @@ def test_auto_chunks_are_measured_once_per_model_structure_and_batch_shape(monke
     """A sweep's pairs (models built alike, batches of one shape) measure the activations once: an equal model
     and a same-shaped batch reuse the chunk length; another shape, model, rule or budget measures again, and a
     measurement that failed is not kept."""
-    from collections import OrderedDict
-
     from zeroptim_cli.derivatives import objective as obj
+    from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
+    from zeroptim_cli.models import CharTransformer
 
-    monkeypatch.setattr(obj, "_MEASURED", OrderedDict())
     probes = []
     saved = obj.saved_tensors
     monkeypatch.setattr(obj, "saved_tensors", lambda *a, **k: probes.append(1) or saved(*a, **k))
@@ -414,8 +414,15 @@ def test_auto_chunks_are_measured_once_per_model_structure_and_batch_shape(monke
     chunks(torch.nn.Sequential(torch.nn.Linear(5, 3)).double(), batches)
     chunks(tiny_mlp(), batches, Evaluation(method="taylor", dtype=torch.float64))
     assert len(probes) == count + 3  # a new shape, a new model, Taylor mode's own rule
+    # settings that are no parameter's shape: the heads of attention, the attention kernels in force
+    tokens = [Batch(torch.randint(0, 11, (30, 6)), torch.randint(0, 11, (30, 6)), "tokens")]
+    for heads, kernels in ((1, contextlib.nullcontext), (2, contextlib.nullcontext), (2, twice_differentiable_kernels)):
+        with kernels():
+            chunks(CharTransformer(vocab_size=11, block_size=6, dim=8, heads=heads, layers=1).double(), tokens)
+        assert len(probes) > count
+        count = len(probes)
     monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 8 * 30.0)
-    assert chunks(tiny_mlp(), batches) != first and len(probes) > count + 3  # a new budget
+    assert chunks(tiny_mlp(), batches) != first and len(probes) > count  # a new budget
     count = len(probes)
     wrong = [Batch(torch.randn(30, 4, dtype=torch.float64), batches[0].targets, "does not fit")]
     assert chunks(tiny_mlp(), wrong) == [30] and chunks(tiny_mlp(), wrong) == [30]

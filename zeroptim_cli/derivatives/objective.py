@@ -37,6 +37,7 @@ from zeroptim_cli.derivatives.methods import METHODS, chain
 from zeroptim_cli.derivatives.precision import computed_in
 from zeroptim_cli.derivatives.randomness import seeded
 from zeroptim_cli.derivatives.refusals import Refusal
+from zeroptim_cli.derivatives.structure import structure_key
 from zeroptim_cli.errors import ConfigError, ZeroptimError
 from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
@@ -58,17 +59,20 @@ _MEASURED: OrderedDict[tuple, int] = OrderedDict()
 MEASURED_SLOTS = 64
 
 
+def forget_measurements() -> None:
+    """Forget the chunk lengths measured so far: the next analysis measures afresh, as a process's first does."""
+    _MEASURED.clear()
+
+
 def probe_key(model: nn.Module, params: Params, batch: Batch, loss: Loss, live: bool) -> tuple | None:
-    """What a chunk length measured by ``chunk_size="auto"`` depends on: the model (its class and ``repr``, which
-    names its modules and their settings, and the names, shapes, dtypes and devices of the parameters it is
-    measured with), the names, shapes and dtypes of the batch's tensors, the loss, the method's memory rule and
-    the budgets. Not the values: sizes of activations follow shapes. None (nothing kept) where the model
-    has no ``repr``."""
-    try:
-        described = repr(model)
-    except Exception:  # noqa: BLE001 - a model that cannot describe itself is measured every time
+    """What a chunk length measured by ``chunk_size="auto"`` depends on: the model's structure and the attention
+    kernels in force (``structure.structure_key``), the names, shapes, dtypes and devices of the parameters it is
+    measured with and of the batch's tensors, the loss, the method's memory rule and the budgets. Not the
+    values: sizes of activations follow shapes. None (nothing kept) where the structure cannot be read."""
+    structure = structure_key(model)
+    if structure is None:
         return None
-    return (type(model), described, tuple((k, v.shape, v.dtype, v.device) for k, v in params.items()),
+    return (structure, tuple((k, v.shape, v.dtype, v.device) for k, v in params.items()),
             tuple((k, t.shape, t.dtype, t.device) for k, t in batch.tensors().items()), loss.name, live,
             AUTO_CHUNK_BYTES, TAYLOR_CHUNK_BYTES, TAYLOR_PEAK_FACTOR)
 
