@@ -64,12 +64,12 @@ def forget_measurements() -> None:
     _MEASURED.clear()
 
 
-def probe_key(model: nn.Module, params: Params, batch: Batch, loss: Loss, live: bool) -> tuple | None:
+def probe_key(structure: tuple | None, params: Params, batch: Batch, loss: Loss, live: bool) -> tuple | None:
     """What a chunk length measured by ``chunk_size="auto"`` depends on: the model's structure and the attention
-    kernels in force (``structure.structure_key``), the names, shapes, dtypes and devices of the parameters it is
-    measured with and of the batch's tensors, the loss, the method's memory rule and the budgets. Not the
-    values: sizes of activations follow shapes. None (nothing kept) where the structure cannot be read."""
-    structure = structure_key(model)
+    kernels in force (``structure``, from ``structure.structure_key``), the names, shapes, dtypes and devices of
+    the parameters it is measured with and of the batch's tensors, the loss, the method's memory rule and the
+    budgets. Not the values: sizes of activations follow shapes. None (nothing kept) where the structure could
+    not be read."""
     if structure is None:
         return None
     return (structure, tuple((k, v.shape, v.dtype, v.device) for k, v in params.items()),
@@ -305,7 +305,7 @@ class Objective:
         if chunk_size != "auto" or self.evaluation.train or n < 2:
             return chunk_length(n, 0 if chunk_size == "auto" else chunk_size)
         params = dict(self.model.named_parameters()) if self._probe is None else self._probe
-        key = probe_key(self.model, params, batch, self.loss, live)
+        key = probe_key(self._structure, params, batch, self.loss, live)
         if key in _MEASURED:
             _MEASURED.move_to_end(key)
             return _MEASURED[key]
@@ -318,6 +318,11 @@ class Objective:
             while len(_MEASURED) > MEASURED_SLOTS:
                 _MEASURED.popitem(last=False)
         return length
+
+    @functools.cached_property
+    def _structure(self) -> tuple | None:
+        """The model's ``structure_key``, read once per objective: every batch and rule shares it."""
+        return structure_key(self.model)
 
     def _measured_length(self, batch: Batch, params: Params, live: bool) -> int:
         """``chunk_length`` of ``batch`` by the rule of ``live``, from the activations measured at ``params``."""
