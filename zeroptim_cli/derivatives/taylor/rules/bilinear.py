@@ -58,37 +58,48 @@ def _scale(a: Sequence, b: Sequence) -> float | None:
     return 2.0 ** round(-math.log2(eps))
 
 
-def karatsuba(mm: Callable, a: Sequence, b: Sequence, y0: Tensor, const: Sequence = (None, None)) -> list | None:
+def karatsuba(mm: Callable, acc: str, a: Sequence, b: Sequence, y0: Tensor,
+              const: Sequence = (None, None)) -> list | None:
     """Orders 1 and 2 of y = mm(a, b) + const in three products where the Cauchy product takes four, for one
     factor with orders 0–1 only (a weight and its Δ) and the other with orders 0–2; None where that does not
     hold or ``_scale`` finds no scale. ``y0`` is order 0 of y (computed by the caller), ``const`` the orders 0
-    and 1 of the term besides the product (a bias and its Δ; None for zero).
+    and 1 of the term besides the product (a bias and its Δ; None for zero), ``acc`` the in-place form of mm
+    that scales what it adds to (``out.acc(x, y, beta=β)``: out ← β·out + mm(x, y); "addmm_" or "baddbmm_").
 
     With N = mm(a1, b1), a power of two s (``_scale``) and M = mm(a0/s + a1, b0 + s·b1), exactly
     M = (y0 − const0)/s + (a1 b0 + a0 b1) + s·N, so
 
-        y1 = M − y0/s − s·N + (const0/s + const1),   y2 = mm(a2, b0) + N.
+        y1 = M − T/s  with  T = y0 + s²·N − (const0 + s·const1),   y2 = mm(a2, b0) + N.
 
-    The three terms of M are of one size (s ≈ 1/ε, ε the relative size of the first-order coefficients), so
-    subtracting y0/s loses no more precision than the products themselves."""
+    T is one pass over the output (two with a bias) and both M and mm(a2, b0) are accumulated in place (into T
+    and N), so no product is written apart from its sum. The terms of T are of one size (s ≈ 1/ε, ε the relative
+    size of the first-order coefficients), so subtracting T/s loses no more precision than the products do."""
     if y0.numel() * a[0].shape[-1] < KARATSUBA_MIN_MACS:
         return None
-    if b[2] is not None:
+    flip = b[2] is not None  # a names the factor with orders 0–2, b the weight, whichever came first
+    if flip:
         if a[2] is not None:
             return None
-        a, b, mm = b, a, (lambda x, y, f=mm: f(y, x))
+        a, b = b, a
+
+    def product(x: Tensor, y: Tensor) -> Tensor:
+        return mm(y, x) if flip else mm(x, y)
+
+    def add_to(out: Tensor, x: Tensor, y: Tensor, beta: float = 1.0) -> Tensor:
+        return getattr(out, acc)(y, x, beta=beta) if flip else getattr(out, acc)(x, y, beta=beta)
+
     if a[1] is None or b[1] is None or not a[0].dtype.is_floating_point:
         return None
     s = _scale(a, b)
     if s is None:
         return None
-    n = mm(a[1], b[1])
-    y1 = mm(torch.add(a[1], a[0], alpha=1 / s), torch.add(b[0], b[1], alpha=s))
-    y1.sub_(y0, alpha=1 / s).sub_(n, alpha=s)
+    n = product(a[1], b[1])
+    t = torch.add(y0, n, alpha=s * s)
     c0, c1 = const
     if c0 is not None or c1 is not None:
-        y1.add_(c1 if c0 is None else c0 / s if c1 is None else c1 + c0 / s)
-    y2 = n if a[2] is None else n.add_(mm(a[2], b[0]))
+        t.sub_(c0 if c1 is None else c1 * s if c0 is None else torch.add(c0, c1, alpha=s))
+    y1 = add_to(t, torch.add(a[1], a[0], alpha=1 / s), torch.add(b[0], b[1], alpha=s), beta=-1 / s)
+    y2 = n if a[2] is None else add_to(n, a[2], b[0])
     return [y1, y2]
 
 
@@ -109,7 +120,7 @@ def _matmul_rule(mm: Callable, acc: str) -> Callable:
     def rule(func, args, kwargs):
         a, b = coeffs(args[0]), coeffs(args[1])
         y0 = mm(a[0], b[0])
-        fast = karatsuba(mm, a, b, y0)
+        fast = karatsuba(mm, acc, a, b, y0)
         if fast is not None:
             return from_coeffs(y0, *fast)
         return from_coeffs(*bilinear(mm, a, b, acc=lambda r, x, y: getattr(r, acc)(x, y), zeroth=y0))
@@ -157,7 +168,7 @@ def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
         o0 = func(B[0], A1[0], A2[0], beta=beta, alpha=alpha)
         # a layer's bias, finite: a mask's −∞ (attention scores) would make y0/s infinite in ``karatsuba``
         if alpha == 1 and B[2] is None and B[0].dim() <= 1 and bool(torch.isfinite(B[0]).all()):
-            fast = karatsuba(mm, A1, A2, o0, tuple(None if c is None else c * beta for c in B[:2]))
+            fast = karatsuba(mm, mm_acc, A1, A2, o0, tuple(None if c is None else c * beta for c in B[:2]))
             if fast is not None:
                 return from_coeffs(o0, *fast)
         outs = [o0]
