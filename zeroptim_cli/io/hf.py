@@ -248,8 +248,8 @@ def folder_metadata(folder: Path, files: dict[str, Path] | None = None) -> tuple
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
     files = check_weights(folder) if files is None else files
-    check_block_counts(config, len(files) or len(read_header(folder / WEIGHTS, "checkpoint")[0]),
-                       f"'{config_path}'")
+    tensors = len(files) or len(read_header(folder / WEIGHTS, "checkpoint")[0])
+    check_block_counts(config, tensors, f"'{config_path}'")
     cls = model_class(config, f"'{config_path}'")
     try:
         with quiet_transformers():
@@ -257,6 +257,10 @@ def folder_metadata(folder: Path, files: dict[str, Path] | None = None) -> tuple
     except Exception as exc:  # transformers validates config fields with its own exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ZeroptimError(f"'{config_path}' is not a valid {cls.__name__} config ({first})") from exc
+    # again on the complete config: a block count config.json leaves out is the class's default (a GPT-2
+    # config naming LlamaForCausalLM is read with Llama's 32 layers of width 4096: 6.5 × 10⁹ weights, ~26 GB
+    # allocated by from_pretrained before its missing keys are seen)
+    check_block_counts(complete, tensors, f"'{config_path}' (read as a {cls.__name__} config)")
     state = _trainer_state(folder)  # read once: its log history grows with the run
     step = folder_step(folder, state)
     return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": step,
