@@ -13,6 +13,7 @@ summarize (one host transfer), extras.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -110,7 +111,13 @@ def analyze_pair(
     with prepared(model, batches, loss, evaluation, buffers=buffers, params=w_t) as objective:
         if direction is not None:
             delta, loss_t1 = direction(objective.gradient(w_t), w_t, delta), None
-        chosen, totals, notes = objective.derivatives(w_t, delta)
+
+        @functools.cache
+        def w_t1() -> Params:
+            return cast(params_t1, device, dtype) if direction is None else {k: w_t[k] + delta[k] for k in w_t}
+
+        # Taylor mode may take f(w_t1) beside each chunk's derivatives, for less than a forward pass of its own
+        chosen, totals, notes = objective.derivatives(w_t, delta, w1=w_t1 if loss_t1 is None else None)
         rows, numels = summary_rows(totals, delta), {n: t.numel() for n, t in delta.items()}
         if direction is None and loss_t1 is None and critical_tol is None and not (extras is not None and extras.any):
             # nothing after f(w_t1) needs Δ, g or HΔ: release them before w_t1 is converted to evaluate it
@@ -118,8 +125,8 @@ def analyze_pair(
         if loss_t1 is not None:
             value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
         else:
-            value_t1 = objective.value(cast(params_t1, device, dtype) if direction is None
-                                       else {k: w_t[k] + delta[k] for k in w_t})
+            value_t1 = objective.value(w_t1()) if totals.loss_t1 is None else totals.loss_t1
+        w_t1.cache_clear()
         result = summarize_rows(totals, value_t1, numels, rows, objective.num_examples, dtype, device, chosen)
         require_finite(result, batches)
         result.num_tokens = objective.num_tokens

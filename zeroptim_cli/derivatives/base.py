@@ -18,13 +18,15 @@ ScalarFn = Callable[[Params], Tensor]
 
 @dataclass(frozen=True)
 class Derivatives:
-    """f(w), gᵀΔ and ΔᵀHΔ, with g and HΔ themselves when the method yields them."""
+    """f(w), gᵀΔ and ΔᵀHΔ, with g and HΔ themselves when the method yields them, and f(w_t1) when it took that
+    on the same batch term too (Taylor mode, reusing a product exact in α: ``taylor.exact``)."""
 
     loss: Tensor
     grad_corr: Tensor
     dir_sharpness: Tensor
     grad: Params | None = None
     hvp: Params | None = None
+    loss_t1: Tensor | None = None
 
 
 def axpy(c: float, d: Derivatives, acc: Derivatives | None) -> Derivatives:
@@ -48,7 +50,8 @@ def axpy(c: float, d: Derivatives, acc: Derivatives | None) -> Derivatives:
 
 
 def all_reduce(d: Derivatives) -> Derivatives:
-    """Σ over torchrun ranks of every field of ``d``, in one all-reduce (identity without torchrun)."""
+    """Σ over torchrun ranks of every field of ``d`` but f(w_t1), which no rank takes under torchrun (its
+    ranks would have to agree on whether each did), in one all-reduce (identity without torchrun)."""
     if not dist.active():
         return d
     scalars = torch.stack([d.loss.reshape(()), d.grad_corr.reshape(()), d.dir_sharpness.reshape(())])

@@ -30,7 +30,7 @@ from zeroptim_cli.derivatives.taylor_mode import taylor
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.vectors import Params
 
-Compute = Callable[[ScalarFn, Params, Params], Derivatives]
+Compute = Callable[..., Derivatives]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,9 @@ class Method:
     ``fallbacks``: tried in order after it refused. ``check``: a refusal known from the model alone, before
     anything runs. ``summary``: its line in ``--help``. ``live_memory``: its peak is a few coefficients of the
     activations live at one time (no autograd graph), not what a training step saves, and ``--chunk-size
-    auto`` sizes its chunks by that (``objective.chunk_length``)."""
+    auto`` sizes its chunks by that (``objective.chunk_length``). ``value_at_w1``: ``compute`` takes w_t1 as well
+    (``compute(f, w, Δ, w1)``, w1 a function giving it) and may return f(w_t1) of the same term in
+    ``Derivatives.loss_t1``, for less than a forward pass of its own."""
 
     name: str
     compute: Compute
@@ -53,9 +55,10 @@ class Method:
     fallbacks: tuple[str, ...] = ()
     check: Callable[[nn.Module, bool], None] | None = None
     live_memory: bool = False
+    value_at_w1: bool = False
 
-    def __call__(self, f: ScalarFn, w: Params, delta: Params) -> Derivatives:
-        return self.compute(f, w, delta)
+    def __call__(self, f: ScalarFn, w: Params, delta: Params, w1: Callable[[], Params] | None = None) -> Derivatives:
+        return self.compute(f, w, delta, w1) if w1 is not None and self.value_at_w1 else self.compute(f, w, delta)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -66,7 +69,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("taylor", taylor, NoTaylorRule, False, False,
            "forward-only Taylor mode, exact, about 2 training steps per pair and no backward graph in memory, but "
            "no gradient norm and no per-layer split: the better choice for long sweeps and large batches",
-           fallbacks=("reverse-over-reverse", "forward-over-reverse"), live_memory=True),
+           fallbacks=("reverse-over-reverse", "forward-over-reverse"), live_memory=True, value_at_w1=True),
     Method("forward-over-forward", forward_over_forward, NoForwardAD, False, False,
            "torch's nested jvp (refused through LayerNorm and train-mode BatchNorm)",
            check=check_forward_over_forward),

@@ -22,7 +22,7 @@ import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -385,11 +385,13 @@ class Objective:
         return all_reduce(Derivatives(zero, zero, zero, g)).grad  # type: ignore[return-value]
 
     def derivatives(self, w: Params, v: Params, method: str | None = None, *, need_hvp: bool = False,
-                    fallback: bool = True) -> tuple[str, Derivatives, list[str]]:
+                    fallback: bool = True, w1: Callable[[], Params] | None = None) -> tuple[str, Derivatives, list[str]]:
         """(the method that ran, Σ_b weight_b × each batch's derivatives along ``v``, notes on fallbacks).
 
         The methods of ``methods.chain(method)`` (None: the evaluation's method; with ``need_hvp``, only those that give HΔ; with
-        ``fallback=False``, ``method`` alone) are tried in turn. A method's declared refusal
+        ``fallback=False``, ``method`` alone) are tried in turn. ``w1`` (a function giving w + v) lets a method that
+        can (``Method.value_at_w1``) take f(w + v) on each batch term too, in the result's ``loss_t1`` (None unless
+        it did so on every term, and always without torchrun: ``base.all_reduce``). A method's declared refusal
         (``refusals.Refusal``) on any batch of any rank moves every rank on to the next one together, so that
         all ranks sum the same method's numbers, and is noted. Any other exception is an error: the batch's,
         if the plain forward pass fails on it too, else the method's. When every method refuses, the error
@@ -399,8 +401,9 @@ class Objective:
         names = [n for n in (chain(method) if fallback else (method,)) if not need_hvp or METHODS[n].gives_hvp]
         notes: list[str] = []
         refused: list[str] = []
+        w1 = None if dist.active() else w1
         for i, name in enumerate(names):
-            total, refusal = dist.guarded(functools.partial(self._attempt, name, w, v))
+            total, refusal = dist.guarded(functools.partial(self._attempt, name, w, v, w1))
             reasons = [r for r in dist.all_gather(refusal) if r]
             if not reasons:
                 assert total is not None
@@ -412,17 +415,23 @@ class Objective:
         raise ZeroptimError(f"no exact method could differentiate the loss on batch {sources} twice along Δ "
                             f"({'; '.join(refused)})")
 
-    def _attempt(self, name: str, w: Params, v: Params) -> tuple[Derivatives | None, str | None]:
-        """(Σ_b weight_b × method ``name``'s derivatives on this rank, None) or (None, its refusal)."""
+    def _attempt(self, name: str, w: Params, v: Params,
+                 w1: Callable[[], Params] | None) -> tuple[Derivatives | None, str | None]:
+        """(Σ_b weight_b × method ``name``'s derivatives on this rank, None) or (None, its refusal); f(w1) summed
+        only where every term gave it."""
         total: Derivatives | None = None
+        every_value = True
         for term in self.terms_for(name):
             try:
-                d = METHODS[name](term.fn, w, v)
+                d = METHODS[name](term.fn, w, v, w1)
             except Refusal as exc:
                 return None, str(exc)
             except Exception as exc:  # noqa: BLE001 - classified and re-raised
                 raise self._failure(term, w, name, exc) from exc
+            every_value = every_value and d.loss_t1 is not None
             total = axpy(term.weight, d, total)
+        if total is not None and not every_value:
+            total = replace(total, loss_t1=None)
         return total, None
 
     def _failure(self, term: BatchTerm, w: Params, method: str, exc: Exception) -> ZeroptimError:

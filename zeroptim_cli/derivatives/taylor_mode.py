@@ -13,17 +13,23 @@ Hessian-vector product and says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn
 from zeroptim_cli.derivatives.refusals import NoTaylorRule
-from zeroptim_cli.derivatives.taylor import TaylorUnsupported, taylor2
+from zeroptim_cli.derivatives.taylor import TaylorUnsupported, taylor2, taylor2_and_value
 from zeroptim_cli.vectors import Params
 
 
-def taylor(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
-    """(f(w), gᵀΔ, ΔᵀHΔ) by second-order Taylor mode along Δ: φ(0), φ'(0), φ''(0) of φ(α) = f(w + αΔ)."""
+def taylor(f: ScalarFn, w: Params, delta: Params, w1: Callable[[], Params] | None = None) -> Derivatives:
+    """(f(w), gᵀΔ, ΔᵀHΔ) by second-order Taylor mode along Δ: φ(0), φ'(0), φ''(0) of φ(α) = f(w + αΔ); with
+    ``w1`` (w + Δ, given when called), f(w1) = φ(1) too where the pass held a product to reuse for it
+    (``taylor.taylor2_and_value``)."""
     try:
-        loss, grad_corr, dir_sharpness = taylor2(f, w, delta)
+        if w1 is None:
+            return Derivatives(*taylor2(f, w, delta))
+        loss, grad_corr, dir_sharpness, loss_t1 = taylor2_and_value(f, w, delta, w1)
     except TaylorUnsupported as exc:
         op, _, reason = str(exc).partition(": ")
         raise NoTaylorRule(op, reason) from exc
-    return Derivatives(loss, grad_corr, dir_sharpness)
+    return Derivatives(loss, grad_corr, dir_sharpness, loss_t1=loss_t1)

@@ -26,11 +26,11 @@ parameter that requires grad in ``w`` (one that is not would record an autograd 
 runs in).
 
 Layout: ``_core`` (the tensor and the dispatch), ``engine`` (``taylor2``, resolution of ops without a rule),
-``views`` (view families), ``rules/`` (one module per family of ops). Each module's docstring lists the private
+``exact`` (products exact in α, reused for f(w + Δ)), ``views`` (view families), ``rules/`` (one module per family of ops). Each module's docstring lists the private
 torch APIs it uses; torch 2.13, the lower bound ``pyproject.toml`` declares, is the oldest tested.
 """
 
 from zeroptim_cli.derivatives.taylor._core import TaylorTensor, TaylorUnsupported
-from zeroptim_cli.derivatives.taylor.engine import taylor2
+from zeroptim_cli.derivatives.taylor.engine import taylor2, taylor2_and_value
 
-__all__ = ["TaylorUnsupported", "taylor2", "TaylorTensor"]
+__all__ = ["TaylorUnsupported", "taylor2", "taylor2_and_value", "TaylorTensor"]

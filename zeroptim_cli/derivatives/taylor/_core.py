@@ -43,6 +43,7 @@ FUNCTION_RULES: dict[Callable, Callable] = {}
 
 class _State(threading.local):
     depth = 0            # > 0 while a rule (or a decomposition) of ours is running
+    recorder = None      # an ``exact.Recorder`` noting the products of f's own ops, or None
 
 
 STATE = _State()
@@ -113,10 +114,13 @@ class TaylorTensor(Tensor):
         prev = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            return rule(func, args, kwargs)
+            out = rule(func, args, kwargs)
         finally:
             torch._C._set_grad_enabled(prev)
             st.depth -= 1
+        if st.recorder is not None and st.depth == 0:
+            st.recorder.note(func, args, kwargs, out)
+        return out
 
 
 def is_taylor(x: Any) -> bool:

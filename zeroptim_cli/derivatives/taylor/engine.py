@@ -26,12 +26,21 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
+from zeroptim_cli.derivatives.kernels import fused_attention_values, twice_differentiable_kernels
 from zeroptim_cli.derivatives.taylor import rules  # noqa: F401  (fills RULES)
-from zeroptim_cli.derivatives.taylor._core import _RESOLVER, RULES, TaylorTensor, TaylorUnsupported, coeffs, is_taylor
+from zeroptim_cli.derivatives.taylor._core import (
+    _RESOLVER,
+    RULES,
+    STATE,
+    TaylorTensor,
+    TaylorUnsupported,
+    coeffs,
+    is_taylor,
+)
+from zeroptim_cli.derivatives.taylor.exact import Recorder, evaluate_at_one
 from zeroptim_cli.derivatives.taylor.views import in_family, prepare_family
 
-__all__ = ["taylor2", "resolve", "TaylorUnsupported"]
+__all__ = ["taylor2", "taylor2_and_value", "resolve", "TaylorUnsupported"]
 
 
 def _refuse(why: str) -> Callable:
@@ -164,6 +173,26 @@ def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
     >>> [round(t.item(), 12) for t in (value, slope, curvature)]  # 1 + 8, 3·0.5 − 12·1, 6·0.25 + 12·1
     [9.0, -10.5, 13.5]
     """
+    return _taylor(f, _parameters(w, delta), None)
+
+
+def taylor2_and_value(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor], delta: dict[str, Tensor],
+                      w1: Callable[[], dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``taylor2``'s (f(w), ∇f(w)ᵀΔ, Δᵀ∇²f(w)Δ) and f(w1), w1 = w + Δ (``w1()`` gives it, called only when
+    needed), where the Taylor pass held products exact in α worth reusing for it (``exact``: the plain forward
+    pass at w1 then skips them), else None (nothing to reuse: the caller evaluates f(w1) as it would have)."""
+    params = _parameters(w, delta)
+    recorder = Recorder({k: p.c0 for k, p in params.items()}, {k: p.c1 for k, p in params.items()})
+    out = _taylor(f, params, recorder)
+    if not recorder.pays:
+        return (*out, None)
+    with torch.no_grad(), fused_attention_values():
+        value = evaluate_at_one(f, w1(), recorder)
+    return (*out, value.detach().reshape(()))
+
+
+def _parameters(w: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, TaylorTensor]:
+    """The parameters as Taylor tensors w + αΔ, Δ in w's dtype; the keys and shapes checked."""
     if set(w) != set(delta):
         raise ValueError(f"w and delta have different keys: {sorted(set(w) ^ set(delta))}")
     params = {}
@@ -173,8 +202,18 @@ def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
         if d.shape != v.shape:
             raise ValueError(f"delta[{k!r}] has shape {tuple(d.shape)}, w has {tuple(v.shape)}")
         params[k] = TaylorTensor(v, d.to(v.dtype), None)
-    with _eval_context():
-        out = f(params)
+    return params
+
+
+def _taylor(f: Callable[[dict[str, Tensor]], Tensor], params: dict[str, TaylorTensor],
+            recorder: Recorder | None) -> tuple[Tensor, Tensor, Tensor]:
+    """φ(0), φ'(0), φ''(0) of f on the Taylor tensors ``params``, ``recorder`` (if any) noting exact products."""
+    outer, STATE.recorder = STATE.recorder, recorder
+    try:
+        with _eval_context():
+            out = f(params)
+    finally:
+        STATE.recorder = outer
     if not isinstance(out, Tensor) or out.numel() != 1:
         raise ValueError(f"f must return a scalar tensor, got {type(out).__name__}"
                          + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""))

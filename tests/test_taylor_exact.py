@@ -1,0 +1,194 @@
+"""f(w + Δ) from the products Taylor mode holds exact in α (``derivatives.taylor.exact``), against a plain forward
+pass in float64; the reused products are counted, so a case where nothing is reused cannot pass for one that is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from zeroptim_cli import Batch, analyze_pair, resolve_loss
+from zeroptim_cli.derivatives import Evaluation, Objective
+from zeroptim_cli.derivatives.taylor import exact, taylor2, taylor2_and_value
+
+DT = torch.float64
+
+
+class Twice(nn.Module):
+    """One layer on two constant inputs (the batch and its reverse): two products to reuse, told apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(12, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return self.head(torch.tanh(self.first(x)) * torch.sigmoid(self.first(x.flip(0))))
+
+
+class ScaledInput(nn.Module):
+    """The first layer's input is computed from the batch (a constant of α that no parameter touches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(12, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.first(2 * x.flatten(1) - 1)))
+
+
+class Factored(nn.Module):
+    """x·(A B)ᵀ: A B, a product of two parameters, is exact in α to order two (y(1) = y0 + y1 + y2); x·(A B)ᵀ is not
+    a product of parameters with constants, so it is computed again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4, 12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ (self.a @ self.b).t()
+
+
+#: name → (model, reused products in one forward pass at w + Δ)
+MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)), 1),
+    "cnn": (lambda: nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(),
+                                  nn.Linear(12, 3)), 1),
+    "twice": (Twice, 2),
+    "scaled_input": (ScaledInput, 1),
+    "factored": (Factored, 1),
+    "embedding_first": (lambda: nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 3)), 0),
+}
+
+
+def setup(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    build, reused = MODELS[name]
+    model = build().to(DT)
+    x = torch.randint(0, 7, (5, 3)) if name == "embedding_first" else torch.randn(5, 3, 4, dtype=DT)
+    y = torch.randint(0, 3, (5,))
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    delta = {k: 0.05 * torch.randn_like(v) for k, v in w.items()}
+
+    def f(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+    return f, w, delta, reused
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """Every ``exact.Replay`` made, to read how many products it returned instead of computing them; products of
+    any size reused (``REUSE_MIN_MACS`` 0: this file's models are tiny)."""
+    monkeypatch.setattr(exact, "REUSE_MIN_MACS", 0)
+    made = []
+
+    class Counted(exact.Replay):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(exact, "Replay", Counted)
+    return made
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_value_at_one_is_the_plain_forward_pass(name, replays):
+    f, w, delta, reused = setup(name)
+    w1 = {k: w[k] + delta[k] for k in w}
+    asked = []
+    *derivatives, value = taylor2_and_value(f, w, delta, lambda: asked.append(1) or w1)
+    assert [t.item() for t in derivatives] == [t.item() for t in taylor2(f, w, delta)]
+    if reused == 0:
+        assert value is None and not asked and not replays  # nothing to reuse: w1 is not even converted
+        return
+    with torch.no_grad():
+        want = f(w1).item()
+    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
+    assert [r.reused for r in replays] == [reused]
+
+
+def test_a_pair_analysis_takes_f_w_t1_from_the_reused_products(replays):
+    """The pair's delta_loss and residual, with f(w_t1) from Taylor mode's pass, as with f(w_t1) evaluated apart
+    (reverse-over-reverse's pair), in float64; on two batches, each reusing its own first layer."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    w_t = {k: v.detach().clone() for k, v in model.named_parameters()}
+    w_t1 = {k: v + 0.1 * torch.randn_like(v) for k, v in w_t.items()}
+    batches = [Batch(torch.randn(n, 6), torch.randint(0, 3, (n,))) for n in (5, 4)]
+    got, want = (analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method=m, dtype=DT,
+                              chunk_size=0).to_dict() for m in ("taylor", "reverse-over-reverse"))
+    assert [r.reused for r in replays] == [1, 1]
+    for key in ("delta_loss", "grad_corr", "dir_sharpness", "taylor_residual"):
+        assert abs(got[key] - want[key]) <= 1e-12 * max(abs(want[key]), 1e-3), (key, got[key], want[key])
+
+
+class FirstLayerOnLargeBatches(nn.Module):
+    """A branch on the batch: the first layer sees the data itself on batches of more than 4 examples only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x) if x.shape[0] > 4 else self.first(torch.tanh(self.head.weight.sum() * x))
+        return self.head(torch.tanh(h))
+
+
+def test_f_w_t1_is_taken_apart_unless_every_batch_term_gave_it(replays):
+    """One batch reuses its first layer, the other cannot: the objective gives no f(w_t1) (a sum over one term
+    would be wrong), and the pair's delta_loss is still that of f(w_t1) evaluated apart."""
+    torch.manual_seed(4)
+    model = FirstLayerOnLargeBatches().to(DT)
+    w_t = {k: v.detach().clone() for k, v in model.named_parameters()}
+    w_t1 = {k: v + 0.1 * torch.randn_like(v) for k, v in w_t.items()}
+    batches = [Batch(torch.randn(n, 6, dtype=DT), torch.randint(0, 3, (n,))) for n in (5, 3)]
+    objective = Objective(model, {}, batches, resolve_loss("cross_entropy"), Evaluation(dtype="float64", chunk_size=0))
+    delta = {k: w_t1[k] - w_t[k] for k in w_t}
+    _, totals, _ = objective.derivatives(w_t, delta, "taylor", w1=lambda: w_t1)
+    assert totals.loss_t1 is None and [r.reused for r in replays] == [1]
+    got, want = (analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method=m, dtype=DT,
+                              chunk_size=0).to_dict() for m in ("taylor", "reverse-over-reverse"))
+    assert abs(got["delta_loss"] - want["delta_loss"]) <= 1e-12 * abs(want["delta_loss"])
+
+
+def test_products_too_small_to_pay_for_the_replay_are_not_reused(replays, monkeypatch):
+    """Under ``REUSE_MIN_MACS`` multiply-adds noted, f(w1) is left to the caller's own forward pass."""
+    f, w, delta, _ = setup("mlp")
+    monkeypatch.setattr(exact, "REUSE_MIN_MACS", 5 * 16 * 12 + 1)  # the first layer's multiply-adds, plus one
+    assert taylor2_and_value(f, w, delta, lambda: {k: w[k] + delta[k] for k in w})[3] is None and not replays
+    monkeypatch.setattr(exact, "REUSE_MIN_MACS", 5 * 16 * 12)
+    assert taylor2_and_value(f, w, delta, lambda: {k: w[k] + delta[k] for k in w})[3] is not None
+    assert [r.reused for r in replays] == [1]
+
+
+class WritesItsInput(nn.Module):
+    """Scales its input in place after the first layer has read it, then runs the layer on it again: the first
+    product's noted input now holds 3·x, so only the second product, on 3·x both times, may be reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        h = torch.tanh(self.first(x))
+        x.mul_(3)
+        return self.head(h * self.first(x))
+
+
+def test_a_constant_written_in_place_after_its_product_is_not_reused(replays):
+    torch.manual_seed(5)
+    model = WritesItsInput().to(DT)
+    x, y = torch.randn(5, 6, dtype=DT), torch.randint(0, 3, (5,))
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    delta = {k: 0.05 * torch.randn_like(v) for k, v in w.items()}
+    w1 = {k: w[k] + delta[k] for k in w}
+
+    def f(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+    value = taylor2_and_value(f, w, delta, lambda: w1)[3]
+    with torch.no_grad():
+        want = f(w1).item()
+    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
+    assert [r.reused for r in replays] == [1]
