@@ -140,12 +140,23 @@ def sdpa(args: tuple, kwargs: dict) -> Tensor | object:
         groups = query.shape[-3] // key.shape[-3]
         k = [None if t is None else t.repeat_interleave(groups, -3) for t in k]
         v = [None if t is None else t.repeat_interleave(groups, -3) for t in v]
-    scores = [_stacked([(q[i], k[n - i]) for i in range(n + 1)]) for n in range(3)]
+    scores = _score_factors(q, k)
     orders = [n for n in range(3) if v[n] is not None]
     values = torch.cat([v[n] for n in orders], -1)
     blocks = [_block(scores, values, orders, start, stop) for start, stop in query_blocks(query.shape[-2])]
     outs = [None if blocks[0][n] is None else torch.cat([b[n] for b in blocks], -2) for n in range(3)]
     return from_coeffs(*outs)
+
+
+def _score_factors(q: list, k: list) -> list:
+    """The stacked factors of A0, A1, A2 (``_stacked``: A_n = Σ_{i+j=n} q_i k_jᵀ). With every coefficient nonzero,
+    views of two concatenations Q = [q2, q1, q0] and K = [k0, k1, k2]: A_n pairs Q's last n + 1 blocks with K's
+    first n + 1, so each coefficient is copied once, not once per order it enters."""
+    if any(t is None for t in (*q, *k)):
+        return [_stacked([(q[i], k[n - i]) for i in range(n + 1)]) for n in range(3)]
+    width = q[0].shape[-1]
+    qs, ks = torch.cat(q[::-1], -1), torch.cat(k, -1)
+    return [(qs[..., (2 - n) * width:], ks[..., :(n + 1) * width]) for n in range(3)]
 
 
 FUNCTION_RULES[SDPA] = sdpa
