@@ -590,3 +590,27 @@ def test_a_config_asking_for_more_blocks_than_its_weights_hold_is_refused_before
         assert status == 1 and out == "" and str(files[0]) in err and "'n_layer'" in err, err
     save_checkpoint(files[0], model, {"model": {"hf_config": config}})  # the true config still loads
     assert load_checkpoint(files[0]).model_spec["hf_config"]["n_layer"] == 2
+
+
+def test_a_config_asking_for_far_more_weights_than_its_files_hold_is_refused_before_loading(tmp_path, capsys,
+                                                                                             monkeypatch) -> None:
+    """A width of 30000 in a tiny GPT-2's config.json (about 10¹⁰ weights, tens of GB) is refused from the meta
+    device's count, before from_pretrained allocates anything; the true config still loads."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny("gpt2")
+    a, b = save_pair(model, tmp_path)
+    batch = lm_batch(tmp_path / "b.safetensors")
+    config = json.loads((a / "config.json").read_text())
+    for folder in (a, b):
+        (folder / "config.json").write_text(json.dumps({**config, "n_embd": 30000, "n_head": 2}))
+    loads = []
+    real = transformers.GPT2LMHeadModel.from_pretrained.__func__
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(1) or real(cls, *a, **k)))
+    status, out, err = run_cli("analyze", a, b, "--batch", batch, capsys=capsys)
+    assert status == 1 and out == "" and err.count("\n") == 1 and not loads, err
+    assert str(a / "config.json") in err and "GPT2LMHeadModel" in err and "weights" in err, err
+    for folder in (a, b):
+        (folder / "config.json").write_text(json.dumps(config))
+    status, out, err = run_cli("analyze", a, b, "--batch", batch, "--json", capsys=capsys)
+    assert status == 0 and loads, err

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import threading
 import warnings
@@ -274,9 +275,37 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return {name: t.detach() for name, t in model.state_dict().items()}, meta
 
 
+#: A config may ask for at most this many times the weights its files hold (plus ``SIZE_SLACK``): a model of a
+#: folder holds each of its weights once, tied ones included, so only a config of other weights asks for more.
+SIZE_FACTOR = 2
+SIZE_SLACK = 2**20
+
+
+def check_model_size(cls: type, config: dict[str, Any], folder: Path, files: dict[str, Path]) -> None:
+    """Refuse a config whose model would hold more than ``SIZE_FACTOR`` times the weights the folder's files hold:
+    ``from_pretrained`` allocates the whole model before it compares names and shapes, so a tiny model's
+    ``config.json`` with a width of 30000 would take tens of GB first. The model is built on the meta device (no
+    memory) to count its weights, the files' from their headers; a config that cannot be built there is left
+    to ``from_pretrained`` to report. ``files``: what ``check_weights`` gave for the folder."""
+    shards = sorted(set(files.values())) or [folder / WEIGHTS]
+    held = sum(math.prod(entry["shape"]) for shard in shards
+               for entry in read_header(shard, "checkpoint")[0].values())
+    try:
+        with quiet_transformers(), torch.device("meta"):
+            asked = sum(p.numel() for p in cls(cls.config_class.from_dict(config)).parameters())
+    except Exception:  # noqa: BLE001 - from_pretrained reports what is wrong with the config
+        return
+    if asked > SIZE_FACTOR * held + SIZE_SLACK:
+        raise ZeroptimError(f"'{folder / CONFIG}' asks for a {cls.__name__} of {asked:,} weights, its files hold "
+                            f"{held:,}: it is not the config of these weights")
+
+
 def load_hf_model(folder: Path) -> tuple[Any, dict[str, Any]]:
-    """(the model as transformers loads the folder, zeroptim metadata for it, as ``folder_metadata`` gives it)."""
-    cls, meta = folder_metadata(folder)
+    """(the model as transformers loads the folder, zeroptim metadata for it, as ``folder_metadata`` gives it),
+    after ``check_model_size``."""
+    files = check_weights(folder)
+    cls, meta = folder_metadata(folder, files)
+    check_model_size(cls, meta["model"][SPEC_KEY], folder, files)
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
