@@ -280,3 +280,35 @@ def test_forward_over_forward_refuses_train_mode_batchnorm_only() -> None:
     ff = analyze_pair(model, w0, w1, [batch], CE, dtype=torch.float64, method="forward-over-forward")
     rr = analyze_pair(model, w0, w1, [batch], CE, dtype=torch.float64, method="reverse-over-reverse")
     assert rel_close(ff.dir_sharpness, rr.dir_sharpness, 1e-10)  # eval-mode BatchNorm is affine: fine
+
+
+def test_a_skeleton_runs_no_initialiser_and_imports_no_compiler() -> None:
+    """Built as a skeleton (and on the meta device), a model's initialisers return their meta tensors untouched:
+    torch's meta kernel of normal_ would import torch._dynamo (seconds of a fresh process); real tensors are
+    still initialised, and the skeleton's shapes are the model's."""
+    import subprocess
+    import sys
+    script = """
+import sys, torch
+from torch import nn
+from zeroptim_cli.models import CharTransformer
+from zeroptim_cli.models.skeleton import free_meta_initialisers, skeleton
+with skeleton():
+    a = CharTransformer(vocab_size=11, block_size=8, dim=16, heads=2, layers=1)
+with torch.device("meta"), free_meta_initialisers():
+    b = CharTransformer(vocab_size=11, block_size=8, dim=16, heads=2, layers=1)
+    nn.init.normal_(b.head.weight, std=0.5)
+    b.head.weight.data.uniform_()
+real = CharTransformer(vocab_size=11, block_size=8, dim=16, heads=2, layers=1)
+with free_meta_initialisers():
+    x = torch.zeros(64)
+    nn.init.normal_(x)
+shapes = [(k, tuple(v.shape)) for k, v in real.named_parameters()]
+assert [(k, tuple(v.shape)) for k, v in a.named_parameters()] == shapes
+assert [(k, tuple(v.shape)) for k, v in b.named_parameters()] == shapes
+assert all(p.is_meta for p in (*a.parameters(), *b.parameters()))
+assert x.std() > 0.5, "a real tensor is still initialised"
+print("torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -36,7 +36,7 @@ from zeroptim_cli.io.lazy import TensorFiles, open_lazily
 from zeroptim_cli.io.outputs import Inputs
 from zeroptim_cli.io.specs import Trust, spec_file
 from zeroptim_cli.models import build_model
-from zeroptim_cli.models.skeleton import skeleton
+from zeroptim_cli.models.skeleton import free_meta_initialisers, skeleton
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def model_and_loss(ckpt_t: Checkpoint, ckpt_t1: Checkpoint | None, settings: Set
             raise type(exc)(f"checkpoint '{source.path}': {exc}") from exc
 
     try:  # shapes first, on the meta device: metadata asking for a huge model fails before allocating it
-        with torch.device("meta"):
+        with torch.device("meta"), free_meta_initialisers():
             probe = build()
     except ZeroptimError:
         probe = None  # a factory that cannot build on the meta device: its real build says what is wrong
