@@ -5,9 +5,12 @@ on the same checkpoint and batch. Not a test: run it and read the ratios.
     python benchmarks/bench_process.py --workloads transformer --repeats 5
 
 Each entry runs as its own process under ``/usr/bin/time`` (wall seconds and peak resident memory). A
-process pays Python's and torch's start-up as well as the work; ``start-up`` (importing torch and zeroptim,
-reading the files, building the model) is measured alone and subtracted in the ``work`` columns. Medians
-over ``--repeats`` runs, all entries interleaved so that a busy machine slows every entry alike.
+process pays Python's and torch's start-up as well as the work, and each side's start-up is measured alone and
+subtracted in its ``work`` column: the step script's (importing torch and zeroptim, reading the files, building
+the model and its optimizer) with no step taken, ``zeroptim analyze``'s (its imports, reading the files,
+building the model, everything up to the analysis) with the analysis replaced by an exit. The two differ:
+building ``torch.optim.SGD`` imports ``torch._dynamo``, which zeroptim does not. Medians over ``--repeats``
+runs, all entries interleaved so that a busy machine slows every entry alike.
 """
 
 from __future__ import annotations
@@ -57,6 +60,17 @@ for _ in range(int(sys.argv[3])):
     opt.zero_grad()
 """
 
+STEP_START, ZEROPTIM_START = "step script's start-up", "zeroptim's start-up"
+
+#: ``zeroptim`` up to the analysis of the pair, then exit: its start-up.
+ZEROPTIM_STARTUP = """
+import sys
+import zeroptim_cli.analysis.pair as pair
+pair.analyze_pair = lambda *args, **kwargs: sys.exit(0)
+from zeroptim_cli.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 def timed(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak resident MiB) of one process."""
@@ -85,12 +99,13 @@ def main() -> None:
             save_checkpoint(b, w.model, {"model": SPECS[name], "step": 1})
             save_batch(batch, w.batch.inputs, w.batch.targets)
             step = [sys.executable, "-c", STEP_SCRIPT, str(a), str(batch)]
+            pair = ["analyze", str(a), str(b), "--batch", str(batch), "--quiet"]
             entries = {
-                "start-up (imports, files, model)": [*step, "0", str(args.threads)],
+                STEP_START: [*step, "0", str(args.threads)],
                 "training step script": [*step, "1", str(args.threads)],
-                "zeroptim analyze (auto)": [*zeroptim, "analyze", str(a), str(b), "--batch", str(batch), "--quiet"],
-                "zeroptim analyze --method taylor": [*zeroptim, "analyze", str(a), str(b), "--batch", str(batch),
-                                                     "--quiet", "--method", "taylor"],
+                ZEROPTIM_START: [sys.executable, "-c", ZEROPTIM_STARTUP, *pair],
+                "zeroptim analyze (auto)": [*zeroptim, *pair],
+                "zeroptim analyze --method taylor": [*zeroptim, *pair, "--method", "taylor"],
             }
             runs: dict[str, list[tuple[float, float]]] = {k: [] for k in entries}
             for _ in range(args.repeats):
@@ -98,13 +113,14 @@ def main() -> None:
                     runs[key].append(timed(cmd))
         wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
         rss = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
-        base_t, base_m = wall["start-up (imports, files, model)"], rss["start-up (imports, files, model)"]
-        step_t, step_m = wall["training step script"] - base_t, rss["training step script"] - base_m
+        step_t = wall["training step script"] - wall[STEP_START]
+        step_m = rss["training step script"] - rss[STEP_START]
         print(f"\n{name} · {args.threads} threads · torch {torch.__version__} · medians of {args.repeats}")
         print(f"{'entry':36s} {'wall s':>8s} {'work s':>8s} {'× step':>7s} {'peak MiB':>9s} {'extra MiB':>10s} {'× step':>7s}")
         for key in entries:
-            work, extra = wall[key] - base_t, rss[key] - base_m
-            first = key.startswith("start-up")
+            start = STEP_START if key == "training step script" else ZEROPTIM_START
+            work, extra = wall[key] - wall[start], rss[key] - rss[start]
+            first = key in (STEP_START, ZEROPTIM_START)
             print(f"{key:36s} {wall[key]:8.2f} {'' if first else f'{work:8.2f}':>8s} "
                   f"{'' if first else f'{work / step_t:7.2f}':>7s} {rss[key]:9.0f} "
                   f"{'' if first else f'{extra:10.0f}':>10s} {'' if first else f'{extra / step_m:7.2f}':>7s}")
