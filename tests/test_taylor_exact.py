@@ -153,18 +153,20 @@ def test_f_w_t1_is_taken_apart_unless_every_batch_term_gave_it(replays):
 
 
 def test_products_too_small_to_pay_for_the_replay_are_not_reused(replays, monkeypatch):
-    """Under ``REUSE_MIN_MACS`` multiply-adds noted, f(w1) is left to the caller's own forward pass."""
+    """Under ``REUSE_MIN_MACS`` multiply-adds noted, f(w1) is a plain forward pass, with no replay."""
     f, w, delta, _ = setup("mlp")
+    w1 = {k: w[k] + delta[k] for k in w}
     monkeypatch.setattr(exact, "REUSE_MIN_MACS", 5 * 16 * 12 + 1)  # the first layer's multiply-adds, plus one
-    assert taylor2_and_value(f, w, delta, lambda: {k: w[k] + delta[k] for k in w})[3] is None and not replays
+    with torch.no_grad():
+        assert taylor2_and_value(f, w, delta, lambda: w1)[3].item() == f(w1).item() and not replays
     monkeypatch.setattr(exact, "REUSE_MIN_MACS", 5 * 16 * 12)
     assert taylor2_and_value(f, w, delta, lambda: {k: w[k] + delta[k] for k in w})[3] is not None
     assert [r.reused for r in replays] == [1]
 
 
 class WritesItsInput(nn.Module):
-    """Scales its input in place after the first layer has read it, then runs the layer on it again: the first
-    product's noted input now holds 3·x, so only the second product, on 3·x both times, may be reused."""
+    """Scales its input in place after the first layer has read it, then runs the layer on it again: each product
+    is matched to the copy of its own input (x, then 3·x), not to the tensor, which holds 3·x by then."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -191,4 +193,86 @@ def test_a_constant_written_in_place_after_its_product_is_not_reused(replays):
     with torch.no_grad():
         want = f(w1).item()
     assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
-    assert [r.reused for r in replays] == [1]
+    assert [r.reused for r in replays] == [2]
+
+
+class SquareBothWays(nn.Module):
+    """One square weight used as W and as Wᵀ on the batch: two views that differ only in their strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.head = nn.Parameter(torch.randn(6, 6)), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x @ self.w) * torch.sigmoid(x @ self.w.t()))
+
+
+def test_w1_laid_out_otherwise_than_w_is_never_matched_to_another_view(replays):
+    """w + Δ given column-major where w is row-major: W's view at w1 must not pass for the noted Wᵀ, so nothing is
+    reused, and f(w1) is the plain forward pass's."""
+    torch.manual_seed(6)
+    model = SquareBothWays().to(DT)
+    x, y = torch.randn(5, 6, dtype=DT), torch.randint(0, 3, (5,))
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    delta = {k: 0.05 * torch.randn_like(v) for k, v in w.items()}
+    w1 = {k: w[k] + delta[k] for k in w}
+    w1["w"] = w1["w"].t().contiguous().t()  # the same numbers, column-major
+
+    def f(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+    value = taylor2_and_value(f, w, delta, lambda: w1)[3]
+    with torch.no_grad():
+        want = f(w1).item()
+    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
+    assert [r.reused for r in replays] == [0]
+
+
+class WritesThroughData(nn.Module):
+    """Writes its input through ``.data`` (no version counter moves) after the first layer has read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        h = torch.tanh(self.first(x))
+        x.data.mul_(3)
+        return self.head(h * self.first(x))
+
+
+def test_a_constant_written_through_data_is_compared_by_its_numbers(replays):
+    torch.manual_seed(7)
+    model = WritesThroughData().to(DT)
+    x, y = torch.randn(5, 6, dtype=DT), torch.randint(0, 3, (5,))
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    delta = {k: 0.05 * torch.randn_like(v) for k, v in w.items()}
+    w1 = {k: w[k] + delta[k] for k in w}
+
+    def f(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+    value = taylor2_and_value(f, w, delta, lambda: w1)[3]
+    with torch.no_grad():
+        want = f(w1).item()
+    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
+    assert [r.reused for r in replays] == [2]  # both products, each against its own copy: x, then 3·x
+
+
+def test_chunks_under_the_threshold_still_give_f_w1(replays, monkeypatch):
+    """Batches of 128 and 17 rows with the threshold between their first layers' multiply-adds: the large batch
+    replays, the small one takes its plain forward pass, and f(w_t1) is not evaluated again over all batches."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    monkeypatch.setattr(exact, "REUSE_MIN_MACS", 64 * 8 * 6)
+    w_t = {k: v.detach().clone() for k, v in model.named_parameters()}
+    w_t1 = {k: v + 0.1 * torch.randn_like(v) for k, v in w_t.items()}
+    batches = [Batch(torch.randn(n, 6, dtype=DT), torch.randint(0, 3, (n,))) for n in (128, 17)]
+    values = []
+    real = Objective.value
+    monkeypatch.setattr(Objective, "value", lambda self, w: values.append(1) or real(self, w))
+    got = analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method="taylor", dtype=DT,
+                       chunk_size=0).to_dict()
+    assert not values and [r.reused for r in replays] == [1]
+    want = analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method="reverse-over-reverse",
+                        dtype=DT, chunk_size=0).to_dict()
+    assert abs(got["delta_loss"] - want["delta_loss"]) <= 1e-12 * abs(want["delta_loss"])

@@ -120,7 +120,8 @@ def analyze_pair(
         chosen, totals, notes = objective.derivatives(w_t, delta, w1=w_t1 if loss_t1 is None else None)
         rows, numels = summary_rows(totals, delta), {n: t.numel() for n, t in delta.items()}
         if direction is None and loss_t1 is None and critical_tol is None and not (extras is not None and extras.any):
-            # nothing after f(w_t1) needs Δ, g or HΔ: release them before w_t1 is converted to evaluate it
+            # nothing after f(w_t1) needs Δ, g or HΔ: release them before w_t1 is converted to evaluate it (unless
+            # Taylor mode took f(w_t1) already, chunk by chunk, with w_t1 converted beside Δ)
             delta, totals = {}, replace(totals, grad=None, hvp=None)
         if loss_t1 is not None:
             value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)

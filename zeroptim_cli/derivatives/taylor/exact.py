@@ -9,11 +9,12 @@ the very same call in the forward pass at w + Δ (on a wide MLP, the first layer
 multiply-adds; on a language model, whose first op is an embedding lookup, nothing is noted and nothing changes).
 
 A call is the very same when it is the same op with the same non-tensor arguments, every α-dependent argument
-is the same view of the same parameter (in the Taylor pass a tensor whose c0 and c1 are that view of w's and of
-Δ's entry, and c2 = 0; in the forward pass that view of w + Δ's entry) and every constant argument holds the same
-numbers: the same tensor, unchanged since (its version counter), or one equal to it entry by entry (a constant
-computed again from the batch, such as ``2·x − 1``). The comparison reads the input once, where the product
-would have read it once per output feature.
+is the same view of the same parameter laid out alike (in the Taylor pass a tensor whose c0 and c1 are that view
+of w's and of Δ's entry, and c2 = 0; in the forward pass that view of w + Δ's entry, whose own shape and strides
+are w's) and every constant argument holds, entry by entry, the numbers a copy taken when the product was noted
+holds (the batch itself, or a constant computed again from it, such as ``2·x − 1``; a write into it since, even
+through ``.data``, which no version counter sees, makes it another call). Copy and comparison read the input
+twice, where the product reads it once per output feature.
 
 Private torch API used here: ``torch.utils._python_dispatch.TorchDispatchMode`` (the replay).
 """
@@ -46,21 +47,23 @@ REUSE_MIN_MACS = 2**24
 
 def multiply_adds(func, args: tuple, out: Tensor) -> int:
     """The multiply-adds of a product in ``PRODUCTS``: each output entry sums over the shared dimension (a
-    convolution's: input channels per group × kernel)."""
+    convolution's: input channels per group × kernel; the weight of a transposed one is laid out input first)."""
     if func is aten.convolution.default:
-        return out.numel() * math.prod(coeffs(args[1])[0].shape[1:])
+        weight, transposed, groups = coeffs(args[1])[0], args[6], args[8]
+        return out.numel() * math.prod(weight.shape[2:]) * (weight.shape[0] // groups if transposed else weight.shape[1])
     first = args[1] if func in (aten.addmm.default, aten.baddbmm.default) else args[0]
     return out.numel() * coeffs(first)[0].shape[-1]
 
 
 #: An argument's part of a call's key: ("constant", shape, strides, dtype) for a constant tensor (its numbers
-#: are compared apart), ("parameter", name, offset within it, shape, strides, dtype) for a view of a parameter,
-#: or a non-tensor argument itself.
+#: are compared apart), ("parameter", ``_Locator``'s answer) for a view of a parameter, or a non-tensor argument
+#: itself (a list as a tuple).
 Part = tuple
 
 
 class _Locator:
-    """Which view of which named tensor of a dict a tensor is: (name, offset within it, shape, strides, dtype)."""
+    """Which view of which named tensor of a dict a tensor is: (name, the named tensor's shape and strides, the
+    view's offset within it, shape, strides and dtype)."""
 
     def __init__(self, tensors: Mapping[str, Tensor]) -> None:
         self._by_storage: dict[tuple, list[tuple[str, Tensor]]] = defaultdict(list)
@@ -71,7 +74,7 @@ class _Locator:
         for name, p in self._by_storage.get(_storage(t), ()):
             offset = t.storage_offset() - p.storage_offset()
             if 0 <= offset < max(p.numel(), 1) and t.dtype == p.dtype:
-                return name, offset, tuple(t.shape), t.stride(), t.dtype
+                return name, tuple(p.shape), p.stride(), offset, tuple(t.shape), t.stride(), t.dtype
         return None
 
 
@@ -79,19 +82,11 @@ def _storage(t: Tensor) -> tuple:
     return t.device, t.untyped_storage().data_ptr()
 
 
-def _same_numbers(a: Tensor, version: int, b: Tensor) -> bool:
-    """Whether constant b (of a's shape and strides) holds what a held when noted, at version ``version``: a is
-    unchanged since, and b is a itself or equal to it entry by entry."""
-    if a._version != version:
-        return False
-    return a is b or (_storage(a) == _storage(b) and a.storage_offset() == b.storage_offset()) or torch.equal(a, b)
-
-
 @dataclass
 class _Noted:
-    """One noted product: its constant arguments (with their versions when noted) and its value at α = 1."""
+    """One noted product: copies of its constant arguments as they were, and its value at α = 1."""
 
-    constants: list[tuple[Tensor, int]]
+    constants: list[Tensor]
     value: Tensor
 
 
@@ -121,7 +116,10 @@ def _parts(args: tuple, kwargs: dict, locate: _Locator,
             parts.append(tuple(a))  # a convolution's stride, padding, …
         else:
             parts.append(a)
-    return (*parts, *sorted(kwargs.items())), constants
+    extra = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(kwargs.items()))
+    if any(isinstance(v, Tensor) or isinstance(v, tuple) and any(isinstance(u, Tensor) for u in v) for _, v in extra):
+        return None
+    return (*parts, *extra), constants
 
 
 class Recorder:
@@ -137,7 +135,7 @@ class Recorder:
     @property
     def pays(self) -> bool:
         """Whether the noted products are worth a replay (``REUSE_MIN_MACS``)."""
-        return bool(self.noted) and self.macs >= REUSE_MIN_MACS
+        return self.macs >= REUSE_MIN_MACS
 
     def note(self, func, args: tuple, kwargs: dict, out: Any) -> None:
         """Note ``out``'s value at α = 1 if ``func`` is a product of parameters and constants only."""
@@ -151,7 +149,7 @@ class Recorder:
         if y1 is not None and y2 is not None:
             value.add_(y2)
         key, constants = call
-        self.noted[(func, *key)].append(_Noted([(c, c._version) for c in constants], value))
+        self.noted[(func, *key)].append(_Noted([c.clone() for c in constants], value))
         self.macs += multiply_adds(func, args, value)
 
 
@@ -171,7 +169,7 @@ class Replay(TorchDispatchMode):
             call = _parts(args, kwargs, self._at)
             candidates = self._noted.get((func, *call[0]), []) if call is not None else []
             for i, noted in enumerate(candidates):
-                if all(_same_numbers(a, version, b) for (a, version), b in zip(noted.constants, call[1])):
+                if all(torch.equal(a, b) for a, b in zip(noted.constants, call[1])):
                     self.reused += 1
                     return candidates.pop(i).value
         return func(*args, **kwargs)
