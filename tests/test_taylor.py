@@ -730,3 +730,18 @@ def test_no_autograd_graph():
     out = seen[0]
     for c in (out.c0, out.c1, out.c2):
         assert c.grad_fn is None and not c.requires_grad
+
+
+def test_product_with_a_weight_whose_scale_squared_overflows_falls_back(monkeypatch):
+    """First-order coefficients 2⁻⁷⁰ of their factors' size make s² = 2¹⁴⁰, past float32's range: the Cauchy
+    product runs (the three-product form would raise), and the result is float32's own."""
+    from zeroptim_cli.derivatives.taylor.rules import bilinear
+    monkeypatch.setattr(bilinear, "KARATSUBA_MIN_MACS", 0)
+    x, w = rand(8, 6, seed=1), rand(4, 6, seed=2)
+    dx, dw = rand(8, 6, seed=3, scale=2.0**-70), rand(4, 6, seed=4, scale=2.0**-70)
+
+    def f(p):
+        return torch.tanh(F.linear(torch.tanh(p["x"]), p["w"])).sum()
+    exact = taylor2(f, {"x": x, "w": w}, {"x": dx, "w": dw})
+    got = taylor2(f, {"x": x.float(), "w": w.float()}, {"x": dx.float(), "w": dw.float()})
+    assert rel(got[1], exact[1]) < 1e-4

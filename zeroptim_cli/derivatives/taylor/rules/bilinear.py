@@ -91,7 +91,7 @@ def karatsuba(mm: Callable, acc: str, a: Sequence, b: Sequence, y0: Tensor,
     if a[1] is None or b[1] is None or not a[0].dtype.is_floating_point:
         return None
     s = _scale(a, b)
-    if s is None:
+    if s is None or s * s > torch.finfo(y0.dtype).max:  # s² must be a number of y0's dtype (float16: s ≤ 256)
         return None
     n = product(a[1], b[1])
     t = torch.add(y0, n, alpha=s * s)
