@@ -185,7 +185,8 @@ def mutate_folder(folder: Path, m: dict[str, object]) -> None:
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=folder_mutation())
 # a class whose defaults make a 6.5 × 10⁹-weight model of the tiny GPT-2's config (Llama: 32 layers of width 4096):
-# refused before any weight is allocated, not ~26 GB later (drawn by chance in ~3% of runs, an OOM kill)
+# refused by its size on the meta device before any weight is allocated, not ~26 GB later (drawn by chance in ~3 %
+# of runs, an OOM kill)
 @example(m={"how": "architectures", "key": "n_embd", "value": None, "architecture": ["LlamaForCausalLM"], "raw": b"",
             "shards": [""], "target": "a"})
 def test_hf_folders_fail_cleanly_and_read_no_pickle(capsys, m: dict[str, object]) -> None:

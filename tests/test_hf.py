@@ -614,3 +614,18 @@ def test_a_config_asking_for_far_more_weights_than_its_files_hold_is_refused_bef
         (folder / "config.json").write_text(json.dumps(config))
     status, out, err = run_cli("analyze", a, b, "--batch", batch, "--json", capsys=capsys)
     assert status == 0 and loads, err
+
+
+def test_a_tiny_qwen2_folder_loads_although_its_window_threshold_exceeds_its_tensors(tmp_path, capsys) -> None:
+    """Qwen2's max_window_layers (28 by default) is a threshold, not a block count: a 2-layer model of 27 tensors
+    is analysed, and agrees with the double backward's pair."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                                   bos_token_id=0, eos_token_id=0)
+    a, b = save_pair(transformers.Qwen2ForCausalLM(cfg), tmp_path)
+    assert json.loads((a / "config.json").read_text()).get("max_window_layers", 28) > 27
+    batch = lm_batch(tmp_path / "b.safetensors")
+    status, out, err = run_cli("analyze", a, b, "--batch", batch, "--json", capsys=capsys)
+    assert status == 0, err

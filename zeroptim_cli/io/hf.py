@@ -169,14 +169,16 @@ def check_block_counts(config: Any, tensors: int, source: str) -> None:
     """Refuse a config that asks for more repeated blocks than its weights hold tensors: every block of a
     model holds at least one tensor, so ``n_layer`` = 10⁹ beside a 15-tensor file is not a config of these
     weights, and building it (even on the meta device) would take hours and all memory first. Nested
-    configs (``text_config``, an encoder's and a decoder's) are checked too. ``source`` names the config in
-    the message."""
+    configs (``text_config``, an encoder's and a decoder's) are checked too; a ``max_…`` key (Qwen2's
+    ``max_window_layers``) is a threshold, not a count. ``source`` names the config in the message. A count the
+    config leaves to its class's default is ``check_model_size``'s to judge."""
     if not isinstance(config, dict):
         return
     for key, value in config.items():
         if isinstance(value, dict):
             check_block_counts(value, tensors, source)
-        elif isinstance(value, int) and not isinstance(value, bool) and _BLOCK_COUNT.search(key) and value > tensors:
+        elif (isinstance(value, int) and not isinstance(value, bool) and _BLOCK_COUNT.search(key)
+              and not key.startswith("max_") and value > tensors):
             raise ZeroptimError(f"{source} asks for {value} blocks ('{key}'), more than the {tensors} tensors its "
                                 "weights hold: it is not the config of these weights")
 
@@ -249,8 +251,7 @@ def folder_metadata(folder: Path, files: dict[str, Path] | None = None) -> tuple
     if not isinstance(config, dict):
         raise ZeroptimError(f"'{config_path}' is not a JSON object")
     files = check_weights(folder) if files is None else files
-    tensors = len(files) or len(read_header(folder / WEIGHTS, "checkpoint")[0])
-    check_block_counts(config, tensors, f"'{config_path}'")
+    check_block_counts(config, len(files) or len(read_header(folder / WEIGHTS, "checkpoint")[0]), f"'{config_path}'")
     cls = model_class(config, f"'{config_path}'")
     try:
         with quiet_transformers():
@@ -258,10 +259,6 @@ def folder_metadata(folder: Path, files: dict[str, Path] | None = None) -> tuple
     except Exception as exc:  # transformers validates config fields with its own exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ZeroptimError(f"'{config_path}' is not a valid {cls.__name__} config ({first})") from exc
-    # again on the complete config: a block count config.json leaves out is the class's default (a GPT-2
-    # config naming LlamaForCausalLM is read with Llama's 32 layers of width 4096: 6.5 × 10⁹ weights, ~26 GB
-    # allocated by from_pretrained before its missing keys are seen)
-    check_block_counts(complete, tensors, f"'{config_path}' (read as a {cls.__name__} config)")
     state = _trainer_state(folder)  # read once: its log history grows with the run
     step = folder_step(folder, state)
     return cls, {"model": {SPEC_KEY: comparable_config(complete)}, "step": step,
