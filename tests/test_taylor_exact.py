@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from zeroptim_cli import Batch, analyze_pair, resolve_loss
 from zeroptim_cli.derivatives import Evaluation, Objective
+from zeroptim_cli.derivatives.base import LazyParams
 from zeroptim_cli.derivatives.taylor import exact, taylor2, taylor2_and_value
 
 DT = torch.float64
@@ -153,12 +154,15 @@ def test_f_w_t1_is_taken_apart_unless_every_batch_term_gave_it(replays):
 
 
 def test_products_too_small_to_pay_for_the_replay_are_not_reused(replays, monkeypatch):
-    """Under ``REUSE_MIN_MACS`` multiply-adds noted, f(w1) is a plain forward pass, with no replay."""
+    """Under ``REUSE_MIN_MACS`` multiply-adds noted, no replay: f(w1) is left to the caller, and w1 not made, unless
+    it is made already (an earlier chunk took f(w1)): then f(w1) is a plain forward pass."""
     f, w, delta, _ = setup("mlp")
-    w1 = {k: w[k] + delta[k] for k in w}
+    w1 = LazyParams(lambda: {k: w[k] + delta[k] for k in w})
     monkeypatch.setattr(exact, "REUSE_MIN_MACS", 5 * 16 * 12 + 1)  # the first layer's multiply-adds, plus one
+    assert taylor2_and_value(f, w, delta, w1)[3] is None and not w1.made
+    w1()
     with torch.no_grad():
-        assert taylor2_and_value(f, w, delta, lambda: w1)[3].item() == f(w1).item() and not replays
+        assert taylor2_and_value(f, w, delta, w1)[3].item() == f(w1()).item() and not replays
     monkeypatch.setattr(exact, "REUSE_MIN_MACS", 5 * 16 * 12)
     assert taylor2_and_value(f, w, delta, lambda: {k: w[k] + delta[k] for k in w})[3] is not None
     assert [r.reused for r in replays] == [1]

@@ -13,7 +13,6 @@ summarize (one host transfer), extras.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,6 +27,7 @@ from zeroptim_cli.analysis.directions import Direction
 from zeroptim_cli.analysis.extras import Extras, compute_extras
 from zeroptim_cli.analysis.result import LayerStats, PairAnalysis
 from zeroptim_cli.derivatives import Derivatives, Evaluation, Objective, methods
+from zeroptim_cli.derivatives.base import LazyParams
 from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
 from zeroptim_cli.derivatives.losses import Loss
 from zeroptim_cli.errors import ConfigError, ZeroptimError
@@ -111,11 +111,8 @@ def analyze_pair(
     with prepared(model, batches, loss, evaluation, buffers=buffers, params=w_t) as objective:
         if direction is not None:
             delta, loss_t1 = direction(objective.gradient(w_t), w_t, delta), None
-
-        @functools.cache
-        def w_t1() -> Params:
-            return cast(params_t1, device, dtype) if direction is None else {k: w_t[k] + delta[k] for k in w_t}
-
+        w_t1 = LazyParams(lambda: cast(params_t1, device, dtype) if direction is None
+                          else {k: w_t[k] + delta[k] for k in w_t})
         # Taylor mode may take f(w_t1) beside each chunk's derivatives, for less than a forward pass of its own
         chosen, totals, notes = objective.derivatives(w_t, delta, w1=w_t1 if loss_t1 is None else None)
         rows, numels = summary_rows(totals, delta), {n: t.numel() for n, t in delta.items()}
@@ -127,7 +124,7 @@ def analyze_pair(
             value_t1 = torch.tensor(loss_t1, dtype=torch.float64, device=device)
         else:
             value_t1 = objective.value(w_t1()) if totals.loss_t1 is None else totals.loss_t1
-        w_t1.cache_clear()
+        w_t1.forget()
         result = summarize_rows(totals, value_t1, numels, rows, objective.num_examples, dtype, device, chosen)
         require_finite(result, batches)
         result.num_tokens = objective.num_tokens

@@ -16,6 +16,26 @@ from zeroptim_cli.vectors import Params, flatten, unflatten
 ScalarFn = Callable[[Params], Tensor]
 
 
+class LazyParams:
+    """Parameters made on the first call and kept (w_t1 in the analysis dtype, for a method that may take f(w_t1)
+    beside its derivatives: ``Method.value_at_w1``); ``made`` says whether they have been, ``forget`` drops them."""
+
+    def __init__(self, make: Callable[[], Params]) -> None:
+        self._make, self._params = make, None
+
+    def __call__(self) -> Params:
+        if self._params is None:
+            self._params = self._make()
+        return self._params
+
+    @property
+    def made(self) -> bool:
+        return self._params is not None
+
+    def forget(self) -> None:
+        self._params = None
+
+
 @dataclass(frozen=True)
 class Derivatives:
     """f(w), gᵀΔ and ΔᵀHΔ, with g and HΔ themselves when the method yields them, and f(w_t1) when it took that

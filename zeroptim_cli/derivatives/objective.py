@@ -418,7 +418,7 @@ class Objective:
     def _attempt(self, name: str, w: Params, v: Params,
                  w1: Callable[[], Params] | None) -> tuple[Derivatives | None, str | None]:
         """(Σ_b weight_b × method ``name``'s derivatives on this rank, None) or (None, its refusal); f(w1) summed
-        only where every term gave it."""
+        only where every term gave it, and asked of none after one that did not."""
         total: Derivatives | None = None
         every_value = True
         for term in self.terms_for(name):
@@ -428,7 +428,8 @@ class Objective:
                 return None, str(exc)
             except Exception as exc:  # noqa: BLE001 - classified and re-raised
                 raise self._failure(term, w, name, exc) from exc
-            every_value = every_value and d.loss_t1 is not None
+            if d.loss_t1 is None:
+                every_value, w1 = False, None  # the sum will not be whole: no later term need take f(w1)
             total = axpy(term.weight, d, total)
         if total is not None and not every_value:
             total = replace(total, loss_t1=None)

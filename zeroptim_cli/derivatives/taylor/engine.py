@@ -179,14 +179,15 @@ def taylor2(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor],
 def taylor2_and_value(f: Callable[[dict[str, Tensor]], Tensor], w: dict[str, Tensor], delta: dict[str, Tensor],
                       w1: Callable[[], dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``taylor2``'s (f(w), ∇f(w)ᵀΔ, Δᵀ∇²f(w)Δ) and f(w1), w1 = w + Δ (``w1()`` gives it, called only when
-    needed), where the Taylor pass held products exact in α (``exact``): the plain forward pass at w1 then
-    skips them where they are worth its dispatch (``Recorder.pays``), else computes them, so that every chunk
-    of a model that has such products gives f(w1) at once. None where there is none (a language model's first
-    op is an embedding lookup): the caller evaluates f(w1) as it would have, and w1 is not made."""
+    needed), where the Taylor pass held products exact in α (``exact``) worth the replay's dispatch
+    (``Recorder.pays``): the plain forward pass at w1 then skips them. Where they are not, f(w1) is a plain
+    forward pass if w1 is made already (``w1.made``: an earlier chunk of the batches took it, and this one, a
+    smaller one, completes the sum), else None, as where there are none (a language model's first op is an
+    embedding lookup): the caller evaluates f(w1) as it would have, and w1 is not made early."""
     params = _parameters(w, delta)
     recorder = Recorder({k: p.c0 for k, p in params.items()}, {k: p.c1 for k, p in params.items()})
     out = _taylor(f, params, recorder)
-    if not recorder.noted:
+    if not recorder.noted or not (recorder.pays or getattr(w1, "made", False)):
         return (*out, None)
     with torch.no_grad(), fused_attention_values():
         value = evaluate_at_one(f, w1(), recorder) if recorder.pays else f(w1())
