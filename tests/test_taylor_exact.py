@@ -64,18 +64,47 @@ MODELS = {
 }
 
 
-def setup(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    build, reused = MODELS[name]
-    model = build().to(DT)
-    x = torch.randint(0, 7, (5, 3)) if name == "embedding_first" else torch.randn(5, 3, 4, dtype=DT)
+def problem(model: nn.Module, x: torch.Tensor):
+    """(f, w, Δ): the cross-entropy of ``model`` on x against 5 random labels, at its parameters, along a random Δ."""
     y = torch.randint(0, 3, (5,))
     w = {k: v.detach().clone() for k, v in model.named_parameters()}
     delta = {k: 0.05 * torch.randn_like(v) for k, v in w.items()}
 
     def f(p):
         return F.cross_entropy(functional_call(model, p, (x,)), y)
-    return f, w, delta, reused
+    return f, w, delta
+
+
+def setup(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    build, reused = MODELS[name]
+    model = build().to(DT)
+    x = torch.randint(0, 7, (5, 3)) if name == "embedding_first" else torch.randn(5, 3, 4, dtype=DT)
+    return (*problem(model, x), reused)
+
+
+def assert_plain_value(value: torch.Tensor, f, w1) -> None:
+    """``value`` (taylor2_and_value's f(w1)) is the plain forward pass's, to 1e-12."""
+    with torch.no_grad():
+        want = f(w1).item()
+    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
+
+
+def pair(model: nn.Module, w_t, w_t1, batches, method: str) -> dict:
+    """The pair analysis by ``method``, in float64, batches whole."""
+    return analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method=method, dtype=DT,
+                        chunk_size=0).to_dict()
+
+
+def pairs(model: nn.Module, w_t, w_t1, batches) -> tuple[dict, dict]:
+    """The pair analysis by Taylor mode and by the double backward."""
+    return pair(model, w_t, w_t1, batches, "taylor"), pair(model, w_t, w_t1, batches, "reverse-over-reverse")
+
+
+def moved(model: nn.Module) -> tuple[dict, dict]:
+    """(w_t, w_t1) of ``model``: its parameters and a random step of 0.1 from them."""
+    w_t = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return w_t, {k: v + 0.1 * torch.randn_like(v) for k, v in w_t.items()}
 
 
 @pytest.fixture
@@ -103,9 +132,7 @@ def test_value_at_one_is_the_plain_forward_pass(name, replays):
     if reused == 0:
         assert value is None and not asked and not replays  # nothing to reuse: w1 is not even converted
         return
-    with torch.no_grad():
-        want = f(w1).item()
-    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
+    assert_plain_value(value, f, w1)
     assert [r.reused for r in replays] == [reused]
 
 
@@ -114,11 +141,9 @@ def test_a_pair_analysis_takes_f_w_t1_from_the_reused_products(replays):
     (reverse-over-reverse's pair), in float64; on two batches, each reusing its own first layer."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    w_t = {k: v.detach().clone() for k, v in model.named_parameters()}
-    w_t1 = {k: v + 0.1 * torch.randn_like(v) for k, v in w_t.items()}
+    w_t, w_t1 = moved(model)
     batches = [Batch(torch.randn(n, 6), torch.randint(0, 3, (n,))) for n in (5, 4)]
-    got, want = (analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method=m, dtype=DT,
-                              chunk_size=0).to_dict() for m in ("taylor", "reverse-over-reverse"))
+    got, want = pairs(model, w_t, w_t1, batches)
     assert [r.reused for r in replays] == [1, 1]
     for key in ("delta_loss", "grad_corr", "dir_sharpness", "taylor_residual"):
         assert abs(got[key] - want[key]) <= 1e-12 * max(abs(want[key]), 1e-3), (key, got[key], want[key])
@@ -141,15 +166,13 @@ def test_f_w_t1_is_taken_apart_unless_every_batch_term_gave_it(replays):
     would be wrong), and the pair's delta_loss is still that of f(w_t1) evaluated apart."""
     torch.manual_seed(4)
     model = FirstLayerOnLargeBatches().to(DT)
-    w_t = {k: v.detach().clone() for k, v in model.named_parameters()}
-    w_t1 = {k: v + 0.1 * torch.randn_like(v) for k, v in w_t.items()}
+    w_t, w_t1 = moved(model)
     batches = [Batch(torch.randn(n, 6, dtype=DT), torch.randint(0, 3, (n,))) for n in (5, 3)]
     objective = Objective(model, {}, batches, resolve_loss("cross_entropy"), Evaluation(dtype="float64", chunk_size=0))
     delta = {k: w_t1[k] - w_t[k] for k in w_t}
     _, totals, _ = objective.derivatives(w_t, delta, "taylor", w1=lambda: w_t1)
     assert totals.loss_t1 is None and [r.reused for r in replays] == [1]
-    got, want = (analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method=m, dtype=DT,
-                              chunk_size=0).to_dict() for m in ("taylor", "reverse-over-reverse"))
+    got, want = pairs(model, w_t, w_t1, batches)
     assert abs(got["delta_loss"] - want["delta_loss"]) <= 1e-12 * abs(want["delta_loss"])
 
 
@@ -169,35 +192,29 @@ def test_products_too_small_to_pay_for_the_replay_are_not_reused(replays, monkey
 
 
 class WritesItsInput(nn.Module):
-    """Scales its input in place after the first layer has read it, then runs the layer on it again: each product
-    is matched to the copy of its own input (x, then 3·x), not to the tensor, which holds 3·x by then."""
+    """Scales its input in place after the first layer has read it (through ``.data``, where no version counter
+    moves, or plainly), then runs the layer on it again: each product is matched to the copy of its own input
+    (x, then 3·x), not to the tensor, which holds 3·x by then."""
 
-    def __init__(self) -> None:
+    def __init__(self, through_data: bool) -> None:
         super().__init__()
         self.first, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.through_data = through_data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         h = torch.tanh(self.first(x))
-        x.mul_(3)
+        (x.data if self.through_data else x).mul_(3)
         return self.head(h * self.first(x))
 
 
-def test_a_constant_written_in_place_after_its_product_is_not_reused(replays):
+@pytest.mark.parametrize("through_data", [False, True])
+def test_a_constant_written_in_place_after_its_product_is_compared_by_its_numbers(through_data, replays):
     torch.manual_seed(5)
-    model = WritesItsInput().to(DT)
-    x, y = torch.randn(5, 6, dtype=DT), torch.randint(0, 3, (5,))
-    w = {k: v.detach().clone() for k, v in model.named_parameters()}
-    delta = {k: 0.05 * torch.randn_like(v) for k, v in w.items()}
+    f, w, delta = problem(WritesItsInput(through_data).to(DT), torch.randn(5, 6, dtype=DT))
     w1 = {k: w[k] + delta[k] for k in w}
-
-    def f(p):
-        return F.cross_entropy(functional_call(model, p, (x,)), y)
-    value = taylor2_and_value(f, w, delta, lambda: w1)[3]
-    with torch.no_grad():
-        want = f(w1).item()
-    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
-    assert [r.reused for r in replays] == [2]
+    assert_plain_value(taylor2_and_value(f, w, delta, lambda: w1)[3], f, w1)
+    assert [r.reused for r in replays] == [2]  # both products, each against its own copy: x, then 3·x
 
 
 class SquareBothWays(nn.Module):
@@ -215,51 +232,11 @@ def test_w1_laid_out_otherwise_than_w_is_never_matched_to_another_view(replays):
     """w + Δ given column-major where w is row-major: W's view at w1 must not pass for the noted Wᵀ, so nothing is
     reused, and f(w1) is the plain forward pass's."""
     torch.manual_seed(6)
-    model = SquareBothWays().to(DT)
-    x, y = torch.randn(5, 6, dtype=DT), torch.randint(0, 3, (5,))
-    w = {k: v.detach().clone() for k, v in model.named_parameters()}
-    delta = {k: 0.05 * torch.randn_like(v) for k, v in w.items()}
+    f, w, delta = problem(SquareBothWays().to(DT), torch.randn(5, 6, dtype=DT))
     w1 = {k: w[k] + delta[k] for k in w}
     w1["w"] = w1["w"].t().contiguous().t()  # the same numbers, column-major
-
-    def f(p):
-        return F.cross_entropy(functional_call(model, p, (x,)), y)
-    value = taylor2_and_value(f, w, delta, lambda: w1)[3]
-    with torch.no_grad():
-        want = f(w1).item()
-    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
+    assert_plain_value(taylor2_and_value(f, w, delta, lambda: w1)[3], f, w1)
     assert [r.reused for r in replays] == [0]
-
-
-class WritesThroughData(nn.Module):
-    """Writes its input through ``.data`` (no version counter moves) after the first layer has read it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        h = torch.tanh(self.first(x))
-        x.data.mul_(3)
-        return self.head(h * self.first(x))
-
-
-def test_a_constant_written_through_data_is_compared_by_its_numbers(replays):
-    torch.manual_seed(7)
-    model = WritesThroughData().to(DT)
-    x, y = torch.randn(5, 6, dtype=DT), torch.randint(0, 3, (5,))
-    w = {k: v.detach().clone() for k, v in model.named_parameters()}
-    delta = {k: 0.05 * torch.randn_like(v) for k, v in w.items()}
-    w1 = {k: w[k] + delta[k] for k in w}
-
-    def f(p):
-        return F.cross_entropy(functional_call(model, p, (x,)), y)
-    value = taylor2_and_value(f, w, delta, lambda: w1)[3]
-    with torch.no_grad():
-        want = f(w1).item()
-    assert abs(value.item() - want) <= 1e-12 * abs(want), (value.item(), want)
-    assert [r.reused for r in replays] == [2]  # both products, each against its own copy: x, then 3·x
 
 
 def test_chunks_under_the_threshold_still_give_f_w1(replays, monkeypatch):
@@ -268,15 +245,12 @@ def test_chunks_under_the_threshold_still_give_f_w1(replays, monkeypatch):
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
     monkeypatch.setattr(exact, "REUSE_MIN_MACS", 64 * 8 * 6)
-    w_t = {k: v.detach().clone() for k, v in model.named_parameters()}
-    w_t1 = {k: v + 0.1 * torch.randn_like(v) for k, v in w_t.items()}
+    w_t, w_t1 = moved(model)
     batches = [Batch(torch.randn(n, 6, dtype=DT), torch.randint(0, 3, (n,))) for n in (128, 17)]
     values = []
     real = Objective.value
     monkeypatch.setattr(Objective, "value", lambda self, w: values.append(1) or real(self, w))
-    got = analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method="taylor", dtype=DT,
-                       chunk_size=0).to_dict()
+    got = pair(model, w_t, w_t1, batches, "taylor")
     assert not values and [r.reused for r in replays] == [1]
-    want = analyze_pair(model, w_t, w_t1, batches, resolve_loss("cross_entropy"), method="reverse-over-reverse",
-                        dtype=DT, chunk_size=0).to_dict()
+    want = pair(model, w_t, w_t1, batches, "reverse-over-reverse")
     assert abs(got["delta_loss"] - want["delta_loss"]) <= 1e-12 * abs(want["delta_loss"])

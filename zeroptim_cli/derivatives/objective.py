@@ -420,7 +420,6 @@ class Objective:
         """(Σ_b weight_b × method ``name``'s derivatives on this rank, None) or (None, its refusal); f(w1) summed
         only where every term gave it, and asked of none after one that did not."""
         total: Derivatives | None = None
-        every_value = True
         for term in self.terms_for(name):
             try:
                 d = METHODS[name](term.fn, w, v, w1)
@@ -429,9 +428,9 @@ class Objective:
             except Exception as exc:  # noqa: BLE001 - classified and re-raised
                 raise self._failure(term, w, name, exc) from exc
             if d.loss_t1 is None:
-                every_value, w1 = False, None  # the sum will not be whole: no later term need take f(w1)
+                w1 = None  # the sum will not be whole: no later term need take f(w1)
             total = axpy(term.weight, d, total)
-        if total is not None and not every_value:
+        if total is not None and w1 is None:
             total = replace(total, loss_t1=None)
         return total, None
 
