@@ -349,7 +349,7 @@ def test_chunked_batches_give_the_same_numbers(method: str, monkeypatch) -> None
 def test_auto_chunks_follow_the_measured_activations(monkeypatch) -> None:
     from zeroptim_cli.derivatives import objective as obj
 
-    assert obj.chunk_length(100, "auto", 2**18) == 50 and obj.chunk_length(100, "auto", 1000.0) == 100
+    assert obj.chunk_length(100, "auto", obj.AUTO_CHUNK_BYTES / 64) == 50 and obj.chunk_length(100, "auto", 1000.0) == 100
     assert obj.chunk_length(3, "auto", 2.0**40) == 1 and obj.chunk_length(40, 0) == 40 and obj.chunk_length(40, 7) == 7
     model, batches = tiny_mlp(), tiny_batches(sizes=(30,))
     params = params_of(model)
@@ -485,7 +485,8 @@ def test_taylor_mode_is_chunked_by_its_own_peak_and_its_fallback_by_the_hvps(mon
 def test_taylor_chunks_of_a_transformer_at_long_context() -> None:
     """The char transformer of the benchmarks at 32 × 256 tokens: its attention maps (1 MiB an example) make
     one example's Taylor peak about 10 MiB, above half the 12.4 MiB a step saves for it under the math
-    kernel, so Taylor mode takes two chunks of 16 where the HVP's 16 MiB of saved activations take 16 of 2."""
+    kernel, so Taylor mode takes two chunks of 16 where the HVP's 64 MiB of saved activations take seven of 5 (the
+    last of 2)."""
     from zeroptim_cli.derivatives import objective as obj
     from zeroptim_cli.derivatives.kernels import twice_differentiable_kernels
     from zeroptim_cli.models import CharTransformer
@@ -497,7 +498,7 @@ def test_taylor_chunks_of_a_transformer_at_long_context() -> None:
     with twice_differentiable_kernels():
         f = obj.Objective(model, {}, [batch], resolve_loss("cross_entropy"), Evaluation(method="taylor"))
         assert [t.batch.num_examples for t in f.terms] == [16, 16]
-        assert [t.batch.num_examples for t in f.terms_for("auto")] == [2] * 16
+        assert [t.batch.num_examples for t in f.terms_for("auto")] == [5] * 6 + [2]
 
 
 def test_the_activation_probe_keeps_nothing_alive() -> None:

@@ -221,7 +221,7 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                      help=method_help()),
         click.option("--chunk-size", type=ChunkSize(), default="auto", show_default=True, metavar="auto|N|0",
                      help="Examples per evaluation: a batch is cut into chunks whose sums give the same f, g and "
-                          "HΔ with less peak memory. auto: measured; chunks that each save under 16 MiB of activations "
+                          "HΔ with less peak memory. auto: measured; chunks that each save under 64 MiB of activations "
                           "for an HVP, and for taylor chunks whose peak (10 × an example's largest activation per "
                           "example) is under half of what a step on the whole batch saves, batches under 64 MiB "
                           "whole; 0: whole batches. Eval mode only (train mode's batch statistics need the whole "

@@ -43,8 +43,11 @@ from zeroptim_cli.io.batches import Batch
 from zeroptim_cli.vectors import Params
 
 #: ``chunk_size="auto"`` for a method that holds an autograd graph: each chunk saves at most about this many
-#: bytes of activations for backward (``chunk_length``).
-AUTO_CHUNK_BYTES = 16 * 2**20
+#: bytes of activations for backward (``chunk_length``). Measured against whole batches and against the fastest
+#: peer's HVP plus a forward (benchmarks/bench_analysis.py): 16 MiB chunks (16 of 2 sequences for the transformer
+#: at 32×256, 8 of 512 rows for the wide MLP at 4096) cost 3–5 % more than whole batches; at 64 MiB (4–8
+#: sequences, 2048 rows) the transformer is 3 % faster than whole batches and the wide MLP within 1 %.
+AUTO_CHUNK_BYTES = 64 * 2**20
 #: ``chunk_size="auto"`` for Taylor mode: the least budget of a chunk's peak (``chunk_length``).
 TAYLOR_CHUNK_BYTES = 64 * 2**20
 #: Taylor mode's peak per example, in multiples of the example's largest activation: three coefficients of an
@@ -84,7 +87,7 @@ def chunk_length(n: int, chunk_size: int | str | None, per_example: float = 0.0,
 
     - for a method that holds an autograd graph (a Hessian-vector product keeps about three times a step's
       saved activations): b = S, what a training step saves per example (``activation_bytes``), and
-      B = ``AUTO_CHUNK_BYTES`` (16 MiB);
+      B = ``AUTO_CHUNK_BYTES`` (64 MiB);
     - for Taylor mode, which holds no graph, only three coefficients of the activations live at one time:
       b = 10·L, L the example's largest activation (``largest_activation``), and B = max(n·S/2, 64 MiB), half
       of what a training step on the whole batch saves. A chunk's peak then stays under a step's activations
