@@ -355,9 +355,11 @@ ATTENTION = {
 }
 
 
-@pytest.mark.parametrize("which", ["all", "query", "key", "value"])
+@pytest.mark.parametrize("which", ["all", "query", "key", "value", "query linear", "value linear"])
 @pytest.mark.parametrize("name", sorted(ATTENTION))
 def test_causal_attention_rule(name, which, monkeypatch):
+    """``linear``: that argument is w + αΔ itself, so it has no second-order coefficient (A2 or O2's P0·v2 is
+    absent, which decides which of the output's coefficients are written)."""
     from zeroptim_cli.derivatives.taylor._core import FUNCTION_RULES
     from zeroptim_cli.derivatives.taylor.rules import attention
     sq, sk, kw = ATTENTION[name]
@@ -371,6 +373,8 @@ def test_causal_attention_rule(name, which, monkeypatch):
         y = p["b"] - 0.2 * p["b"] * p["b"]
         q, k, v = (x if which in ("all", "query") else a, y if which in ("all", "key") else b,
                    torch.tanh(y) if which in ("all", "value") else torch.tanh(b))
+        if which.endswith("linear"):
+            q, v = (p["a"], v) if which == "query linear" else (q, p["b"])
         return torch.tanh(F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)).sum()
     check(f, {"a": a, "b": b}, {"a": rand(*sq, seed=23), "b": rand(*sk, seed=24)})
     assert taken and all(t is not NotImplemented for t in taken)

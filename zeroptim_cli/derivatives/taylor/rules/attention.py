@@ -61,10 +61,11 @@ def _stacked(pairs: list[tuple[Tensor | None, Tensor | None]]) -> tuple[Tensor, 
     return torch.cat([a for a, _ in pairs], -1), torch.cat([b for _, b in pairs], -1)
 
 
-def _block(scores: list, values: Tensor, orders: list[int], start: int, stop: int) -> list:
-    """O0, O1, O2 of query rows [start, stop) against keys 0 … min(stop, S) − 1, from the stacked factors of
-    A0, A1, A2 (``_stacked``, q already scaled) and v's nonzero coefficients side by side in ``values`` (of the
-    ``orders`` listed, ascending: one product P0·[v0, v1, v2] gives three); None for a zero coefficient.
+def _block(scores: list, values: Tensor, orders: list[int], start: int, stop: int, out: list) -> None:
+    """O0, O1, O2 of query rows [start, stop) against keys 0 … min(stop, S) − 1, written into those rows of
+    ``out`` (None for a coefficient that is zero), from the stacked factors of A0, A1, A2 (``_stacked``, q already
+    scaled) and v's nonzero coefficients side by side in ``values`` (of the ``orders`` listed, ascending: one
+    product P0·[v0, v1, v2] gives three).
 
     P1 and P2 are never formed: with E1 = P0 A1, d1 = ΣE1 (= ⟨P0, A1⟩), B = A2 + ½ l1², C = P0 B and
     m = ΣC (= ⟨P0, A2⟩ + ½⟨P1, l1⟩), P1 = E1 − d1 P0 and P2 = C − m P0, so (sums along the keys)
@@ -102,21 +103,28 @@ def _block(scores: list, values: Tensor, orders: list[int], start: int, stop: in
         m = c.sum(-1, keepdim=True)
     p0v, e1v, cv = times(p0, 2), times(e1, 1), times(c, 0)
     o0 = p0v[0]
-    o1 = _combine(e1v[0], p0v[1], None if d1 is None else -d1 * o0)
-    o2 = _combine(cv[0], e1v[1], p0v[2], None if d1 is None or p0v[1] is None else -d1 * p0v[1],
-                  None if m is None else -m * o0)
-    return [o0, o1, o2]
+    rows = slice(start, stop)
+    out[0][..., rows, :].copy_(o0)
+    _combine_into(out[1], rows, (e1v[0], p0v[1]), ((d1, o0),))
+    _combine_into(out[2], rows, (cv[0], e1v[1], p0v[2]), ((d1, p0v[1]), (m, o0)))
 
 
-def _combine(*terms: Tensor | None) -> Tensor | None:
-    """The sum of the nonzero terms, None where all are zero."""
-    terms = [t for t in terms if t is not None]
-    if not terms:
-        return None
-    out = terms[0]
-    for t in terms[1:]:
-        out = out + t
-    return out
+def _combine_into(dst: Tensor | None, rows: slice, plus: tuple, minus: tuple) -> None:
+    """dst's query rows ← Σ plus − Σ d·t over the pairs (d, t) of ``minus``, zero terms (None) skipped, with no
+    temporary: the first two terms are added into dst, the rest in place. dst is None exactly where every term is."""
+    if dst is None:
+        return
+    dst = dst[..., rows, :]
+    terms = [t for t in plus if t is not None]
+    if len(terms) > 1:
+        torch.add(terms[0], terms[1], out=dst)
+    else:
+        dst.copy_(terms[0])
+    for t in terms[2:]:
+        dst.add_(t)
+    for d, t in minus:
+        if d is not None and t is not None:
+            dst.addcmul_(d, t, value=-1)
 
 
 def sdpa(args: tuple, kwargs: dict) -> Tensor | object:
@@ -143,8 +151,13 @@ def sdpa(args: tuple, kwargs: dict) -> Tensor | object:
     scores = _score_factors(q, k)
     orders = [n for n in range(3) if v[n] is not None]
     values = torch.cat([v[n] for n in orders], -1)
-    blocks = [_block(scores, values, orders, start, stop) for start, stop in query_blocks(query.shape[-2])]
-    outs = [None if blocks[0][n] is None else torch.cat([b[n] for b in blocks], -2) for n in range(3)]
+    a1, a2 = scores[1] is not None, scores[2] is not None
+    present = (True, a1 or 1 in orders, a1 or a2 or 2 in orders)  # which of O0, O1, O2 are nonzero (_block)
+    batch = torch.broadcast_shapes(q[0].shape[:-2], k[0].shape[:-2], values.shape[:-2])
+    shape = (*batch, q[0].shape[-2], values.shape[-1] // len(orders))
+    outs = [torch.empty(shape, dtype=values.dtype, device=values.device) if p else None for p in present]
+    for start, stop in query_blocks(query.shape[-2]):
+        _block(scores, values, orders, start, stop, outs)
     return from_coeffs(*outs)
 
 
