@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 _PLAIN = (bool, int, float, str, type(None))
+#: What every ``nn.Module`` holds of its own (hooks, its parameters', buffers' and children's tables) and no
+#: setting of a layer: skipped unread, most of a small layer's attributes (``training`` is kept).
+_MODULE_OWN = frozenset(nn.Module().__dict__) - {"training"}
 
 
 def _settings(module: nn.Module) -> tuple:
@@ -25,6 +28,8 @@ def _settings(module: nn.Module) -> tuple:
     as a tuple)."""
     out = []
     for k, v in module.__dict__.items():
+        if k in _MODULE_OWN:
+            continue
         if isinstance(v, _PLAIN):
             out.append((k, v))
         elif isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v):
