@@ -58,6 +58,12 @@ def _scale(a: Sequence, b: Sequence) -> float | None:
     return 2.0 ** round(-math.log2(eps))
 
 
+def karatsuba_pays(y0: Tensor, a: Sequence) -> bool:
+    """Whether the product y0 = a·b (a the left factor's coefficients) is large enough for ``karatsuba``: its
+    multiply-adds, y0's entries times the inner dimension (a's last), at least ``KARATSUBA_MIN_MACS``."""
+    return y0.numel() * a[0].shape[-1] >= KARATSUBA_MIN_MACS
+
+
 def karatsuba(mm: Callable, acc: str, a: Sequence, b: Sequence, y0: Tensor,
               const: Sequence = (None, None)) -> list | None:
     """Orders 1 and 2 of y = mm(a, b) + const in three products where the Cauchy product takes four, for one
@@ -74,7 +80,7 @@ def karatsuba(mm: Callable, acc: str, a: Sequence, b: Sequence, y0: Tensor,
     T is one pass over the output (two with a bias) and both M and mm(a2, b0) are accumulated in place (into T
     and N), so no product is written apart from its sum. The terms of T are of one size (s ≈ 1/ε, ε the relative
     size of the first-order coefficients), so subtracting T/s loses no more precision than the products do."""
-    if y0.numel() * a[0].shape[-1] < KARATSUBA_MIN_MACS:
+    if not karatsuba_pays(y0, a):
         return None
     flip = b[2] is not None  # a names the factor with orders 0–2, b the weight, whichever came first
     if flip:
@@ -166,9 +172,12 @@ def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
         alpha = kwargs.get("alpha", 1)
         B, A1, A2 = coeffs(bias), coeffs(m1), coeffs(m2)
         o0 = func(B[0], A1[0], A2[0], beta=beta, alpha=alpha)
-        # a layer's bias, finite: a mask's −∞ (attention scores) would make y0/s infinite in ``karatsuba``
-        if alpha == 1 and B[2] is None and B[0].dim() <= 1 and bool(torch.isfinite(B[0]).all()):
-            fast = karatsuba(mm, mm_acc, A1, A2, o0, tuple(None if c is None else c * beta for c in B[:2]))
+        # a layer's bias, finite: a mask's −∞ (attention scores) would make y0/s infinite in ``karatsuba`` (checked
+        # only for a product large enough for it: on a small layer the check costs more than the rest of the rule)
+        if alpha == 1 and B[2] is None and B[0].dim() <= 1 and karatsuba_pays(o0, A1) \
+                and bool(torch.isfinite(B[0]).all()):
+            fast = karatsuba(mm, mm_acc, A1, A2, o0,
+                             tuple(None if c is None else c if beta == 1 else c * beta for c in B[:2]))
             if fast is not None:
                 return from_coeffs(o0, *fast)
         outs = [o0]
