@@ -389,8 +389,15 @@ def _mask_between(x, lo=None, hi=None, strict=False):
     return m if m is not None else torch.ones_like(x, dtype=torch.bool)
 
 
-# piecewise linear: each entry is its slope h'(x0) (relu' = 0 at 0, clamp's mask inclusive: autograd's conventions)
-register(aten.relu)(piecewise_linear(lambda x: x > 0))
+@register(aten.relu)
+def _relu(func, args, kwargs):
+    """relu: u_k = x_k where x0 > 0, else 0 (relu' = 0 at 0, autograd's convention), each by torch's own
+    ``threshold_backward``: one pass per coefficient and no mask tensor."""
+    x0, x1, x2 = coeffs(args[0])
+    return from_coeffs(func(x0), *(None if c is None else aten.threshold_backward(c, x0, 0) for c in (x1, x2)))
+
+
+# piecewise linear: each entry is its slope h'(x0) (clamp's mask inclusive: autograd's conventions)
 register(aten.leaky_relu)(piecewise_linear(
     lambda x, slope=0.01: torch.where(x > 0, torch.ones((), dtype=x.dtype), torch.full((), float(slope), dtype=x.dtype))))
 register(aten.hardtanh)(piecewise_linear(lambda x, lo=-1, hi=1: _mask_between(x, lo, hi, strict=True)))
