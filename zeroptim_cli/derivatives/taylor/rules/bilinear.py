@@ -58,10 +58,11 @@ def _scale(a: Sequence, b: Sequence) -> float | None:
     return 2.0 ** round(-math.log2(eps))
 
 
-def karatsuba_pays(y0: Tensor, a: Sequence) -> bool:
-    """Whether the product y0 = a·b (a the left factor's coefficients) is large enough for ``karatsuba``: its
-    multiply-adds, y0's entries times the inner dimension (a's last), at least ``KARATSUBA_MIN_MACS``."""
-    return y0.numel() * a[0].shape[-1] >= KARATSUBA_MIN_MACS
+def karatsuba_pays(y0: Tensor, a: Sequence, b: Sequence) -> bool:
+    """Whether ``karatsuba`` can save a product of y0 = a·b (a, b the left and right factors' coefficients): both
+    have a first-order term, and the product is large enough, its multiply-adds (y0's entries times the inner
+    dimension, a's last) at least ``KARATSUBA_MIN_MACS``."""
+    return a[1] is not None and b[1] is not None and y0.numel() * a[0].shape[-1] >= KARATSUBA_MIN_MACS
 
 
 def karatsuba(mm: Callable, acc: str, a: Sequence, b: Sequence, y0: Tensor,
@@ -80,7 +81,7 @@ def karatsuba(mm: Callable, acc: str, a: Sequence, b: Sequence, y0: Tensor,
     T is one pass over the output (two with a bias) and both M and mm(a2, b0) are accumulated in place (into T
     and N), so no product is written apart from its sum. The terms of T are of one size (s ≈ 1/ε, ε the relative
     size of the first-order coefficients), so subtracting T/s loses no more precision than the products do."""
-    if not karatsuba_pays(y0, a):
+    if not karatsuba_pays(y0, a, b):
         return None
     flip = b[2] is not None  # a names the factor with orders 0–2, b the weight, whichever came first
     if flip:
@@ -94,7 +95,7 @@ def karatsuba(mm: Callable, acc: str, a: Sequence, b: Sequence, y0: Tensor,
     def add_to(out: Tensor, x: Tensor, y: Tensor, beta: float = 1.0) -> Tensor:
         return getattr(out, acc)(y, x, beta=beta) if flip else getattr(out, acc)(x, y, beta=beta)
 
-    if a[1] is None or b[1] is None or not a[0].dtype.is_floating_point:
+    if not a[0].dtype.is_floating_point:
         return None
     s = _scale(a, b)
     if s is None or s * s > torch.finfo(y0.dtype).max:  # s² must be a number of y0's dtype (float16: s ≤ 256)
@@ -174,7 +175,7 @@ def _addmm_like(mm: Callable, mm_acc: str, addmm: Callable):
         o0 = func(B[0], A1[0], A2[0], beta=beta, alpha=alpha)
         # a layer's bias, finite: a mask's −∞ (attention scores) would make y0/s infinite in ``karatsuba`` (checked
         # only for a product large enough for it: on a small layer the check costs more than the rest of the rule)
-        if alpha == 1 and B[2] is None and B[0].dim() <= 1 and karatsuba_pays(o0, A1) \
+        if alpha == 1 and B[2] is None and B[0].dim() <= 1 and karatsuba_pays(o0, A1, A2) \
                 and bool(torch.isfinite(B[0]).all()):
             fast = karatsuba(mm, mm_acc, A1, A2, o0,
                              tuple(None if c is None else c if beta == 1 else c * beta for c in B[:2]))
