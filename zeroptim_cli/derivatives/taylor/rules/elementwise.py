@@ -26,7 +26,8 @@ prims = torch.ops.prims
 def smooth(deriv: Callable) -> Callable:
     """u = h(x) elementwise: u1 = h'·x1, u2 = h'·x2 + ½h''·x1². ``deriv(x0, u0, second, *args)`` returns
     (h'(x0), ½h''(x0) or None), or (h', q, c) with ½h'' = c·q for a number c, which is then applied in the
-    pass that adds ½h''·x1² (one pass fewer over the activation); it is asked for the second only when x1 ≠ 0.
+    pass that adds ½h''·x1² (one pass fewer over the activation where x2 ≠ 0); it is asked for the second only
+    when x1 ≠ 0.
     (The ``_d_`` functions below give h' and h'' in their docstrings and return (h', ½h'') or (h', q, c).)"""
 
     def rule(func, args, kwargs):
@@ -391,8 +392,9 @@ def _mask_between(x, lo=None, hi=None, strict=False):
 
 @register(aten.relu)
 def _relu(func, args, kwargs):
-    """relu: u_k = x_k where x0 > 0, else 0 (relu' = 0 at 0, autograd's convention), each by torch's own
-    ``threshold_backward``: one pass per coefficient and no mask tensor."""
+    """relu: u_k = x_k where x0 > 0, else 0 (relu' = 0 at 0), each by torch's own ``threshold_backward``, which is
+    relu's backward in autograd (so a NaN x0 passes x_k on, as autograd's gradient does): one pass per
+    coefficient and no mask tensor."""
     x0, x1, x2 = coeffs(args[0])
     return from_coeffs(func(x0), *(None if c is None else aten.threshold_backward(c, x0, 0) for c in (x1, x2)))
 

@@ -26,7 +26,8 @@ def _row_dot(s: Tensor, y: Tensor, dim) -> Tensor:
     that no product the size of s is written (a language model's logits: 32 MiB per coefficient at 256 tokens of a
     32000-token vocabulary)."""
     last = s.dim() - 1
-    if dim not in (-1, last) or s.shape != y.shape or s.dim() == 0 or s.numel() * s.element_size() <= ROW_DOT_BYTES:
+    size = s.numel() * torch.promote_types(s.dtype, y.dtype).itemsize  # the product's bytes
+    if dim not in (-1, last) or s.shape != y.shape or s.dim() == 0 or size <= ROW_DOT_BYTES:
         return _dot(s, y, dim)  # one block's worth: the product is small, and the blocks' slicing costs more
     n = s.shape[-1]
     a, b = s.reshape(-1, n), y.reshape(-1, n)
