@@ -22,17 +22,17 @@ ROW_DOT_BYTES = 2**19
 
 
 def _row_dot(s: Tensor, y: Tensor, dim) -> Tensor:
-    """⟨s, y⟩ along dim, kept, as ``_dot``; along the last dim of same-shaped tensors, a block of rows at a time, so
-    that no product the size of s is written (a language model's logits: 32 MiB per coefficient at 256 tokens of a
-    32000-token vocabulary)."""
-    last = s.dim() - 1
-    size = s.numel() * torch.promote_types(s.dtype, y.dtype).itemsize  # the product's bytes
-    if dim not in (-1, last) or s.shape != y.shape or s.dim() == 0 or size <= ROW_DOT_BYTES:
-        return _dot(s, y, dim)  # one block's worth: the product is small, and the blocks' slicing costs more
+    """⟨s, y⟩ along dim, kept, as ``_dot``; along the last dim of same-shaped tensors whose product exceeds one
+    block (``ROW_DOT_BYTES``), a block of rows at a time, so that no product the size of s is written (a language
+    model's logits: 32 MiB per coefficient at 256 tokens of a 32000-token vocabulary). Under one block the product
+    is formed whole: the blocks' slicing would cost more than it."""
+    dtype = torch.promote_types(s.dtype, y.dtype)
+    if dim not in (-1, s.dim() - 1) or s.shape != y.shape or s.dim() == 0 or s.numel() * dtype.itemsize <= ROW_DOT_BYTES:
+        return _dot(s, y, dim)
     n = s.shape[-1]
     a, b = s.reshape(-1, n), y.reshape(-1, n)
-    out = torch.empty(a.shape[0], 1, dtype=torch.promote_types(s.dtype, y.dtype), device=s.device)
-    step = max(1, ROW_DOT_BYTES // max(1, n * out.element_size()))
+    out = torch.empty(a.shape[0], 1, dtype=dtype, device=s.device)
+    step = max(1, ROW_DOT_BYTES // (n * dtype.itemsize))
     for i in range(0, a.shape[0], step):
         torch.sum(a[i:i + step] * b[i:i + step], -1, keepdim=True, out=out[i:i + step])
     return out.view(*s.shape[:-1], 1)
