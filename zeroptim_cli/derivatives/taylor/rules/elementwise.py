@@ -27,7 +27,8 @@ def smooth(deriv: Callable) -> Callable:
     """u = h(x) elementwise: u1 = h'·x1, u2 = h'·x2 + ½h''·x1². ``deriv(x0, u0, second, *args)`` returns
     (h'(x0), ½h''(x0) or None), or (h', q, c) with ½h'' = c·q for a number c, which is then applied in the
     pass that adds ½h''·x1² (one pass fewer over the activation where x2 ≠ 0); it is asked for the second only
-    when x1 ≠ 0.
+    when x1 ≠ 0. h' is a tensor or number, or the map g ↦ h'·g where torch's backward kernel of the op computes
+    it in one pass (gelu_backward, silu_backward, …): h' itself is then never written.
     (The ``_d_`` functions below give h' and h'' in their docstrings and return (h', ½h'') or (h', q, c).)"""
 
     def rule(func, args, kwargs):
@@ -37,8 +38,9 @@ def smooth(deriv: Callable) -> Callable:
         u0 = func(x0, *rest, **kwargs)
         d1, d2h, *factor = deriv(x0, u0, x1 is not None, *rest, **kwargs)
         c = factor[0] if factor else 1
-        u1 = None if x1 is None else d1 * x1
-        u2 = None if x2 is None else d1 * x2
+        times = d1 if callable(d1) else (lambda t: d1 * t)
+        u1 = None if x1 is None else times(x1)
+        u2 = None if x2 is None else times(x2)
         if x1 is not None and d2h is not None:
             if isinstance(d2h, Tensor):
                 t = d2h * x1 if d2h.shape == x1.shape else x1 * d2h
@@ -76,22 +78,21 @@ def _d_gelu(x, u, second, approximate="none"):
     """gelu: h = xΦ(x): h' = Φ + xφ, h'' = φ(2 − x²) (φ, Φ: the normal density and distribution); tanh
     approximation h = ½x(1 + t), t = tanh(v), v = k(x + cx³): h' = ½(1 + t) + ½x(1 − t²)v',
     h'' = (1 − t²)(v' − x t v'² + ½x v'')."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    d1 = aten.gelu_backward(one.expand_as(x), x, approximate=approximate)
     if approximate == "tanh":
-        x2 = x * x
-        inner = _K_TANH * (x + _C_TANH * x2 * x)
-        t = torch.tanh(inner)
-        sech2 = 1 - t * t
-        du = _K_TANH * (1 + 3 * _C_TANH * x2)
-        d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du
         if not second:
             return d1, None
-        ddu = 6 * _K_TANH * _C_TANH * x
-        return d1, 0.5 * sech2 * (du - x * t * du * du + 0.5 * x * ddu)
+        # with v' = k(1 + 3cx²), ½x v'' = 3kc x²: v' − x t v'² + ½x v'' = k(1 + 6cx²) − x t v'²; sech² = 1 − t²
+        # is tanh_backward(1, t) (one pass each, where the formula written out took twice as many)
+        x2 = x * x
+        t = torch.add(one, x2, alpha=_C_TANH).mul_(x).mul_(_K_TANH).tanh_()
+        du = torch.add(one, x2, alpha=3 * _C_TANH).mul_(_K_TANH)
+        bracket = torch.add(one, x2, alpha=6 * _C_TANH).mul_(_K_TANH).sub_(x * t * du * du)
+        return d1, aten.tanh_backward(bracket, t), 0.5
     # h' = Φ + x φ is torch's own gelu_backward of a unit gradient (one pass, where erf and its products took
     # five); ½h'' = φ (1 − x²/2) = c·q with p = 1 − x²/2 (one addcmul), q = e^p·p and c = 1/(e√(2π)), since
     # φ = e^{p − 1}/√(2π): three passes, c applied where ½h''·x1² is added (measured 9 % off the rule)
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    d1 = aten.gelu_backward(one.expand_as(x), x)
     if not second:
         return d1, None
     p = torch.addcmul(one, x, x, value=-0.5)
@@ -99,10 +100,26 @@ def _d_gelu(x, u, second, approximate="none"):
 
 
 def _d_silu(x, u, second):
-    """silu: h = xσ(x): h' = σ(1 + x(1 − σ)), h'' = σ(1 − σ)(2 + x(1 − 2σ))."""
+    """silu: h = xσ(x): h' = σ(1 + x(1 − σ)), h'' = σ(1 − σ)(2 + x(1 − 2σ)). With σ' = σ(1 − σ)·g being torch's
+    sigmoid_backward(g, σ): h' = σ + sigmoid_backward(x, σ), ½h'' = ½·sigmoid_backward(2 + x(1 − 2σ), σ)."""
     s = torch.sigmoid(x)
-    d1 = s * (1 + x * (1 - s))
-    return d1, (None if not second else 0.5 * s * (1 - s) * (2 + x * (1 - 2 * s)))
+    d1 = aten.sigmoid_backward(x, s).add_(s)
+    if not second:
+        return d1, None
+    two = torch.full((), 2, dtype=x.dtype, device=x.device)
+    return d1, aten.sigmoid_backward(torch.addcmul(two, x, torch.rsub(s, 1, alpha=2)), s), 0.5
+
+
+def _d_tanh(x, u, second):
+    """tanh: h' = 1 − u², h'' = −2u(1 − u²): h'·g is torch's tanh_backward(g, u), ½h'' = −tanh_backward(u, u)."""
+    return (lambda g: aten.tanh_backward(g, u)), (aten.tanh_backward(u, u) if second else None), -1
+
+
+def _d_sigmoid(x, u, second):
+    """sigmoid: h' = u(1 − u), h'' = u(1 − u)(1 − 2u): h'·g is torch's sigmoid_backward(g, u), ½h'' =
+    ½·sigmoid_backward(1 − 2u, u)."""
+    return ((lambda g: aten.sigmoid_backward(g, u)),
+            (aten.sigmoid_backward(torch.rsub(u, 1, alpha=2), u) if second else None), 0.5)
 
 
 def _d_softplus(x, u, second, beta=1, threshold=20):
@@ -230,8 +247,8 @@ SMOOTH = {
     aten.sqrt: lambda x, u, s: (0.5 / u, -0.125 / (u * u * u) if s else None),
     aten.rsqrt: lambda x, u, s: (-0.5 * u * u * u, 0.375 * u ** 5 if s else None),
     aten.reciprocal: lambda x, u, s: (-(u * u), u * u * u if s else None),
-    aten.tanh: lambda x, u, s: (1 - u * u, -u * (1 - u * u) if s else None),
-    aten.sigmoid: lambda x, u, s: (u * (1 - u), 0.5 * u * (1 - u) * (1 - 2 * u) if s else None),
+    aten.tanh: _d_tanh,
+    aten.sigmoid: _d_sigmoid,
     aten.sin: lambda x, u, s: (torch.cos(x), -0.5 * u),
     aten.cos: lambda x, u, s: (-torch.sin(x), -0.5 * u),
     aten.erf: lambda x, u, s: ((d := 2 / math.sqrt(math.pi) * torch.exp(-x * x)), -x * d if s else None),
