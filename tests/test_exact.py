@@ -449,7 +449,7 @@ def test_taylor_mode_is_chunked_by_its_own_peak_and_its_fallback_by_the_hvps(mon
     # MLP 5-6-4-3 (tanh), float64: the widest activation of one example is the first hidden layer's 6 values
     assert obj.largest_activation(obj.saved_tensors(fn, batches[0].head(1), params)) == 8 * 6
     step = obj.activation_bytes(fn, batches[0], params)
-    assert [t.batch.num_examples for t in obj.Objective(model, {}, batches, loss, taylor).terms] == [30]  # ≪ 64 MiB
+    assert [t.batch.num_examples for t in obj.Objective(model, {}, batches, loss, taylor).terms] == [30]  # ≪ 96 MiB
     monkeypatch.setattr(obj, "TAYLOR_CHUNK_BYTES", 1.0)  # the budget is now half what a step saves: 30·S/2
     monkeypatch.setattr(obj, "AUTO_CHUNK_BYTES", 8 * step)  # the HVP's: 8 examples a chunk
     f = obj.Objective(model, {}, batches, loss, taylor)

@@ -223,7 +223,7 @@ def settings_options(fn=None, *, direction: bool = True):  # type: ignore[no-unt
                      help="Examples per evaluation: a batch is cut into chunks whose sums give the same f, g and "
                           "HΔ with less peak memory. auto: measured; chunks that each save under 64 MiB of activations "
                           "for an HVP, and for taylor chunks whose peak (10 × an example's largest activation per "
-                          "example) is under half of what a step on the whole batch saves, batches under 64 MiB "
+                          "example) is under half of what a step on the whole batch saves, batches under 96 MiB "
                           "whole; 0: whole batches. Eval mode only (train mode's batch statistics need the whole "
                           "batch)."),
         click.option("--train-mode", "train", is_flag=True,
