@@ -3,6 +3,9 @@ pass in float64; the reused products are counted, so a case where nothing is reu
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,3 +257,25 @@ def test_chunks_under_the_threshold_still_give_f_w1(replays, monkeypatch):
     assert not values and [r.reused for r in replays] == [1]
     want = pair(model, w_t, w_t1, batches, "reverse-over-reverse")
     assert abs(got["delta_loss"] - want["delta_loss"]) <= 1e-12 * abs(want["delta_loss"])
+
+
+def test_replay_mode_does_not_import_dynamo() -> None:
+    """A fresh process's f(w_t1) forward under ``Replay`` (an ``EagerDispatchMode``) leaves ``torch._dynamo``
+    unimported, where a plain ``TorchDispatchMode``'s first op imports it (0.55 s once per process)."""
+    script = """
+import sys, torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from zeroptim_cli.derivatives.taylor.exact import Recorder, evaluate_at_one
+w = {"w": torch.ones(3, 2)}
+out = evaluate_at_one(lambda p: (p["w"] @ torch.ones(2)).sum(), w, Recorder(w, {"w": torch.zeros(3, 2)}))
+assert float(out) == 6.0
+eager = "torch._dynamo" in sys.modules
+class Plain(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+with Plain():
+    torch.ones(2) + 1
+print(eager, "torch._dynamo" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False", "True"]

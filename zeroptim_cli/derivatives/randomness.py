@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from zeroptim_cli.derivatives.dispatch_mode import EagerDispatchMode
 from zeroptim_cli.errors import ZeroptimError
 
 aten = torch.ops.aten
@@ -73,7 +73,7 @@ _REWRITES: dict[Any, Callable[..., Any]] = {
 }
 
 
-class _Seeded(TorchDispatchMode):
+class _Seeded(EagerDispatchMode):
     """Every random op draws from this block's generators (module docstring)."""
 
     def __init__(self, seed: int) -> None:

@@ -16,7 +16,7 @@ holds (the batch itself, or a constant computed again from it, such as ``2·x �
 through ``.data``, which no version counter sees, makes it another call). Copy and comparison read the input
 twice, where the product reads it once per output feature.
 
-Private torch API used here: ``torch.utils._python_dispatch.TorchDispatchMode`` (the replay).
+Private torch API used here: ``torch.utils._python_dispatch.TorchDispatchMode`` (the replay, through ``dispatch_mode``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from zeroptim_cli.derivatives.dispatch_mode import EagerDispatchMode
 from zeroptim_cli.derivatives.taylor._core import coeffs, is_taylor
 
 aten = torch.ops.aten
@@ -153,7 +153,7 @@ class Recorder:
         self.macs += multiply_adds(func, args, value)
 
 
-class Replay(TorchDispatchMode):
+class Replay(EagerDispatchMode):
     """For the block: each product that ``recorder`` noted, called again with the parameters at w + Δ (``w1``,
     the tensors f is called with) in their place and constants of the same numbers, returns its noted y(1)
     instead of being computed; each noted value is returned once (a layer run twice on one input is noted twice)."""
