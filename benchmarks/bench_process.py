@@ -9,8 +9,11 @@ process pays Python's and torch's start-up as well as the work, and each side's 
 subtracted in its ``work`` column: the step script's (importing torch and zeroptim, reading the files, building
 the model and its optimizer) with no step taken, ``zeroptim analyze``'s (its imports, reading the files,
 building the model, everything up to the analysis) with the analysis replaced by an exit. The two differ:
-building ``torch.optim.SGD`` imports ``torch._dynamo``, which zeroptim does not. Medians over ``--repeats``
-runs, all entries interleaved so that a busy machine slows every entry alike.
+building ``torch.optim.SGD`` imports ``torch._dynamo``, which zeroptim does not. The ``first call`` column
+is timed inside each process instead — the step, or ``analyze_pair`` as the command calls it, the first of
+the process with every one-time cost it pays — so that it carries none of the start-ups' spread (seconds,
+against a step of a fraction of one). Medians over ``--repeats`` runs, all entries interleaved so that a busy
+machine slows every entry alike.
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ SPECS = {
                     "kwargs": {"vocab_size": 100, "block_size": 64, "dim": 128, "heads": 4, "layers": 4}},
 }
 
+#: The tag of the line on stderr with the seconds of a process's own first call (the step, the analysis).
+FIRST_CALL = "first-call-seconds"
+
 #: One training step of the checkpoint's model on the batch, as a user's script would take it; with
 #: ``--steps 0`` it stops after the set-up (imports, files, model), the start-up every entry pays.
 STEP_SCRIPT = """
-import sys, torch
+import sys, time, torch
 import torch.nn.functional as F
 from zeroptim_cli.io.batches import load_batch
 from zeroptim_cli.io.checkpoint import load_checkpoint, state_for_model
@@ -53,12 +59,14 @@ model = build_model(ckpt.model_spec)
 params, buffers = state_for_model(model, ckpt)
 model.load_state_dict({**params, **buffers}, strict=False)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
+start = time.perf_counter()
 for _ in range(int(sys.argv[3])):
     out = model(batch.inputs)
     F.cross_entropy(out.reshape(-1, out.shape[-1]), batch.targets.reshape(-1)).backward()
     opt.step()
     opt.zero_grad()
-"""
+print(f"FIRST_CALL {time.perf_counter() - start}", file=sys.stderr)
+""".replace("FIRST_CALL", FIRST_CALL)
 
 STEP_START, ZEROPTIM_START = "step script's start-up", "zeroptim's start-up"
 
@@ -71,14 +79,32 @@ from zeroptim_cli.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+#: ``zeroptim`` as its console command runs, its one call of the pair analysis timed (``FIRST_CALL``).
+ZEROPTIM_TIMED = """
+import sys, time
+import zeroptim_cli.analysis.pair as pair
+run = pair.analyze_pair
+def timed(*args, **kwargs):
+    start = time.perf_counter()
+    out = run(*args, **kwargs)
+    print(f"FIRST_CALL {time.perf_counter() - start}", file=sys.stderr)
+    return out
+pair.analyze_pair = timed
+from zeroptim_cli.cli import main
+sys.exit(main(sys.argv[1:]))
+""".replace("FIRST_CALL", FIRST_CALL)
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak resident MiB) of one process."""
+
+def timed(cmd: list[str]) -> tuple[float, float, float | None]:
+    """(wall seconds, peak resident MiB, seconds of its first call where it reports one: ``FIRST_CALL``) of one
+    process."""
     proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed:\n{proc.stderr[-2000:]}")
-    wall, kib = proc.stderr.strip().splitlines()[-1].split()
-    return float(wall), float(kib) / 1024
+    lines = proc.stderr.strip().splitlines()
+    wall, kib = lines[-1].split()
+    calls = [float(line.split()[1]) for line in lines if line.startswith(FIRST_CALL)]
+    return float(wall), float(kib) / 1024, calls[0] if calls else None
 
 
 def main() -> None:
@@ -87,7 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    zeroptim = [sys.executable, "-m", "zeroptim_cli"]
+    zeroptim = [sys.executable, "-c", ZEROPTIM_TIMED]
     for name in args.workloads.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             w = make_workload(name, torch.device("cpu"))
@@ -107,24 +133,28 @@ def main() -> None:
                 "zeroptim analyze (auto)": [*zeroptim, *pair],
                 "zeroptim analyze --method taylor": [*zeroptim, *pair, "--method", "taylor"],
             }
-            runs: dict[str, list[tuple[float, float]]] = {k: [] for k in entries}
+            runs: dict[str, list[tuple[float, float, float | None]]] = {k: [] for k in entries}
             for _ in range(args.repeats):
                 for key, cmd in entries.items():
                     runs[key].append(timed(cmd))
         wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
         rss = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+        call = {k: statistics.median(r[2] for r in v) for k, v in runs.items() if v[0][2] is not None}
         step_t = wall["training step script"] - wall[STEP_START]
         step_m = rss["training step script"] - rss[STEP_START]
+        step_c = call["training step script"]
         print(f"\n{name} · {args.threads} threads · torch {torch.__version__} · medians of {args.repeats}")
-        print(f"{'entry':36s} {'wall s':>8s} {'work s':>8s} {'× step':>7s} {'peak MiB':>9s} {'extra MiB':>10s} {'× step':>7s}")
+        print(f"{'entry':36s} {'wall s':>8s} {'work s':>8s} {'× step':>7s} {'first call s':>13s} {'× step':>7s} "
+              f"{'peak MiB':>9s} {'extra MiB':>10s} {'× step':>7s}")
         for key in entries:
             start = STEP_START if key == "training step script" else ZEROPTIM_START
             work, extra = wall[key] - wall[start], rss[key] - rss[start]
             first = key in (STEP_START, ZEROPTIM_START)
-            print(f"{key:36s} {wall[key]:8.2f} {'' if first else f'{work:8.2f}':>8s} "
-                  f"{'' if first else f'{work / step_t:7.2f}':>7s} {rss[key]:9.0f} "
-                  f"{'' if first else f'{extra:10.0f}':>10s} {'' if first else f'{extra / step_m:7.2f}':>7s}")
-
+            cells = ["", "", "", "", "", ""] if first else [
+                f"{work:.2f}", f"{work / step_t:.2f}", f"{call[key]:.2f}", f"{call[key] / step_c:.2f}",
+                f"{extra:.0f}", f"{extra / step_m:.2f}"]
+            print(f"{key:36s} {wall[key]:8.2f} {cells[0]:>8s} {cells[1]:>7s} {cells[2]:>13s} {cells[3]:>7s} "
+                  f"{rss[key]:9.0f} {cells[4]:>10s} {cells[5]:>7s}")
 
 if __name__ == "__main__":
     main()
