@@ -28,7 +28,7 @@ def smooth(deriv: Callable) -> Callable:
     (h'(x0), ½h''(x0) or None), or (h', q, c) with ½h'' = c·q for a number c, which is then applied in the
     pass that adds ½h''·x1² (one pass fewer over the activation where x2 ≠ 0); it is asked for the second only
     when x1 ≠ 0. h' is a tensor or number, or the map g ↦ h'·g where torch's backward kernel of the op computes
-    it in one pass (gelu_backward, silu_backward, …): h' itself is then never written.
+    it in one pass (tanh_backward, sigmoid_backward): h' itself is then never written.
     (The ``_d_`` functions below give h' and h'' in their docstrings and return (h', ½h'') or (h', q, c).)"""
 
     def rule(func, args, kwargs):
