@@ -70,17 +70,9 @@ print(f"FIRST_CALL {time.perf_counter() - start}", file=sys.stderr)
 
 STEP_START, ZEROPTIM_START = "step script's start-up", "zeroptim's start-up"
 
-#: ``zeroptim`` up to the analysis of the pair, then exit: its start-up.
-ZEROPTIM_STARTUP = """
-import sys
-import zeroptim_cli.analysis.pair as pair
-pair.analyze_pair = lambda *args, **kwargs: sys.exit(0)
-from zeroptim_cli.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-#: ``zeroptim`` as its console command runs, its one call of the pair analysis timed (``FIRST_CALL``).
-ZEROPTIM_TIMED = """
+#: ``zeroptim`` as its console command runs, its one call of the pair analysis either timed (``FIRST_CALL``) or,
+#: with ``startup`` as the first argument, replaced by an exit: its start-up alone.
+ZEROPTIM_SCRIPT = """
 import sys, time
 import zeroptim_cli.analysis.pair as pair
 run = pair.analyze_pair
@@ -89,9 +81,10 @@ def timed(*args, **kwargs):
     out = run(*args, **kwargs)
     print(f"FIRST_CALL {time.perf_counter() - start}", file=sys.stderr)
     return out
-pair.analyze_pair = timed
+startup = sys.argv[1] == "startup"
+pair.analyze_pair = (lambda *args, **kwargs: sys.exit(0)) if startup else timed
 from zeroptim_cli.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[2:]))
 """.replace("FIRST_CALL", FIRST_CALL)
 
 
@@ -113,7 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    zeroptim = [sys.executable, "-c", ZEROPTIM_TIMED]
+    zeroptim = [sys.executable, "-c", ZEROPTIM_SCRIPT, "timed"]
     for name in args.workloads.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             w = make_workload(name, torch.device("cpu"))
@@ -129,7 +122,7 @@ def main() -> None:
             entries = {
                 STEP_START: [*step, "0", str(args.threads)],
                 "training step script": [*step, "1", str(args.threads)],
-                ZEROPTIM_START: [sys.executable, "-c", ZEROPTIM_STARTUP, *pair],
+                ZEROPTIM_START: [sys.executable, "-c", ZEROPTIM_SCRIPT, "startup", *pair],
                 "zeroptim analyze (auto)": [*zeroptim, *pair],
                 "zeroptim analyze --method taylor": [*zeroptim, *pair, "--method", "taylor"],
             }

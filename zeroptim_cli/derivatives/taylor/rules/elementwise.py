@@ -78,6 +78,7 @@ def _d_gelu(x, u, second, approximate="none"):
     """gelu: h = xΦ(x): h' = Φ + xφ, h'' = φ(2 − x²) (φ, Φ: the normal density and distribution); tanh
     approximation h = ½x(1 + t), t = tanh(v), v = k(x + cx³): h' = ½(1 + t) + ½x(1 − t²)v',
     h'' = (1 − t²)(v' − x t v'² + ½x v'')."""
+    # h' (either form) is torch's own gelu_backward of a unit gradient: one pass, where erf and its products took five
     one = torch.ones((), dtype=x.dtype, device=x.device)
     d1 = aten.gelu_backward(one.expand_as(x), x, approximate=approximate)
     if approximate == "tanh":
@@ -90,8 +91,7 @@ def _d_gelu(x, u, second, approximate="none"):
         du = torch.add(one, x2, alpha=3 * _C_TANH).mul_(_K_TANH)
         bracket = torch.add(one, x2, alpha=6 * _C_TANH).mul_(_K_TANH).sub_(x * t * du * du)
         return d1, aten.tanh_backward(bracket, t), 0.5
-    # h' = Φ + x φ is torch's own gelu_backward of a unit gradient (one pass, where erf and its products took
-    # five); ½h'' = φ (1 − x²/2) = c·q with p = 1 − x²/2 (one addcmul), q = e^p·p and c = 1/(e√(2π)), since
+    # ½h'' = φ (1 − x²/2) = c·q with p = 1 − x²/2 (one addcmul), q = e^p·p and c = 1/(e√(2π)), since
     # φ = e^{p − 1}/√(2π): three passes, c applied where ½h''·x1² is added (measured 9 % off the rule)
     if not second:
         return d1, None
