@@ -82,3 +82,26 @@ def test_missing_file_under_torchrun(tmp_path) -> None:
     proc = zeroptim("analyze", run / "ckpt_000000.safetensors", tmp_path / "gone.safetensors")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1 and "gone.safetensors" in errors[0]
+
+
+GLOO_THREADS_AFTER_SHUTDOWN = """
+import os, sys, torch, torch.distributed as dist
+from zeroptim_cli import distributed
+distributed.init("cpu")
+dist.all_reduce(torch.ones(1))
+import torch._dynamo  # what torch.func imports on its first call, after the group exists
+distributed.shutdown()
+print(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+def test_shutdown_leaves_no_gloo_threads_to_abort_at_exit(tmp_path) -> None:
+    """A group kept alive past shutdown keeps gloo's threads, which abort the process at interpreter exit."""
+    script = tmp_path / "threads.py"
+    script.write_text(GLOO_THREADS_AFTER_SHUTDOWN)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           script], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    threads = proc.stdout.splitlines()
+    assert len(threads) == 2 and all("gloo" not in names for names in threads), threads

@@ -76,6 +76,7 @@ def init(device_spec: str) -> str:
     """Start the process group if launched; returns the device spec this rank should use."""
     if not launched() or active():
         return device_spec
+    _bind_group_defaults_first()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -84,6 +85,18 @@ def init(device_spec: str) -> str:
         return f"cuda:{local}"
     dist.init_process_group("gloo")
     return "cpu"
+
+
+def _bind_group_defaults_first() -> None:
+    """Import ``torch.distributed.nn`` before the process group exists.
+
+    Its functions take ``group=group.WORLD`` as default arguments, bound when the module is imported, and
+    ``torch._dynamo`` (which torch.func imports on first use) imports it. Imported after
+    ``init_process_group``, those defaults hold the group itself, so ``destroy_process_group`` cannot free
+    it: its gloo threads outlive the interpreter's finalization and abort the process (``terminate called
+    without an active exception``) after its results were written. Imported first, they hold a placeholder.
+    """
+    import torch.distributed.nn  # noqa: F401 - imported for when its defaults are bound
 
 
 def shutdown() -> None:
