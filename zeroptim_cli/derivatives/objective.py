@@ -354,16 +354,19 @@ class Objective:
         return dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
     def _batch_fn(self, batch: Batch, index: int) -> ScalarFn:
+        """f on ``batch`` alone, a closure over what it uses and not over the objective, which keeps it in its
+        terms: such a cycle would hold the objective's tensors until Python's cyclic collector next runs."""
         args, kwargs = batch.model_args()
+        call, fixed, loss, dtype, evaluation = self._call, self.buffers, self.loss, self.dtype, self.evaluation
 
         def fn(params: Params) -> Tensor:
-            with computed_in(self.dtype):
-                if not self.evaluation.train:
-                    return self.loss(self._call(params, self.buffers, args, kwargs), batch.targets)
-                buffers = {k: v.clone() for k, v in self.buffers.items()}
-                with seeded(self.evaluation.seed + index):
-                    outputs = self._call(params, buffers, args, kwargs)
-                return self.loss(outputs, batch.targets)
+            with computed_in(dtype):
+                if not evaluation.train:
+                    return loss(call(params, fixed, args, kwargs), batch.targets)
+                buffers = {k: v.clone() for k, v in fixed.items()}
+                with seeded(evaluation.seed + index):
+                    outputs = call(params, buffers, args, kwargs)
+                return loss(outputs, batch.targets)
 
         return fn
 
