@@ -326,13 +326,17 @@ def _share(mem: dict[str, float | None], entry: str | None) -> float | None:
     return mem[entry] / step if entry and mem.get(entry) and step and step >= MIN_STEP_MIB else None
 
 
-def goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool) -> list[dict]:
+def goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool,
+              kept: set[str] | None = None) -> list[dict]:
     """Per goal workload: the Taylor pair analysis against one training step (the ratio of the two in each
     round: its median and range), what the pair is made of (Taylor mode alone, the f(w_t1) forward as a pass of
     its own) and the floor below which no rule can take it: the pair's own matrix products (Taylor mode's and
-    f(w_t1)'s, less those f(w_t1) reuses: ``derivatives.taylor.exact``), their share of its time profiled."""
+    f(w_t1)'s, less those f(w_t1) reuses: ``derivatives.taylor.exact``), their share of its time profiled.
+    ``kept``: only these workloads (default: all)."""
     rows = []
     for name, goal in GOALS:
+        if kept is not None and name not in kept:
+            continue
         w = make_workload(name, device)
         fns = {k: v for k, v in candidates(w).items()
                if k in ("train step", "pair analysis (taylor)", "pair analysis (taylor, first of a process)", "hvp taylor",
@@ -353,13 +357,16 @@ def goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], me
     return rows
 
 
-def hvp_goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool) -> list[dict]:
+def hvp_goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool,
+                  kept: set[str] | None = None) -> list[dict]:
     """Per ``HVP_GOALS`` workload: the pair analysis (``auto``, chunked as ``analyze`` runs it, and on the whole
     batch) against the bound, the fastest installed peer's Hessian-vector product plus the f(w_t1) forward, in
     interleaved rounds: each as a multiple of one training step, and the pair over the bound round by round
-    (median and range). Without peers installed there is no bound (``None``)."""
+    (median and range). Without peers installed there is no bound (``None``). ``kept``: only these workloads."""
     rows = []
     for name in HVP_GOALS:
+        if kept is not None and name not in kept:
+            continue
         w = make_workload(name, device)
         fns = {k: v for k, v in candidates(w).items() if k.startswith("peer") or k in (
             "train step", "pair analysis (auto)", "pair analysis (auto, first of a process)",
@@ -387,7 +394,9 @@ def hvp_goal_rows(device: torch.device, repeats: int, clock: Callable[[], float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workloads", default="mlp,wide_mlp,cnn,transformer")
+    parser.add_argument("--workloads", default=None,
+                        help="Comma-separated (default: mlp,wide_mlp,cnn,transformer; with --goals, the goal "
+                             "workloads, of which these are kept).")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory measurements.")
     parser.add_argument("--entries", default=None,
@@ -414,11 +423,12 @@ def main() -> None:
         keep_freed_memory()
     if args.goals:
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        print_goals(goal_rows(device, args.repeats, clock, not args.no_memory),
-                    hvp_goal_rows(device, args.repeats, clock, not args.no_memory), args)
+        kept = set(args.workloads.split(",")) if args.workloads else None
+        print_goals(goal_rows(device, args.repeats, clock, not args.no_memory, kept),
+                    hvp_goal_rows(device, args.repeats, clock, not args.no_memory, kept), args)
         return
     rows = []
-    for name in args.workloads.split(","):
+    for name in (args.workloads or "mlp,wide_mlp,cnn,transformer").split(","):
         w = make_workload(name, device)
         fns = candidates(w)
         if args.entries:
@@ -485,7 +495,8 @@ def print_goals(rows: list[dict], hvp_rows: list[dict], args: argparse.Namespace
                       fmt(r["memory"]) + ("" if r["memory_mib"] is None else f" ({r['memory_mib']:.1f} MiB)"),
                       "yes" if r["met"] else "no")
     console = Console(width=160)
-    console.print(table)
+    if rows:
+        console.print(table)
     table = Table(title="the HVP: pair analysis (auto) ≤ bound, the fastest peer's HVP + f(w_t1)", title_justify="left")
     for col in ("workload", "train step ms", "pair (auto)", "whole batch", "peers' HVP", "f(w_t1)", "pair / bound",
                 "first pair / bound",
@@ -499,7 +510,8 @@ def print_goals(rows: list[dict], hvp_rows: list[dict], args: argparse.Namespace
                       fmt(r["forward"]), over, "—" if r["first_pair_over_bound"] is None else f"{r['first_pair_over_bound']:.3f}",
                       fmt(r["memory"]), fmt(r["peer_memory"]),
                       "—" if r["met"] is None else "yes" if r["met"] else "no")
-    console.print(table)
+    if hvp_rows:
+        console.print(table)
 
 
 if __name__ == "__main__":
