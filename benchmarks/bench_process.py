@@ -9,7 +9,9 @@ process pays Python's and torch's start-up as well as the work, and each side's 
 subtracted in its ``work`` column: the step script's (importing torch and zeroptim, reading the files, building
 the model and its optimizer) with no step taken, ``zeroptim analyze``'s (its imports, reading the files,
 building the model, everything up to the analysis) with the analysis replaced by an exit. The two differ:
-building ``torch.optim.SGD`` imports ``torch._dynamo``, which zeroptim does not. The ``first call`` column
+building ``torch.optim.SGD`` imports ``torch._dynamo``, which zeroptim does not, and with it
+``torch.distributed.tensor``, which zeroptim's first Taylor op imports instead (0.5 s, counted in its work);
+the last two entries give zeroptim the step script's imports in its start-up too. The ``first call`` column
 is timed inside each process instead — the step, or ``analyze_pair`` as the command calls it, the first of
 the process with every one-time cost it pays — so that it carries none of the start-ups' spread (seconds,
 against a step of a fraction of one). Medians over ``--repeats`` runs, all entries interleaved so that a busy
@@ -69,11 +71,18 @@ print(f"FIRST_CALL {time.perf_counter() - start}", file=sys.stderr)
 """.replace("FIRST_CALL", FIRST_CALL)
 
 STEP_START, ZEROPTIM_START = "step script's start-up", "zeroptim's start-up"
+#: zeroptim's start-up with the one-time import the step script's start-up makes (building ``torch.optim.SGD``
+#: imports ``torch._dynamo``, and with it ``torch.distributed.tensor``, which zeroptim's first Taylor op would
+#: otherwise import: torch's dispatch of any tensor subclass checks for DTensor), and the Taylor analysis after it.
+ZEROPTIM_START_ALIKE, TAYLOR_ALIKE = "zeroptim's start-up + the step's imports", "  taylor, after the step's imports"
 
 #: ``zeroptim`` as its console command runs, its one call of the pair analysis either timed (``FIRST_CALL``) or,
-#: with ``startup`` as the first argument, replaced by an exit: its start-up alone.
+#: with ``startup`` as the first argument, replaced by an exit: its start-up alone; with ``alike`` as the second,
+#: after importing what the step script's start-up imports (``ZEROPTIM_START_ALIKE``).
 ZEROPTIM_SCRIPT = """
 import sys, time
+if sys.argv[2] == "alike":
+    import torch._dynamo
 import zeroptim_cli.analysis.pair as pair
 run = pair.analyze_pair
 def timed(*args, **kwargs):
@@ -84,7 +93,7 @@ def timed(*args, **kwargs):
 startup = sys.argv[1] == "startup"
 pair.analyze_pair = (lambda *args, **kwargs: sys.exit(0)) if startup else timed
 from zeroptim_cli.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[3:]))
 """.replace("FIRST_CALL", FIRST_CALL)
 
 
@@ -106,7 +115,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    zeroptim = [sys.executable, "-c", ZEROPTIM_SCRIPT, "timed"]
+    zeroptim, alike = ([sys.executable, "-c", ZEROPTIM_SCRIPT, "timed", how] for how in ("own", "alike"))
     for name in args.workloads.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             w = make_workload(name, torch.device("cpu"))
@@ -122,9 +131,11 @@ def main() -> None:
             entries = {
                 STEP_START: [*step, "0", str(args.threads)],
                 "training step script": [*step, "1", str(args.threads)],
-                ZEROPTIM_START: [sys.executable, "-c", ZEROPTIM_SCRIPT, "startup", *pair],
+                ZEROPTIM_START: [sys.executable, "-c", ZEROPTIM_SCRIPT, "startup", "own", *pair],
                 "zeroptim analyze (auto)": [*zeroptim, *pair],
                 "zeroptim analyze --method taylor": [*zeroptim, *pair, "--method", "taylor"],
+                ZEROPTIM_START_ALIKE: [sys.executable, "-c", ZEROPTIM_SCRIPT, "startup", "alike", *pair],
+                TAYLOR_ALIKE: [*alike, *pair, "--method", "taylor"],
             }
             runs: dict[str, list[tuple[float, float, float | None]]] = {k: [] for k in entries}
             for _ in range(args.repeats):
@@ -140,9 +151,9 @@ def main() -> None:
         print(f"{'entry':36s} {'wall s':>8s} {'work s':>8s} {'× step':>7s} {'first call s':>13s} {'× step':>7s} "
               f"{'peak MiB':>9s} {'extra MiB':>10s} {'× step':>7s}")
         for key in entries:
-            start = STEP_START if key == "training step script" else ZEROPTIM_START
+            start = {"training step script": STEP_START, TAYLOR_ALIKE: ZEROPTIM_START_ALIKE}.get(key, ZEROPTIM_START)
             work, extra = wall[key] - wall[start], rss[key] - rss[start]
-            first = key in (STEP_START, ZEROPTIM_START)
+            first = key in (STEP_START, ZEROPTIM_START, ZEROPTIM_START_ALIKE)
             cells = ["", "", "", "", "", ""] if first else [
                 f"{work:.2f}", f"{work / step_t:.2f}", f"{call[key]:.2f}", f"{call[key] / step_c:.2f}",
                 f"{extra:.0f}", f"{extra / step_m:.2f}"]
