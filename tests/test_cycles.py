@@ -41,19 +41,21 @@ def test_an_objective_is_freed_by_reference_counting(no_cyclic_collector, train:
 
 
 FIRST_CALL_GARBAGE = """
-import gc, torch
+import gc, sys, torch
 gc.disable()
-from zeroptim_cli.derivatives.forward_over_reverse import forward_over_reverse
+from zeroptim_cli.derivatives.methods import METHODS
 x, w = torch.randn(16, 8), {"w": torch.randn(8, 8), "v": torch.randn(8)}
 f = lambda p: torch.tanh(x @ p["w"]).matmul(p["v"]).square().mean()
-forward_over_reverse(f, w, {k: torch.randn_like(v) for k, v in w.items()})
+METHODS[sys.argv[1]](f, w, {k: torch.randn_like(v) for k, v in w.items()})
 gc.set_debug(gc.DEBUG_SAVEALL)
 gc.collect()
 print(sum(isinstance(o, torch.Tensor) for o in gc.garbage))
 """
 
 
-def test_the_first_forward_over_reverse_leaves_no_tensors_in_cycles() -> None:
-    """torch.func's first reverse-mode call imports torch._dynamo, whose cycles would hold that call's frames."""
-    proc = subprocess.run([sys.executable, "-c", FIRST_CALL_GARBAGE], capture_output=True, text=True, check=True)
+@pytest.mark.parametrize("method", ["forward-over-reverse", "forward-over-forward"])
+def test_the_first_torch_func_call_leaves_no_tensors_in_cycles(method: str) -> None:
+    """torch.func's first call imports torch._dynamo, whose cycles would hold that call's frames."""
+    proc = subprocess.run([sys.executable, "-c", FIRST_CALL_GARBAGE, method], capture_output=True, text=True,
+                          check=True)
     assert int(proc.stdout) == 0

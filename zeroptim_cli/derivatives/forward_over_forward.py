@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from zeroptim_cli.derivatives.base import Derivatives, ScalarFn
+from zeroptim_cli.derivatives.functorch_import import import_dynamo
 from zeroptim_cli.derivatives.refusals import NoForwardAD, torch_refusals_as
 from zeroptim_cli.errors import ConfigError
 from zeroptim_cli.vectors import Params
@@ -19,6 +20,7 @@ from zeroptim_cli.vectors import Params
 
 def forward_over_forward(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
     """(f(w), φ'(0), φ''(0)) by nested jvp."""
+    import_dynamo()
 
     def slope(p: Params) -> tuple[Tensor, Tensor]:
         loss, d1 = jvp(f, (p,), (delta,))
