@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -327,16 +327,13 @@ def _share(mem: dict[str, float | None], entry: str | None) -> float | None:
 
 
 def goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool,
-              kept: set[str] | None = None) -> list[dict]:
+              goals: Sequence[tuple[str, float]] = GOALS) -> list[dict]:
     """Per goal workload: the Taylor pair analysis against one training step (the ratio of the two in each
     round: its median and range), what the pair is made of (Taylor mode alone, the f(w_t1) forward as a pass of
     its own) and the floor below which no rule can take it: the pair's own matrix products (Taylor mode's and
-    f(w_t1)'s, less those f(w_t1) reuses: ``derivatives.taylor.exact``), their share of its time profiled.
-    ``kept``: only these workloads (default: all)."""
+    f(w_t1)'s, less those f(w_t1) reuses: ``derivatives.taylor.exact``), their share of its time profiled."""
     rows = []
-    for name, goal in GOALS:
-        if kept is not None and name not in kept:
-            continue
+    for name, goal in goals:
         w = make_workload(name, device)
         fns = {k: v for k, v in candidates(w).items()
                if k in ("train step", "pair analysis (taylor)", "pair analysis (taylor, first of a process)", "hvp taylor",
@@ -358,15 +355,13 @@ def goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], me
 
 
 def hvp_goal_rows(device: torch.device, repeats: int, clock: Callable[[], float], memory: bool,
-                  kept: set[str] | None = None) -> list[dict]:
+                  workloads: Sequence[str] = HVP_GOALS) -> list[dict]:
     """Per ``HVP_GOALS`` workload: the pair analysis (``auto``, chunked as ``analyze`` runs it, and on the whole
     batch) against the bound, the fastest installed peer's Hessian-vector product plus the f(w_t1) forward, in
     interleaved rounds: each as a multiple of one training step, and the pair over the bound round by round
-    (median and range). Without peers installed there is no bound (``None``). ``kept``: only these workloads."""
+    (median and range). Without peers installed there is no bound (``None``)."""
     rows = []
-    for name in HVP_GOALS:
-        if kept is not None and name not in kept:
-            continue
+    for name in workloads:
         w = make_workload(name, device)
         fns = {k: v for k, v in candidates(w).items() if k.startswith("peer") or k in (
             "train step", "pair analysis (auto)", "pair analysis (auto, first of a process)",
@@ -423,9 +418,12 @@ def main() -> None:
         keep_freed_memory()
     if args.goals:
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        kept = set(args.workloads.split(",")) if args.workloads else None
-        print_goals(goal_rows(device, args.repeats, clock, not args.no_memory, kept),
-                    hvp_goal_rows(device, args.repeats, clock, not args.no_memory, kept), args)
+        kept = args.workloads.split(",") if args.workloads else [name for name, _ in GOALS]
+        if unknown := set(kept) - {name for name, _ in GOALS} - set(HVP_GOALS):
+            parser.error(f"--goals measures {', '.join(name for name, _ in GOALS)}; not {', '.join(sorted(unknown))}")
+        print_goals(goal_rows(device, args.repeats, clock, not args.no_memory, [g for g in GOALS if g[0] in kept]),
+                    hvp_goal_rows(device, args.repeats, clock, not args.no_memory, [n for n in HVP_GOALS if n in kept]),
+                    args)
         return
     rows = []
     for name in (args.workloads or "mlp,wide_mlp,cnn,transformer").split(","):

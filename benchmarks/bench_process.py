@@ -148,7 +148,7 @@ def main() -> None:
         step_m = rss["training step script"] - rss[STEP_START]
         step_c = call["training step script"]
         print(f"\n{name} · {args.threads} threads · torch {torch.__version__} · medians of {args.repeats}")
-        print(f"{'entry':36s} {'wall s':>8s} {'work s':>8s} {'× step':>7s} {'first call s':>13s} {'× step':>7s} "
+        print(f"{'entry':40s} {'wall s':>8s} {'work s':>8s} {'× step':>7s} {'first call s':>13s} {'× step':>7s} "
               f"{'peak MiB':>9s} {'extra MiB':>10s} {'× step':>7s}")
         for key in entries:
             start = {"training step script": STEP_START, TAYLOR_ALIKE: ZEROPTIM_START_ALIKE}.get(key, ZEROPTIM_START)
@@ -157,7 +157,7 @@ def main() -> None:
             cells = ["", "", "", "", "", ""] if first else [
                 f"{work:.2f}", f"{work / step_t:.2f}", f"{call[key]:.2f}", f"{call[key] / step_c:.2f}",
                 f"{extra:.0f}", f"{extra / step_m:.2f}"]
-            print(f"{key:36s} {wall[key]:8.2f} {cells[0]:>8s} {cells[1]:>7s} {cells[2]:>13s} {cells[3]:>7s} "
+            print(f"{key:40s} {wall[key]:8.2f} {cells[0]:>8s} {cells[1]:>7s} {cells[2]:>13s} {cells[3]:>7s} "
                   f"{rss[key]:9.0f} {cells[4]:>10s} {cells[5]:>7s}")
 
 if __name__ == "__main__":

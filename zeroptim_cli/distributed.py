@@ -94,7 +94,8 @@ def _bind_group_defaults_first() -> None:
     ``torch._dynamo`` (which torch.func imports on first use) imports it. Imported after
     ``init_process_group``, those defaults hold the group itself, so ``destroy_process_group`` cannot free
     it: its gloo threads outlive the interpreter's finalization and abort the process (``terminate called
-    without an active exception``) after its results were written. Imported first, they hold a placeholder.
+    without an active exception``) after its results were written. Imported first, they hold ``None``
+    (``group.WORLD`` before any group exists), which torch reads as the default group at each call.
     """
     import torch.distributed.nn  # noqa: F401 - imported for when its defaults are bound
 

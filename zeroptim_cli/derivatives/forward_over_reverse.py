@@ -22,4 +22,3 @@ def forward_over_reverse(f: ScalarFn, w: Params, delta: Params) -> Derivatives:
     with torch_refusals_as(NoForwardAD):
         (g, loss), (hvp, grad_corr) = jvp(grad_and_value(f), (w,), (delta,))
     return Derivatives(loss, grad_corr, dot(delta, hvp), g, hvp)
-
