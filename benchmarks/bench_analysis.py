@@ -265,6 +265,8 @@ def agreement(name: str, device: torch.device) -> dict[str, float]:
     return {method: abs(v - ref) / abs(ref) for method, v in values.items()}
 
 
+#: The workloads measured without ``--goals`` unless ``--workloads`` names others.
+WORKLOADS = "mlp,wide_mlp,cnn,transformer"
 #: The speed goals: (workload, the most a Taylor pair analysis may cost, as a multiple of one training step).
 GOALS = (("transformer_256", 2.0), ("wide_mlp_4096", 1.4), ("mlp", 3.0))
 #: The Hessian-vector product's goal: on these workloads the pair analysis as ``analyze`` runs it (``auto``,
@@ -390,8 +392,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", default=None,
-                        help="Comma-separated (default: mlp,wide_mlp,cnn,transformer; with --goals, the goal "
-                             "workloads, of which these are kept).")
+                        help=f"Comma-separated (default: {WORKLOADS}; with --goals, the goal workloads, of which "
+                             "these are kept).")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory measurements.")
     parser.add_argument("--entries", default=None,
@@ -418,15 +420,16 @@ def main() -> None:
         keep_freed_memory()
     if args.goals:
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        kept = args.workloads.split(",") if args.workloads else [name for name, _ in GOALS]
-        if unknown := set(kept) - {name for name, _ in GOALS} - set(HVP_GOALS):
-            parser.error(f"--goals measures {', '.join(name for name, _ in GOALS)}; not {', '.join(sorted(unknown))}")
+        names = [name for name, _ in GOALS]
+        kept = args.workloads.split(",") if args.workloads else names
+        if unknown := set(kept) - set(names) - set(HVP_GOALS):
+            parser.error(f"--goals measures {', '.join(names)}; not {', '.join(sorted(unknown))}")
         print_goals(goal_rows(device, args.repeats, clock, not args.no_memory, [g for g in GOALS if g[0] in kept]),
                     hvp_goal_rows(device, args.repeats, clock, not args.no_memory, [n for n in HVP_GOALS if n in kept]),
                     args)
         return
     rows = []
-    for name in (args.workloads or "mlp,wide_mlp,cnn,transformer").split(","):
+    for name in (args.workloads or WORKLOADS).split(","):
         w = make_workload(name, device)
         fns = candidates(w)
         if args.entries:
